@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of attnserve.v1 (see proto/)."""

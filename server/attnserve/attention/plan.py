@@ -1,0 +1,250 @@
+"""Per-request attention plans: what to do to one request's rows in one attention call.
+
+Pure data, no torch. spec/ compiles a request's InterventionSpec and ReadoutSpec into a
+RequestPlan; an engine asks it, for each attention call, for the RowPlan of that layer and step
+and hands the rows and their RowPlans to attention.core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+# --- Operations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SinkCalibration:
+    """ACT: hidden sinks (token 0 excluded) keep beta of their probability; the removed mass
+    goes back to the other keys in proportion. A key is a sink when its mean probability over
+    the queries that see it exceeds tau; keys seen by fewer than min_queries queries are never
+    sinks (0 keeps the authors' rule)."""
+
+    tau: float = 0.1
+    beta: float = 0.4
+    min_queries: int = 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.beta == 1.0
+
+
+@dataclass(frozen=True)
+class KeyEmphasis:
+    """PASTA: selected keys' probabilities times alpha, row renormalised (logit bias log alpha)."""
+
+    alpha: float = 0.01
+
+    @property
+    def is_identity(self) -> bool:
+        return self.alpha == 1.0
+
+
+@dataclass(frozen=True)
+class LogitRescale:
+    """PAINT: logits of selected keys s -> s + alpha * |s|."""
+
+    alpha: float = 0.7
+
+    @property
+    def is_identity(self) -> bool:
+        return self.alpha == 0.0
+
+
+@dataclass(frozen=True)
+class HeadOutputScale:
+    """Multiplies the head's attention output by scale."""
+
+    scale: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0
+
+
+@dataclass(frozen=True)
+class IdentityBlend:
+    """SoftPAG: attention map (1 - weight) * A + weight * I, i.e. output (1-u) o_i + u v_i."""
+
+    weight: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.weight == 0.0
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """Logits divided by temperature."""
+
+    temperature: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.temperature == 1.0
+
+
+@dataclass(frozen=True)
+class KeyMask:
+    """Selected keys removed from attention; a query always keeps its own key."""
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+
+Operation = Union[
+    SinkCalibration, KeyEmphasis, LogitRescale, HeadOutputScale, IdentityBlend, Temperature, KeyMask
+]
+
+#: Operation name (as in the API's OperationKind, lower case) -> class.
+OPERATIONS: Mapping[str, type] = {
+    "sink_calibration": SinkCalibration,
+    "key_emphasis": KeyEmphasis,
+    "logit_rescale": LogitRescale,
+    "head_output_scale": HeadOutputScale,
+    "identity_blend": IdentityBlend,
+    "temperature": Temperature,
+    "key_mask": KeyMask,
+}
+
+
+def operation_name(op: Operation) -> str:
+    """The API name of an operation ("key_emphasis", ...)."""
+    for name, cls in OPERATIONS.items():
+        if isinstance(op, cls):
+            return name
+    raise TypeError(f"not an operation: {op!r}")
+
+
+# --- Selection --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """Keys an operation acts on, as token positions of the request's own sequence.
+
+    ranges are half-open [start, end) prompt positions; no ranges selects every prompt token.
+    invert selects the prompt tokens outside the ranges. Generated tokens (positions at or after
+    the prompt length) are selected only when include_generated is set.
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    invert: bool = False
+    include_generated: bool = False
+
+
+ALL_PROMPT_KEYS = KeySet()
+
+
+@dataclass(frozen=True)
+class ScopedOp:
+    """An operation with the heads, keys and query rows it acts on (for one layer)."""
+
+    op: Operation
+    #: Query-head indices; None means every head.
+    heads: tuple[int, ...] | None = None
+    keys: KeySet = ALL_PROMPT_KEYS
+    #: Only the query row that predicts the next token (the row's last query).
+    last_query_only: bool = False
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """Steps [start, end): step 0 is the prefill, step n the n-th decode step."""
+
+    start: int = 0
+    end: int | None = None
+
+    def __contains__(self, step: int) -> bool:
+        return self.start <= step and (self.end is None or step < self.end)
+
+
+ALL_STEPS = StepRange()
+
+
+# --- Readouts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadoutRequest:
+    """Readouts asked of one attention call for one row."""
+
+    #: Per-layer statistics (entropy, sink masses, hidden sinks, mass on mass_ranges).
+    statistics: bool = False
+    #: Half-open prompt ranges whose attention mass is reported.
+    mass_ranges: tuple[tuple[int, int], ...] = ()
+    #: Heads whose last-query attention row is returned; None returns none, () every head.
+    row_heads: tuple[int, ...] | None = None
+    #: Head-mean attention of the last query over the prompt keys (for the summary).
+    prompt_attention: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.statistics and self.row_heads is None and not self.prompt_attention
+
+
+NO_READOUT = ReadoutRequest()
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What attention.core does to one row in one attention call."""
+
+    ops: tuple[ScopedOp, ...] = ()
+    readout: ReadoutRequest = NO_READOUT
+
+
+@dataclass(frozen=True)
+class ReadoutPlan:
+    """A request's readouts over the whole generation."""
+
+    statistics: bool = False
+    mass_ranges: tuple[tuple[int, int], ...] = ()
+    #: Attention rows: layers, heads (() = all) and steps.
+    row_layers: frozenset[int] = frozenset()
+    row_heads: tuple[int, ...] = ()
+    row_steps: frozenset[int] = frozenset()
+    summary: bool = False
+
+    def for_call(self, layer: int, step: int, sample_statistics: bool) -> ReadoutRequest:
+        rows = self.row_heads if (layer in self.row_layers and step in self.row_steps) else None
+        statistics = self.statistics or sample_statistics
+        if not statistics and rows is None and not self.summary:
+            return NO_READOUT
+        return ReadoutRequest(
+            statistics=statistics,
+            mass_ranges=self.mass_ranges if self.statistics else (),
+            row_heads=rows,
+            prompt_attention=self.summary and step > 0,
+        )
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """A request's compiled interventions and readouts."""
+
+    #: layer -> (steps, op) in application order; identity operations are already dropped.
+    layer_ops: Mapping[int, tuple[tuple[StepRange, ScopedOp], ...]] = field(default_factory=dict)
+    readout: ReadoutPlan = ReadoutPlan()
+    #: Interventions that will run (after presets were expanded and identities dropped).
+    num_interventions: int = 0
+
+    @property
+    def edits_attention(self) -> bool:
+        return bool(self.layer_ops)
+
+    def ops_for(self, layer: int, step: int) -> tuple[ScopedOp, ...]:
+        return tuple(op for steps, op in self.layer_ops.get(layer, ()) if step in steps)
+
+    def for_call(self, layer: int, step: int, sample_statistics: bool = False) -> RowPlan | None:
+        """The RowPlan of one attention call, or None when the row is left untouched."""
+        ops = self.ops_for(layer, step)
+        readout = self.readout.for_call(layer, step, sample_statistics)
+        if not ops and readout.is_empty:
+            return None
+        return RowPlan(ops=ops, readout=readout)
+
+
+EMPTY_PLAN = RequestPlan()
