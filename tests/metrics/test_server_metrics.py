@@ -1,0 +1,163 @@
+"""ServerMetrics: every recording call, series names and labels, promtool's lint."""
+
+import shutil
+import subprocess
+import urllib.request
+
+import grpc
+import pytest
+from attnserve.metrics import FINISH_REASONS, INTERVENTION_OPERATIONS, ServerMetrics
+from prometheus_client import CollectorRegistry
+
+MODEL = {"model": "smollm2-135m", "engine": "hf"}
+
+
+def record_everything(metrics: ServerMetrics) -> None:
+    model, engine = MODEL["model"], MODEL["engine"]
+    for _ in range(3):
+        metrics.request_queued(model, engine)
+    metrics.request_started(model, engine, queue_seconds=0.004)
+    metrics.request_started(model, engine, queue_seconds=0.5)
+    metrics.request_left_queue(model, engine, "cancelled")
+    metrics.kv_cache_usage(model, engine, 0.25)
+    metrics.first_token(model, engine, 0.09)
+    metrics.inter_token(model, engine, 0.02)
+    metrics.inter_token(model, engine, 0.03)
+    metrics.request_finished(model, engine, "eos", prompt_tokens=42, generation_tokens=17, e2e_seconds=1.2)
+    metrics.request_rejected(grpc.StatusCode.INVALID_ARGUMENT)
+    metrics.request_rejected(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    metrics.request_rejected(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    metrics.attention_statistics(model, engine, 0, sink_mass=0.7, normalized_entropy=0.3, hidden_sinks=1.5)
+    metrics.attention_statistics(model, engine, 12, sink_mass=0.1, normalized_entropy=0.8, hidden_sinks=0.0)
+    metrics.interventions_applied(model, engine, "sink_calibration", count=4)
+    metrics.interventions_applied(model, engine, "key_mask")
+
+
+@pytest.fixture
+def metrics() -> ServerMetrics:
+    metrics = ServerMetrics(version="1.2.3")
+    record_everything(metrics)
+    return metrics
+
+
+def value(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_scheduling_gauges(metrics):
+    assert value(metrics, "attnserve_scheduler_requests_waiting", **MODEL) == 0
+    assert value(metrics, "attnserve_scheduler_requests_running", **MODEL) == 1
+    assert value(metrics, "attnserve_scheduler_kv_cache_usage_ratio", **MODEL) == 0.25
+
+
+def test_request_histograms_and_counters(metrics):
+    assert value(metrics, "attnserve_request_queue_time_seconds_count", **MODEL) == 2
+    assert value(metrics, "attnserve_request_queue_time_seconds_bucket", le="0.005", **MODEL) == 1
+    assert value(metrics, "attnserve_request_time_to_first_token_seconds_sum", **MODEL) == pytest.approx(0.09)
+    assert value(metrics, "attnserve_request_inter_token_latency_seconds_count", **MODEL) == 2
+    assert value(metrics, "attnserve_request_e2e_latency_seconds_bucket", le="1.5", **MODEL) == 1
+    assert value(metrics, "attnserve_request_prompt_length_tokens_bucket", le="50.0", **MODEL) == 1
+    assert value(metrics, "attnserve_request_generation_length_tokens_sum", **MODEL) == 17
+    assert value(metrics, "attnserve_request_prompt_tokens_total", **MODEL) == 42
+    assert value(metrics, "attnserve_request_generation_tokens_total", **MODEL) == 17
+
+
+def test_finish_reasons_exist_from_first_use(metrics):
+    finished = {
+        r: value(metrics, "attnserve_request_finished_total", finish_reason=r, **MODEL)
+        for r in FINISH_REASONS
+    }
+    assert finished == {"eos": 1, "length": 0, "stop_string": 0, "cancelled": 1, "deadline": 0, "error": 0}
+
+
+def test_rejections_by_status_code_only(metrics):
+    assert value(metrics, "attnserve_request_rejected_total", code="RESOURCE_EXHAUSTED") == 2
+    assert value(metrics, "attnserve_request_rejected_total", code="INVALID_ARGUMENT") == 1
+
+
+def test_attention_statistics_per_layer(metrics):
+    layer0 = {**MODEL, "layer": "0"}
+    assert value(metrics, "attnserve_attention_sink_mass_ratio_bucket", le="0.5", **layer0) == 0
+    assert value(metrics, "attnserve_attention_sink_mass_ratio_bucket", le="0.7", **layer0) == 1
+    assert value(metrics, "attnserve_attention_normalized_entropy_ratio_sum", layer="12", **MODEL) == 0.8
+    assert value(metrics, "attnserve_attention_hidden_sinks_per_head_bucket", le="2.0", **layer0) == 1
+    assert value(metrics, "attnserve_attention_samples_total", **MODEL) == 2
+
+
+def test_interventions_by_operation(metrics):
+    applied = {
+        op: value(metrics, "attnserve_intervention_applied_total", operation=op, **MODEL)
+        for op in INTERVENTION_OPERATIONS
+    }
+    assert applied == {op: 0 for op in INTERVENTION_OPERATIONS} | {"sink_calibration": 4, "key_mask": 1}
+
+
+def test_unknown_label_values_are_refused(metrics):
+    with pytest.raises(KeyError):
+        metrics.request_finished("m", "hf", "timeout", 1, 1, 1.0)
+    with pytest.raises(KeyError):
+        metrics.interventions_applied("m", "hf", "dropout")
+
+
+def test_server_info(metrics):
+    assert value(metrics, "attnserve_server_info", version="1.2.3") == 1
+
+
+def test_no_series_carries_a_request_id(metrics):
+    allowed = {"model", "engine", "layer", "operation", "finish_reason", "code", "le", "version"}
+    for family in metrics.registry.collect():
+        if family.name.startswith("attnserve_"):
+            for sample in family.samples:
+                assert set(sample.labels) <= allowed, sample
+
+
+def test_instances_have_their_own_registries():
+    first, second = ServerMetrics(), ServerMetrics()
+    first.request_queued("m", "hf")
+    assert (
+        second.registry.get_sample_value(
+            "attnserve_scheduler_requests_waiting", {"model": "m", "engine": "hf"}
+        )
+        is None
+    )
+
+
+def test_a_given_registry_is_used():
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry)
+    metrics.request_queued("m", "hf")
+    assert (
+        registry.get_sample_value("attnserve_scheduler_requests_waiting", {"model": "m", "engine": "hf"}) == 1
+    )
+    assert registry.get_sample_value("process_cpu_seconds_total") is None
+
+
+def test_promtool_accepts_the_exposition(metrics):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=metrics.exposition(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    lint = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and not lint.strip(), lint
+
+
+def test_http_server_serves_the_registry(metrics, free_port):
+    port = free_port()
+    server, thread = metrics.start_http_server(port, host="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            body = response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert 'attnserve_request_generation_tokens_total{engine="hf",model="smollm2-135m"} 17.0' in body
+    assert 'attnserve_server_info{version="1.2.3"} 1.0' in body
