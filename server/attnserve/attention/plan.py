@@ -221,19 +221,27 @@ class ReadoutPlan:
         )
 
 
+NO_READOUTS = ReadoutPlan()
+
+
 @dataclass(frozen=True)
 class RequestPlan:
     """A request's compiled interventions and readouts."""
 
     #: layer -> (steps, op) in application order; identity operations are already dropped.
     layer_ops: Mapping[int, tuple[tuple[StepRange, ScopedOp], ...]] = field(default_factory=dict)
-    readout: ReadoutPlan = ReadoutPlan()
+    readout: ReadoutPlan = NO_READOUTS
     #: Interventions that will run (after presets were expanded and identities dropped).
     num_interventions: int = 0
 
     @property
     def edits_attention(self) -> bool:
         return bool(self.layer_ops)
+
+    @property
+    def touches_attention(self) -> bool:
+        """Whether any attention call of this request has work (edits or readouts)."""
+        return bool(self.layer_ops) or self.readout != NO_READOUTS
 
     def ops_for(self, layer: int, step: int) -> tuple[ScopedOp, ...]:
         return tuple(op for steps, op in self.layer_ops.get(layer, ()) if step in steps)

@@ -1,0 +1,119 @@
+"""The contract between the API layer and the engines: typed requests in, step outputs out."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.plan import EMPTY_PLAN, RequestPlan
+from ..attention.rows import LayerStatistics
+from ..spec.compile import ModelGeometry
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int = 64
+    #: 0 is greedy.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    #: 0 is off.
+    top_k: int = 0
+    seed: int | None = None
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated request, tokenized, with its compiled attention plan."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingConfig = SamplingConfig()
+    plan: RequestPlan = EMPTY_PLAN
+
+
+@dataclass
+class AttentionRowOut:
+    layer: int
+    head: int
+    step: int
+    query_position: int
+    weights: list[float]
+
+
+@dataclass
+class TokenOutput:
+    """One generated token; token i comes from step i (step 0 is the prefill)."""
+
+    index: int
+    token_id: int
+    logprob: float
+    #: (token_id, logprob), most likely first.
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    #: New text since the previous token (held back while a stop string may still match).
+    text: str = ""
+    attention_rows: list[AttentionRowOut] = field(default_factory=list)
+    #: Set on the request's last token: "eos", "length" or "stop_string".
+    finish_reason: str | None = None
+    #: Set on the request's last token.
+    readouts: RequestReadouts | None = None
+    #: Set on the first token: seconds the request waited before its prefill.
+    queue_seconds: float | None = None
+
+
+@dataclass
+class RequestReadouts:
+    """Readouts accumulated over a finished request's whole generation."""
+
+    #: layer -> statistics summed over steps (divide by query_count).
+    layer_statistics: dict[int, LayerStatistics] = field(default_factory=dict)
+    #: (num_prompt_tokens,) mean attention of generated tokens' queries over prompt keys.
+    prompt_attention: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API layer needs to know about a loaded model."""
+
+    geometry: ModelGeometry
+    max_context_length: int
+    supported_operations: frozenset[str]
+    supported_readouts: frozenset[str]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving a request (INTERNAL)."""
+
+
+class Engine(abc.ABC):
+    """A loaded model that generates for many concurrent requests."""
+
+    info: EngineInfo
+    tokenizer: object
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin serving (the model is loaded by then)."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        """Stream the request's tokens; the last carries finish_reason and readouts. Closing
+        the iterator early (cancel, deadline) removes the request from the batch at the next
+        step."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop serving and release the model."""
+
+    @property
+    @abc.abstractmethod
+    def num_running(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_waiting(self) -> int: ...

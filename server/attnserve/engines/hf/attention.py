@@ -1,0 +1,81 @@
+"""The transformers attention hook: the engine's own SDPA for the whole batch, then the rows of
+planned requests recomputed by attention.core.
+
+Registered as attn_implementation "attnserve". The per-step BatchAttention travels as the
+`attnserve_batch` keyword that transformers forwards from model(...) down to this function,
+so nothing is global: a forward without it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from ...attention.core import attend_rows
+from ...attention.plan import RowPlan
+from ...attention.rows import RowLayout, RowReadout
+
+ATTN_IMPLEMENTATION = "attnserve"
+
+#: (layer, batch rows, their readouts) -> None
+ReadoutSink = Callable[[int, Sequence[int], Sequence[RowReadout | None]], None]
+
+
+class BatchAttention:
+    """What one forward step asks of attention: each row's layout and, per layer, its plan."""
+
+    def __init__(
+        self,
+        layouts: Sequence[RowLayout],
+        plan_for: Callable[[int, int], RowPlan | None],
+        on_readouts: ReadoutSink,
+    ):
+        """plan_for(row, layer) gives a row's RowPlan for a layer (None leaves it untouched)."""
+        self.layouts = layouts
+        self._plan_for = plan_for
+        self.on_readouts = on_readouts
+
+    def planned_rows(self, layer: int) -> tuple[list[int], list[RowPlan]]:
+        rows, plans = [], []
+        for row in range(len(self.layouts)):
+            plan = self._plan_for(row, layer)
+            if plan is not None:
+                rows.append(row)
+                plans.append(plan)
+        return rows, plans
+
+
+def attnserve_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """query (B, H, Lq, D); key/value (B, Hkv, Lk, D) after rope and cache update."""
+    batch: BatchAttention | None = kwargs.pop("attnserve_batch", None)
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if batch is None:
+        return output, weights
+    rows, plans = batch.planned_rows(module.layer_idx)
+    if not rows:
+        return output, weights
+    index = torch.tensor(rows, dtype=torch.long, device=query.device)
+    edited, readouts = attend_rows(
+        query.index_select(0, index),
+        key.index_select(0, index),
+        value.index_select(0, index),
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        layouts=[batch.layouts[r] for r in rows],
+        plans=plans,
+    )
+    for j, (row, plan) in enumerate(zip(rows, plans)):
+        if plan.ops:  # rows with readouts only keep the engine's own output
+            output[row] = edited[j].transpose(0, 1).to(output.dtype)  # output is (B, Lq, H, D)
+    batch.on_readouts(module.layer_idx, rows, readouts)
+    return output, weights
+
+
+def register() -> None:
+    """Make attn_implementation="attnserve" available (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attnserve_attention)
+    # Without a mask function of the same name transformers would pass no causal mask.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,354 @@
+"""The transformers engine: continuous batching of causal-LM requests over one KV cache.
+
+One scheduler thread owns the model. Each iteration it drops cancelled rows, then either
+prefills newly admitted requests (left-padded, as one batch) and merges them into the running
+batch, or runs one decode step for every running row. Every row carries its own attention
+plan; the attention hook (attention.py) applies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from ...attention.plan import OPERATIONS, RowPlan
+from ...attention.rows import LayerStatistics, RowLayout, RowReadout
+from ...spec.compile import ModelGeometry
+from ..base import (
+    AttentionRowOut,
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    RequestReadouts,
+    TokenOutput,
+)
+from ..detokenizer import IncrementalDetokenizer
+from . import attention
+from .kv_batch import KVBatch
+from .sampling import choose_token, make_generator
+
+log = logging.getLogger("attnserve.engines.hf")
+
+READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
+
+#: (layer, statistics of one row in one call): feeds the attention-statistics metrics.
+StatisticsSink = Callable[[int, LayerStatistics], None]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Row:
+    """A request in the engine: waiting, then one row of the running batch."""
+
+    request: EngineRequest
+    emit: Callable[[object], None]  # thread-safe push to the request's consumer
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    #: Tokens of this row in the KV cache.
+    length: int = 0
+    last_token: int = -1
+    num_generated: int = 0
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    queue_seconds: float | None = None
+    readouts: RequestReadouts = field(default_factory=RequestReadouts)
+    prompt_attention_calls: int = 0
+    step_attention_rows: list[AttentionRowOut] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        """The step now running for this row: it produces token num_generated."""
+        return self.num_generated
+
+
+class TransformersEngine(Engine):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        statistics_sample_rate: float = 0.0,
+        on_statistics: StatisticsSink | None = None,
+    ):
+        attention.register()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=_DTYPES[dtype],
+            attn_implementation=attention.ATTN_IMPLEMENTATION,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+        ).eval()
+        config = self.model.config
+        num_heads = config.num_attention_heads
+        self.info = EngineInfo(
+            geometry=ModelGeometry(
+                num_layers=config.num_hidden_layers,
+                num_heads=num_heads,
+                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            ),
+            max_context_length=config.max_position_embeddings,
+            supported_operations=frozenset(OPERATIONS),
+            supported_readouts=READOUTS,
+        )
+        self._eos_ids = self._find_eos_ids()
+        self._max_batch_size = max_batch_size
+        self._sample_rate = statistics_sample_rate
+        self._on_statistics = on_statistics
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._running: list[_Row] = []
+        self._kv: KVBatch | None = None
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="attnserve-hf-engine", daemon=True)
+
+    def _find_eos_ids(self) -> frozenset[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = self.model.generation_config.eos_token_id
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return frozenset(i for i in ids if i is not None)
+
+    # --- API side (event loop thread) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        row = _Row(
+            request=request,
+            emit=_emitter(loop, queue),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            generator=make_generator(request.sampling),
+        )
+        with self._wakeup:
+            self._waiting.append(row)
+            self._wakeup.notify()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Cancelled, deadline passed, or consumer gone: leave the batch at the next step.
+            row.cancelled = True
+            with self._wakeup:
+                self._wakeup.notify()
+
+    # --- Scheduler thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                self._drop_cancelled_waiting()
+                free = self._max_batch_size - len(self._running)
+                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            try:
+                self._drop_rows([r for r in self._running if r.cancelled])
+                if admitted:
+                    self._prefill(admitted)
+                elif self._running:
+                    self._decode()
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                log.exception("engine step failed; failing the requests in it")
+                for row in admitted + self._running:
+                    row.emit(EngineError(f"engine step failed: {exc}"))
+                self._running, self._kv = [], None
+
+    def _drop_cancelled_waiting(self) -> None:
+        if any(r.cancelled for r in self._waiting):
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+
+    def _drop_rows(self, rows: Sequence[_Row]) -> None:
+        if not rows:
+            return
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self._running) if id(r) not in gone]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._kv = None
+        else:
+            self._kv.keep_rows(keep)
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[_Row]) -> None:
+        lengths = [len(r.request.prompt_token_ids) for r in rows]
+        width = max(lengths)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)])
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        now = time.monotonic()
+        for row, n in zip(rows, lengths):
+            row.length = n
+            row.queue_seconds = now - row.submitted_at
+        logits = self._forward(rows, input_ids, mask, positions, cache, width)
+        new = KVBatch(cache, mask)
+        if self._kv is None:
+            self._kv = new
+        else:
+            self._kv.merge(new)
+        self._running.extend(rows)
+        self._finish_step(rows, logits)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        rows = self._running
+        input_ids = torch.tensor([[r.last_token] for r in rows])
+        positions = torch.tensor([[r.length] for r in rows])
+        for row in rows:
+            row.length += 1
+        self._kv.extend_mask()
+        logits = self._forward(rows, input_ids, self._kv.mask, positions, self._kv.cache, self._kv.length)
+        self._finish_step(rows, logits)
+
+    def _forward(self, rows, input_ids, mask, positions, cache, key_length) -> torch.Tensor:
+        batch = self._batch_attention(rows, key_length)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            attnserve_batch=batch,
+        )
+        return out.logits[:, -1].float()
+
+    def _batch_attention(self, rows: list[_Row], key_length: int) -> attention.BatchAttention | None:
+        sample = self._sample_rate > 0 and random.random() < self._sample_rate
+        if not sample and not any(r.request.plan.touches_attention for r in rows):
+            return None  # nothing to do in attention: plain SDPA, no overhead
+
+        def plan_for(row: int, layer: int) -> RowPlan | None:
+            r = rows[row]
+            return r.request.plan.for_call(layer, r.step, sample)
+
+        def on_readouts(layer: int, batch_rows: Sequence[int], readouts: Sequence[RowReadout | None]) -> None:
+            for row, readout in zip(batch_rows, readouts):
+                if readout is not None:
+                    self._record(rows[row], layer, readout, sample)
+
+        layouts = [RowLayout(key_start=key_length - r.length, num_prompt_tokens=len(r.request.prompt_token_ids)) for r in rows]
+        return attention.BatchAttention(layouts, plan_for, on_readouts)
+
+    def _record(self, row: _Row, layer: int, readout: RowReadout, sampled: bool) -> None:
+        plan = row.request.plan.readout
+        stats = readout.statistics
+        if stats is not None:
+            if sampled and self._on_statistics is not None:
+                self._on_statistics(layer, stats)
+            if plan.statistics:
+                total = row.readouts.layer_statistics.get(layer)
+                if total is None:
+                    row.readouts.layer_statistics[layer] = stats
+                else:
+                    total.add(stats)
+        if readout.attention_rows is not None:
+            query_position = row.length - 1
+            heads = readout.row_heads or tuple(range(self.info.geometry.num_heads))
+            for head, weights in zip(heads, readout.attention_rows):
+                row.step_attention_rows.append(
+                    AttentionRowOut(layer, head, row.step, query_position, weights.tolist())
+                )
+        if readout.prompt_attention is not None:
+            acc = row.readouts.prompt_attention
+            row.readouts.prompt_attention = readout.prompt_attention if acc is None else acc + readout.prompt_attention
+            row.prompt_attention_calls += 1
+
+    def _finish_step(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        finished = []
+        for i, row in enumerate(rows):
+            if row.cancelled:
+                continue
+            sampling = row.request.sampling
+            token = choose_token(logits[i], sampling, row.generator)
+            top = []
+            if sampling.top_logprobs:
+                values, ids = torch.topk(logprobs[i], sampling.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+            row.num_generated += 1
+            row.last_token = token
+            reason = None
+            if token in self._eos_ids and not sampling.ignore_eos:
+                reason = "eos"
+            text = row.detokenizer.push(token)
+            if row.detokenizer.stopped:
+                reason = "stop_string"
+            elif reason is None and row.num_generated >= sampling.max_tokens:
+                reason = "length"
+            out = TokenOutput(
+                index=row.num_generated - 1,
+                token_id=token,
+                logprob=float(logprobs[i, token]),
+                top_logprobs=top,
+                text=text,
+                attention_rows=row.step_attention_rows,
+                queue_seconds=row.queue_seconds if row.num_generated == 1 else None,
+            )
+            row.step_attention_rows = []
+            if reason is not None:
+                out.text += row.detokenizer.flush()
+                out.finish_reason = reason
+                out.readouts = self._final_readouts(row)
+                finished.append(row)
+            row.emit(out)
+        self._drop_rows(finished)
+
+    @staticmethod
+    def _final_readouts(row: _Row) -> RequestReadouts:
+        readouts = row.readouts
+        if readouts.prompt_attention is not None:
+            readouts.prompt_attention = readouts.prompt_attention / row.prompt_attention_calls
+        return readouts
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
+    """A thread-safe push into an event loop's queue that ignores a loop already gone."""
+
+    def emit(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+    return emit

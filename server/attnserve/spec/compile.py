@@ -1,0 +1,290 @@
+"""Validate a request's intervention and readout specs and compile them into a RequestPlan.
+
+Engine-free: everything is checked against the model's geometry, the limits and the prompt
+length, so nothing invalid reaches a model. Field paths in violations use the proto field
+names of GenerateRequest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from attnserve_client.v1 import intervention_pb2, readout_pb2
+
+from ..attention import plan as P
+from .errors import Unsupported, Violations
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    max_interventions: int
+    max_readout_values: int
+
+
+@dataclass(frozen=True)
+class SpecContext:
+    """What a spec is checked against."""
+
+    geometry: ModelGeometry
+    limits: SpecLimits
+    #: Preset name -> its interventions.
+    presets: Mapping[str, Sequence[intervention_pb2.Intervention]]
+    prompt_tokens: int
+    max_tokens: int
+    supported_operations: frozenset[str]
+
+
+def compile_plan(
+    interventions: intervention_pb2.InterventionSpec,
+    readouts: readout_pb2.ReadoutSpec,
+    ctx: SpecContext,
+) -> P.RequestPlan:
+    """Check both specs (raising InvalidRequest with every violation) and compile them."""
+    violations = Violations()
+    expanded: list[tuple[str, intervention_pb2.Intervention]] = []
+    for i, name in enumerate(interventions.presets):
+        field = f"interventions.presets[{i}]"
+        if name not in ctx.presets:
+            violations.add(field, f"unknown preset {name!r}; GetModel lists this model's presets")
+            continue
+        expanded.extend((field, iv) for iv in ctx.presets[name])
+    expanded.extend(
+        (f"interventions.interventions[{i}]", iv) for i, iv in enumerate(interventions.interventions)
+    )
+    if len(expanded) > ctx.limits.max_interventions:
+        violations.add(
+            "interventions",
+            f"{len(expanded)} interventions (presets expanded) exceed the limit of "
+            f"{ctx.limits.max_interventions}",
+        )
+        violations.raise_if_any()
+
+    layer_ops: dict[int, list[tuple[P.StepRange, P.ScopedOp]]] = {}
+    applied = 0
+    for field, iv in expanded:
+        compiled = _compile_intervention(iv, field, ctx, violations)
+        if compiled is None or compiled[2].op.is_identity:
+            continue
+        placements, steps, scoped = compiled
+        applied += 1
+        for layer, heads in placements:
+            layer_ops.setdefault(layer, []).append((steps, _with_heads(scoped, heads)))
+
+    readout = _compile_readouts(readouts, ctx, violations)
+    violations.raise_if_any()
+    return P.RequestPlan(
+        layer_ops={layer: tuple(ops) for layer, ops in layer_ops.items()},
+        readout=readout,
+        num_interventions=applied,
+    )
+
+
+def _with_heads(scoped: P.ScopedOp, heads: tuple[int, ...] | None) -> P.ScopedOp:
+    return P.ScopedOp(op=scoped.op, heads=heads, keys=scoped.keys, last_query_only=scoped.last_query_only)
+
+
+# --- Interventions ----------------------------------------------------------------------------
+
+
+def _compile_intervention(
+    iv: intervention_pb2.Intervention, field: str, ctx: SpecContext, violations: Violations
+) -> tuple[list[tuple[int, tuple[int, ...] | None]], P.StepRange, P.ScopedOp] | None:
+    before = len(violations.items)
+    kind = iv.WhichOneof("operation")
+    if kind is None:
+        violations.add(f"{field}.operation", "set exactly one operation (e.g. sink_calibration)")
+        return None
+    if kind not in ctx.supported_operations:
+        raise Unsupported(f"{field}: operation {kind} is not supported by this model's engine")
+    op = _OPERATION_COMPILERS[kind](getattr(iv, kind), f"{field}.{kind}", violations)
+
+    sel = iv.selector
+    sfield = f"{field}.selector"
+    placements = _placements(sel, sfield, ctx.geometry, violations)
+    if sel.attention not in (
+        intervention_pb2.ATTENTION_KIND_UNSPECIFIED,
+        intervention_pb2.ATTENTION_KIND_SELF,
+    ):
+        violations.add(f"{sfield}.attention", "this model has self-attention only")
+    has_keys = sel.HasField("keys")
+    if kind == "sink_calibration" and has_keys:
+        violations.add(f"{sfield}.keys", "sink_calibration finds its own keys; leave keys unset")
+    keys = _key_set(sel.keys, f"{sfield}.keys", ctx.prompt_tokens, violations) if has_keys else P.KeySet()
+    steps = _step_range(sel, sfield, violations)
+    if len(violations.items) > before or op is None:
+        return None
+    scoped = P.ScopedOp(op=op, keys=keys, last_query_only=sel.queries == intervention_pb2.QUERY_SCOPE_LAST)
+    return placements, steps, scoped
+
+
+def _placements(
+    sel: intervention_pb2.Selector, field: str, geo: ModelGeometry, violations: Violations
+) -> list[tuple[int, tuple[int, ...] | None]]:
+    """(layer, heads) pairs a selector covers; heads None means every head."""
+    if sel.layer_heads and (sel.layers or sel.heads):
+        violations.add(f"{field}.layer_heads", "use either layer_heads or layers/heads, not both")
+        return []
+    if sel.layer_heads:
+        out = []
+        for i, lh in enumerate(sel.layer_heads):
+            _check_index(lh.layer, geo.num_layers, f"{field}.layer_heads[{i}].layer", "layer", violations)
+            heads = _heads(lh.heads, f"{field}.layer_heads[{i}].heads", geo, violations)
+            out.append((lh.layer, heads))
+        return out
+    for i, layer in enumerate(sel.layers):
+        _check_index(layer, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
+    heads = _heads(sel.heads, f"{field}.heads", geo, violations)
+    layers = sorted(set(sel.layers)) if sel.layers else range(geo.num_layers)
+    return [(layer, heads) for layer in layers]
+
+
+def _heads(heads: Sequence[int], field: str, geo: ModelGeometry, violations: Violations):
+    for i, head in enumerate(heads):
+        _check_index(head, geo.num_heads, f"{field}[{i}]", "head", violations)
+    return tuple(sorted(set(heads))) if heads else None
+
+
+def _check_index(value: int, size: int, field: str, what: str, violations: Violations) -> None:
+    if not 0 <= value < size:
+        violations.add(field, f"{what} {value} is out of range: this model has {size} ({what} 0..{size - 1})")
+
+
+def _key_set(keys: intervention_pb2.KeySelector, field: str, prompt_tokens: int, violations: Violations):
+    ranges = _ranges(keys.ranges, f"{field}.ranges", prompt_tokens, violations)
+    return P.KeySet(ranges=ranges, invert=keys.invert, include_generated=keys.include_generated)
+
+
+def _ranges(ranges, field: str, prompt_tokens: int, violations: Violations) -> tuple[tuple[int, int], ...]:
+    out = []
+    for i, r in enumerate(ranges):
+        if not 0 <= r.start < r.end <= prompt_tokens:
+            violations.add(
+                f"{field}[{i}]",
+                f"range [{r.start}, {r.end}) must satisfy 0 <= start < end <= {prompt_tokens} (prompt tokens)",
+            )
+        out.append((r.start, r.end))
+    return tuple(out)
+
+
+def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violations) -> P.StepRange:
+    if not sel.HasField("steps"):
+        return P.ALL_STEPS
+    steps = sel.steps
+    end = steps.end if steps.HasField("end") else None
+    if steps.start < 0:
+        violations.add(f"{field}.steps.start", "must be >= 0")
+    if end is not None and end <= steps.start:
+        violations.add(f"{field}.steps.end", "must be greater than start")
+    return P.StepRange(steps.start, end)
+
+
+# --- Operation parameters ---------------------------------------------------------------------
+
+
+def _param(msg, name: str, default: float, field: str, violations: Violations,
+           valid: Callable[[float], bool], rule: str) -> float:
+    value = getattr(msg, name) if msg.HasField(name) else default
+    if not math.isfinite(value) or not valid(value):
+        violations.add(f"{field}.{name}", f"{rule} (got {value})")
+    return value
+
+
+def _sink_calibration(msg, field, violations):
+    tau = _param(msg, "tau", 0.1, field, violations, lambda x: 0 < x < 1, "must be in (0, 1)")
+    beta = _param(msg, "beta", 0.4, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]")
+    if msg.min_queries < 0:
+        violations.add(f"{field}.min_queries", f"must be >= 0 (got {msg.min_queries})")
+    return P.SinkCalibration(tau=tau, beta=beta, min_queries=msg.min_queries)
+
+
+def _key_emphasis(msg, field, violations):
+    return P.KeyEmphasis(_param(msg, "alpha", 0.01, field, violations, lambda x: x > 0, "must be > 0"))
+
+
+def _logit_rescale(msg, field, violations):
+    return P.LogitRescale(_param(msg, "alpha", 0.7, field, violations, lambda x: x > -1, "must be > -1"))
+
+
+def _head_output_scale(msg, field, violations):
+    return P.HeadOutputScale(_param(msg, "scale", 0.0, field, violations, lambda x: True, "must be finite"))
+
+
+def _identity_blend(msg, field, violations):
+    return P.IdentityBlend(_param(msg, "weight", 1.0, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+
+
+def _temperature(msg, field, violations):
+    return P.Temperature(_param(msg, "temperature", 1.0, field, violations, lambda x: x > 0, "must be > 0"))
+
+
+def _key_mask(msg, field, violations):
+    return P.KeyMask()
+
+
+_OPERATION_COMPILERS = {
+    "sink_calibration": _sink_calibration,
+    "key_emphasis": _key_emphasis,
+    "logit_rescale": _logit_rescale,
+    "head_output_scale": _head_output_scale,
+    "identity_blend": _identity_blend,
+    "temperature": _temperature,
+    "key_mask": _key_mask,
+}
+assert set(_OPERATION_COMPILERS) == set(P.OPERATIONS)
+
+
+# --- Readouts ---------------------------------------------------------------------------------
+
+
+def _compile_readouts(spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violations: Violations) -> P.ReadoutPlan:
+    geo = ctx.geometry
+    mass_ranges = _ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
+    if mass_ranges and not spec.layer_statistics:
+        violations.add("readouts.mass_ranges", "needs layer_statistics")
+    rows = spec.attention_rows
+    field = "readouts.attention_rows"
+    row_layers: frozenset[int] = frozenset()
+    row_heads: tuple[int, ...] = ()
+    row_steps: frozenset[int] = frozenset()
+    if spec.HasField("attention_rows"):
+        if not rows.layers:
+            violations.add(f"{field}.layers", "name at least one layer")
+        for i, layer in enumerate(rows.layers):
+            _check_index(layer, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
+        for i, head in enumerate(rows.heads):
+            _check_index(head, geo.num_heads, f"{field}.heads[{i}]", "head", violations)
+        steps = list(rows.steps) or [0]
+        for i, step in enumerate(steps):
+            if not 0 <= step < ctx.max_tokens:
+                violations.add(f"{field}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)")
+        row_layers, row_heads, row_steps = frozenset(rows.layers), tuple(rows.heads), frozenset(steps)
+        values = (
+            len(row_layers)
+            * (len(set(row_heads)) or geo.num_heads)
+            * len(row_steps)
+            * (ctx.prompt_tokens + ctx.max_tokens)
+        )
+        if values > ctx.limits.max_readout_values:
+            violations.add(
+                field,
+                f"up to {values} attention weights exceed the limit of {ctx.limits.max_readout_values}; "
+                "ask for fewer layers, heads or steps",
+            )
+    return P.ReadoutPlan(
+        statistics=spec.layer_statistics,
+        mass_ranges=mass_ranges,
+        row_layers=row_layers,
+        row_heads=tuple(sorted(set(row_heads))),
+        row_steps=row_steps,
+        summary=spec.summary,
+    )
