@@ -1,0 +1,106 @@
+"""AsyncClient: the asyncio attnserve client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from attnserve_client.client import DEFAULT_TARGET
+from attnserve_client.completion import Completion, CompletionBuilder
+from attnserve_client.errors import AttnserveError
+from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Readouts, generate_request
+from attnserve_client.v1 import inference_service_pb2 as service_pb2
+from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
+from attnserve_client.v1 import model_pb2
+
+
+class AsyncClient:
+    """The asyncio twin of Client: `async with AsyncClient(...) as client`, then await its
+    methods and `async for` over generate()."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        self.target = target
+        self.timeout = timeout
+        if credentials is None:
+            self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self._stub = service_grpc.InferenceServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def list_models(self) -> list[model_pb2.Model]:
+        try:
+            response = await self._stub.ListModels(service_pb2.ListModelsRequest(), timeout=self.timeout)
+        except aio.AioRpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        return list(response.models)
+
+    async def get_model(self, name: str) -> model_pb2.Model:
+        try:
+            response = await self._stub.GetModel(service_pb2.GetModelRequest(name=name), timeout=self.timeout)
+        except aio.AioRpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        return response.model
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        top_logprobs: int = 0,
+        ignore_eos: bool = False,
+        interventions: Interventions | None = None,
+        presets: Sequence[str] = (),
+        readouts: Readouts | None = None,
+        request_id: str = "",
+    ) -> AsyncIterator[service_pb2.GenerateResponse]:
+        """Stream one response per generated token, then the final one (see Client.generate)."""
+        request = generate_request(
+            model, prompt, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
+            interventions=interventions, presets=presets, readouts=readouts, request_id=request_id,
+        )  # fmt: skip
+        return self._stream(request)
+
+    async def complete(
+        self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any
+    ) -> Completion:
+        """Run generate() to the end and return the whole result; takes generate()'s arguments."""
+        builder = CompletionBuilder()
+        async for response in self.generate(model, prompt, messages, **kwargs):
+            builder.add(response)
+        return builder.build()
+
+    async def _stream(self, request: service_pb2.GenerateRequest) -> AsyncIterator[service_pb2.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=self.timeout)
+        try:
+            async for response in call:
+                yield response
+        except aio.AioRpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        finally:
+            call.cancel()

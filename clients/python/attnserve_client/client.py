@@ -1,0 +1,111 @@
+"""Client: the synchronous attnserve client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from attnserve_client.completion import Completion, CompletionBuilder
+from attnserve_client.errors import AttnserveError
+from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Readouts, generate_request
+from attnserve_client.v1 import inference_service_pb2 as service_pb2
+from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
+from attnserve_client.v1 import model_pb2
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+class Client:
+    """Talks to an attnserve server; use as a context manager (or call close()).
+
+    timeout is the deadline in seconds of each call (for generate: the whole stream);
+    credentials, when given, make the channel a TLS channel.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        self.target = target
+        self.timeout = timeout
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self._stub = service_grpc.InferenceServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def list_models(self) -> list[model_pb2.Model]:
+        try:
+            response = self._stub.ListModels(service_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        return list(response.models)
+
+    def get_model(self, name: str) -> model_pb2.Model:
+        try:
+            response = self._stub.GetModel(service_pb2.GetModelRequest(name=name), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        return response.model
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        top_logprobs: int = 0,
+        ignore_eos: bool = False,
+        interventions: Interventions | None = None,
+        presets: Sequence[str] = (),
+        readouts: Readouts | None = None,
+        request_id: str = "",
+    ) -> Iterator[service_pb2.GenerateResponse]:
+        """Stream one response per generated token, then the final one.
+
+        Pass exactly one of prompt (raw text) or messages (chat). interventions is an
+        InterventionSpec, a spec dict or a list of Intervention; readouts a ReadoutSpec or a dict.
+        Leaving the loop early cancels the call.
+        """
+        request = generate_request(
+            model, prompt, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
+            interventions=interventions, presets=presets, readouts=readouts, request_id=request_id,
+        )  # fmt: skip
+        return self._stream(request)
+
+    def complete(self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any) -> Completion:
+        """Run generate() to the end and return the whole result; takes generate()'s arguments."""
+        builder = CompletionBuilder()
+        for response in self.generate(model, prompt, messages, **kwargs):
+            builder.add(response)
+        return builder.build()
+
+    def _stream(self, request: service_pb2.GenerateRequest) -> Iterator[service_pb2.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=self.timeout)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        finally:
+            call.cancel()

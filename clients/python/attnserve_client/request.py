@@ -1,0 +1,96 @@
+"""GenerateRequest construction shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
+from attnserve_client.v1 import inference_service_pb2 as service_pb2
+from attnserve_client.v1 import intervention_pb2, readout_pb2
+
+# A chat message as a proto, a {"role": ..., "content": ...} dict or a (role, content) pair.
+Message = Union[service_pb2.ChatMessage, Mapping[str, str], tuple[str, str]]
+Interventions = Union[intervention_pb2.InterventionSpec, Mapping[str, Any], Iterable[intervention_pb2.Intervention]]
+Readouts = Union[readout_pb2.ReadoutSpec, Mapping[str, Any]]
+
+# Keep messages of a few long attention rows comfortably under the limits.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Pings only while a call is open, so a long prefill behind a proxy keeps its connection.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+
+
+def generate_request(
+    model: str,
+    prompt: str | None = None,
+    messages: Sequence[Message] | None = None,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    top_logprobs: int = 0,
+    ignore_eos: bool = False,
+    interventions: Interventions | None = None,
+    presets: Sequence[str] = (),
+    readouts: Readouts | None = None,
+    request_id: str = "",
+) -> service_pb2.GenerateRequest:
+    """Build a GenerateRequest from exactly one of a raw prompt or chat messages."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt (raw text) or messages (chat)")
+    if isinstance(stop, str):
+        stop = [stop]
+    request = service_pb2.GenerateRequest(
+        model=model,
+        sampling=service_pb2.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            top_logprobs=top_logprobs,
+            ignore_eos=ignore_eos,
+        ),
+        request_id=request_id,
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.chat.messages.extend(_chat_message(m) for m in messages)
+    spec = _intervention_spec(interventions)
+    spec.presets.extend(presets)
+    if spec.presets or spec.interventions:
+        request.interventions.CopyFrom(spec)
+    if readouts is not None:
+        request.readouts.CopyFrom(readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts))
+    return request
+
+
+def _chat_message(message: Message) -> service_pb2.ChatMessage:
+    if isinstance(message, service_pb2.ChatMessage):
+        return message
+    if isinstance(message, Mapping):
+        return service_pb2.ChatMessage(role=message["role"], content=message["content"])
+    role, content = message
+    return service_pb2.ChatMessage(role=role, content=content)
+
+
+def _intervention_spec(interventions: Interventions | None) -> intervention_pb2.InterventionSpec:
+    spec = intervention_pb2.InterventionSpec()
+    if isinstance(interventions, intervention_pb2.InterventionSpec):
+        spec.CopyFrom(interventions)
+    elif isinstance(interventions, Mapping):
+        spec.CopyFrom(intervention_spec_from_dict(interventions))
+    elif interventions is not None:
+        spec.interventions.extend(interventions)
+    return spec
