@@ -1,7 +1,9 @@
 """ServerMetrics: every recording call, series names and labels, promtool's lint."""
 
+import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 
 import grpc
@@ -85,6 +87,15 @@ def test_attention_statistics_per_layer(metrics):
 
 
 def test_interventions_by_operation(metrics):
+    assert INTERVENTION_OPERATIONS == (
+        "sink_calibration",
+        "key_emphasis",
+        "logit_rescale",
+        "head_output_scale",
+        "identity_blend",
+        "temperature",
+        "key_mask",
+    )
     applied = {
         op: value(metrics, "attnserve_intervention_applied_total", operation=op, **MODEL)
         for op in INTERVENTION_OPERATIONS
@@ -161,3 +172,9 @@ def test_http_server_serves_the_registry(metrics, free_port):
         thread.join(timeout=10)
     assert 'attnserve_request_generation_tokens_total{engine="hf",model="smollm2-135m"} 17.0' in body
     assert 'attnserve_server_info{version="1.2.3"} 1.0' in body
+
+
+def test_importing_metrics_does_not_import_torch():
+    code = "import sys, attnserve.metrics; sys.exit('torch' in sys.modules)"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

@@ -17,18 +17,11 @@ from prometheus_client import (
     Info,
 )
 
+from ..attention.plan import OPERATIONS
 from . import buckets
 
 FINISH_REASONS = ("eos", "length", "stop_string", "cancelled", "deadline", "error")
-INTERVENTION_OPERATIONS = (
-    "sink_calibration",
-    "key_emphasis",
-    "logit_rescale",
-    "head_output_scale",
-    "identity_blend",
-    "temperature",
-    "key_mask",
-)
+INTERVENTION_OPERATIONS = tuple(OPERATIONS)
 
 _MODEL = ("model", "engine")
 
