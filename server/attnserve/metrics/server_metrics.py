@@ -9,13 +9,7 @@ from http.server import HTTPServer
 
 import grpc
 import prometheus_client
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from ..attention.plan import OPERATIONS
 from . import buckets
