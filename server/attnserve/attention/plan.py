@@ -231,8 +231,8 @@ class RequestPlan:
     #: layer -> (steps, op) in application order; identity operations are already dropped.
     layer_ops: Mapping[int, tuple[tuple[StepRange, ScopedOp], ...]] = field(default_factory=dict)
     readout: ReadoutPlan = NO_READOUTS
-    #: Interventions that will run (after presets were expanded and identities dropped).
-    num_interventions: int = 0
+    #: Operation name of each intervention that will run (presets expanded, identities dropped).
+    applied_operations: tuple[str, ...] = ()
 
     @property
     def edits_attention(self) -> bool:

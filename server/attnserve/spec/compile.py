@@ -70,13 +70,13 @@ def compile_plan(
         violations.raise_if_any()
 
     layer_ops: dict[int, list[tuple[P.StepRange, P.ScopedOp]]] = {}
-    applied = 0
+    applied: list[str] = []
     for field, iv in expanded:
         compiled = _compile_intervention(iv, field, ctx, violations)
         if compiled is None or compiled[2].op.is_identity:
             continue
         placements, steps, scoped = compiled
-        applied += 1
+        applied.append(P.operation_name(scoped.op))
         for layer, heads in placements:
             layer_ops.setdefault(layer, []).append((steps, _with_heads(scoped, heads)))
 
@@ -85,7 +85,7 @@ def compile_plan(
     return P.RequestPlan(
         layer_ops={layer: tuple(ops) for layer, ops in layer_ops.items()},
         readout=readout,
-        num_interventions=applied,
+        applied_operations=tuple(applied),
     )
 
 

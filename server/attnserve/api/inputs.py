@@ -1,0 +1,132 @@
+"""Input processing: a GenerateRequest proto becomes a validated, tokenized EngineRequest.
+
+Every check runs here, before anything reaches a model; violations name the proto field.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from attnserve_client.v1 import inference_service_pb2 as pb
+
+from ..engines.base import EngineRequest, SamplingConfig
+from ..spec.compile import SpecContext, SpecLimits, compile_plan
+from ..spec.errors import Violations
+from ..models.registry import ServedModel
+
+DEFAULT_MAX_TOKENS = 64
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 64
+MAX_REQUEST_ID_LENGTH = 128
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+def to_engine_request(request: pb.GenerateRequest, model: ServedModel) -> EngineRequest:
+    violations = Violations()
+    limits = model.limits
+    sampling = _sampling(request, model, violations)
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        violations.add("request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters")
+    prompt_ids = _prompt_token_ids(request, model, violations)
+    violations.raise_if_any()
+
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        violations.add(request.WhichOneof("input"),
+                       f"{len(prompt_ids)} prompt tokens exceed the limit of {limits.max_prompt_tokens}")
+    context = model.engine.info.max_context_length
+    if len(prompt_ids) + sampling.max_tokens > context:
+        violations.add("sampling.max_tokens",
+                       f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed "
+                       f"the model's context of {context} tokens")
+    violations.raise_if_any()
+
+    plan = compile_plan(
+        request.interventions,
+        request.readouts,
+        SpecContext(
+            geometry=model.engine.info.geometry,
+            limits=SpecLimits(limits.max_interventions, limits.max_readout_values),
+            presets={name: list(p.interventions) for name, p in model.presets.items()},
+            prompt_tokens=len(prompt_ids),
+            max_tokens=sampling.max_tokens,
+            supported_operations=model.engine.info.supported_operations,
+        ),
+    )
+    return EngineRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt_token_ids=tuple(prompt_ids),
+        sampling=sampling,
+        plan=plan,
+    )
+
+
+def _sampling(request: pb.GenerateRequest, model: ServedModel, violations: Violations) -> SamplingConfig:
+    s = request.sampling
+    limits = model.limits
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
+    if not 1 <= max_tokens <= limits.max_tokens:
+        violations.add("sampling.max_tokens", f"must be in [1, {limits.max_tokens}] (got {max_tokens})")
+    temperature = s.temperature if s.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        violations.add("sampling.temperature", f"must be a finite number >= 0 (got {temperature})")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        violations.add("sampling.top_p", f"must be in (0, 1] (got {top_p})")
+    top_k = s.top_k if s.HasField("top_k") else 0
+    if top_k < 0:
+        violations.add("sampling.top_k", f"must be >= 0 (got {top_k})")
+    if not 0 <= s.top_logprobs <= limits.max_logprobs:
+        violations.add("sampling.top_logprobs", f"must be in [0, {limits.max_logprobs}] (got {s.top_logprobs})")
+    if len(s.stop) > MAX_STOP_STRINGS:
+        violations.add("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, stop in enumerate(s.stop):
+        if not 0 < len(stop) <= MAX_STOP_LENGTH:
+            violations.add(f"sampling.stop[{i}]", f"must have 1 to {MAX_STOP_LENGTH} characters")
+    return SamplingConfig(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        top_logprobs=s.top_logprobs,
+        ignore_eos=s.ignore_eos,
+        stop=tuple(s.stop),
+    )
+
+
+def _prompt_token_ids(request: pb.GenerateRequest, model: ServedModel, violations: Violations) -> list[int]:
+    tokenizer = model.engine.tokenizer
+    kind = request.WhichOneof("input")
+    if kind is None:
+        violations.add("input", "set prompt or chat")
+        return []
+    if kind == "prompt":
+        if not request.prompt.strip():
+            violations.add("prompt", "must not be empty")
+            return []
+        # Cheap bound before tokenizing: a token is at least one character in any tokenizer here.
+        if len(request.prompt) > 32 * model.limits.max_prompt_tokens:
+            violations.add("prompt", "is far longer than the prompt token limit")
+            return []
+        return tokenizer(request.prompt, add_special_tokens=True).input_ids
+    messages = request.chat.messages
+    if not messages:
+        violations.add("chat.messages", "must hold at least one message")
+        return []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            violations.add(f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)} (got {m.role!r})")
+        if not m.content.strip():
+            violations.add(f"chat.messages[{i}].content", "must not be empty")
+    if sum(len(m.content) for m in messages) > 32 * model.limits.max_prompt_tokens:
+        violations.add("chat.messages", "are far longer than the prompt token limit")
+    if violations.items:
+        return []
+    if tokenizer.chat_template is None:
+        violations.add("chat", f"model {model.name!r} has no chat template; send a prompt instead")
+        return []
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids

@@ -1,0 +1,152 @@
+"""InferenceService: translates protos to engine requests and engine outputs to protos."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from attnserve_client.v1 import inference_service_pb2 as pb
+from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
+from attnserve_client.v1 import readout_pb2
+
+from ..engines.base import RequestReadouts, TokenOutput
+from ..metrics import ServerMetrics
+from ..models.registry import ModelRegistry, ServedModel
+from ..spec.errors import InvalidRequest, FieldViolation, Overloaded, RequestError
+from . import errors
+from .inputs import to_engine_request
+from .summary import attention_summary
+
+log = logging.getLogger("attnserve.api")
+
+FINISH_REASONS = {
+    "eos": pb.FINISH_REASON_EOS,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_string": pb.FINISH_REASON_STOP_STRING,
+}
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics):
+        self._registry = registry
+        self._metrics = metrics
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[m.describe() for m in self._registry])
+
+    async def GetModel(self, request, context):
+        try:
+            if not request.name:
+                raise InvalidRequest([FieldViolation("name", "must name a model")])
+            return pb.GetModelResponse(model=self._registry.get(request.name).describe())
+        except RequestError as exc:
+            await self._refuse(context, exc)
+
+    async def Generate(self, request, context):
+        started = time.monotonic()
+        try:
+            model = self._model(request.model)
+            engine_request = to_engine_request(request, model)
+            if model.engine.num_waiting >= model.limits.max_waiting_requests:
+                raise Overloaded(f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later")
+        except RequestError as exc:
+            await self._refuse(context, exc)
+            return
+        labels = (model.name, model.engine_name)
+        for operation in engine_request.plan.applied_operations:
+            self._metrics.interventions_applied(*labels, operation)
+        log.info("generate request_id=%s model=%s prompt_tokens=%d max_tokens=%d interventions=%d",
+                 engine_request.request_id, model.name, len(engine_request.prompt_token_ids),
+                 engine_request.sampling.max_tokens, len(engine_request.plan.applied_operations))
+
+        self._metrics.request_queued(*labels)
+        text: list[str] = []
+        generated = 0
+        last_time = None
+        finish = "cancelled"
+        try:
+            async for out in model.engine.generate(engine_request):
+                now = time.monotonic()
+                if last_time is None:
+                    self._metrics.request_started(*labels, out.queue_seconds or 0.0)
+                    self._metrics.first_token(*labels, now - started)
+                else:
+                    self._metrics.inter_token(*labels, now - last_time)
+                last_time, generated = now, generated + 1
+                text.append(out.text)
+                yield pb.GenerateResponse(token=self._token_proto(out, model))
+                if out.finish_reason is not None:
+                    finish = out.finish_reason
+                    yield pb.GenerateResponse(
+                        complete=self._complete_proto(out, "".join(text), engine_request, model))
+        except asyncio.CancelledError:
+            finish = "deadline" if _deadline_passed(context) else "cancelled"
+            raise
+        except Exception:
+            finish = "error"
+            log.exception("generate failed request_id=%s", engine_request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while generating; see server logs")
+        finally:
+            if last_time is None:
+                self._metrics.request_left_queue(*labels, finish)
+            else:
+                self._metrics.request_finished(*labels, finish, len(engine_request.prompt_token_ids),
+                                               generated, time.monotonic() - started)
+
+    def _model(self, name: str) -> ServedModel:
+        if not name:
+            raise InvalidRequest([FieldViolation("model", "must name a model; ListModels lists them")])
+        return self._registry.get(name)
+
+    async def _refuse(self, context, exc: RequestError) -> None:
+        status = errors.to_status(exc)
+        self._metrics.request_rejected(status.code)
+        await context.abort_with_status(status)
+
+    @staticmethod
+    def _token_proto(out: TokenOutput, model: ServedModel) -> pb.GeneratedToken:
+        tokenizer = model.engine.tokenizer
+        return pb.GeneratedToken(
+            index=out.index,
+            token_id=out.token_id,
+            text=out.text,
+            logprob=out.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=t, text=tokenizer.decode([t]), logprob=lp)
+                          for t, lp in out.top_logprobs],
+            attention_rows=[
+                readout_pb2.AttentionRow(layer=r.layer, head=r.head, step=r.step,
+                                         query_position=r.query_position, weights=r.weights)
+                for r in out.attention_rows
+            ],
+        )
+
+    @staticmethod
+    def _complete_proto(out: TokenOutput, text: str, engine_request, model: ServedModel) -> pb.GenerateComplete:
+        readouts = out.readouts or RequestReadouts()
+        complete = pb.GenerateComplete(
+            finish_reason=FINISH_REASONS[out.finish_reason],
+            usage=pb.Usage(prompt_tokens=len(engine_request.prompt_token_ids), completion_tokens=out.index + 1),
+            text=text,
+            interventions_applied=len(engine_request.plan.applied_operations),
+        )
+        for layer, s in sorted(readouts.layer_statistics.items()):
+            n = max(s.query_count, 1)
+            complete.layer_statistics.append(readout_pb2.LayerStatistics(
+                layer=layer, entropy=s.entropy / n, normalized_entropy=s.normalized_entropy / n,
+                sink_mass=s.sink_mass / n, sink_mass_first4=s.sink_mass_first4 / n,
+                hidden_sinks=s.hidden_sinks / n, range_mass=[m / n for m in s.range_mass],
+                query_count=s.query_count))
+        if engine_request.plan.readout.summary:
+            if readouts.prompt_attention is not None:
+                complete.summary.CopyFrom(attention_summary(
+                    readouts.prompt_attention, engine_request.prompt_token_ids, model.engine.tokenizer))
+            else:
+                complete.summary.text = "No token was generated after the prompt, so there is no attention to summarise."
+        return complete
+
+
+def _deadline_passed(context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0

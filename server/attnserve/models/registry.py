@@ -1,0 +1,85 @@
+"""The served models: each a loaded engine with its limits and presets, described for GetModel."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from attnserve_client.spec import intervention_from_dict
+from attnserve_client.v1 import intervention_pb2, model_pb2
+
+from ..engines.base import Engine
+from ..spec.errors import ModelNotFound
+
+MODEL_KINDS = {"llm": model_pb2.MODEL_KIND_LLM, "vlm": model_pb2.MODEL_KIND_VLM,
+               "diffusion": model_pb2.MODEL_KIND_DIFFUSION}
+ENGINE_KINDS = {"transformers": model_pb2.ENGINE_KIND_TRANSFORMERS, "vllm": model_pb2.ENGINE_KIND_VLLM,
+                "diffusers": model_pb2.ENGINE_KIND_DIFFUSERS}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    kind: str
+    engine_name: str
+    engine: Engine
+    limits: object  # models.config.Limits
+    presets: Mapping[str, model_pb2.Preset]
+
+    def describe(self) -> model_pb2.Model:
+        info = self.engine.info
+        geo = info.geometry
+        limits = self.limits
+        return model_pb2.Model(
+            name=self.name,
+            kind=MODEL_KINDS[self.kind],
+            engine=ENGINE_KINDS[self.engine_name],
+            num_layers=geo.num_layers,
+            num_heads=geo.num_heads,
+            num_kv_heads=geo.num_kv_heads,
+            head_dim=geo.head_dim,
+            max_context_length=info.max_context_length,
+            supported_operations=[
+                intervention_pb2.OperationKind.Value(f"OPERATION_KIND_{op.upper()}")
+                for op in sorted(info.supported_operations)
+            ],
+            supported_readouts=[
+                model_pb2.ReadoutKind.Value(f"READOUT_KIND_{r.upper()}") for r in sorted(info.supported_readouts)
+            ],
+            presets=list(self.presets.values()),
+            limits=model_pb2.ModelLimits(
+                max_prompt_tokens=limits.max_prompt_tokens,
+                max_tokens=limits.max_tokens,
+                max_interventions=limits.max_interventions,
+                max_readout_values=limits.max_readout_values,
+                max_logprobs=limits.max_logprobs,
+            ),
+        )
+
+
+def preset_proto(name: str, description: str, interventions, provenance: Mapping[str, str]) -> model_pb2.Preset:
+    """A preset from config (interventions as plain dicts, the spec-file format)."""
+    return model_pb2.Preset(
+        name=name,
+        description=description,
+        interventions=[intervention_from_dict(iv, f"presets.{name}.interventions[{i}]")
+                       for i, iv in enumerate(interventions)],
+        provenance=dict(provenance),
+    )
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+
+    def add(self, model: ServedModel) -> None:
+        self._models[model.name] = model
+
+    def get(self, name: str) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model
+
+    def __iter__(self):
+        return iter(self._models.values())

@@ -1,0 +1,132 @@
+"""The gRPC server: inference service, standard health, reflection and the metrics endpoint.
+
+Lifecycle: health NOT_SERVING while models load; SERVING once every engine runs; on SIGTERM
+NOT_SERVING for good, stop accepting, let in-flight requests finish within the grace period,
+then stop the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from attnserve_client.v1 import inference_service_pb2, inference_service_pb2_grpc
+from google.rpc import error_details_pb2  # noqa: F401 - registers the detail types for reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api.servicer import InferenceServicer
+from .engines.base import Engine
+from .metrics import ServerMetrics
+from .models.config import ConfigError, ModelConfig, ServerConfig
+from .models.registry import ModelRegistry, ServedModel, preset_proto
+
+log = logging.getLogger("attnserve.server")
+
+SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Long streams: let clients ping without calls in flight, but not more than every 10 s.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def _transformers_engine(path, model: ModelConfig, config: ServerConfig, on_statistics) -> Engine:
+    from .engines.hf.engine import TransformersEngine  # torch and transformers load here
+
+    return TransformersEngine(
+        path,
+        dtype=model.dtype,
+        max_batch_size=model.limits.max_batch_size,
+        statistics_sample_rate=config.statistics.sample_rate,
+        on_statistics=on_statistics,
+    )
+
+
+#: engine name in config -> factory(model path, model config, server config, statistics sink)
+ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {"transformers": _transformers_engine}
+
+
+@dataclass
+class RunningServer:
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    registry: ModelRegistry
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        for model in self.registry:
+            await model.engine.shutdown()
+
+
+async def start_server(config: ServerConfig, metrics: ServerMetrics, *, host: str, port: int) -> RunningServer:
+    """Bind the port at once (health answers NOT_SERVING), then load models and go SERVING."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    registry = ModelRegistry()
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(registry, metrics), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("listening on %s:%d; loading %d model(s)", host, bound, len(config.models))
+
+    for model_config in config.models.values():
+        registry.add(await _load_model(model_config, config, metrics))
+    # Liveness ("") and readiness (the service name) both SERVING once models are loaded.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready: serving %s", ", ".join(m.name for m in registry))
+    return RunningServer(server, health_servicer, registry, bound)
+
+
+async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> ServedModel:
+    log.info("loading model %s (%s engine)", model.name, model.engine)
+    path = await asyncio.to_thread(model.resolve_path, config.cache_dir)
+
+    def on_statistics(layer, stats) -> None:
+        n = max(stats.query_count, 1)
+        metrics.attention_statistics(model.name, model.engine, layer, stats.sink_mass / n,
+                                     stats.normalized_entropy / n, stats.hidden_sinks / n)
+
+    factory = ENGINE_FACTORIES.get(model.engine)
+    if factory is None:
+        raise ConfigError(f"models.{model.name}.engine: engine {model.engine!r} is not available in this build "
+                          f"(available: {', '.join(ENGINE_FACTORIES)})")
+    engine = await asyncio.to_thread(factory, path, model, config, on_statistics)
+    await engine.start()
+    presets = {
+        name: preset_proto(name, p.description, p.interventions, p.provenance) for name, p in model.presets.items()
+    }
+    log.info("model %s ready from %s", model.name, path)
+    return ServedModel(model.name, model.kind, model.engine, engine, model.limits, presets)
+
+
+async def serve(config: ServerConfig, *, host: str, port: int, metrics_port: int, grace: float = 25.0) -> None:
+    """Run until SIGTERM or SIGINT."""
+    metrics = ServerMetrics()
+    metrics.start_http_server(metrics_port, host)
+    log.info("metrics on http://%s:%d/metrics", host, metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(config, metrics, host=host, port=port)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", grace)
+    await running.stop(grace)
