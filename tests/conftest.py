@@ -1,0 +1,14 @@
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+    """The built-in SmolLM2-135M-Instruct (fp32, safetensors), converted once into the git-ignored
+    <repo>/.cache/test-models and reused by later sessions."""
+    from attnserve.models.builtin import ensure_builtin
+
+    return ensure_builtin("smollm2-135m-instruct", REPO_ROOT / ".cache" / "test-models")
