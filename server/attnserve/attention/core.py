@@ -1,0 +1,171 @@
+"""attend_rows: batched attention with each row's RowPlan applied, and its readouts.
+
+Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
+the padded batch, so their output is bit-identical to the unedited path. Edited rows and rows
+with readouts are handled one at a time with their padding cut off, in float32:
+- pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
+  logits are materialised only for heads whose bias depends on them (LogitRescale,
+  temperature on part of the keys);
+- ACT materialises the probabilities of its heads (sink detection needs column means);
+- output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o);
+- statistics reuse the fused call (lse, values := [V | K | indicator columns]).
+Pure torch; works on CPU and CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from attnserve.attention import kernels
+from attnserve.attention.interventions import calibrate_sinks, calibration_heads, edit_logits, edit_output
+from attnserve.attention.plan import RowPlan, ScopedOp
+from attnserve.attention.row import RowAttention
+from attnserve.attention.rows import RowLayout, RowReadout
+from attnserve.attention.statistics import (
+    HeadPieces,
+    fused_pieces,
+    last_query_rows,
+    layer_statistics,
+    mass_columns,
+    materialised_pieces,
+    row_readout,
+)
+
+
+def visibility_mask(layouts: Sequence[RowLayout], num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, Lq, Lk) bool: query row i of row b sees key j when key_start_b <= j <= Lk - Lq + i.
+
+    Padded query rows see nothing (SDPA then gives 0 on CPU; their output is unspecified).
+    """
+    key_index = torch.arange(num_keys, device=device)
+    query_index = torch.arange(num_keys - num_queries, num_keys, device=device)
+    key_start = torch.tensor([layout.key_start for layout in layouts], device=device)
+    causal = key_index[None, :] <= query_index[:, None]
+    not_padding = key_index[None, :] >= key_start[:, None]
+    return (causal[None] & not_padding[:, None, :])[:, None]
+
+
+def plain_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layouts: Sequence[RowLayout]
+) -> torch.Tensor:
+    """The unedited attention of a left-padded batch (one SDPA call)."""
+    mask = visibility_mask(layouts, q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def effective_ops(plan: RowPlan | None) -> tuple[ScopedOp, ...]:
+    """The plan's operations that change anything."""
+    return () if plan is None else tuple(scoped for scoped in plan.ops if not scoped.op.is_identity)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: Sequence[RowLayout], plans: Sequence[RowPlan]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, H, Lq, D), k and v (B, Hkv, Lk, D); got {q.shape}, {k.shape}, {v.shape}")
+    batch, num_heads, num_queries, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim or num_heads % k.shape[1] != 0:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}")
+    if num_queries > k.shape[2]:
+        raise ValueError(f"more queries ({num_queries}) than keys ({k.shape[2]})")
+    if len(layouts) != batch or len(plans) != batch:
+        raise ValueError(f"{batch} rows but {len(layouts)} layouts and {len(plans)} plans")
+    for layout in layouts:
+        if not 0 <= layout.key_start < k.shape[2]:
+            raise ValueError(f"key_start {layout.key_start} outside 0..{k.shape[2] - 1}")
+
+
+def attend_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    layouts: Sequence[RowLayout],
+    plans: Sequence[RowPlan],
+) -> tuple[torch.Tensor, list[RowReadout | None]]:
+    """Attention of a left-padded batch with plans[b] applied to row b (see rows.py for the
+    layout). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
+    when the row asks for none). Padded query rows of edited rows are zero."""
+    _check(q, k, v, layouts, plans)
+    row_ops = [effective_ops(plan) for plan in plans]
+    plain_rows = [b for b, ops in enumerate(row_ops) if not ops]
+    if len(plain_rows) == len(plans):
+        output = plain_attention(q, k, v, scale=scale, layouts=layouts)
+    else:
+        output = torch.zeros_like(q)
+        if plain_rows:
+            index = torch.tensor(plain_rows, device=q.device)
+            sub_layouts = [layouts[b] for b in plain_rows]
+            output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
+
+    readouts: list[RowReadout | None] = [None] * len(plans)
+    for b, (plan, ops) in enumerate(zip(plans, row_ops)):
+        wants_readout = not plan.readout.is_empty
+        if not ops and not wants_readout:
+            continue
+        row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
+        row_output, readouts[b] = _attend_row(row, ops, plan)
+        if ops:
+            output[b, :, q.shape[2] - row.num_queries :] = row_output.to(q.dtype)
+    return output, readouts
+
+
+def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> tuple[torch.Tensor, RowReadout | None]:
+    request = plan.readout
+    edited = edit_logits(row, ops)
+
+    # ACT needs its heads' probabilities (column means for sink detection): materialised for
+    # those heads only; statistics also read them for heads whose bias depends on their logits.
+    materialise = calibration_heads(row, ops)
+    if request.statistics:
+        materialise = materialise | edited.logit_heads
+    materialised = materialise.nonzero().squeeze(1)
+    slot = torch.full((row.num_heads,), -1, dtype=torch.long, device=row.device)
+    slot[materialised] = torch.arange(len(materialised), device=row.device)
+    probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
+
+    # One fused call gives the output and, for statistics, sum_j p_ij k_j (I3) and the masses
+    # on the indicator columns (I4) with the lse.
+    head_dim = row.v.shape[-1]
+    values = row.v
+    if request.statistics:
+        columns = mass_columns(row, request.mass_ranges, edited)
+        indicator = columns[None].expand(row.k.shape[0], -1, -1)
+        values = torch.cat([row.v, row.k, indicator], dim=-1)
+    fused, lse, out = None, None, None
+    if ops or request.statistics:
+        fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, request.statistics)
+        out = fused[..., :head_dim].clone()
+
+    if probs is not None:
+        out = calibrate_sinks(row, ops, probs, slot, out)
+    out, kept = edit_output(row, ops, out)
+    if request.is_empty:
+        return out, None
+
+    statistics = None
+    if request.statistics:
+        fused_heads = (slot < 0).nonzero().squeeze(1)
+        parts = []
+        if len(fused_heads):
+            parts.append(
+                fused_pieces(
+                    row,
+                    edited,
+                    fused_heads,
+                    lse[fused_heads],
+                    fused[fused_heads, :, head_dim : 2 * head_dim],
+                    fused[fused_heads, :, 2 * head_dim :],
+                    kept[fused_heads],
+                )
+            )
+        if probs is not None:
+            parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
+        order = torch.cat([fused_heads, materialised])
+        statistics = layer_statistics(row, HeadPieces.concat(parts), columns, kept[order], len(request.mass_ranges))
+    last_rows = None
+    if request.row_heads is not None or request.prompt_attention:
+        last_rows = last_query_rows(row, edited, probs, slot, kept)
+    return out, row_readout(row, request, statistics, last_rows)

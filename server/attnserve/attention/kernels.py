@@ -1,0 +1,75 @@
+"""Fused attention calls on one row (heads first, no batch dimension), with the log-sum-exp.
+
+Shapes: q (H, L, D); k (Hkv, n, D) with H % Hkv == 0 (query head h reads kv head h // (H // Hkv));
+bias broadcastable to (H, L, n), 0 / finite / -inf, added to scale * q . k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+#: Logit elements materialised at once by the chunked passes.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(Hkv, n, X) -> (num_heads, n, X), each kv head repeated for its query heads."""
+    return kv.repeat_interleave(num_heads // kv.shape[0], dim=0)
+
+
+def logits(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Materialised scale * q . k (+ bias): (h, L, n) for q (h, L, D) and keys (h, n, D)."""
+    scores = scale * (q @ keys.transpose(-1, -2))
+    return scores if bias is None else scores + bias
+
+
+def logit_chunks(
+    q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(query slice, logits of those query rows), a few rows at a time; keys (h, n, D)."""
+    num_heads, num_queries, _ = q.shape
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, num_heads * keys.shape[1]))
+    for start in range(0, num_queries, rows_per_chunk):
+        rows = slice(start, min(num_queries, start + rows_per_chunk))
+        yield rows, logits(q[:, rows], keys, bias[:, rows], scale)
+
+
+def chunked_logsumexp(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """(h, L) log-sum-exp of the logits, O(chunk * n) memory; works on every device."""
+    parts = [torch.logsumexp(chunk, dim=-1) for _, chunk in logit_chunks(q, keys, bias, scale)]
+    return torch.cat(parts, dim=1)
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    with_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(scale * q . k + bias) @ values, values (Hkv, n, Dv) of any width; and the lse.
+
+    The CPU flash kernel returns the lse with the output but wants one head size: zero columns
+    appended to q and k leave every dot product unchanged, so everything is padded to the widest.
+    Elsewhere SDPA gives the output and a chunked pass the lse.
+    """
+    head_dim, value_dim = q.shape[-1], values.shape[-1]
+    q_in, k_in, values_in = q, k, values
+    if value_dim != head_dim:
+        width = max(head_dim, value_dim)
+        q_in, k_in, values_in = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, values))
+    mask = bias[None]
+    if with_lse and q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_in[None], k_in[None], values_in[None], attn_mask=mask, scale=scale
+        )
+        return out[0, ..., :value_dim], lse[0]
+    out = F.scaled_dot_product_attention(
+        q_in[None], k_in[None], values_in[None], attn_mask=mask, scale=scale, enable_gqa=True
+    )[0, ..., :value_dim]
+    lse = chunked_logsumexp(q, expand_kv(k, q.shape[0]), bias, scale) if with_lse else None
+    return out, lse

@@ -1,0 +1,91 @@
+"""One row of the padded batch with its padding cut off, in float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from attnserve.attention.rows import RowLayout
+
+
+@dataclass
+class RowAttention:
+    """A request's keys at positions 0..n-1 and its valid query rows at positions n-L..n-1.
+
+    q (H, L, D); k, v (Hkv, n, D). Query row i of this object is query row Lq - L + i of the batch.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    num_prompt_tokens: int
+
+    @classmethod
+    def from_batch(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, layout: RowLayout, scale: float
+    ) -> RowAttention:
+        num_tokens = k.shape[2] - layout.key_start
+        num_queries = min(q.shape[2], num_tokens)
+        return cls(
+            q=q[row, :, q.shape[2] - num_queries :].float(),
+            k=k[row, :, layout.key_start :].float(),
+            v=v[row, :, layout.key_start :].float(),
+            scale=scale,
+            num_prompt_tokens=layout.num_prompt_tokens,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.k.shape[1]
+
+    @cached_property
+    def query_positions(self) -> torch.Tensor:
+        """(L,) token position of each query row."""
+        return torch.arange(self.num_keys - self.num_queries, self.num_keys, device=self.device)
+
+    @cached_property
+    def key_positions(self) -> torch.Tensor:
+        return torch.arange(self.num_keys, device=self.device)
+
+    @cached_property
+    def visible(self) -> torch.Tensor:
+        """(L, n) causal visibility: query at position p sees keys 0..p."""
+        return self.key_positions[None, :] <= self.query_positions[:, None]
+
+    @cached_property
+    def own_key(self) -> torch.Tensor:
+        """(L, n) one-hot of each query's own key."""
+        return self.key_positions[None, :] == self.query_positions[:, None]
+
+    @cached_property
+    def queries_per_key(self) -> torch.Tensor:
+        """(n,) number of this call's query rows that see each key."""
+        return self.visible.sum(dim=0)
+
+    def own_values(self, heads: torch.Tensor) -> torch.Tensor:
+        """(len(heads), L, D) value of each query's own key, for the given query heads."""
+        group = self.num_heads // self.k.shape[0]
+        return self.v[heads // group][:, self.num_keys - self.num_queries :]
+
+    def keys_for(self, heads: torch.Tensor) -> torch.Tensor:
+        group = self.num_heads // self.k.shape[0]
+        return self.k[heads // group]
+
+    def values_for(self, heads: torch.Tensor) -> torch.Tensor:
+        group = self.num_heads // self.k.shape[0]
+        return self.v[heads // group]

@@ -1,0 +1,42 @@
+"""Which heads, query rows and keys of one row an operation acts on, as boolean tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from attnserve.attention.plan import KeySet
+
+
+def key_selection(keys: KeySet, num_keys: int, num_prompt_tokens: int, device: torch.device) -> torch.Tensor:
+    """(num_keys,) bool: the keys at positions 0..num_keys-1 that the KeySet selects."""
+    positions = torch.arange(num_keys, device=device)
+    is_prompt = positions < num_prompt_tokens
+    if keys.ranges:
+        in_ranges = torch.zeros(num_keys, dtype=torch.bool, device=device)
+        for start, end in keys.ranges:
+            in_ranges |= (positions >= start) & (positions < end)
+    else:
+        in_ranges = is_prompt
+    selected = is_prompt & (in_ranges ^ keys.invert)
+    if keys.include_generated:
+        selected |= ~is_prompt
+    return selected
+
+
+def head_selection(heads: tuple[int, ...] | None, num_heads: int, device: torch.device) -> torch.Tensor:
+    """(num_heads,) bool; None selects every head."""
+    if heads is None:
+        return torch.ones(num_heads, dtype=torch.bool, device=device)
+    if any(h < 0 or h >= num_heads for h in heads):
+        raise ValueError(f"head index out of range 0..{num_heads - 1}: {heads}")
+    selected = torch.zeros(num_heads, dtype=torch.bool, device=device)
+    selected[list(heads)] = True
+    return selected
+
+
+def query_selection(last_query_only: bool, num_queries: int, device: torch.device) -> torch.Tensor:
+    """(num_queries,) bool over the row's valid query rows (the last one predicts the next token)."""
+    selected = torch.ones(num_queries, dtype=torch.bool, device=device)
+    if last_query_only:
+        selected[:-1] = False
+    return selected

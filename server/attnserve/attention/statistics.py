@@ -1,0 +1,175 @@
+"""Readouts of one row on its final (post-intervention) attention probabilities.
+
+Heads whose probabilities were materialised (ACT, logit-dependent biases) are read directly.
+The others use the fused identities of the notes: the lse of the fused call, entropy by I3
+(values := K), masses by I4 (values := indicator columns), the own-key probability and the
+last query row by I1 (one dot product each), column sums by I5 in query chunks.
+The identity blends are applied afterwards in closed form: the final map of query i is
+kept_i * P_i + (1 - kept_i) * onehot(own key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnserve.attention import kernels
+from attnserve.attention.interventions import EditedLogits
+from attnserve.attention.row import RowAttention
+from attnserve.attention.plan import ReadoutRequest
+from attnserve.attention.rows import LayerStatistics, RowReadout
+
+#: A key after token 0 is a hidden sink when its column mean exceeds this.
+HIDDEN_SINK_THRESHOLD = 0.1
+#: Mass columns before the ReadoutRequest.mass_ranges ones: token 0, tokens 0..3.
+SINK_COLUMNS = 2
+
+
+def mass_columns(
+    row: RowAttention, mass_ranges: tuple[tuple[int, int], ...], edited: EditedLogits
+) -> torch.Tensor:
+    """(n, C) indicator columns: token 0, tokens 0..3, each mass range (prompt positions), then
+    the key set of each KeyEmphasis term (for the entropy's bias correction)."""
+    positions = row.key_positions
+    prompt_end = min(row.num_prompt_tokens, row.num_keys)
+    columns = [positions == 0, positions < 4]
+    columns += [(positions >= start) & (positions < min(end, prompt_end)) for start, end in mass_ranges]
+    columns += [term.keys for term in edited.emphasis]
+    return torch.stack(columns, dim=1).float()
+
+
+@dataclass
+class HeadPieces:
+    """Per-head quantities of a group of heads, before the identity blends.
+
+    entropy, own_prob (h, L); masses (h, L, C) over mass_columns; column_sum (h, n) is
+    sum_i kept_i * p_ij.
+    """
+
+    entropy: torch.Tensor
+    own_prob: torch.Tensor
+    masses: torch.Tensor
+    column_sum: torch.Tensor
+
+    @classmethod
+    def concat(cls, parts: list[HeadPieces]) -> HeadPieces:
+        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
+
+
+def materialised_pieces(
+    row: RowAttention, probs: torch.Tensor, columns: torch.Tensor, kept: torch.Tensor
+) -> HeadPieces:
+    """From explicit probabilities (h, L, n); kept (h, L)."""
+    return HeadPieces(
+        entropy=-torch.special.xlogy(probs, probs).sum(dim=-1),
+        own_prob=(probs * row.own_key).sum(dim=-1),
+        masses=probs @ columns,
+        column_sum=(probs * kept[:, :, None]).sum(dim=1),
+    )
+
+
+def fused_pieces(
+    row: RowAttention,
+    edited: EditedLogits,
+    heads: torch.Tensor,
+    lse: torch.Tensor,
+    key_mean: torch.Tensor,
+    masses: torch.Tensor,
+    kept: torch.Tensor,
+) -> HeadPieces:
+    """For heads without materialised probabilities. lse (h, L); key_mean (h, L, D) = sum_j p_ij k_j
+    and masses (h, L, C) from the fused call; kept (h, L)."""
+    q = edited.q[heads]
+    bias = edited.bias if edited.bias.shape[0] == 1 else edited.bias[heads]
+    # I3: H_i = lse_i - sum_j p_ij (s_ij + b_ij); the bias part is log(alpha) times the
+    # emphasised mass (masked keys carry no probability).
+    expected_logit = row.scale * (q * key_mean).sum(dim=-1)
+    first_emphasis = masses.shape[-1] - len(edited.emphasis)
+    for index, term in enumerate(edited.emphasis):
+        acting = term.head_query.expand(row.num_heads, -1)[heads]
+        expected_logit = expected_logit + torch.where(acting, term.log_alpha * masses[..., first_emphasis + index], 0.0)
+    entropy = lse - expected_logit
+
+    # I1 on the own key.
+    keys = row.keys_for(heads)
+    own_key_vectors = keys[:, row.num_keys - row.num_queries :]
+    own_bias = torch.diagonal(bias, offset=row.num_keys - row.num_queries, dim1=-2, dim2=-1)
+    own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
+
+    # I5: column sums need every p_ij once; O(chunk * n) memory.
+    column_sum = torch.zeros(len(heads), row.num_keys, device=row.device)
+    for rows, chunk in kernels.logit_chunks(q, keys, bias, row.scale):
+        column_sum += (torch.exp(chunk - lse[:, rows, None]) * kept[:, rows, None]).sum(dim=1)
+    return HeadPieces(entropy=entropy, own_prob=own_prob, masses=masses, column_sum=column_sum)
+
+
+def layer_statistics(
+    row: RowAttention, pieces: HeadPieces, columns: torch.Tensor, kept: torch.Tensor, num_ranges: int
+) -> LayerStatistics:
+    """Blends applied, reduced to sums over query rows of head means. kept (H, L) in pieces' head order."""
+    blended = kept < 1
+    own_share = 1 - kept
+    own_prob = kept * pieces.own_prob + own_share
+    # Entropy of kept * p + (1 - kept) * onehot(own), from H(p) and p_own.
+    xlogy = torch.special.xlogy
+    entropy_blended = (
+        -xlogy(kept, kept) * (1 - pieces.own_prob)
+        + kept * (pieces.entropy + xlogy(pieces.own_prob, pieces.own_prob))
+        - xlogy(own_prob, own_prob)
+    )
+    entropy = torch.where(blended, entropy_blended, pieces.entropy)
+    own_columns = columns[row.query_positions]  # (L, C): the own key's indicator row
+    masses = torch.where(
+        blended[:, :, None], kept[:, :, None] * pieces.masses + own_share[:, :, None] * own_columns, pieces.masses
+    )
+    column_sum = pieces.column_sum + own_share @ row.own_key.float()
+
+    visible_keys = (row.query_positions + 1).float()
+    normalized = torch.where(visible_keys > 1, entropy / visible_keys.log().clamp(min=1e-30), 0.0)
+    column_mean = column_sum / row.queries_per_key.clamp(min=1)
+    hidden = (column_mean > HIDDEN_SINK_THRESHOLD) & (row.key_positions >= 1) & (row.queries_per_key > 0)
+
+    head_mean_mass = masses.mean(dim=0).sum(dim=0)  # (C,)
+    return LayerStatistics(
+        query_count=row.num_queries,
+        entropy=float(entropy.mean(dim=0).sum()),
+        normalized_entropy=float(normalized.mean(dim=0).sum()),
+        sink_mass=float(head_mean_mass[0]),
+        sink_mass_first4=float(head_mean_mass[1]),
+        hidden_sinks=float(hidden.sum(dim=1).float().mean()) * row.num_queries,
+        range_mass=[float(m) for m in head_mean_mass[SINK_COLUMNS : SINK_COLUMNS + num_ranges]],
+    )
+
+
+def last_query_rows(
+    row: RowAttention, edited: EditedLogits, probs: torch.Tensor | None, slot: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
+    """(H, n) final probabilities of the last query row over its keys."""
+    bias = edited.bias[:, -1:]
+    keys = kernels.expand_kv(row.k, row.num_heads)
+    rows = torch.softmax(kernels.logits(edited.q[:, -1:], keys, bias, row.scale), dim=-1)[:, 0]
+    if probs is not None:
+        materialised = slot >= 0
+        rows[materialised] = probs[slot[materialised], -1]
+    kept_last = kept[:, -1:]
+    return kept_last * rows + (1 - kept_last) * row.own_key[-1].float()
+
+
+def row_readout(
+    row: RowAttention,
+    request: ReadoutRequest,
+    statistics: LayerStatistics | None,
+    last_rows: torch.Tensor | None,
+) -> RowReadout:
+    readout = RowReadout(statistics=statistics)
+    if request.row_heads is not None:
+        heads = request.row_heads or tuple(range(row.num_heads))
+        readout.row_heads = heads
+        readout.attention_rows = last_rows[list(heads)]
+    if request.prompt_attention:
+        prompt = torch.zeros(row.num_prompt_tokens, device=row.device)
+        shown = min(row.num_prompt_tokens, row.num_keys)
+        prompt[:shown] = last_rows[:, :shown].mean(dim=0)
+        readout.prompt_attention = prompt
+    return readout
