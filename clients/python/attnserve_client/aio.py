@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -15,6 +15,9 @@ from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Re
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
+
+if TYPE_CHECKING:
+    from typing import Self  # typing.Self needs Python 3.11
 
 
 class AsyncClient:
@@ -36,7 +39,7 @@ class AsyncClient:
             self._channel = aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = service_grpc.InferenceServiceStub(self._channel)
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -95,7 +98,9 @@ class AsyncClient:
             builder.add(response)
         return builder.build()
 
-    async def _stream(self, request: service_pb2.GenerateRequest) -> AsyncIterator[service_pb2.GenerateResponse]:
+    async def _stream(
+        self, request: service_pb2.GenerateRequest
+    ) -> AsyncIterator[service_pb2.GenerateResponse]:
         call = self._stub.Generate(request, timeout=self.timeout)
         try:
             async for response in call:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -13,6 +13,9 @@ from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Re
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
+
+if TYPE_CHECKING:
+    from typing import Self  # typing.Self needs Python 3.11
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -39,7 +42,7 @@ class Client:
             self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = service_grpc.InferenceServiceStub(self._channel)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -94,7 +97,9 @@ class Client:
         )  # fmt: skip
         return self._stream(request)
 
-    def complete(self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any) -> Completion:
+    def complete(
+        self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any
+    ) -> Completion:
         """Run generate() to the end and return the whole result; takes generate()'s arguments."""
         builder = CompletionBuilder()
         for response in self.generate(model, prompt, messages, **kwargs):

@@ -13,7 +13,7 @@ from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 
 def parse_index_list(text: str, what: str = "index") -> list[int]:
-    """"2-4,7" -> [2, 3, 4, 7] (sorted, without duplicates)."""
+    """ "2-4,7" -> [2, 3, 4, 7] (sorted, without duplicates)."""
     indices: set[int] = set()
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
@@ -21,7 +21,9 @@ def parse_index_list(text: str, what: str = "index") -> list[int]:
             start = int(first)
             end = int(last) if dash else start
         except ValueError:
-            raise SpecError(f"{what} list {text!r}: expected numbers and ranges like 2-5, comma-separated") from None
+            raise SpecError(
+                f"{what} list {text!r}: expected numbers and ranges like 2-5, comma-separated"
+            ) from None
         if start < 0 or end < start:
             raise SpecError(f"{what} list {text!r}: {part.strip()!r} is not a valid {what} or range")
         indices.update(range(start, end + 1))
@@ -31,7 +33,7 @@ def parse_index_list(text: str, what: str = "index") -> list[int]:
 def sink_calibration_from_flag(
     text: str, *, tau: float | None = None, beta: float | None = None
 ) -> intervention_pb2.Intervention:
-    """"LAYERS[:HEADS]" -> ACT sink calibration of those heads (every head when HEADS is left out)."""
+    """ "LAYERS[:HEADS]" -> ACT sink calibration of those heads (every head when HEADS is left out)."""
     layers, _, heads = text.partition(":")
     selector = intervention_pb2.Selector(
         layers=parse_index_list(layers, "layer"), heads=parse_index_list(heads, "head") if heads else []
@@ -40,7 +42,9 @@ def sink_calibration_from_flag(
     return intervention_pb2.Intervention(selector=selector, sink_calibration=operation)
 
 
-def emphasis_from_flags(ranges: Sequence[str], *, alpha: float | None = None) -> intervention_pb2.Intervention:
+def emphasis_from_flags(
+    ranges: Sequence[str], *, alpha: float | None = None
+) -> intervention_pb2.Intervention:
     """PASTA: keep the START:END prompt ranges and multiply every other prompt token's attention by alpha."""
     keys = intervention_pb2.KeySelector(ranges=[parse_token_range(r) for r in ranges], invert=True)
     return intervention_pb2.Intervention(
@@ -49,7 +53,7 @@ def emphasis_from_flags(ranges: Sequence[str], *, alpha: float | None = None) ->
 
 
 def parse_token_range(text: str) -> intervention_pb2.TokenRange:
-    """"START:END" (half-open) -> TokenRange."""
+    """ "START:END" (half-open) -> TokenRange."""
     start, colon, end = text.partition(":")
     try:
         token_range = intervention_pb2.TokenRange(start=int(start), end=int(end))
@@ -61,7 +65,7 @@ def parse_token_range(text: str) -> intervention_pb2.TokenRange:
 
 
 def attention_rows_from_flags(texts: Sequence[str]) -> readout_pb2.AttentionRowsSpec:
-    """"LAYER:HEAD[:STEP]" values -> one AttentionRowsSpec.
+    """ "LAYER:HEAD[:STEP]" values -> one AttentionRowsSpec.
 
     The proto asks for every combination of its layers, heads and steps, so several flags
     return the union's cross product (steps default to 0, the prefill).

@@ -46,15 +46,23 @@ def heatmap_image(rows: Sequence[readout_pb2.AttentionRow], *, cell: int | None 
         for x, value in enumerate(_normalised(row.weights)):
             cells.putpixel((x, y), colour(value))
     image = Image.new("RGB", (LABEL_WIDTH + columns * cell, len(rows) * row_height), BACKGROUND)
-    image.paste(cells.resize((columns * cell, len(rows) * row_height), Image.Resampling.NEAREST), (LABEL_WIDTH, 0))
+    image.paste(
+        cells.resize((columns * cell, len(rows) * row_height), Image.Resampling.NEAREST), (LABEL_WIDTH, 0)
+    )
 
     draw = ImageDraw.Draw(image)
     for y, row in enumerate(rows):
-        draw.text((4, y * row_height + (row_height - 11) // 2), f"L{row.layer} H{row.head} S{row.step}", fill=(0, 0, 0))
+        draw.text(
+            (4, y * row_height + (row_height - 11) // 2),
+            f"L{row.layer} H{row.head} S{row.step}",
+            fill=(0, 0, 0),
+        )
     return image
 
 
-def write_heatmap(rows: Sequence[readout_pb2.AttentionRow], path: str | pathlib.Path, *, cell: int | None = None) -> tuple[int, int]:
+def write_heatmap(
+    rows: Sequence[readout_pb2.AttentionRow], path: str | pathlib.Path, *, cell: int | None = None
+) -> tuple[int, int]:
     """Write the heatmap PNG; returns its (width, height)."""
     image = heatmap_image(rows, cell=cell)
     image.save(path, format="PNG")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 # A chat message as a proto, a {"role": ..., "content": ...} dict or a (role, content) pair.
-Message = Union[service_pb2.ChatMessage, Mapping[str, str], tuple[str, str]]
-Interventions = Union[intervention_pb2.InterventionSpec, Mapping[str, Any], Iterable[intervention_pb2.Intervention]]
-Readouts = Union[readout_pb2.ReadoutSpec, Mapping[str, Any]]
+Message = service_pb2.ChatMessage | Mapping[str, str] | tuple[str, str]
+Interventions = (
+    intervention_pb2.InterventionSpec | Mapping[str, Any] | Iterable[intervention_pb2.Intervention]
+)
+Readouts = readout_pb2.ReadoutSpec | Mapping[str, Any]
 
 # Keep messages of a few long attention rows comfortably under the limits.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -72,7 +74,9 @@ def generate_request(
     if spec.presets or spec.interventions:
         request.interventions.CopyFrom(spec)
     if readouts is not None:
-        request.readouts.CopyFrom(readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts))
+        request.readouts.CopyFrom(
+            readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts)
+        )
     return request
 
 

@@ -32,7 +32,9 @@ from google.protobuf.message import Message
 from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 SPEC_KEYS = ("presets", "interventions", "readouts")
-OPERATIONS = tuple(f.name for f in intervention_pb2.Intervention.DESCRIPTOR.oneofs_by_name["operation"].fields)
+OPERATIONS = tuple(
+    f.name for f in intervention_pb2.Intervention.DESCRIPTOR.oneofs_by_name["operation"].fields
+)
 SELECTOR_KEYS = tuple(f.name for f in intervention_pb2.Selector.DESCRIPTOR.fields)
 _ENUM_PREFIXES = {"attention": "ATTENTION_KIND_", "queries": "QUERY_SCOPE_"}
 
@@ -54,7 +56,9 @@ def load_spec_file(path: str | pathlib.Path) -> dict[str, Any]:
     return dict(data)
 
 
-def specs_from_dict(data: Mapping[str, Any]) -> tuple[intervention_pb2.InterventionSpec, readout_pb2.ReadoutSpec]:
+def specs_from_dict(
+    data: Mapping[str, Any],
+) -> tuple[intervention_pb2.InterventionSpec, readout_pb2.ReadoutSpec]:
     """Split a spec file's dict (presets, interventions, readouts) into the two request protos."""
     _require_mapping(data, "spec")
     _reject_unknown(data, SPEC_KEYS, "spec")
@@ -77,7 +81,9 @@ def intervention_spec_from_dict(data: Mapping[str, Any]) -> intervention_pb2.Int
     return spec
 
 
-def intervention_from_dict(data: Mapping[str, Any], where: str = "intervention") -> intervention_pb2.Intervention:
+def intervention_from_dict(
+    data: Mapping[str, Any], where: str = "intervention"
+) -> intervention_pb2.Intervention:
     """One intervention: one operation plus a selector, nested or flat."""
     _require_mapping(data, where)
     _reject_unknown(data, ("selector", *SELECTOR_KEYS, *OPERATIONS), where)
@@ -103,7 +109,9 @@ def readout_spec_from_dict(data: Mapping[str, Any]) -> readout_pb2.ReadoutSpec:
     _require_mapping(data, "readouts")
     fields = dict(data)
     if "mass_ranges" in fields:
-        fields["mass_ranges"] = [_token_range(r, f"readouts.mass_ranges[{i}]") for i, r in enumerate(fields["mass_ranges"])]
+        fields["mass_ranges"] = [
+            _token_range(r, f"readouts.mass_ranges[{i}]") for i, r in enumerate(fields["mass_ranges"])
+        ]
     return _parse(fields, readout_pb2.ReadoutSpec(), "readouts")
 
 

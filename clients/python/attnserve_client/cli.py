@@ -1,0 +1,236 @@
+"""attnserve-cli: list models, describe one, and generate with interventions and readouts."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import sys
+from collections.abc import Iterator
+from typing import Annotated, NoReturn
+
+import grpc
+import typer
+
+from attnserve_client import formatting
+from attnserve_client.client import DEFAULT_TARGET, Client
+from attnserve_client.errors import AttnserveError
+from attnserve_client.flags import specs_from_flags
+from attnserve_client.heatmap import write_heatmap
+from attnserve_client.spec import SpecError, load_spec_file, specs_from_dict
+from attnserve_client.v1 import inference_service_pb2 as service_pb2
+from attnserve_client.v1 import intervention_pb2, readout_pb2
+
+app = typer.Typer(
+    help="Command-line client of attnserve.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
+
+Target = Annotated[str, typer.Option(envvar="ATTNSERVE_TARGET", help="Server address, host:port.")]
+Timeout = Annotated[float | None, typer.Option(help="Deadline of the call in seconds.")]
+
+INTERVENTIONS = "Interventions"
+READOUTS = "Readouts"
+SAMPLING = "Sampling"
+
+
+@app.command()
+def models(target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
+    """List the served models."""
+    with _errors_reported(), Client(target, timeout=timeout) as client:
+        typer.echo(formatting.models_table(client.list_models()))
+
+
+@app.command()
+def model(name: str, target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
+    """Describe a model: geometry, operations, readouts, presets and limits."""
+    with _errors_reported(), Client(target, timeout=timeout) as client:
+        typer.echo(formatting.model_description(client.get_model(name)))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Served model name.")] = "smollm2",
+    chat: Annotated[
+        bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
+    ] = True,
+    system: Annotated[
+        str | None, typer.Option(help="A system message before the prompt (chat only).")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, rich_help_panel=SAMPLING)] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=0, help="0 is greedy.", rich_help_panel=SAMPLING)
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, rich_help_panel=SAMPLING)] = None,
+    seed: Annotated[int | None, typer.Option(min=0, rich_help_panel=SAMPLING)] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop string (repeatable).", rich_help_panel=SAMPLING)
+    ] = None,
+    logprobs: Annotated[
+        int, typer.Option(min=0, help="Show the N most likely tokens of each step.", rich_help_panel=SAMPLING)
+    ] = 0,
+    preset: Annotated[
+        list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
+    ] = None,
+    sink_calibration: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYERS[:HEADS]",
+            help="ACT sink calibration of these layers' heads (every head without HEADS), e.g. 3-5:0,2 (repeatable).",
+            rich_help_panel=INTERVENTIONS,
+        ),
+    ] = None,
+    tau: Annotated[
+        float | None,
+        typer.Option(help="Sink threshold of --sink-calibration.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    beta: Annotated[
+        float | None,
+        typer.Option(help="Share a sink keeps, for --sink-calibration.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    emphasize: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="START:END",
+            help="PASTA: emphasise prompt tokens [START, END) by down-weighting every other prompt token (repeatable).",
+            rich_help_panel=INTERVENTIONS,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="Weight of the other tokens, for --emphasize.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    spec: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="JSON or YAML spec file (presets, interventions, readouts).", rich_help_panel=INTERVENTIONS
+        ),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Per-layer attention statistics.", rich_help_panel=READOUTS)
+    ] = False,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="Where the model looked, in words.", rich_help_panel=READOUTS)
+    ] = False,
+    attention_rows: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYER:HEAD[:STEP]",
+            help="Attention rows to read out, e.g. 5:0 or 5:0-3:0,1 (repeatable; step 0 is the prefill).",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
+    heatmap: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="Write the attention rows as a PNG heatmap.", rich_help_panel=READOUTS),
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = None,
+) -> None:
+    """Generate text, streaming it as it arrives."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if chat:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        inputs = {"messages": messages}
+    else:
+        inputs = {"prompt": prompt}
+    with _errors_reported():
+        interventions, readouts = _specs(
+            spec, preset, sink_calibration, tau, beta, emphasize, alpha, stats, summary, attention_rows
+        )
+        if heatmap is not None and not readouts.attention_rows.layers:
+            raise SpecError("--heatmap needs attention rows: add --attention-rows LAYER:HEAD[:STEP]")
+        with Client(target, timeout=timeout) as client:
+            stream = client.generate(
+                model, **inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=seed, stop=stop or (), top_logprobs=logprobs, interventions=interventions,
+                readouts=readouts if readouts.ByteSize() else None,
+            )  # fmt: skip
+            tokens, complete = _print_stream(stream)
+
+    if logprobs:
+        typer.echo("\n" + formatting.top_logprobs_table(tokens))
+    if complete.layer_statistics:
+        typer.echo("\n" + formatting.layer_statistics_table(complete.layer_statistics))
+    if complete.HasField("summary"):
+        typer.echo("\n" + complete.summary.text)
+    if heatmap is not None:
+        rows = [row for t in tokens for row in t.attention_rows]
+        if not rows:
+            _fail("the server returned no attention rows; no heatmap written")
+        width, height = write_heatmap(rows, heatmap)
+        typer.echo(f"wrote {heatmap} ({len(rows)} rows, {width}x{height} px)", err=True)
+    typer.echo(formatting.completion_footer(complete), err=True)
+
+
+def _print_stream(
+    stream: Iterator[service_pb2.GenerateResponse],
+) -> tuple[list[service_pb2.GeneratedToken], service_pb2.GenerateComplete]:
+    """Write each token's text to stdout as it arrives; return the tokens and the final response."""
+    tokens, complete = [], None
+    try:
+        for response in stream:
+            if response.HasField("token"):
+                tokens.append(response.token)
+                sys.stdout.write(response.token.text)
+                sys.stdout.flush()
+            else:
+                complete = response.complete
+    finally:
+        if tokens:
+            sys.stdout.write("\n")  # also ends a partial line before an error message
+    if complete is None:
+        raise AttnserveError(grpc.StatusCode.UNKNOWN, "the stream ended without its final response")
+    return tokens, complete
+
+
+def _specs(
+    spec_file: pathlib.Path | None,
+    presets: list[str] | None,
+    sink_calibration: list[str] | None,
+    tau: float | None,
+    beta: float | None,
+    emphasize: list[str] | None,
+    alpha: float | None,
+    stats: bool,
+    summary: bool,
+    attention_rows: list[str] | None,
+) -> tuple[intervention_pb2.InterventionSpec, readout_pb2.ReadoutSpec]:
+    """The spec file's interventions and readouts, then the flags' (which run after the file's)."""
+    interventions, readouts = intervention_pb2.InterventionSpec(), readout_pb2.ReadoutSpec()
+    if spec_file is not None:
+        file_interventions, file_readouts = specs_from_dict(load_spec_file(spec_file))
+        interventions.MergeFrom(file_interventions)
+        readouts.MergeFrom(file_readouts)
+    flag_interventions, flag_readouts = specs_from_flags(
+        presets=presets or (),
+        sink_calibration=sink_calibration or (),
+        tau=tau,
+        beta=beta,
+        emphasize=emphasize or (),
+        alpha=alpha,
+        layer_statistics=stats,
+        summary=summary,
+        attention_rows=attention_rows or (),
+    )
+    interventions.MergeFrom(flag_interventions)
+    readouts.MergeFrom(flag_readouts)
+    return interventions, readouts
+
+
+@contextlib.contextmanager
+def _errors_reported() -> Iterator[None]:
+    """Print a bad spec (exit 2) or a failed call with its field violations (exit 1), no traceback."""
+    try:
+        yield
+    except SpecError as err:
+        _fail(str(err), code=2)
+    except AttnserveError as err:
+        _fail(str(err))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -1,0 +1,121 @@
+"""Plain-text rendering of models, layer statistics and top log-probabilities for the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from attnserve_client.completion import finish_reason_name
+from attnserve_client.v1 import inference_service_pb2 as service_pb2
+from attnserve_client.v1 import intervention_pb2, model_pb2, readout_pb2
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def enum_label(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    """OPERATION_KIND_SINK_CALIBRATION -> "sink_calibration"."""
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def models_table(models: Sequence[model_pb2.Model]) -> str:
+    headers = ("name", "kind", "engine", "layers", "heads", "kv heads", "head dim", "context")
+    rows = [
+        (
+            m.name,
+            enum_label(model_pb2.ModelKind, m.kind, "MODEL_KIND_"),
+            enum_label(model_pb2.EngineKind, m.engine, "ENGINE_KIND_"),
+            m.num_layers,
+            m.num_heads,
+            m.num_kv_heads,
+            m.head_dim,
+            m.max_context_length,
+        )
+        for m in models
+    ]
+    return table(headers, rows)
+
+
+def model_description(model: model_pb2.Model) -> str:
+    operations = [
+        enum_label(intervention_pb2.OperationKind, k, "OPERATION_KIND_") for k in model.supported_operations
+    ]
+    readouts = [enum_label(model_pb2.ReadoutKind, k, "READOUT_KIND_") for k in model.supported_readouts]
+    limits = model.limits
+    lines = [
+        f"name:        {model.name}",
+        f"kind:        {enum_label(model_pb2.ModelKind, model.kind, 'MODEL_KIND_')}",
+        f"engine:      {enum_label(model_pb2.EngineKind, model.engine, 'ENGINE_KIND_')}",
+        f"geometry:    {model.num_layers} layers, {model.num_heads} query heads, {model.num_kv_heads} kv heads",
+        f"             head dim {model.head_dim}, context {model.max_context_length} tokens",
+        f"operations:  {', '.join(operations) or '-'}",
+        f"readouts:    {', '.join(readouts) or '-'}",
+        "limits:",
+        f"  max prompt tokens    {limits.max_prompt_tokens}",
+        f"  max tokens           {limits.max_tokens}",
+        f"  max interventions    {limits.max_interventions}",
+        f"  max readout values   {limits.max_readout_values}",
+        f"  max logprobs         {limits.max_logprobs}",
+        "presets:" if model.presets else "presets:     -",
+    ]
+    for preset in model.presets:
+        count = len(preset.interventions)
+        lines.append(f"  {preset.name}: {preset.description} ({count} intervention{'s' * (count != 1)})")
+        lines += [f"    {key}: {value}" for key, value in sorted(preset.provenance.items())]
+    return "\n".join(lines)
+
+
+def layer_statistics_table(statistics: Sequence[readout_pb2.LayerStatistics]) -> str:
+    headers = ["layer", "entropy", "norm entropy", "sink mass", "first-4 mass", "hidden sinks", "queries"]
+    ranges = max((len(s.range_mass) for s in statistics), default=0)
+    headers += [f"range {i} mass" for i in range(ranges)]
+    rows = [
+        [
+            s.layer,
+            s.entropy,
+            s.normalized_entropy,
+            s.sink_mass,
+            s.sink_mass_first4,
+            s.hidden_sinks,
+            s.query_count,
+        ]
+        + list(s.range_mass)
+        for s in statistics
+    ]
+    return table(headers, rows)
+
+
+def top_logprobs_table(tokens: Sequence[service_pb2.GeneratedToken]) -> str:
+    rows = [
+        (
+            t.index,
+            repr(t.text),
+            t.logprob,
+            "  ".join(f"{alt.text!r} {alt.logprob:.3f}" for alt in t.top_logprobs),
+        )
+        for t in tokens
+    ]
+    return table(("index", "token", "logprob", "top alternatives"), rows)
+
+
+def completion_footer(complete: service_pb2.GenerateComplete) -> str:
+    usage = complete.usage
+    return (
+        f"finish: {finish_reason_name(complete.finish_reason)}; "
+        f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens; "
+        f"{complete.interventions_applied} interventions applied"
+    )
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
