@@ -1,0 +1,96 @@
+"""A real attnserve server in a subprocess, serving the real SmolLM2 on a real socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICE = "attnserve.v1.InferenceService"
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, timeout: float, service: str = SERVICE) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{target} not SERVING after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def server_config(tmp_path_factory, smollm2_path):
+    config = {
+        "limits": {"max_tokens": 256, "max_batch_size": 16},
+        "statistics": {"sample_rate": 1.0},
+        "models": [{
+            "name": "smollm2",
+            "kind": "llm",
+            "engine": "transformers",
+            "path": str(smollm2_path),
+            "presets": [{
+                "name": "act-l5",
+                "description": "sink calibration on layer 5 (test preset)",
+                "interventions": [{"layers": [5], "sink_calibration": {"tau": 0.1, "beta": 0.4}}],
+                "provenance": {"source": "tests"},
+            }],
+        }],
+    }
+    path = tmp_path_factory.mktemp("config") / "attnserve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_process(server_config, tmp_path_factory):
+    port, metrics_port = _free_port(), _free_port()
+    log_path = tmp_path_factory.mktemp("logs") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnserve.cli", "serve", "--config", str(server_config), "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", str(metrics_port), "--log-format", "text"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, START_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"server did not start; log:\n{log_path.read_text()}") from None
+    yield {"target": target, "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "log": log_path, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def server_target(server_process) -> str:
+    return server_process["target"]
+
+
+@pytest.fixture(scope="session")
+def metrics_url(server_process) -> str:
+    return server_process["metrics_url"]
