@@ -6,7 +6,8 @@ with readouts are handled one at a time with their padding cut off, in float32:
 - pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
   logits are materialised only for heads whose bias depends on them (LogitRescale,
   temperature on part of the keys);
-- ACT materialises the probabilities of its heads (sink detection needs column means);
+- ACT materialises the probabilities of its heads (sink detection needs column means) and
+  turns its reweighting into more bias (I2), before the fused call;
 - output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o);
 - statistics reuse the fused call (lse, values := [V | K | indicator columns]).
 Pure torch; works on CPU and CUDA tensors.
@@ -125,6 +126,8 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
     slot = torch.full((row.num_heads,), -1, dtype=torch.long, device=row.device)
     slot[materialised] = torch.arange(len(materialised), device=row.device)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
+    if probs is not None:
+        calibrate_sinks(row, ops, edited, probs, slot)
 
     # One fused call gives the output and, for statistics, sum_j p_ij k_j (I3) and the masses
     # on the indicator columns (I4) with the lse.
@@ -139,8 +142,6 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
         fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, request.statistics)
         out = fused[..., :head_dim].clone()
 
-    if probs is not None:
-        out = calibrate_sinks(row, ops, probs, slot, out)
     out, kept = edit_output(row, ops, out)
     if request.is_empty:
         return out, None

@@ -163,16 +163,19 @@ def calibration_heads(row: RowAttention, ops: Sequence[ScopedOp]) -> torch.Tenso
 def calibrate_sinks(
     row: RowAttention,
     ops: Sequence[ScopedOp],
+    edited: EditedLogits,
     probs: torch.Tensor,
     slot: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """ACT on the output (H, L, D); probs (h, L, n) of the materialised heads (slot[head] is a
-    head's index in probs) are updated in place to the calibrated probabilities.
+) -> None:
+    """ACT, in place: probs (h, L, n) of the materialised heads (slot[head] is a head's index in
+    probs) become the calibrated probabilities, and edited.bias gets the equivalent logit bias.
 
     Sinks (positions >= 1 in the op's keys) have a mean probability > tau over the query rows
-    that see them; the op's query rows then keep beta of their sink mass m and scale the other
-    keys by (1 - beta m) / (1 - m): in fused form o' = beta o_S + (1 - beta m)/(1 - m) (o - o_S).
+    that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
+    (1 - beta m) / (1 - m): a reweighting, so by I2 exactly the logit bias
+    log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then gives the output; this
+    avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose subtraction loses float32
+    precision by a factor 1 / (1 - m) when the sinks hold almost all the mass.
     """
     for scoped in _of_kind(ops, SinkCalibration):
         op: SinkCalibration = scoped.op
@@ -185,29 +188,20 @@ def calibrate_sinks(
         if op.min_queries > 0:
             eligible &= seen_by >= op.min_queries
         sinks = (column_mean > op.tau) & eligible[None, :]  # (h, n)
-        max_sinks = int(sinks.sum(dim=1).max())
-        if max_sinks == 0:
+        if not bool(sinks.any()):
             continue
-        # Sinks are few: gather their columns instead of masking the whole PV product.
-        sink_keys = torch.argsort(sinks.to(torch.int8), dim=1, descending=True, stable=True)[:, :max_sinks]
-        is_sink = sinks.gather(1, sink_keys)
-        p_sinks = p.gather(2, sink_keys[:, None, :].expand(-1, row.num_queries, -1)) * is_sink[:, None, :]
-        v_sinks = row.values_for(heads).gather(1, sink_keys[:, :, None].expand(-1, -1, row.v.shape[-1]))
-        out_sinks = p_sinks @ v_sinks
-        mass = p_sinks.sum(dim=-1)  # (h, L)
+        mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)
+        # 1 - m summed directly: it would lose all precision to cancellation as m -> 1.
+        rest = (p * ~sinks[:, None, :]).sum(dim=-1)
         # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
-        changed = scope.queries[None, :] & (mass > 0) & (mass < 1)
-        hand_back = torch.where(changed, (1 - op.beta * mass) / (1 - mass), torch.ones_like(mass))
+        changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
+        hand_back = torch.where(changed, (1 - op.beta * mass) / rest, 1.0)
         sink_factor = torch.where(changed, op.beta, 1.0)
-        out[heads] = torch.where(
-            changed[:, :, None],
-            op.beta * out_sinks + hand_back[:, :, None] * (out[heads] - out_sinks),
-            out[heads],
-        )
-        probs[slot[heads]] = torch.where(
-            sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
-        )
-    return out
+        probs[slot[heads]] = torch.where(sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None])
+        sink_bias = torch.log(sink_factor / hand_back)  # 0 on unchanged rows, -inf when beta = 0
+        bias = edited.bias.expand(row.num_heads, -1, -1).clone()
+        bias[heads] = torch.where(sinks[:, None, :], bias[heads] + sink_bias[:, :, None], bias[heads])
+        edited.bias = bias
 
 
 def edit_output(row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

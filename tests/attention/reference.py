@@ -1,0 +1,196 @@
+"""Eager reference for attention.core, written straight from the methods' formulas.
+
+Everything is materialised per row and head in float64: the logit matrix, the softmax, each
+method applied literally to the matrix (ACT's p' rule, PASTA's multiply-and-renormalise, PAINT's
+s + a|s|, SoftPAG's (1-u)P + uI), then o = P V. Slow on purpose, shares no code with core.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnserve.attention.plan import (
+    HeadOutputScale,
+    IdentityBlend,
+    KeyEmphasis,
+    KeyMask,
+    KeySet,
+    LogitRescale,
+    RowPlan,
+    ScopedOp,
+    SinkCalibration,
+    Temperature,
+)
+from attnserve.attention.rows import LayerStatistics, RowLayout
+
+
+def key_selected(keys: KeySet, position: int, num_prompt_tokens: int) -> bool:
+    if position >= num_prompt_tokens:
+        return keys.include_generated
+    inside = any(start <= position < end for start, end in keys.ranges) if keys.ranges else True
+    return inside != keys.invert
+
+
+@dataclass
+class RefReadout:
+    statistics: LayerStatistics | None
+    attention_rows: torch.Tensor | None
+    prompt_attention: torch.Tensor | None
+
+
+def _acts(scoped: ScopedOp, head: int, query: int, last_query: int) -> bool:
+    if scoped.op.is_identity:
+        return False
+    if scoped.heads is not None and head not in scoped.heads:
+        return False
+    return not scoped.last_query_only or query == last_query
+
+
+def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[RowPlan]):
+    """Returns (output (B, H, Lq, D) float64 with padded query rows zero, readouts)."""
+    batch, num_heads, num_queries, _ = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    readouts = []
+    for b in range(batch):
+        start = layouts[b].key_start
+        prompt = layouts[b].num_prompt_tokens
+        n = num_keys - start
+        # Valid query rows and their token positions.
+        queries = [i for i in range(num_queries) if num_keys - num_queries + i >= start]
+        qpos = {i: num_keys - num_queries + i - start for i in queries}
+        last = queries[-1]
+        ops = plans[b].ops
+        finals = []
+        for h in range(num_heads):
+            kv = h // group
+            qh = q[b, h].double()
+            kh = k[b, kv, start:].double()
+            vh = v[b, kv, start:].double()
+            logits = scale * qh @ kh.T  # (Lq, n), key j is position j
+            probs = torch.zeros(num_queries, n, dtype=torch.float64)
+            for i in queries:
+                p = qpos[i]
+                row = logits[i].clone()
+                for scoped in ops:
+                    if isinstance(scoped.op, Temperature) and _acts(scoped, h, i, last):
+                        for j in range(n):
+                            if key_selected(scoped.keys, j, prompt):
+                                row[j] = row[j] / scoped.op.temperature
+                tempered = row.clone()
+                for scoped in ops:
+                    if isinstance(scoped.op, LogitRescale) and _acts(scoped, h, i, last):
+                        for j in range(n):
+                            if key_selected(scoped.keys, j, prompt):
+                                tempered[j] = tempered[j] + scoped.op.alpha * abs(tempered[j])
+                final = tempered.clone()
+                for scoped in ops:
+                    if isinstance(scoped.op, KeyEmphasis) and _acts(scoped, h, i, last):
+                        for j in range(n):
+                            if key_selected(scoped.keys, j, prompt):
+                                final[j] = final[j] + (math.log(scoped.op.alpha) if scoped.op.alpha > 0 else -math.inf)
+                    if isinstance(scoped.op, KeyMask) and _acts(scoped, h, i, last):
+                        for j in range(n):
+                            if j != p and key_selected(scoped.keys, j, prompt):
+                                final[j] = -math.inf
+                final[p + 1 :] = -math.inf  # causal
+                probs[i] = torch.softmax(final, dim=0)
+
+            for scoped in ops:
+                if not isinstance(scoped.op, SinkCalibration) or scoped.op.is_identity:
+                    continue
+                if scoped.heads is not None and h not in scoped.heads:
+                    continue
+                op = scoped.op
+                sinks = []
+                for j in range(1, n):
+                    seers = [i for i in queries if qpos[i] >= j]
+                    if not seers or not key_selected(scoped.keys, j, prompt):
+                        continue
+                    if op.min_queries > 0 and len(seers) < op.min_queries:
+                        continue
+                    if sum(float(probs[i, j]) for i in seers) / len(seers) > op.tau:
+                        sinks.append(j)
+                for i in queries:
+                    if scoped.last_query_only and i != last:
+                        continue
+                    m = sum(float(probs[i, j]) for j in sinks)
+                    if m <= 0 or m >= 1:
+                        continue
+                    for j in range(n):
+                        if j in sinks:
+                            probs[i, j] = op.beta * probs[i, j]
+                        else:
+                            probs[i, j] = probs[i, j] * (1 - op.beta * m) / (1 - m)
+
+            for scoped in ops:
+                if isinstance(scoped.op, IdentityBlend):
+                    u = scoped.op.weight
+                    for i in queries:
+                        if _acts(scoped, h, i, last):
+                            identity_row = torch.zeros(n, dtype=torch.float64)
+                            identity_row[qpos[i]] = 1.0
+                            probs[i] = (1 - u) * probs[i] + u * identity_row
+            o = probs @ vh
+            for scoped in ops:
+                if isinstance(scoped.op, HeadOutputScale):
+                    for i in queries:
+                        if _acts(scoped, h, i, last):
+                            o[i] = o[i] * scoped.op.scale
+            for i in queries:
+                out[b, h, i] = o[i]
+            finals.append(probs)
+        readouts.append(_readout(plans[b], finals, queries, qpos, n, prompt, last))
+    return out, readouts
+
+
+def _readout(plan: RowPlan, finals, queries, qpos, n, prompt, last) -> RefReadout | None:
+    request = plan.readout
+    if request.is_empty:
+        return None
+    num_heads = len(finals)
+    statistics = None
+    if request.statistics:
+        entropy = normalized = sink = first4 = 0.0
+        ranges = [0.0] * len(request.mass_ranges)
+        for i in queries:
+            visible = qpos[i] + 1
+            for probs in finals:
+                row = probs[i]
+                h_i = float(-sum(x * math.log(x) for x in row.tolist() if x > 0))
+                entropy += h_i / num_heads
+                normalized += (h_i / math.log(visible) if visible > 1 else 0.0) / num_heads
+                sink += float(row[0]) / num_heads
+                first4 += float(row[:4].sum()) / num_heads
+                for r, (a, z) in enumerate(request.mass_ranges):
+                    ranges[r] += float(row[a : min(z, prompt, n)].sum()) / num_heads
+        hidden = 0.0
+        for probs in finals:
+            for j in range(1, n):
+                seers = [i for i in queries if qpos[i] >= j]
+                if seers and sum(float(probs[i, j]) for i in seers) / len(seers) > 0.1:
+                    hidden += 1 / num_heads
+        statistics = LayerStatistics(
+            query_count=len(queries),
+            entropy=entropy,
+            normalized_entropy=normalized,
+            sink_mass=sink,
+            sink_mass_first4=first4,
+            hidden_sinks=hidden * len(queries),
+            range_mass=ranges,
+        )
+    rows = None
+    if request.row_heads is not None:
+        heads = request.row_heads or tuple(range(num_heads))
+        rows = torch.stack([finals[h][last, : qpos[last] + 1] for h in heads])
+    prompt_attention = None
+    if request.prompt_attention:
+        prompt_attention = torch.zeros(prompt, dtype=torch.float64)
+        mean = torch.stack([probs[last] for probs in finals]).mean(dim=0)
+        shown = min(prompt, n)
+        prompt_attention[:shown] = mean[:shown]
+    return RefReadout(statistics, rows, prompt_attention)
