@@ -62,3 +62,9 @@ def test_from_rpc_error_with_contradicting_status_trusts_the_call():
     metadata = (("grpc-status-details-bin", status.SerializeToString()),)
     error = AttnserveError.from_rpc_error(_FailedCall(grpc.StatusCode.INTERNAL, "boom", metadata))
     assert (error.code, error.message) == (grpc.StatusCode.INTERNAL, "boom")
+
+
+def test_violations_repeated_in_the_message_are_listed_once():
+    status = bad_request_status("sampling.top_p", "must be in (0, 1]")
+    status.message = "sampling.top_p: must be in (0, 1]"
+    assert str(AttnserveError.from_status(status)) == "INVALID_ARGUMENT\n  sampling.top_p: must be in (0, 1]"

@@ -62,9 +62,13 @@ class AttnserveError(Exception):
         return cls(error.code(), error.details() or "")
 
     def __str__(self) -> str:
-        lines = [f"{self.code.name}: {self.message}" if self.message else self.code.name]
-        lines += [f"  {v.field}: {v.description}" for v in self.field_violations]
-        return "\n".join(lines)
+        violations = [f"{v.field}: {v.description}" for v in self.field_violations]
+        # Servers often put the violations in the message too; list them once, one per line.
+        repeats_violations = violations and all(v in self.message for v in violations)
+        header = (
+            self.code.name if not self.message or repeats_violations else f"{self.code.name}: {self.message}"
+        )
+        return "\n".join([header] + [f"  {v}" for v in violations])
 
 
 def _field_violations(status: status_pb2.Status) -> list[FieldViolation]:

@@ -69,8 +69,9 @@ def model_description(model: model_pb2.Model) -> str:
         "presets:" if model.presets else "presets:     -",
     ]
     for preset in model.presets:
-        count = len(preset.interventions)
-        lines.append(f"  {preset.name}: {preset.description} ({count} intervention{'s' * (count != 1)})")
+        lines.append(
+            f"  {preset.name}: {preset.description} ({_count(len(preset.interventions), 'intervention')})"
+        )
         lines += [f"    {key}: {value}" for key, value in sorted(preset.provenance.items())]
     return "\n".join(lines)
 
@@ -99,13 +100,14 @@ def top_logprobs_table(tokens: Sequence[service_pb2.GeneratedToken]) -> str:
     rows = [
         (
             t.index,
+            t.token_id,
             repr(t.text),
             t.logprob,
             "  ".join(f"{alt.text!r} {alt.logprob:.3f}" for alt in t.top_logprobs),
         )
         for t in tokens
     ]
-    return table(("index", "token", "logprob", "top alternatives"), rows)
+    return table(("index", "id", "text", "logprob", "top alternatives"), rows)
 
 
 def completion_footer(complete: service_pb2.GenerateComplete) -> str:
@@ -113,8 +115,12 @@ def completion_footer(complete: service_pb2.GenerateComplete) -> str:
     return (
         f"finish: {finish_reason_name(complete.finish_reason)}; "
         f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens; "
-        f"{complete.interventions_applied} interventions applied"
+        f"{_count(complete.interventions_applied, 'intervention')} applied"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _cell(value: object) -> str:
