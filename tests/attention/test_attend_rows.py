@@ -237,3 +237,27 @@ def test_cuda_matches_reference(scenario):
     batch = make_batch(**SCENARIOS[scenario]).to("cuda")
     plans = [RowPlan(ops=COMBINATION, readout=FULL_READOUT), RowPlan(readout=FULL_READOUT), RowPlan()]
     assert_matches_reference(batch, plans, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_float64_matches_reference_tightly(scenario):
+    """In float64 the fused identities must agree with the literal formulas to rounding."""
+    batch = make_batch(**SCENARIOS[scenario])
+    batch = dataclasses.replace(batch, q=batch.q.double(), k=batch.k.double(), v=batch.v.double())
+    plans = [
+        RowPlan(ops=COMBINATION, readout=FULL_READOUT),
+        RowPlan(ops=tuple(SINGLE_OPS.values())[4:10], readout=FULL_READOUT),
+        RowPlan(readout=FULL_READOUT),
+    ]
+    assert_matches_reference(batch, plans, tolerance=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_identity_plans_are_bit_identical():
+    batch = make_batch(**SCENARIOS["prefill"]).to("cuda")
+    plain = plain_sdpa(batch)
+    plans = [RowPlan(ops=IDENTITY_OPS, readout=FULL_READOUT), RowPlan(ops=COMBINATION), RowPlan()]
+    out, _ = run(batch, plans)
+    for b in (0, 2):
+        rows = batch.valid_queries(b)
+        assert torch.equal(out[b, :, rows], plain[b, :, rows])

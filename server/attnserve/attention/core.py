@@ -140,7 +140,7 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
     fused, lse, out = None, None, None
     if ops or request.statistics:
         fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, request.statistics)
-        out = fused[..., :head_dim].clone()
+        out = fused[..., :head_dim]
 
     out, kept = edit_output(row, ops, out)
     if request.is_empty:

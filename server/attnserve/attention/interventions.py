@@ -103,7 +103,7 @@ def _of_kind(ops: Sequence[ScopedOp], kind: type) -> list[ScopedOp]:
 def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
     """Temperature, KeyEmphasis, KeyMask and LogitRescale as one query gain and one bias."""
     num_heads = row.num_heads
-    query_gain = torch.ones(num_heads, row.num_queries, device=row.device)
+    query_gain = torch.ones(num_heads, row.num_queries, dtype=row.dtype, device=row.device)
     key_factor = None  # (H, L, n) temperature factors that differ between a query's keys
     for scoped in _of_kind(ops, Temperature):
         scope = Scope.of(scoped, row)
@@ -112,11 +112,11 @@ def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
             query_gain = torch.where(scope.head_query, query_gain * inverse, query_gain)
         else:
             if key_factor is None:
-                key_factor = torch.ones(num_heads, row.num_queries, row.num_keys, device=row.device)
+                key_factor = torch.ones_like(row.visible, dtype=row.dtype).expand(num_heads, -1, -1)
             key_factor = torch.where(scope.logits, key_factor * inverse, key_factor)
     q = row.q * query_gain[:, :, None]
 
-    bias = torch.zeros(1, row.num_queries, row.num_keys, device=row.device)
+    bias = torch.zeros(1, row.num_queries, row.num_keys, dtype=row.dtype, device=row.device)
     bias = bias.masked_fill(~row.visible, float("-inf"))
 
     rescales = [(Scope.of(scoped, row), scoped.op.alpha) for scoped in _of_kind(ops, LogitRescale)]
@@ -196,7 +196,7 @@ def calibrate_sinks(
         # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
         changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
         hand_back = torch.where(changed, (1 - op.beta * mass) / rest, 1.0)
-        sink_factor = torch.where(changed, op.beta, 1.0)
+        sink_factor = torch.where(changed, torch.full_like(mass, op.beta), 1.0)
         probs[slot[heads]] = torch.where(sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None])
         sink_bias = torch.log(sink_factor / hand_back)  # 0 on unchanged rows, -inf when beta = 0
         bias = edited.bias.expand(row.num_heads, -1, -1).clone()
@@ -210,7 +210,7 @@ def edit_output(row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor) -
     Returns the output and kept (H, L): the share of the softmax map left after the blends, so
     the final map of query i is kept * P_i + (1 - kept) * onehot(own key).
     """
-    kept = torch.ones(row.num_heads, row.num_queries, device=row.device)
+    kept = torch.ones(row.num_heads, row.num_queries, dtype=row.dtype, device=row.device)
     blends = _of_kind(ops, IdentityBlend)
     if blends:
         own_values = row.own_values(torch.arange(row.num_heads, device=row.device))

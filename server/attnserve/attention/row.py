@@ -1,4 +1,4 @@
-"""One row of the padded batch with its padding cut off, in float32."""
+"""One row of the padded batch with its padding cut off, in float32 (or float64)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ class RowAttention:
     ) -> RowAttention:
         num_tokens = k.shape[2] - layout.key_start
         num_queries = min(q.shape[2], num_tokens)
+        dtype = torch.promote_types(q.dtype, torch.float32)
         return cls(
-            q=q[row, :, q.shape[2] - num_queries :].float(),
-            k=k[row, :, layout.key_start :].float(),
-            v=v[row, :, layout.key_start :].float(),
+            q=q[row, :, q.shape[2] - num_queries :].to(dtype),
+            k=k[row, :, layout.key_start :].to(dtype),
+            v=v[row, :, layout.key_start :].to(dtype),
             scale=scale,
             num_prompt_tokens=layout.num_prompt_tokens,
         )
@@ -40,6 +41,10 @@ class RowAttention:
     @property
     def device(self) -> torch.device:
         return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
 
     @property
     def num_heads(self) -> int:

@@ -10,7 +10,7 @@ kept_i * P_i + (1 - kept_i) * onehot(own key).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -36,7 +36,7 @@ def mass_columns(
     columns = [positions == 0, positions < 4]
     columns += [(positions >= start) & (positions < min(end, prompt_end)) for start, end in mass_ranges]
     columns += [term.keys for term in edited.emphasis]
-    return torch.stack(columns, dim=1).float()
+    return torch.stack(columns, dim=1).to(row.dtype)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class HeadPieces:
 
     @classmethod
     def concat(cls, parts: list[HeadPieces]) -> HeadPieces:
-        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__))
+        return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
 
 
 def materialised_pieces(
@@ -98,7 +98,7 @@ def fused_pieces(
     own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
 
     # I5: column sums need every p_ij once; O(chunk * n) memory.
-    column_sum = torch.zeros(len(heads), row.num_keys, device=row.device)
+    column_sum = torch.zeros(len(heads), row.num_keys, dtype=row.dtype, device=row.device)
     for rows, chunk in kernels.logit_chunks(q, keys, bias, row.scale):
         column_sum += (torch.exp(chunk - lse[:, rows, None]) * kept[:, rows, None]).sum(dim=1)
     return HeadPieces(entropy=entropy, own_prob=own_prob, masses=masses, column_sum=column_sum)
@@ -123,9 +123,9 @@ def layer_statistics(
     masses = torch.where(
         blended[:, :, None], kept[:, :, None] * pieces.masses + own_share[:, :, None] * own_columns, pieces.masses
     )
-    column_sum = pieces.column_sum + own_share @ row.own_key.float()
+    column_sum = pieces.column_sum + own_share @ row.own_key.to(row.dtype)
 
-    visible_keys = (row.query_positions + 1).float()
+    visible_keys = (row.query_positions + 1).to(row.dtype)
     normalized = torch.where(visible_keys > 1, entropy / visible_keys.log().clamp(min=1e-30), 0.0)
     column_mean = column_sum / row.queries_per_key.clamp(min=1)
     hidden = (column_mean > HIDDEN_SINK_THRESHOLD) & (row.key_positions >= 1) & (row.queries_per_key > 0)
@@ -137,7 +137,7 @@ def layer_statistics(
         normalized_entropy=float(normalized.mean(dim=0).sum()),
         sink_mass=float(head_mean_mass[0]),
         sink_mass_first4=float(head_mean_mass[1]),
-        hidden_sinks=float(hidden.sum(dim=1).float().mean()) * row.num_queries,
+        hidden_sinks=int(hidden.sum()) / hidden.shape[0] * row.num_queries,
         range_mass=[float(m) for m in head_mean_mass[SINK_COLUMNS : SINK_COLUMNS + num_ranges]],
     )
 
@@ -153,7 +153,7 @@ def last_query_rows(
         materialised = slot >= 0
         rows[materialised] = probs[slot[materialised], -1]
     kept_last = kept[:, -1:]
-    return kept_last * rows + (1 - kept_last) * row.own_key[-1].float()
+    return kept_last * rows + (1 - kept_last) * row.own_key[-1].to(row.dtype)
 
 
 def row_readout(
@@ -162,11 +162,13 @@ def row_readout(
     statistics: LayerStatistics | None,
     last_rows: torch.Tensor | None,
 ) -> RowReadout:
+    """The RowReadout asked for; last_rows (H, n) from last_query_rows. Tensors are float32 on
+    the row's device; prompt positions the row has not reached yet read 0."""
     readout = RowReadout(statistics=statistics)
     if request.row_heads is not None:
         heads = request.row_heads or tuple(range(row.num_heads))
         readout.row_heads = heads
-        readout.attention_rows = last_rows[list(heads)]
+        readout.attention_rows = last_rows[list(heads)].float()
     if request.prompt_attention:
         prompt = torch.zeros(row.num_prompt_tokens, device=row.device)
         shown = min(row.num_prompt_tokens, row.num_keys)
