@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference import reference_attend
 
+from attnserve.attention import core
 from attnserve.attention.core import attend_rows
 from attnserve.attention.plan import ReadoutRequest, RowPlan
 from attnserve.attention.rows import RowLayout
@@ -96,16 +98,32 @@ def run(batch: Batch, plans: list[RowPlan]):
     return attend_rows(batch.q, batch.k, batch.v, scale=batch.scale, layouts=batch.layouts, plans=plans)
 
 
+@contextlib.contextmanager
+def statistics_path(materialise_all: bool):
+    """Force the statistics of every row through materialised probabilities or the fused identities."""
+    saved = core.MATERIALISED_STATISTICS_ELEMENTS
+    core.MATERIALISED_STATISTICS_ELEMENTS = 1 << 62 if materialise_all else 0
+    try:
+        yield
+    finally:
+        core.MATERIALISED_STATISTICS_ELEMENTS = saved
+
+
 def assert_matches_reference(batch: Batch, plans: list[RowPlan], tolerance: float = TOLERANCE) -> torch.Tensor:
-    """attend_rows equals the reference on every valid query row and readout; returns the output."""
-    out, readouts = run(batch, plans)
+    """attend_rows equals the reference on every valid query row and readout, with statistics
+    both fused and materialised; returns the output."""
     cpu = batch.to("cpu")
     ref_out, ref_readouts = reference_attend(cpu.q, cpu.k, cpu.v, scale=cpu.scale, layouts=cpu.layouts, plans=plans)
-    assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
-    for b in range(len(plans)):
-        rows = batch.valid_queries(b)
-        torch.testing.assert_close(out[b, :, rows].double().cpu(), ref_out[b, :, rows], atol=tolerance, rtol=tolerance)
-        assert_readout_matches(readouts[b], ref_readouts[b], tolerance)
+    for materialise_all in (False, True):
+        with statistics_path(materialise_all):
+            out, readouts = run(batch, plans)
+        assert out.dtype == batch.q.dtype and out.shape == batch.q.shape
+        for b in range(len(plans)):
+            rows = batch.valid_queries(b)
+            torch.testing.assert_close(
+                out[b, :, rows].double().cpu(), ref_out[b, :, rows], atol=tolerance, rtol=tolerance
+            )
+            assert_readout_matches(readouts[b], ref_readouts[b], tolerance)
     return out
 
 

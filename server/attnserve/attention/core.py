@@ -35,6 +35,10 @@ from attnserve.attention.statistics import (
     row_readout,
 )
 
+#: With statistics, rows with at most this many logits (heads x queries x keys: a decode step,
+#: a short prompt) materialise every head's probabilities; larger rows use the fused identities.
+MATERIALISED_STATISTICS_ELEMENTS = 1 << 20
+
 
 def visibility_mask(layouts: Sequence[RowLayout], num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
     """(B, 1, Lq, Lk) bool: query row i of row b sees key j when key_start_b <= j <= Lk - Lq + i.
@@ -118,28 +122,32 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
     edited = edit_logits(row, ops)
 
     # ACT needs its heads' probabilities (column means for sink detection): materialised for
-    # those heads only; statistics also read them for heads whose bias depends on their logits.
+    # those heads only. Statistics read them too for heads whose bias depends on their logits,
+    # and for every head when the row is small (a decode step), where that is cheapest.
     materialise = calibration_heads(row, ops)
     if request.statistics:
-        materialise = materialise | edited.logit_heads
+        small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
+        materialise = materialise | edited.logit_heads | small
     materialised = materialise.nonzero().squeeze(1)
+    fused_heads = (~materialise).nonzero().squeeze(1)
     slot = torch.full((row.num_heads,), -1, dtype=torch.long, device=row.device)
     slot[materialised] = torch.arange(len(materialised), device=row.device)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
         calibrate_sinks(row, ops, edited, probs, slot)
 
-    # One fused call gives the output and, for statistics, sum_j p_ij k_j (I3) and the masses
-    # on the indicator columns (I4) with the lse.
+    # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
+    # (I3) and the masses on the indicator columns (I4).
+    fused_statistics = request.statistics and len(fused_heads) > 0
+    columns = mass_columns(row, request.mass_ranges, edited) if request.statistics else None
     head_dim = row.v.shape[-1]
     values = row.v
-    if request.statistics:
-        columns = mass_columns(row, request.mass_ranges, edited)
+    if fused_statistics:
         indicator = columns[None].expand(row.k.shape[0], -1, -1)
         values = torch.cat([row.v, row.k, indicator], dim=-1)
     fused, lse, out = None, None, None
-    if ops or request.statistics:
-        fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, request.statistics)
+    if ops or fused_statistics:
+        fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, fused_statistics)
         out = fused[..., :head_dim]
 
     out, kept = edit_output(row, ops, out)
@@ -148,20 +156,11 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
 
     statistics = None
     if request.statistics:
-        fused_heads = (slot < 0).nonzero().squeeze(1)
         parts = []
-        if len(fused_heads):
-            parts.append(
-                fused_pieces(
-                    row,
-                    edited,
-                    fused_heads,
-                    lse[fused_heads],
-                    fused[fused_heads, :, head_dim : 2 * head_dim],
-                    fused[fused_heads, :, 2 * head_dim :],
-                    kept[fused_heads],
-                )
-            )
+        if fused_statistics:
+            key_mean = fused[fused_heads, :, head_dim : 2 * head_dim]
+            masses = fused[fused_heads, :, 2 * head_dim :]
+            parts.append(fused_pieces(row, edited, fused_heads, lse[fused_heads], key_mean, masses, kept[fused_heads]))
         if probs is not None:
             parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
         order = torch.cat([fused_heads, materialised])

@@ -93,7 +93,7 @@ class EditedLogits:
     def logits(self, row: RowAttention, heads: torch.Tensor) -> torch.Tensor:
         """Materialised (len(heads), L, n) logits of the given query heads."""
         bias = self.bias if self.bias.shape[0] == 1 else self.bias[heads]
-        return kernels.logits(self.q[heads], row.keys_for(heads), bias, row.scale)
+        return kernels.logits(self.q[heads], row.keys_of(heads), bias, row.scale)
 
 
 def _of_kind(ops: Sequence[ScopedOp], kind: type) -> list[ScopedOp]:
@@ -128,7 +128,7 @@ def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
     if bool(logit_heads.any()):
         # Key-dependent temperature and |s| need these heads' logits: materialised here only.
         heads = logit_heads.nonzero().squeeze(1)
-        plain = kernels.logits(q[heads], row.keys_for(heads), None, row.scale)
+        plain = kernels.logits(q[heads], row.keys_of(heads), None, row.scale)
         edited = plain if key_factor is None else plain * key_factor[heads]
         for scope, alpha in rescales:
             selected = scope.logits.expand(num_heads, -1, -1)[heads]
@@ -213,7 +213,7 @@ def edit_output(row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor) -
     kept = torch.ones(row.num_heads, row.num_queries, dtype=row.dtype, device=row.device)
     blends = _of_kind(ops, IdentityBlend)
     if blends:
-        own_values = row.own_values(torch.arange(row.num_heads, device=row.device))
+        own_values = row.own_values()
         for scoped in blends:
             selected = Scope.of(scoped, row).head_query
             weight = scoped.op.weight

@@ -1,6 +1,7 @@
 """Fused attention calls on one row (heads first, no batch dimension), with the log-sum-exp.
 
-Shapes: q (H, L, D); k (Hkv, n, D) with H % Hkv == 0 (query head h reads kv head h // (H // Hkv));
+Shapes: q (H, L, D); k (Hkv, n, D) with H % Hkv == 0 (query head h reads kv head h // (H // Hkv),
+so a per-head k, Hkv == H, serves any subset of heads);
 bias broadcastable to (H, L, n), 0 / finite / -inf, added to scale * q . k.
 """
 
@@ -15,31 +16,33 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 22
 
 
-def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(Hkv, n, X) -> (num_heads, n, X), each kv head repeated for its query heads."""
-    return kv.repeat_interleave(num_heads // kv.shape[0], dim=0)
+def logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Materialised scale * q . k (+ bias): (h, L, n) for q (h, L, D) and k (h / g, n, D).
 
-
-def logits(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Materialised scale * q . k (+ bias): (h, L, n) for q (h, L, D) and keys (h, n, D)."""
-    scores = scale * (q @ keys.transpose(-1, -2))
+    Each kv head serves g consecutive query heads: one matmul per kv head, no copy of K.
+    """
+    num_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_keys, _ = k.shape
+    group = num_heads // num_kv_heads
+    scores = q.reshape(num_kv_heads, group * num_queries, head_dim) @ k.transpose(-1, -2)
+    scores = scale * scores.reshape(num_heads, num_queries, num_keys)
     return scores if bias is None else scores + bias
 
 
 def logit_chunks(
-    q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(query slice, logits of those query rows), a few rows at a time; keys (h, n, D)."""
+    """(query slice, logits of those query rows), a few rows at a time."""
     num_heads, num_queries, _ = q.shape
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, num_heads * keys.shape[1]))
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, num_heads * k.shape[1]))
     for start in range(0, num_queries, rows_per_chunk):
         rows = slice(start, min(num_queries, start + rows_per_chunk))
-        yield rows, logits(q[:, rows], keys, bias[:, rows], scale)
+        yield rows, logits(q[:, rows], k, bias[:, rows], scale)
 
 
-def chunked_logsumexp(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """(h, L) log-sum-exp of the logits, O(chunk * n) memory; works on every device."""
-    parts = [torch.logsumexp(chunk, dim=-1) for _, chunk in logit_chunks(q, keys, bias, scale)]
+    parts = [torch.logsumexp(chunk, dim=-1) for _, chunk in logit_chunks(q, k, bias, scale)]
     return torch.cat(parts, dim=1)
 
 
@@ -71,5 +74,5 @@ def fused_attention(
     out = F.scaled_dot_product_attention(
         q_in[None], k_in[None], values_in[None], attn_mask=mask, scale=scale, enable_gqa=True
     )[0, ..., :value_dim]
-    lse = chunked_logsumexp(q, expand_kv(k, q.shape[0]), bias, scale) if with_lse else None
+    lse = chunked_logsumexp(q, k, bias, scale) if with_lse else None
     return out, lse

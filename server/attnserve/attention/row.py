@@ -82,15 +82,19 @@ class RowAttention:
         """(n,) number of this call's query rows that see each key."""
         return self.visible.sum(dim=0)
 
-    def own_values(self, heads: torch.Tensor) -> torch.Tensor:
-        """(len(heads), L, D) value of each query's own key, for the given query heads."""
-        group = self.num_heads // self.k.shape[0]
-        return self.v[heads // group][:, self.num_keys - self.num_queries :]
+    def _kv_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        return heads // (self.num_heads // self.k.shape[0])
 
-    def keys_for(self, heads: torch.Tensor) -> torch.Tensor:
-        group = self.num_heads // self.k.shape[0]
-        return self.k[heads // group]
+    def own_values(self) -> torch.Tensor:
+        """(H, L, D) value of each query's own key."""
+        own = self.v[:, self.num_keys - self.num_queries :]
+        return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)
 
-    def values_for(self, heads: torch.Tensor) -> torch.Tensor:
-        group = self.num_heads // self.k.shape[0]
-        return self.v[heads // group]
+    def own_keys(self, heads: torch.Tensor) -> torch.Tensor:
+        """(len(heads), L, D) key of each query's own token, for the given query heads."""
+        return self.k[:, self.num_keys - self.num_queries :][self._kv_heads(heads)]
+
+    def keys_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """Keys for kernels.logits with the queries of `heads` (sorted, unique): K itself when
+        that is every head, else the heads' own copies."""
+        return self.k if len(heads) == self.num_heads else self.k[self._kv_heads(heads)]

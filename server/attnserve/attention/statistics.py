@@ -92,8 +92,8 @@ def fused_pieces(
     entropy = lse - expected_logit
 
     # I1 on the own key.
-    keys = row.keys_for(heads)
-    own_key_vectors = keys[:, row.num_keys - row.num_queries :]
+    keys = row.keys_of(heads)
+    own_key_vectors = row.own_keys(heads)
     own_bias = torch.diagonal(bias, offset=row.num_keys - row.num_queries, dim1=-2, dim2=-1)
     own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
 
@@ -147,8 +147,7 @@ def last_query_rows(
 ) -> torch.Tensor:
     """(H, n) final probabilities of the last query row over its keys."""
     bias = edited.bias[:, -1:]
-    keys = kernels.expand_kv(row.k, row.num_heads)
-    rows = torch.softmax(kernels.logits(edited.q[:, -1:], keys, bias, row.scale), dim=-1)[:, 0]
+    rows = torch.softmax(kernels.logits(edited.q[:, -1:], row.k, bias, row.scale), dim=-1)[:, 0]
     if probs is not None:
         materialised = slot >= 0
         rows[materialised] = probs[slot[materialised], -1]
