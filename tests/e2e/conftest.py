@@ -42,7 +42,7 @@ def wait_serving(target: str, timeout: float, service: str = SERVICE) -> None:
 def server_config(tmp_path_factory, smollm2_path):
     config = {
         "limits": {"max_tokens": 256, "max_batch_size": 16},
-        "statistics": {"sample_rate": 1.0},
+        "statistics": {"sample_rate": 0.25},
         "models": [{
             "name": "smollm2",
             "kind": "llm",

@@ -35,7 +35,7 @@ def test_metrics_after_requests(server_target, metrics_url):
     assert sample(text, "attnserve_request_finished_total", model="smollm2") >= 1
     assert sample(text, "attnserve_request_generation_tokens_total", model="smollm2") >= 4
     assert sample(text, "attnserve_request_time_to_first_token_seconds_count", model="smollm2") >= 1
-    # The test server samples statistics on every step.
+    # The test server samples statistics on every 4th step.
     assert sample(text, "attnserve_attention_sink_mass_ratio_count", model="smollm2", layer="5") >= 1
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -109,6 +108,7 @@ class TransformersEngine(Engine):
         self._eos_ids = self._find_eos_ids()
         self._max_batch_size = max_batch_size
         self._sample_rate = statistics_sample_rate
+        self._sample_credit = 0.0
         self._on_statistics = on_statistics
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
@@ -254,7 +254,7 @@ class TransformersEngine(Engine):
         return out.logits[:, -1].float()
 
     def _batch_attention(self, rows: list[_Row], key_length: int) -> attention.BatchAttention | None:
-        sample = self._sample_rate > 0 and random.random() < self._sample_rate
+        sample = self._take_statistics_sample()
         if not sample and not any(r.request.plan.touches_attention for r in rows):
             return None  # nothing to do in attention: plain SDPA, no overhead
 
@@ -269,6 +269,17 @@ class TransformersEngine(Engine):
 
         layouts = [RowLayout(key_start=key_length - r.length, num_prompt_tokens=len(r.request.prompt_token_ids)) for r in rows]
         return attention.BatchAttention(layouts, plan_for, on_readouts)
+
+    def _take_statistics_sample(self) -> bool:
+        """Whether this step's statistics feed the metrics: every 1/sample_rate-th step, so the
+        share is exact and the cost predictable."""
+        if self._sample_rate <= 0:
+            return False
+        self._sample_credit += self._sample_rate
+        if self._sample_credit >= 1.0:
+            self._sample_credit -= 1.0
+            return True
+        return False
 
     def _record(self, row: _Row, layer: int, readout: RowReadout, sampled: bool) -> None:
         plan = row.request.plan.readout
