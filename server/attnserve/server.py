@@ -45,6 +45,7 @@ def _transformers_engine(path, model: ModelConfig, config: ServerConfig, on_stat
     return TransformersEngine(
         path,
         dtype=model.dtype,
+        device=model.device,
         max_batch_size=model.limits.max_batch_size,
         statistics_sample_rate=config.statistics.sample_rate,
         on_statistics=on_statistics,

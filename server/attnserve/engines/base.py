@@ -10,7 +10,7 @@ import torch
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
 from ..attention.rows import LayerStatistics
-from ..spec.compile import ModelGeometry
+from ..spec.geometry import ModelGeometry
 
 
 @dataclass(frozen=True)

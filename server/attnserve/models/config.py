@@ -77,6 +77,8 @@ class ModelConfig:
     builtin: str | None
     path: Path | None
     dtype: str
+    #: torch device the engine runs on: "cpu", "cuda", "cuda:1", ...
+    device: str
     #: Effective limits: this model's overrides on top of the server-wide limits.
     limits: Limits
     #: By name, in config order.
@@ -190,7 +192,7 @@ def _parse_statistics(data: Any, where: str) -> StatisticsConfig:
 
 def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -> ModelConfig:
     data = _mapping(data, where)
-    keys = ("name", "kind", "engine", "builtin", "path", "dtype", "limits", "presets")
+    keys = ("name", "kind", "engine", "builtin", "path", "dtype", "device", "limits", "presets")
     _reject_unknown(data, keys, where)
     name = _required_str(data, "name", where)
     kind = _choice(data, "kind", MODEL_KINDS, where)
@@ -220,6 +222,7 @@ def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -
         builtin=builtin,
         path=path,
         dtype=dtype,
+        device=_str(data.get("device", "cpu"), _join(where, "device")),
         limits=_parse_limits(data.get("limits", {}), server_limits, _join(where, "limits")),
         presets=MappingProxyType(presets),
     )

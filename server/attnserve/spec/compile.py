@@ -15,14 +15,7 @@ from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 from ..attention import plan as P
 from .errors import Unsupported, Violations
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+from .geometry import ModelGeometry
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ...attention.plan import OPERATIONS, RowPlan
 from ...attention.rows import LayerStatistics, RowLayout, RowReadout
-from ...spec.compile import ModelGeometry
+from ...spec.geometry import ModelGeometry
 from ..base import (
     AttentionRowOut,
     Engine,
@@ -78,6 +78,7 @@ class TransformersEngine(Engine):
         model_path: Path,
         *,
         dtype: str = "float32",
+        device: str = "cpu",
         max_batch_size: int = 16,
         statistics_sample_rate: float = 0.0,
         on_statistics: StatisticsSink | None = None,
@@ -91,7 +92,8 @@ class TransformersEngine(Engine):
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,
-        ).eval()
+        ).eval().to(device)
+        self.device = torch.device(device)
         config = self.model.config
         num_heads = config.num_attention_heads
         self.info = EngineInfo(
@@ -212,8 +214,11 @@ class TransformersEngine(Engine):
         lengths = [len(r.request.prompt_token_ids) for r in rows]
         width = max(lengths)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)])
-        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+        input_ids = torch.tensor(
+            [[pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)],
+            device=self.device,
+        )
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         now = time.monotonic()
@@ -232,8 +237,8 @@ class TransformersEngine(Engine):
     @torch.inference_mode()
     def _decode(self) -> None:
         rows = self._running
-        input_ids = torch.tensor([[r.last_token] for r in rows])
-        positions = torch.tensor([[r.length] for r in rows])
+        input_ids = torch.tensor([[r.last_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
         for row in rows:
             row.length += 1
         self._kv.extend_mask()
@@ -251,7 +256,7 @@ class TransformersEngine(Engine):
             logits_to_keep=1,
             attnserve_batch=batch,
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()  # sampling runs on the CPU with per-request generators
 
     def _batch_attention(self, rows: list[_Row], key_length: int) -> attention.BatchAttention | None:
         sample = self._take_statistics_sample()

@@ -43,7 +43,7 @@ class KVBatch:
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), then drop slots that are padding in all of them."""
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int((mask.shape[1] - mask.sum(dim=1)).min())  # padding shared by every row
         self.mask = mask[:, start:]
