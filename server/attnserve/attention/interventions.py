@@ -108,7 +108,8 @@ def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
     for scoped in _of_kind(ops, Temperature):
         scope = Scope.of(scoped, row)
         inverse = 1.0 / scoped.op.temperature
-        if bool(scope.keys.all()):
+        # Decided on the CPU copy of the mask: no device sync.
+        if bool(key_selection(scoped.keys, row.num_keys, row.num_prompt_tokens, torch.device("cpu")).all()):
             query_gain = torch.where(scope.head_query, query_gain * inverse, query_gain)
         else:
             if key_factor is None:

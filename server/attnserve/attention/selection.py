@@ -1,12 +1,19 @@
-"""Which heads, query rows and keys of one row an operation acts on, as boolean tensors."""
+"""Which heads, query rows and keys of one row an operation acts on, as boolean tensors.
+
+The same ops come back for every layer and step, so the masks are cached (callers must not
+modify them in place).
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
 from attnserve.attention.plan import KeySet
 
 
+@lru_cache(maxsize=4096)
 def key_selection(keys: KeySet, num_keys: int, num_prompt_tokens: int, device: torch.device) -> torch.Tensor:
     """(num_keys,) bool: the keys at positions 0..num_keys-1 that the KeySet selects."""
     positions = torch.arange(num_keys, device=device)
@@ -23,6 +30,7 @@ def key_selection(keys: KeySet, num_keys: int, num_prompt_tokens: int, device: t
     return selected
 
 
+@lru_cache(maxsize=4096)
 def head_selection(heads: tuple[int, ...] | None, num_heads: int, device: torch.device) -> torch.Tensor:
     """(num_heads,) bool; None selects every head."""
     if heads is None:
@@ -34,6 +42,7 @@ def head_selection(heads: tuple[int, ...] | None, num_heads: int, device: torch.
     return selected
 
 
+@lru_cache(maxsize=4096)
 def query_selection(last_query_only: bool, num_queries: int, device: torch.device) -> torch.Tensor:
     """(num_queries,) bool over the row's valid query rows (the last one predicts the next token)."""
     selected = torch.ones(num_queries, dtype=torch.bool, device=device)
