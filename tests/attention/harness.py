@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_attend
-
 from attnserve.attention import core
 from attnserve.attention.core import attend_rows
 from attnserve.attention.plan import ReadoutRequest, RowPlan
 from attnserve.attention.rows import RowLayout
+from reference import reference_attend
 
 TOLERANCE = 1e-5
 FULL_READOUT = ReadoutRequest(
@@ -76,9 +75,9 @@ def make_batch(
 
 #: Prefill (Lq = Lk), decode (Lq = 1) with generated tokens, and a multi-token decode step.
 SCENARIOS = {
-    "prefill": dict(num_queries=12, num_keys=12),
-    "decode": dict(num_queries=1, num_keys=12, generated=4),
-    "multi_query": dict(num_queries=4, num_keys=12, generated=3),
+    "prefill": {"num_queries": 12, "num_keys": 12},
+    "decode": {"num_queries": 1, "num_keys": 12, "generated": 4},
+    "multi_query": {"num_queries": 4, "num_keys": 12, "generated": 3},
 }
 
 
@@ -109,11 +108,15 @@ def statistics_path(materialise_all: bool):
         core.MATERIALISED_STATISTICS_ELEMENTS = saved
 
 
-def assert_matches_reference(batch: Batch, plans: list[RowPlan], tolerance: float = TOLERANCE) -> torch.Tensor:
+def assert_matches_reference(
+    batch: Batch, plans: list[RowPlan], tolerance: float = TOLERANCE
+) -> torch.Tensor:
     """attend_rows equals the reference on every valid query row and readout, with statistics
     both fused and materialised; returns the output."""
     cpu = batch.to("cpu")
-    ref_out, ref_readouts = reference_attend(cpu.q, cpu.k, cpu.v, scale=cpu.scale, layouts=cpu.layouts, plans=plans)
+    ref_out, ref_readouts = reference_attend(
+        cpu.q, cpu.k, cpu.v, scale=cpu.scale, layouts=cpu.layouts, plans=plans
+    )
     for materialise_all in (False, True):
         with statistics_path(materialise_all):
             out, readouts = run(batch, plans)
@@ -132,7 +135,7 @@ def assert_readout_matches(readout, expected, tolerance: float) -> None:
         assert readout is None
         return
     assert readout is not None
-    approx = dict(abs=tolerance, rel=tolerance)
+    approx = {"abs": tolerance, "rel": tolerance}
     tensor_tolerance = max(tolerance, 1e-6)  # readout tensors are float32 whatever the input
     if expected.statistics is None:
         assert readout.statistics is None

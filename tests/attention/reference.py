@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from attnserve.attention.plan import (
     HeadOutputScale,
     IdentityBlend,
@@ -92,7 +91,9 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                     if isinstance(scoped.op, KeyEmphasis) and _acts(scoped, h, i, last):
                         for j in range(n):
                             if key_selected(scoped.keys, j, prompt):
-                                final[j] = final[j] + (math.log(scoped.op.alpha) if scoped.op.alpha > 0 else -math.inf)
+                                final[j] = final[j] + (
+                                    math.log(scoped.op.alpha) if scoped.op.alpha > 0 else -math.inf
+                                )
                     if isinstance(scoped.op, KeyMask) and _acts(scoped, h, i, last):
                         for j in range(n):
                             if j != p and key_selected(scoped.keys, j, prompt):

@@ -6,9 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from harness import FULL_READOUT, SCENARIOS, assert_matches_reference, make_batch, plain_sdpa, run
-from reference import reference_attend
-
 from attnserve.attention.plan import (
     HeadOutputScale,
     IdentityBlend,
@@ -22,6 +19,8 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
+from harness import FULL_READOUT, SCENARIOS, assert_matches_reference, make_batch, plain_sdpa, run
+from reference import reference_attend
 
 ALL_KEYS = KeySet(include_generated=True)
 
@@ -99,7 +98,9 @@ def test_mixed_batch_of_plans():
 @pytest.mark.parametrize("min_queries", [0, 3, 6])
 def test_act_min_queries_guard(min_queries):
     batch = make_batch(num_queries=12, num_keys=12, key_starts=(0, 2), seed=3)
-    plans = [RowPlan(ops=(ScopedOp(SinkCalibration(tau=0.1, min_queries=min_queries)),), readout=FULL_READOUT)] * 2
+    plans = [
+        RowPlan(ops=(ScopedOp(SinkCalibration(tau=0.1, min_queries=min_queries)),), readout=FULL_READOUT)
+    ] * 2
     assert_matches_reference(batch, plans)
 
 
@@ -184,7 +185,9 @@ def test_reference_comparison_detects_wrong_parameters(op, wrong):
     keys = KeySet(ranges=((0, 4),))
     out, _ = run(batch, [RowPlan(ops=(ScopedOp(op, keys=keys),))] * 3)
     wrong_plans = [RowPlan(ops=(ScopedOp(wrong, keys=keys),))] * 3
-    wrong_out, _ = reference_attend(batch.q, batch.k, batch.v, scale=batch.scale, layouts=batch.layouts, plans=wrong_plans)
+    wrong_out, _ = reference_attend(
+        batch.q, batch.k, batch.v, scale=batch.scale, layouts=batch.layouts, plans=wrong_plans
+    )
     assert (out.double() - wrong_out).abs().max() > 1e-3
 
 
@@ -193,7 +196,9 @@ def test_statistics_see_the_interventions():
     readout = ReadoutRequest(statistics=True)
     _, (plain_readout, *_) = run(batch, [RowPlan(readout=readout)] * 3)
     for op in (SinkCalibration(beta=0.0), IdentityBlend(0.5), KeyMask(), KeyEmphasis(0.01)):
-        _, (edited, *_) = run(batch, [RowPlan(ops=(ScopedOp(op, keys=KeySet(ranges=((0, 4),))),), readout=readout)] * 3)
+        _, (edited, *_) = run(
+            batch, [RowPlan(ops=(ScopedOp(op, keys=KeySet(ranges=((0, 4),))),), readout=readout)] * 3
+        )
         assert edited.statistics.entropy != pytest.approx(plain_readout.statistics.entropy, abs=1e-3)
 
 
@@ -225,7 +230,9 @@ def test_bfloat16_inputs():
     plans = [RowPlan(ops=COMBINATION, readout=FULL_READOUT), RowPlan(), RowPlan(ops=IDENTITY_OPS)]
     out, _ = run(low, plans)
     assert out.dtype == torch.bfloat16
-    ref_out, _ = reference_attend(low.q.float(), low.k.float(), low.v.float(), scale=low.scale, layouts=low.layouts, plans=plans)
+    ref_out, _ = reference_attend(
+        low.q.float(), low.k.float(), low.v.float(), scale=low.scale, layouts=low.layouts, plans=plans
+    )
     for b in range(3):
         rows = batch.valid_queries(b)
         torch.testing.assert_close(out[b, :, rows].double(), ref_out[b, :, rows], atol=3e-2, rtol=3e-2)

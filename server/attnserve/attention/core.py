@@ -40,7 +40,9 @@ from attnserve.attention.statistics import (
 MATERIALISED_STATISTICS_ELEMENTS = 1 << 20
 
 
-def visibility_mask(layouts: Sequence[RowLayout], num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+def visibility_mask(
+    layouts: Sequence[RowLayout], num_queries: int, num_keys: int, device: torch.device
+) -> torch.Tensor:
     """(B, 1, Lq, Lk) bool: query row i of row b sees key j when key_start_b <= j <= Lk - Lq + i.
 
     Padded query rows see nothing (SDPA then gives 0 on CPU; their output is unspecified).
@@ -66,9 +68,13 @@ def effective_ops(plan: RowPlan | None) -> tuple[ScopedOp, ...]:
     return () if plan is None else tuple(scoped for scoped in plan.ops if not scoped.op.is_identity)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: Sequence[RowLayout], plans: Sequence[RowPlan]) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: Sequence[RowLayout], plans: Sequence[RowPlan]
+) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, H, Lq, D), k and v (B, Hkv, Lk, D); got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            f"expected q (B, H, Lq, D), k and v (B, Hkv, Lk, D); got {q.shape}, {k.shape}, {v.shape}"
+        )
     batch, num_heads, num_queries, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim or num_heads % k.shape[1] != 0:
         raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}")
@@ -117,7 +123,9 @@ def attend_rows(
     return output, readouts
 
 
-def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> tuple[torch.Tensor, RowReadout | None]:
+def _attend_row(
+    row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan
+) -> tuple[torch.Tensor, RowReadout | None]:
     request = plan.readout
     edited = edit_logits(row, ops)
 
@@ -147,7 +155,9 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
         values = torch.cat([row.v, row.k, indicator], dim=-1)
     fused, lse, out = None, None, None
     if ops or fused_statistics:
-        fused, lse = kernels.fused_attention(edited.q, row.k, values, edited.bias, row.scale, fused_statistics)
+        fused, lse = kernels.fused_attention(
+            edited.q, row.k, values, edited.bias, row.scale, fused_statistics
+        )
         out = fused[..., :head_dim]
 
     out, kept = edit_output(row, ops, out)
@@ -160,11 +170,15 @@ def _attend_row(row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan) -> 
         if fused_statistics:
             key_mean = fused[fused_heads, :, head_dim : 2 * head_dim]
             masses = fused[fused_heads, :, 2 * head_dim :]
-            parts.append(fused_pieces(row, edited, fused_heads, lse[fused_heads], key_mean, masses, kept[fused_heads]))
+            parts.append(
+                fused_pieces(row, edited, fused_heads, lse[fused_heads], key_mean, masses, kept[fused_heads])
+            )
         if probs is not None:
             parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
         order = torch.cat([fused_heads, materialised])
-        statistics = layer_statistics(row, HeadPieces.concat(parts), columns, kept[order], len(request.mass_ranges))
+        statistics = layer_statistics(
+            row, HeadPieces.concat(parts), columns, kept[order], len(request.mass_ranges)
+        )
     last_rows = None
     if request.row_heads is not None or request.prompt_attention:
         last_rows = last_query_rows(row, edited, probs, slot, kept)

@@ -198,14 +198,18 @@ def calibrate_sinks(
         changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
         hand_back = torch.where(changed, (1 - op.beta * mass) / rest, 1.0)
         sink_factor = torch.where(changed, torch.full_like(mass, op.beta), 1.0)
-        probs[slot[heads]] = torch.where(sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None])
+        probs[slot[heads]] = torch.where(
+            sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
+        )
         sink_bias = torch.log(sink_factor / hand_back)  # 0 on unchanged rows, -inf when beta = 0
         bias = edited.bias.expand(row.num_heads, -1, -1).clone()
         bias[heads] = torch.where(sinks[:, None, :], bias[heads] + sink_bias[:, :, None], bias[heads])
         edited.bias = bias
 
 
-def edit_output(row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def edit_output(
+    row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IdentityBlend then HeadOutputScale on out (H, L, D).
 
     Returns the output and kept (H, L): the share of the softmax map left after the blends, so

@@ -16,8 +16,8 @@ import torch
 
 from attnserve.attention import kernels
 from attnserve.attention.interventions import EditedLogits
-from attnserve.attention.row import RowAttention
 from attnserve.attention.plan import ReadoutRequest
+from attnserve.attention.row import RowAttention
 from attnserve.attention.rows import LayerStatistics, RowReadout
 
 #: A key after token 0 is a hidden sink when its column mean exceeds this.
@@ -88,7 +88,9 @@ def fused_pieces(
     first_emphasis = masses.shape[-1] - len(edited.emphasis)
     for index, term in enumerate(edited.emphasis):
         acting = term.head_query.expand(row.num_heads, -1)[heads]
-        expected_logit = expected_logit + torch.where(acting, term.log_alpha * masses[..., first_emphasis + index], 0.0)
+        expected_logit = expected_logit + torch.where(
+            acting, term.log_alpha * masses[..., first_emphasis + index], 0.0
+        )
     entropy = lse - expected_logit
 
     # I1 on the own key.
@@ -121,7 +123,9 @@ def layer_statistics(
     entropy = torch.where(blended, entropy_blended, pieces.entropy)
     own_columns = columns[row.query_positions]  # (L, C): the own key's indicator row
     masses = torch.where(
-        blended[:, :, None], kept[:, :, None] * pieces.masses + own_share[:, :, None] * own_columns, pieces.masses
+        blended[:, :, None],
+        kept[:, :, None] * pieces.masses + own_share[:, :, None] * own_columns,
+        pieces.masses,
     )
     column_sum = pieces.column_sum + own_share @ row.own_key.to(row.dtype)
 
@@ -143,7 +147,11 @@ def layer_statistics(
 
 
 def last_query_rows(
-    row: RowAttention, edited: EditedLogits, probs: torch.Tensor | None, slot: torch.Tensor, kept: torch.Tensor
+    row: RowAttention,
+    edited: EditedLogits,
+    probs: torch.Tensor | None,
+    slot: torch.Tensor,
+    kept: torch.Tensor,
 ) -> torch.Tensor:
     """(H, n) final probabilities of the last query row over its keys."""
     bias = edited.bias[:, -1:]
