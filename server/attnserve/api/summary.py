@@ -32,7 +32,7 @@ def attention_summary(prompt_attention: torch.Tensor, prompt_token_ids, tokenize
         mass = float(shares[start:end].sum())
         out.spans.append(readout_pb2.AttendedSpan(
             range=intervention_pb2.TokenRange(start=start, end=end), text=text, mass=mass))
-        parts.append(f"{text.strip()!r} ({mass:.1%})")
+        parts.append(f"{text!r} ({mass:.1%})")
     out.text = (
         f"The generated tokens attended most to {', '.join(parts)} of the prompt; the first token "
         f"(an attention sink) took {float(shares[0]):.1%}. Shares are means over layers, heads and "

@@ -88,6 +88,8 @@ def _with_heads(scoped: P.ScopedOp, heads: tuple[int, ...] | None) -> P.ScopedOp
 
 # --- Interventions ----------------------------------------------------------------------------
 
+_EVERY_KEY = P.KeySet(include_generated=True)
+
 
 def _compile_intervention(
     iv: intervention_pb2.Intervention, field: str, ctx: SpecContext, violations: Violations
@@ -112,7 +114,10 @@ def _compile_intervention(
     has_keys = sel.HasField("keys")
     if kind == "sink_calibration" and has_keys:
         violations.add(f"{sfield}.keys", "sink_calibration finds its own keys; leave keys unset")
-    keys = _key_set(sel.keys, f"{sfield}.keys", ctx.prompt_tokens, violations) if has_keys else P.KeySet()
+    if has_keys:
+        keys = _key_set(sel.keys, f"{sfield}.keys", ctx.prompt_tokens, violations)
+    else:  # a temperature acts on every logit; key operations default to the prompt's keys
+        keys = _EVERY_KEY if kind == "temperature" else P.ALL_PROMPT_KEYS
     steps = _step_range(sel, sfield, violations)
     if len(violations.items) > before or op is None:
         return None
