@@ -24,11 +24,10 @@ class IncrementalDetokenizer:
         """Add a token; return the new text to emit. Sets .stopped on a stop string."""
         self._token_ids.append(token_id)
         text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-        for stop in self._stop:
-            at = text.find(stop, max(0, self._emitted - len(stop)))
-            if at != -1:
-                text, final, self.stopped = text[:at], True, True
-                break
+        # The earliest occurrence of any stop string, so the kept text contains none of them.
+        hits = [at for stop in self._stop if (at := text.find(stop, max(0, self._emitted - len(stop)))) != -1]
+        if hits:
+            text, final, self.stopped = text[: min(hits)], True, True
         self.text = text
         end = len(text) if final else len(text) - self._holdback
         if not final and text.endswith("\ufffd"):  # incomplete UTF-8 sequence

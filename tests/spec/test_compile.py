@@ -1,0 +1,579 @@
+"""compile_plan: defaults, selector expansion, identity dropping, and every violation's field path.
+Also the per-call views of the compiled plan (RequestPlan.for_call, ReadoutPlan.for_call)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from attnserve.attention import plan as P
+from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
+from attnserve.spec.errors import InvalidRequest, Unsupported
+from attnserve.spec.geometry import ModelGeometry
+from attnserve_client.v1 import intervention_pb2 as ipb
+from attnserve_client.v1 import readout_pb2 as rpb
+
+NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS = 30, 9, 3
+PROMPT_TOKENS = 12
+MAX_TOKENS = 16
+ALL_OPERATIONS = frozenset(P.OPERATIONS)
+
+EMPHASIS_PRESET = [
+    ipb.Intervention(selector=ipb.Selector(layers=[3]), key_emphasis=ipb.KeyEmphasis(alpha=0.5)),
+    ipb.Intervention(selector=ipb.Selector(layers=[4]), head_output_scale=ipb.HeadOutputScale(scale=2.0)),
+]
+
+
+def make_context(**overrides) -> SpecContext:
+    context = SpecContext(
+        geometry=ModelGeometry(
+            num_layers=NUM_LAYERS, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=64
+        ),
+        limits=SpecLimits(max_interventions=6, max_readout_values=100_000),
+        presets={"emphasis": EMPHASIS_PRESET},
+        prompt_tokens=PROMPT_TOKENS,
+        max_tokens=MAX_TOKENS,
+        supported_operations=ALL_OPERATIONS,
+    )
+    return dataclasses.replace(context, **overrides)
+
+
+def compile_interventions(*interventions: ipb.Intervention, presets=(), context=None) -> P.RequestPlan:
+    spec = ipb.InterventionSpec(presets=list(presets), interventions=list(interventions))
+    return compile_plan(spec, rpb.ReadoutSpec(), context or make_context())
+
+
+def compile_readouts(readouts: rpb.ReadoutSpec, context=None) -> P.RequestPlan:
+    return compile_plan(ipb.InterventionSpec(), readouts, context or make_context())
+
+
+def violation_fields(interventions=(), readouts=None, presets=(), context=None) -> list[str]:
+    spec = ipb.InterventionSpec(presets=list(presets), interventions=list(interventions))
+    with pytest.raises(InvalidRequest) as caught:
+        compile_plan(spec, readouts or rpb.ReadoutSpec(), context or make_context())
+    return [v.field for v in caught.value.violations]
+
+
+def single_op(plan: P.RequestPlan) -> P.ScopedOp:
+    """The one ScopedOp of a plan placed on exactly one layer."""
+    ((_layer, entries),) = plan.layer_ops.items()
+    ((_, scoped),) = entries
+    return scoped
+
+
+def on_layer(layer: int, **operation) -> ipb.Intervention:
+    return ipb.Intervention(selector=ipb.Selector(layers=[layer]), **operation)
+
+
+# --- Defaults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("operation", "expected"),
+    [
+        ({"sink_calibration": ipb.SinkCalibration()}, P.SinkCalibration(tau=0.1, beta=0.4, min_queries=0)),
+        ({"key_emphasis": ipb.KeyEmphasis()}, P.KeyEmphasis(alpha=0.01)),
+        ({"logit_rescale": ipb.LogitRescale()}, P.LogitRescale(alpha=0.7)),
+        ({"head_output_scale": ipb.HeadOutputScale()}, P.HeadOutputScale(scale=0.0)),
+        ({"identity_blend": ipb.IdentityBlend()}, P.IdentityBlend(weight=1.0)),
+        ({"key_mask": ipb.KeyMask()}, P.KeyMask()),
+    ],
+)
+def test_unset_parameters_take_their_defaults(operation, expected):
+    plan = compile_interventions(on_layer(5, **operation))
+    assert single_op(plan).op == expected
+
+
+def test_temperature_default_is_identity_and_dropped():
+    plan = compile_interventions(on_layer(5, temperature=ipb.Temperature()))
+    assert plan.layer_ops == {}
+    assert plan.applied_operations == ()
+
+
+def test_explicit_parameters_override_defaults():
+    plan = compile_interventions(
+        on_layer(2, sink_calibration=ipb.SinkCalibration(tau=0.25, beta=0.0, min_queries=3))
+    )
+    op = single_op(plan).op
+    assert op.tau == pytest.approx(0.25)
+    assert op.beta == 0.0  # explicit zero is not mistaken for "unset"
+    assert op.min_queries == 3
+
+
+def test_explicit_zero_scale_differs_from_unset_weight():
+    plan = compile_interventions(on_layer(1, identity_blend=ipb.IdentityBlend(weight=0.5)))
+    assert single_op(plan).op == P.IdentityBlend(weight=0.5)
+
+
+# --- Placement --------------------------------------------------------------------------------
+
+
+def test_empty_layers_selects_every_layer_and_every_head():
+    plan = compile_interventions(ipb.Intervention(key_mask=ipb.KeyMask()))
+    assert sorted(plan.layer_ops) == list(range(NUM_LAYERS))
+    for entries in plan.layer_ops.values():
+        ((steps, scoped),) = entries
+        assert scoped.heads is None
+        assert steps == P.ALL_STEPS
+
+
+def test_layers_and_heads_are_deduplicated_and_sorted():
+    iv = ipb.Intervention(selector=ipb.Selector(layers=[7, 2, 7], heads=[8, 0, 8]), key_mask=ipb.KeyMask())
+    plan = compile_interventions(iv)
+    assert sorted(plan.layer_ops) == [2, 7]
+    for entries in plan.layer_ops.values():
+        ((_, scoped),) = entries
+        assert scoped.heads == (0, 8)
+    assert plan.applied_operations == ("key_mask",)  # one intervention, however many layers
+
+
+def test_layer_heads_give_each_layer_its_own_heads():
+    selector = ipb.Selector(
+        layer_heads=[
+            ipb.LayerHeads(layer=4, heads=[2, 1]),
+            ipb.LayerHeads(layer=29),
+            ipb.LayerHeads(layer=0, heads=[8]),
+        ]
+    )
+    plan = compile_interventions(ipb.Intervention(selector=selector, head_output_scale=ipb.HeadOutputScale()))
+    heads_by_layer = {layer: entries[0][1].heads for layer, entries in plan.layer_ops.items()}
+    assert heads_by_layer == {4: (1, 2), 29: None, 0: (8,)}
+
+
+def test_ops_keep_application_order_per_layer():
+    plan = compile_interventions(
+        on_layer(3, key_mask=ipb.KeyMask()),
+        ipb.Intervention(temperature=ipb.Temperature(temperature=2.0)),
+        on_layer(3, logit_rescale=ipb.LogitRescale(alpha=0.2)),
+    )
+    ops_on_3 = [type(scoped.op) for _, scoped in plan.layer_ops[3]]
+    assert ops_on_3 == [P.KeyMask, P.Temperature, P.LogitRescale]
+    assert [type(scoped.op) for _, scoped in plan.layer_ops[4]] == [P.Temperature]
+    assert plan.applied_operations == ("key_mask", "temperature", "logit_rescale")
+
+
+def test_presets_expand_before_explicit_interventions():
+    plan = compile_interventions(on_layer(3, key_mask=ipb.KeyMask()), presets=["emphasis"])
+    assert plan.applied_operations == ("key_emphasis", "head_output_scale", "key_mask")
+    assert [type(scoped.op) for _, scoped in plan.layer_ops[3]] == [P.KeyEmphasis, P.KeyMask]
+    assert plan.layer_ops[3][0][1].op.alpha == pytest.approx(0.5)
+    assert [type(scoped.op) for _, scoped in plan.layer_ops[4]] == [P.HeadOutputScale]
+
+
+def test_a_preset_named_twice_applies_twice():
+    plan = compile_interventions(presets=["emphasis", "emphasis"])
+    assert plan.applied_operations == ("key_emphasis", "head_output_scale") * 2
+    assert len(plan.layer_ops[3]) == 2
+
+
+# --- Identity operations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        {"sink_calibration": ipb.SinkCalibration(beta=1.0)},
+        {"key_emphasis": ipb.KeyEmphasis(alpha=1.0)},
+        {"head_output_scale": ipb.HeadOutputScale(scale=1.0)},
+        {"identity_blend": ipb.IdentityBlend(weight=0.0)},
+        {"temperature": ipb.Temperature(temperature=1.0)},
+        {"logit_rescale": ipb.LogitRescale(alpha=0.0)},
+    ],
+    ids=lambda op: next(iter(op)),
+)
+def test_identity_operations_are_dropped_and_not_counted(operation):
+    plan = compile_interventions(on_layer(6, key_mask=ipb.KeyMask()), on_layer(6, **operation))
+    assert plan.applied_operations == ("key_mask",)
+    assert [type(scoped.op) for _, scoped in plan.layer_ops[6]] == [P.KeyMask]
+
+
+def test_only_identity_operations_leave_an_empty_plan():
+    plan = compile_interventions(ipb.Intervention(key_emphasis=ipb.KeyEmphasis(alpha=1.0)))
+    assert not plan.edits_attention
+    assert not plan.touches_attention
+    assert plan.for_call(0, 0) is None
+
+
+def test_identity_operation_is_still_validated():
+    iv = ipb.Intervention(selector=ipb.Selector(layers=[NUM_LAYERS]), key_emphasis=ipb.KeyEmphasis(alpha=1.0))
+    assert violation_fields([iv]) == ["interventions.interventions[0].selector.layers[0]"]
+
+
+# --- Steps, query scope, keys -----------------------------------------------------------------
+
+
+def test_step_range_with_and_without_end():
+    bounded = ipb.Intervention(
+        selector=ipb.Selector(layers=[1], steps=ipb.StepRange(start=2, end=5)), key_mask=ipb.KeyMask()
+    )
+    open_ended = ipb.Intervention(
+        selector=ipb.Selector(layers=[2], steps=ipb.StepRange(start=3)), key_mask=ipb.KeyMask()
+    )
+    plan = compile_interventions(bounded, open_ended)
+    assert plan.layer_ops[1][0][0] == P.StepRange(2, 5)
+    assert plan.layer_ops[2][0][0] == P.StepRange(3, None)
+    assert [step for step in range(8) if step in plan.layer_ops[1][0][0]] == [2, 3, 4]
+    assert 1000 in plan.layer_ops[2][0][0] and 2 not in plan.layer_ops[2][0][0]
+
+
+@pytest.mark.parametrize(
+    ("scope", "last_only"),
+    [(ipb.QUERY_SCOPE_UNSPECIFIED, False), (ipb.QUERY_SCOPE_ALL, False), (ipb.QUERY_SCOPE_LAST, True)],
+)
+def test_query_scope(scope, last_only):
+    iv = ipb.Intervention(selector=ipb.Selector(layers=[0], queries=scope), logit_rescale=ipb.LogitRescale())
+    assert single_op(compile_interventions(iv)).last_query_only is last_only
+
+
+def test_key_ranges_are_carried_into_the_key_set():
+    keys = ipb.KeySelector(
+        ranges=[ipb.TokenRange(start=0, end=3), ipb.TokenRange(start=5, end=PROMPT_TOKENS)],
+        invert=True,
+        include_generated=True,
+    )
+    iv = ipb.Intervention(
+        selector=ipb.Selector(layers=[0], keys=keys), key_emphasis=ipb.KeyEmphasis(alpha=3.0)
+    )
+    assert single_op(compile_interventions(iv)).keys == P.KeySet(
+        ranges=((0, 3), (5, PROMPT_TOKENS)), invert=True, include_generated=True
+    )
+
+
+def test_unset_keys_select_all_prompt_keys():
+    assert single_op(compile_interventions(on_layer(0, key_mask=ipb.KeyMask()))).keys == P.ALL_PROMPT_KEYS
+
+
+# --- Violations -------------------------------------------------------------------------------
+
+IV0 = "interventions.interventions[0]"
+
+
+@pytest.mark.parametrize(
+    ("selector", "field"),
+    [
+        (ipb.Selector(layers=[0, NUM_LAYERS]), f"{IV0}.selector.layers[1]"),
+        (ipb.Selector(layers=[-1]), f"{IV0}.selector.layers[0]"),
+        (ipb.Selector(heads=[NUM_HEADS]), f"{IV0}.selector.heads[0]"),
+        (ipb.Selector(layers=[2], heads=[1, -3]), f"{IV0}.selector.heads[1]"),
+        (
+            ipb.Selector(layer_heads=[ipb.LayerHeads(layer=1), ipb.LayerHeads(layer=NUM_LAYERS)]),
+            f"{IV0}.selector.layer_heads[1].layer",
+        ),
+        (
+            ipb.Selector(layer_heads=[ipb.LayerHeads(layer=1, heads=[0, NUM_HEADS])]),
+            f"{IV0}.selector.layer_heads[0].heads[1]",
+        ),
+        (ipb.Selector(layers=[1], layer_heads=[ipb.LayerHeads(layer=1)]), f"{IV0}.selector.layer_heads"),
+        (ipb.Selector(heads=[1], layer_heads=[ipb.LayerHeads(layer=1)]), f"{IV0}.selector.layer_heads"),
+        (ipb.Selector(attention=7), f"{IV0}.selector.attention"),
+        (
+            ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=4, end=PROMPT_TOKENS + 1)])),
+            f"{IV0}.selector.keys.ranges[0]",
+        ),
+        (
+            ipb.Selector(
+                keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=1, end=2), ipb.TokenRange(start=3, end=3)])
+            ),
+            f"{IV0}.selector.keys.ranges[1]",
+        ),
+        (
+            ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=-1, end=2)])),
+            f"{IV0}.selector.keys.ranges[0]",
+        ),
+        (ipb.Selector(steps=ipb.StepRange(start=-1)), f"{IV0}.selector.steps.start"),
+        (ipb.Selector(steps=ipb.StepRange(start=4, end=4)), f"{IV0}.selector.steps.end"),
+        (ipb.Selector(steps=ipb.StepRange(start=4, end=2)), f"{IV0}.selector.steps.end"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_selector_violation_names_its_field(selector, field):
+    assert violation_fields([ipb.Intervention(selector=selector, key_mask=ipb.KeyMask())]) == [field]
+
+
+def test_violation_describes_the_range():
+    iv = ipb.Intervention(selector=ipb.Selector(layers=[31]), key_mask=ipb.KeyMask())
+    with pytest.raises(InvalidRequest) as caught:
+        compile_interventions(iv)
+    (violation,) = caught.value.violations
+    assert "31" in violation.description and "0..29" in violation.description
+
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize(
+    ("operation", "field"),
+    [
+        ({"sink_calibration": ipb.SinkCalibration(tau=0.0)}, "sink_calibration.tau"),
+        ({"sink_calibration": ipb.SinkCalibration(tau=1.0)}, "sink_calibration.tau"),
+        ({"sink_calibration": ipb.SinkCalibration(tau=NAN)}, "sink_calibration.tau"),
+        ({"sink_calibration": ipb.SinkCalibration(beta=-0.1)}, "sink_calibration.beta"),
+        ({"sink_calibration": ipb.SinkCalibration(beta=1.5)}, "sink_calibration.beta"),
+        ({"sink_calibration": ipb.SinkCalibration(min_queries=-2)}, "sink_calibration.min_queries"),
+        ({"key_emphasis": ipb.KeyEmphasis(alpha=0.0)}, "key_emphasis.alpha"),
+        ({"key_emphasis": ipb.KeyEmphasis(alpha=-1.0)}, "key_emphasis.alpha"),
+        ({"key_emphasis": ipb.KeyEmphasis(alpha=math.inf)}, "key_emphasis.alpha"),
+        ({"logit_rescale": ipb.LogitRescale(alpha=-1.0)}, "logit_rescale.alpha"),
+        ({"logit_rescale": ipb.LogitRescale(alpha=NAN)}, "logit_rescale.alpha"),
+        ({"head_output_scale": ipb.HeadOutputScale(scale=NAN)}, "head_output_scale.scale"),
+        ({"head_output_scale": ipb.HeadOutputScale(scale=-math.inf)}, "head_output_scale.scale"),
+        ({"identity_blend": ipb.IdentityBlend(weight=-0.01)}, "identity_blend.weight"),
+        ({"identity_blend": ipb.IdentityBlend(weight=1.01)}, "identity_blend.weight"),
+        ({"temperature": ipb.Temperature(temperature=0.0)}, "temperature.temperature"),
+        ({"temperature": ipb.Temperature(temperature=-2.0)}, "temperature.temperature"),
+        ({"temperature": ipb.Temperature(temperature=NAN)}, "temperature.temperature"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_parameter_violation_names_its_field(operation, field):
+    assert violation_fields([on_layer(0, **operation)]) == [f"{IV0}.{field}"]
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        {"head_output_scale": ipb.HeadOutputScale(scale=-3.0)},
+        {"logit_rescale": ipb.LogitRescale(alpha=-0.99)},
+        {"key_emphasis": ipb.KeyEmphasis(alpha=50.0)},
+        {"identity_blend": ipb.IdentityBlend(weight=1.0)},
+        {"sink_calibration": ipb.SinkCalibration(beta=0.0, tau=0.99)},
+    ],
+    ids=lambda op: next(iter(op)),
+)
+def test_boundary_parameters_are_accepted(operation):
+    (name,) = operation
+    assert compile_interventions(on_layer(0, **operation)).applied_operations == (name,)
+
+
+def test_unset_operation():
+    iv = ipb.Intervention(selector=ipb.Selector(layers=[1]))
+    assert violation_fields([on_layer(0, key_mask=ipb.KeyMask()), iv]) == [
+        "interventions.interventions[1].operation"
+    ]
+
+
+def test_keys_on_sink_calibration():
+    iv = ipb.Intervention(
+        selector=ipb.Selector(keys=ipb.KeySelector()), sink_calibration=ipb.SinkCalibration()
+    )
+    assert violation_fields([iv]) == [f"{IV0}.selector.keys"]
+
+
+def test_unknown_preset():
+    assert violation_fields(presets=["emphasis", "no-such-preset"]) == ["interventions.presets[1]"]
+
+
+def test_too_many_interventions_counts_expanded_presets():
+    context = make_context(limits=SpecLimits(max_interventions=3, max_readout_values=100_000))
+    # The preset brings 2, so 2 explicit ones make 4 > 3.
+    explicit = [on_layer(0, key_mask=ipb.KeyMask())] * 2
+    assert violation_fields(explicit, presets=["emphasis"], context=context) == ["interventions"]
+    # Exactly at the limit is fine.
+    plan = compile_interventions(explicit[0], presets=["emphasis"], context=context)
+    assert len(plan.applied_operations) == 3
+
+
+def test_preset_intervention_violations_name_the_preset():
+    context = make_context(presets={"bad": [on_layer(NUM_LAYERS, key_mask=ipb.KeyMask())]})
+    assert violation_fields(presets=["bad"], context=context) == [
+        "interventions.presets[0].selector.layers[0]"
+    ]
+
+
+def test_several_violations_come_back_together():
+    interventions = [
+        ipb.Intervention(
+            selector=ipb.Selector(layers=[40], heads=[9]), key_emphasis=ipb.KeyEmphasis(alpha=-1.0)
+        ),
+        ipb.Intervention(selector=ipb.Selector(layers=[1])),
+        ipb.Intervention(
+            selector=ipb.Selector(steps=ipb.StepRange(start=3, end=1)),
+            temperature=ipb.Temperature(temperature=0.0),
+        ),
+    ]
+    readouts = rpb.ReadoutSpec(
+        mass_ranges=[ipb.TokenRange(start=0, end=PROMPT_TOKENS + 5)],
+        attention_rows=rpb.AttentionRowsSpec(layers=[30], steps=[MAX_TOKENS]),
+    )
+    fields = violation_fields(interventions, readouts=readouts, presets=["missing"])
+    assert sorted(fields) == sorted(
+        [
+            "interventions.presets[0]",
+            f"{IV0}.key_emphasis.alpha",
+            f"{IV0}.selector.layers[0]",
+            f"{IV0}.selector.heads[0]",
+            "interventions.interventions[1].operation",
+            "interventions.interventions[2].temperature.temperature",
+            "interventions.interventions[2].selector.steps.end",
+            "readouts.mass_ranges[0]",
+            "readouts.mass_ranges",
+            "readouts.attention_rows.layers[0]",
+            "readouts.attention_rows.steps[0]",
+        ]
+    )
+
+
+def test_unsupported_operation_raises_unsupported():
+    context = make_context(supported_operations=ALL_OPERATIONS - {"identity_blend"})
+    iv = ipb.Intervention(identity_blend=ipb.IdentityBlend(weight=0.5))
+    with pytest.raises(Unsupported, match="identity_blend"):
+        compile_interventions(on_layer(0, key_mask=ipb.KeyMask()), iv, context=context)
+    # The other operations still compile on that engine.
+    assert compile_interventions(on_layer(0, key_mask=ipb.KeyMask()), context=context).applied_operations == (
+        "key_mask",
+    )
+
+
+def test_unsupported_operation_inside_a_preset():
+    context = make_context(supported_operations=frozenset({"key_mask"}))
+    with pytest.raises(Unsupported):
+        compile_interventions(presets=["emphasis"], context=context)
+
+
+# --- Readouts ---------------------------------------------------------------------------------
+
+
+def test_readouts_compile():
+    readouts = rpb.ReadoutSpec(
+        layer_statistics=True,
+        mass_ranges=[ipb.TokenRange(start=1, end=4)],
+        attention_rows=rpb.AttentionRowsSpec(layers=[3, 1, 3], heads=[5, 2, 5], steps=[0, 4]),
+        summary=True,
+    )
+    readout = compile_readouts(readouts).readout
+    assert readout == P.ReadoutPlan(
+        statistics=True,
+        mass_ranges=((1, 4),),
+        row_layers=frozenset({1, 3}),
+        row_heads=(2, 5),
+        row_steps=frozenset({0, 4}),
+        summary=True,
+    )
+
+
+def test_attention_rows_steps_default_to_the_prefill():
+    readout = compile_readouts(rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0]))).readout
+    assert readout.row_steps == frozenset({0})
+    assert readout.row_heads == ()
+
+
+def test_no_readouts_compile_to_nothing():
+    plan = compile_readouts(rpb.ReadoutSpec())
+    assert plan.readout == P.NO_READOUTS
+    assert not plan.touches_attention
+
+
+def test_attention_rows_without_layers():
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(heads=[1]))
+    assert violation_fields(readouts=readouts) == ["readouts.attention_rows.layers"]
+
+
+def test_attention_rows_head_out_of_range():
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], heads=[0, NUM_HEADS]))
+    assert violation_fields(readouts=readouts) == ["readouts.attention_rows.heads[1]"]
+
+
+def test_attention_rows_step_must_be_below_max_tokens():
+    last = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[MAX_TOKENS - 1]))
+    assert compile_readouts(last).readout.row_steps == frozenset({MAX_TOKENS - 1})
+    beyond = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[0, MAX_TOKENS]))
+    assert violation_fields(readouts=beyond) == ["readouts.attention_rows.steps[1]"]
+    negative = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[-1]))
+    assert violation_fields(readouts=negative) == ["readouts.attention_rows.steps[0]"]
+
+
+def test_readout_size_limit():
+    # 2 layers x 9 heads (all) x 3 steps x (12 + 16) keys = 1512 values.
+    rows = rpb.AttentionRowsSpec(layers=[0, 1], steps=[0, 1, 2])
+    at_limit = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=1512))
+    assert compile_readouts(rpb.ReadoutSpec(attention_rows=rows), at_limit).readout.row_layers == {0, 1}
+    over = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=1511))
+    assert violation_fields(readouts=rpb.ReadoutSpec(attention_rows=rows), context=over) == [
+        "readouts.attention_rows"
+    ]
+    # Naming 3 heads cuts it to 504.
+    few_heads = rpb.AttentionRowsSpec(layers=[0, 1], heads=[0, 1, 2], steps=[0, 1, 2])
+    small = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=504))
+    assert compile_readouts(rpb.ReadoutSpec(attention_rows=few_heads), small).readout.row_heads == (0, 1, 2)
+
+
+def test_mass_ranges_need_layer_statistics():
+    readouts = rpb.ReadoutSpec(mass_ranges=[ipb.TokenRange(start=0, end=2)])
+    assert violation_fields(readouts=readouts) == ["readouts.mass_ranges"]
+
+
+def test_mass_range_past_the_prompt():
+    readouts = rpb.ReadoutSpec(
+        layer_statistics=True,
+        mass_ranges=[
+            ipb.TokenRange(start=0, end=PROMPT_TOKENS),
+            ipb.TokenRange(start=2, end=PROMPT_TOKENS + 1),
+        ],
+    )
+    assert violation_fields(readouts=readouts) == ["readouts.mass_ranges[1]"]
+
+
+# --- Per-call plans ---------------------------------------------------------------------------
+
+
+def test_request_plan_for_call_filters_ops_by_layer_and_step():
+    early = ipb.Intervention(
+        selector=ipb.Selector(layers=[2], steps=ipb.StepRange(start=0, end=2)), key_mask=ipb.KeyMask()
+    )
+    late = ipb.Intervention(
+        selector=ipb.Selector(layers=[2, 5], steps=ipb.StepRange(start=1)),
+        temperature=ipb.Temperature(temperature=3.0),
+    )
+    plan = compile_interventions(early, late)
+
+    def op_types(layer, step):
+        row = plan.for_call(layer, step)
+        return None if row is None else [type(scoped.op) for scoped in row.ops]
+
+    assert op_types(2, 0) == [P.KeyMask]
+    assert op_types(2, 1) == [P.KeyMask, P.Temperature]
+    assert op_types(2, 2) == [P.Temperature]
+    assert op_types(5, 0) is None
+    assert op_types(5, 9) == [P.Temperature]
+    assert op_types(3, 1) is None
+    assert plan.for_call(2, 0).readout == P.NO_READOUT
+
+
+def test_readout_plan_rows_only_on_asked_layers_and_steps():
+    readout = P.ReadoutPlan(row_layers=frozenset({1, 4}), row_heads=(0, 3), row_steps=frozenset({0, 2}))
+    assert readout.for_call(1, 0, False).row_heads == (0, 3)
+    assert readout.for_call(4, 2, False).row_heads == (0, 3)
+    assert readout.for_call(1, 1, False) == P.NO_READOUT
+    assert readout.for_call(2, 0, False) == P.NO_READOUT
+    # () means every head, which is not "no rows".
+    every_head = P.ReadoutPlan(row_layers=frozenset({1}), row_steps=frozenset({0}))
+    request = every_head.for_call(1, 0, False)
+    assert request.row_heads == () and not request.is_empty
+
+
+def test_readout_plan_statistics_and_mass_ranges():
+    readout = P.ReadoutPlan(statistics=True, mass_ranges=((0, 3),))
+    request = readout.for_call(7, 5, False)
+    assert request.statistics and request.mass_ranges == ((0, 3),) and request.row_heads is None
+
+
+def test_sampled_statistics_without_requested_statistics():
+    request = P.NO_READOUTS.for_call(0, 3, True)
+    assert request.statistics
+    assert request.mass_ranges == ()
+    assert request.row_heads is None
+    assert P.NO_READOUTS.for_call(0, 3, False) == P.NO_READOUT
+    # A plan with no work still gets a RowPlan when the step is sampled.
+    assert P.EMPTY_PLAN.for_call(0, 3, sample_statistics=True).readout.statistics
+    assert P.EMPTY_PLAN.for_call(0, 3) is None
+
+
+def test_summary_asks_prompt_attention_on_decode_steps_only():
+    readout = P.ReadoutPlan(summary=True)
+    assert readout.for_call(0, 0, False).is_empty
+    request = readout.for_call(0, 1, False)
+    assert request.prompt_attention and not request.statistics
+    plan = P.RequestPlan(readout=readout)
+    assert plan.for_call(3, 0) is None
+    assert plan.for_call(3, 2).readout.prompt_attention
