@@ -20,7 +20,7 @@ def stub(server_target):
         yield pb_grpc.InferenceServiceStub(channel)
 
 
-
+def _spec(*interventions, presets=()):
     return ipb.InterventionSpec(interventions=list(interventions), presets=list(presets))
 
 

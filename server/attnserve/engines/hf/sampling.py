@@ -11,7 +11,10 @@ def make_generator(config: SamplingConfig) -> torch.Generator | None:
     if config.temperature == 0:
         return None
     generator = torch.Generator()
-    generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    if config.seed is None:
+        generator.seed()  # a fresh random seed, without reseeding torch's global generator
+    else:
+        generator.manual_seed(config.seed)
     return generator
 
 
