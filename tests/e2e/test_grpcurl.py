@@ -66,5 +66,9 @@ def test_bad_request_shows_field_violation(server_target):
     }
     out = grpcurl(server_target, "attnserve.v1.InferenceService/Generate", data=request)
     assert out.returncode != 0
-    assert "InvalidArgument" in out.stdout + out.stderr
-    assert "interventions.interventions[0].selector.layers[0]" in out.stdout + out.stderr
+    error = json.loads(out.stderr)  # -format-error prints the status as JSON
+    assert error["code"] == 3  # INVALID_ARGUMENT
+    (bad_request,) = error["details"]
+    assert bad_request["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    violations = bad_request.get("fieldViolations") or bad_request["field_violations"]
+    assert violations[0]["field"] == "interventions.interventions[0].selector.layers[0]"
