@@ -111,6 +111,7 @@ class TransformersEngine(Engine):
         self._max_batch_size = max_batch_size
         self._sample_rate = statistics_sample_rate
         self._sample_credit = 0.0
+        self._sampled_steps = 0
         self._on_statistics = on_statistics
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
@@ -259,18 +260,20 @@ class TransformersEngine(Engine):
         return out.logits[:, -1].float().cpu()  # sampling runs on the CPU with per-request generators
 
     def _batch_attention(self, rows: list[_Row], key_length: int) -> attention.BatchAttention | None:
-        sample = self._take_statistics_sample()
-        if not sample and not any(r.request.plan.touches_attention for r in rows):
+        # A sampled step feeds the metrics from one row, taken in turn, so the cost of a sample
+        # does not grow with the batch.
+        sampled_row = self._sampled_steps % len(rows) if self._take_statistics_sample() else -1
+        if sampled_row < 0 and not any(r.request.plan.touches_attention for r in rows):
             return None  # nothing to do in attention: plain SDPA, no overhead
 
         def plan_for(row: int, layer: int) -> RowPlan | None:
             r = rows[row]
-            return r.request.plan.for_call(layer, r.step, sample)
+            return r.request.plan.for_call(layer, r.step, row == sampled_row)
 
         def on_readouts(layer: int, batch_rows: Sequence[int], readouts: Sequence[RowReadout | None]) -> None:
             for row, readout in zip(batch_rows, readouts):
                 if readout is not None:
-                    self._record(rows[row], layer, readout, sample)
+                    self._record(rows[row], layer, readout, row == sampled_row)
 
         layouts = [RowLayout(key_start=key_length - r.length, num_prompt_tokens=len(r.request.prompt_token_ids)) for r in rows]
         return attention.BatchAttention(layouts, plan_for, on_readouts)
@@ -283,6 +286,7 @@ class TransformersEngine(Engine):
         self._sample_credit += self._sample_rate
         if self._sample_credit >= 1.0:
             self._sample_credit -= 1.0
+            self._sampled_steps += 1
             return True
         return False
 
