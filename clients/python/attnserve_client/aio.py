@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
@@ -11,13 +11,13 @@ from grpc import aio
 from attnserve_client.client import DEFAULT_TARGET
 from attnserve_client.completion import Completion, CompletionBuilder
 from attnserve_client.errors import AttnserveError
-from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Readouts, generate_request
+from attnserve_client.request import CHANNEL_OPTIONS, GenerateOptions, Message, generate_request
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
 
 if TYPE_CHECKING:
-    from typing import Self  # typing.Self needs Python 3.11
+    from typing import Self, Unpack  # both need Python 3.11
 
 
 class AsyncClient:
@@ -67,34 +67,21 @@ class AsyncClient:
         model: str,
         prompt: str | None = None,
         messages: Sequence[Message] | None = None,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        top_logprobs: int = 0,
-        ignore_eos: bool = False,
-        interventions: Interventions | None = None,
-        presets: Sequence[str] = (),
-        readouts: Readouts | None = None,
-        request_id: str = "",
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[service_pb2.GenerateResponse]:
         """Stream one response per generated token, then the final one (see Client.generate)."""
-        request = generate_request(
-            model, prompt, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
-            interventions=interventions, presets=presets, readouts=readouts, request_id=request_id,
-        )  # fmt: skip
-        return self._stream(request)
+        return self._stream(generate_request(model, prompt, messages, **options))
 
     async def complete(
-        self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Run generate() to the end and return the whole result; takes generate()'s arguments."""
         builder = CompletionBuilder()
-        async for response in self.generate(model, prompt, messages, **kwargs):
+        async for response in self.generate(model, prompt, messages, **options):
             builder.add(response)
         return builder.build()
 

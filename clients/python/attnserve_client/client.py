@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
 from attnserve_client.completion import Completion, CompletionBuilder
 from attnserve_client.errors import AttnserveError
-from attnserve_client.request import CHANNEL_OPTIONS, Interventions, Message, Readouts, generate_request
+from attnserve_client.request import CHANNEL_OPTIONS, GenerateOptions, Message, generate_request
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
 
 if TYPE_CHECKING:
-    from typing import Self  # typing.Self needs Python 3.11
+    from typing import Self, Unpack  # both need Python 3.11
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -70,19 +70,7 @@ class Client:
         model: str,
         prompt: str | None = None,
         messages: Sequence[Message] | None = None,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        top_logprobs: int = 0,
-        ignore_eos: bool = False,
-        interventions: Interventions | None = None,
-        presets: Sequence[str] = (),
-        readouts: Readouts | None = None,
-        request_id: str = "",
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[service_pb2.GenerateResponse]:
         """Stream one response per generated token, then the final one.
 
@@ -90,19 +78,18 @@ class Client:
         InterventionSpec, a spec dict or a list of Intervention; readouts a ReadoutSpec or a dict.
         Leaving the loop early cancels the call.
         """
-        request = generate_request(
-            model, prompt, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
-            interventions=interventions, presets=presets, readouts=readouts, request_id=request_id,
-        )  # fmt: skip
-        return self._stream(request)
+        return self._stream(generate_request(model, prompt, messages, **options))
 
     def complete(
-        self, model: str, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Run generate() to the end and return the whole result; takes generate()'s arguments."""
         builder = CompletionBuilder()
-        for response in self.generate(model, prompt, messages, **kwargs):
+        for response in self.generate(model, prompt, messages, **options):
             builder.add(response)
         return builder.build()
 

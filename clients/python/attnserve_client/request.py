@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
+
+if TYPE_CHECKING:
+    from typing import Unpack  # typing.Unpack needs Python 3.11
 
 # A chat message as a proto, a {"role": ..., "content": ...} dict or a (role, content) pair.
 Message = service_pb2.ChatMessage | Mapping[str, str] | tuple[str, str]
@@ -28,51 +31,59 @@ CHANNEL_OPTIONS = (
 )
 
 
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options of a Generate call; unset sampling fields take the server's defaults."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: Sequence[str] | str
+    top_logprobs: int
+    ignore_eos: bool
+    interventions: Interventions
+    presets: Sequence[str]
+    readouts: Readouts
+    request_id: str
+
+
 def generate_request(
     model: str,
     prompt: str | None = None,
     messages: Sequence[Message] | None = None,
-    *,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    top_logprobs: int = 0,
-    ignore_eos: bool = False,
-    interventions: Interventions | None = None,
-    presets: Sequence[str] = (),
-    readouts: Readouts | None = None,
-    request_id: str = "",
+    **options: Unpack[GenerateOptions],
 ) -> service_pb2.GenerateRequest:
     """Build a GenerateRequest from exactly one of a raw prompt or chat messages."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt (raw text) or messages (chat)")
-    if isinstance(stop, str):
-        stop = [stop]
+    unknown = options.keys() - GenerateOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"unknown generate option(s): {', '.join(sorted(unknown))}")
+    stop = options.get("stop", ())
     request = service_pb2.GenerateRequest(
         model=model,
         sampling=service_pb2.SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            top_logprobs=top_logprobs,
-            ignore_eos=ignore_eos,
+            max_tokens=options.get("max_tokens"),
+            temperature=options.get("temperature"),
+            top_p=options.get("top_p"),
+            top_k=options.get("top_k"),
+            seed=options.get("seed"),
+            stop=[stop] if isinstance(stop, str) else stop,
+            top_logprobs=options.get("top_logprobs", 0),
+            ignore_eos=options.get("ignore_eos", False),
         ),
-        request_id=request_id,
+        request_id=options.get("request_id", ""),
     )
     if prompt is not None:
         request.prompt = prompt
     else:
         request.chat.messages.extend(_chat_message(m) for m in messages)
-    spec = _intervention_spec(interventions)
-    spec.presets.extend(presets)
+    spec = _intervention_spec(options.get("interventions"))
+    spec.presets.extend(options.get("presets", ()))
     if spec.presets or spec.interventions:
         request.interventions.CopyFrom(spec)
+    readouts = options.get("readouts")
     if readouts is not None:
         request.readouts.CopyFrom(
             readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts)
