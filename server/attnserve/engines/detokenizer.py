@@ -34,10 +34,10 @@ class IncrementalDetokenizer:
             end = min(end, len(text) - 1)
         if end <= self._emitted:
             return ""
-        delta, self._emitted = text[self._emitted:end], end
+        delta, self._emitted = text[self._emitted : end], end
         return delta
 
     def flush(self) -> str:
         """The held-back text, at the end of generation."""
-        delta, self._emitted = self.text[self._emitted:], len(self.text)
+        delta, self._emitted = self.text[self._emitted :], len(self.text)
         return delta

@@ -10,11 +10,18 @@ from attnserve_client.v1 import intervention_pb2, model_pb2
 
 from ..engines.base import Engine
 from ..spec.errors import ModelNotFound
+from .config import Limits
 
-MODEL_KINDS = {"llm": model_pb2.MODEL_KIND_LLM, "vlm": model_pb2.MODEL_KIND_VLM,
-               "diffusion": model_pb2.MODEL_KIND_DIFFUSION}
-ENGINE_KINDS = {"transformers": model_pb2.ENGINE_KIND_TRANSFORMERS, "vllm": model_pb2.ENGINE_KIND_VLLM,
-                "diffusers": model_pb2.ENGINE_KIND_DIFFUSERS}
+MODEL_KINDS = {
+    "llm": model_pb2.MODEL_KIND_LLM,
+    "vlm": model_pb2.MODEL_KIND_VLM,
+    "diffusion": model_pb2.MODEL_KIND_DIFFUSION,
+}
+ENGINE_KINDS = {
+    "transformers": model_pb2.ENGINE_KIND_TRANSFORMERS,
+    "vllm": model_pb2.ENGINE_KIND_VLLM,
+    "diffusers": model_pb2.ENGINE_KIND_DIFFUSERS,
+}
 
 
 @dataclass
@@ -23,7 +30,7 @@ class ServedModel:
     kind: str
     engine_name: str
     engine: Engine
-    limits: object  # models.config.Limits
+    limits: Limits
     presets: Mapping[str, model_pb2.Preset]
 
     def describe(self) -> model_pb2.Model:
@@ -44,7 +51,8 @@ class ServedModel:
                 for op in sorted(info.supported_operations)
             ],
             supported_readouts=[
-                model_pb2.ReadoutKind.Value(f"READOUT_KIND_{r.upper()}") for r in sorted(info.supported_readouts)
+                model_pb2.ReadoutKind.Value(f"READOUT_KIND_{r.upper()}")
+                for r in sorted(info.supported_readouts)
             ],
             presets=list(self.presets.values()),
             limits=model_pb2.ModelLimits(
@@ -57,13 +65,17 @@ class ServedModel:
         )
 
 
-def preset_proto(name: str, description: str, interventions, provenance: Mapping[str, str]) -> model_pb2.Preset:
+def preset_proto(
+    name: str, description: str, interventions, provenance: Mapping[str, str]
+) -> model_pb2.Preset:
     """A preset from config (interventions as plain dicts, the spec-file format)."""
     return model_pb2.Preset(
         name=name,
         description=description,
-        interventions=[intervention_from_dict(iv, f"presets.{name}.interventions[{i}]")
-                       for i, iv in enumerate(interventions)],
+        interventions=[
+            intervention_from_dict(iv, f"presets.{name}.interventions[{i}]")
+            for i, iv in enumerate(interventions)
+        ],
         provenance=dict(provenance),
     )
 

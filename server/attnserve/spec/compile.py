@@ -7,6 +7,7 @@ names of GenerateRequest.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def compile_plan(
         placements, steps, scoped = compiled
         applied.append(P.operation_name(scoped.op))
         for layer, heads in placements:
-            layer_ops.setdefault(layer, []).append((steps, _with_heads(scoped, heads)))
+            layer_ops.setdefault(layer, []).append((steps, dataclasses.replace(scoped, heads=heads)))
 
     readout = _compile_readouts(readouts, ctx, violations)
     violations.raise_if_any()
@@ -80,10 +81,6 @@ def compile_plan(
         readout=readout,
         applied_operations=tuple(applied),
     )
-
-
-def _with_heads(scoped: P.ScopedOp, heads: tuple[int, ...] | None) -> P.ScopedOp:
-    return P.ScopedOp(op=scoped.op, heads=heads, keys=scoped.keys, last_query_only=scoped.last_query_only)
 
 
 # --- Interventions ----------------------------------------------------------------------------
@@ -189,8 +186,15 @@ def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violatio
 # --- Operation parameters ---------------------------------------------------------------------
 
 
-def _param(msg, name: str, default: float, field: str, violations: Violations,
-           valid: Callable[[float], bool], rule: str) -> float:
+def _param(
+    msg,
+    name: str,
+    default: float,
+    field: str,
+    violations: Violations,
+    valid: Callable[[float], bool],
+    rule: str,
+) -> float:
     value = getattr(msg, name) if msg.HasField(name) else default
     if not math.isfinite(value) or not valid(value):
         violations.add(f"{field}.{name}", f"{rule} (got {value})")
@@ -218,7 +222,9 @@ def _head_output_scale(msg, field, violations):
 
 
 def _identity_blend(msg, field, violations):
-    return P.IdentityBlend(_param(msg, "weight", 1.0, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]"))
+    return P.IdentityBlend(
+        _param(msg, "weight", 1.0, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]")
+    )
 
 
 def _temperature(msg, field, violations):
@@ -244,7 +250,9 @@ assert set(_OPERATION_COMPILERS) == set(P.OPERATIONS)
 # --- Readouts ---------------------------------------------------------------------------------
 
 
-def _compile_readouts(spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violations: Violations) -> P.ReadoutPlan:
+def _compile_readouts(
+    spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violations: Violations
+) -> P.ReadoutPlan:
     geo = ctx.geometry
     mass_ranges = _ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
     if mass_ranges and not spec.layer_statistics:
@@ -264,7 +272,9 @@ def _compile_readouts(spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violation
         steps = list(rows.steps) or [0]
         for i, step in enumerate(steps):
             if not 0 <= step < ctx.max_tokens:
-                violations.add(f"{field}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)")
+                violations.add(
+                    f"{field}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)"
+                )
         row_layers, row_heads, row_steps = frozenset(rows.layers), tuple(rows.heads), frozenset(steps)
         values = (
             len(row_layers)

@@ -15,7 +15,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ...attention.core import attend_rows
+from ...attention.core import attend_rows, effective_ops
 from ...attention.plan import RowPlan
 from ...attention.rows import RowLayout, RowReadout
 
@@ -52,7 +52,9 @@ class BatchAttention:
 def attnserve_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """query (B, H, Lq, D); key/value (B, Hkv, Lk, D) after rope and cache update."""
     batch: BatchAttention | None = kwargs.pop("attnserve_batch", None)
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output, weights = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, **kwargs
+    )
     if batch is None:
         return output, weights
     rows, plans = batch.planned_rows(module.layer_idx)
@@ -68,7 +70,7 @@ def attnserve_attention(module, query, key, value, attention_mask, scaling=None,
         plans=plans,
     )
     for j, (row, plan) in enumerate(zip(rows, plans)):
-        if plan.ops:  # rows with readouts only keep the engine's own output
+        if effective_ops(plan):  # rows with readouts only keep the engine's own output
             output[row] = edited[j].transpose(0, 1).to(output.dtype)  # output is (B, Lq, H, D)
     batch.on_readouts(module.layer_idx, rows, readouts)
     return output, weights

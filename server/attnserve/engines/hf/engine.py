@@ -85,14 +85,18 @@ class TransformersEngine(Engine):
     ):
         attention.register()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            dtype=_DTYPES[dtype],
-            attn_implementation=attention.ATTN_IMPLEMENTATION,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-        ).eval().to(device)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path,
+                dtype=_DTYPES[dtype],
+                attn_implementation=attention.ATTN_IMPLEMENTATION,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
+            .eval()
+            .to(device)
+        )
         self.device = torch.device(device)
         config = self.model.config
         num_heads = config.num_attention_heads
@@ -189,7 +193,7 @@ class TransformersEngine(Engine):
                     self._prefill(admitted)
                 elif self._running:
                     self._decode()
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+            except Exception as exc:  # one bad step must not kill the server
                 log.exception("engine step failed; failing the requests in it")
                 for row in admitted + self._running:
                     row.emit(EngineError(f"engine step failed: {exc}"))
@@ -275,7 +279,10 @@ class TransformersEngine(Engine):
                 if readout is not None:
                     self._record(rows[row], layer, readout, row == sampled_row)
 
-        layouts = [RowLayout(key_start=key_length - r.length, num_prompt_tokens=len(r.request.prompt_token_ids)) for r in rows]
+        layouts = [
+            RowLayout(key_start=key_length - r.length, num_prompt_tokens=len(r.request.prompt_token_ids))
+            for r in rows
+        ]
         return attention.BatchAttention(layouts, plan_for, on_readouts)
 
     def _take_statistics_sample(self) -> bool:
@@ -304,14 +311,15 @@ class TransformersEngine(Engine):
                     total.add(stats)
         if readout.attention_rows is not None:
             query_position = row.length - 1
-            heads = readout.row_heads or tuple(range(self.info.geometry.num_heads))
-            for head, weights in zip(heads, readout.attention_rows):
+            for head, weights in zip(readout.row_heads, readout.attention_rows):
                 row.step_attention_rows.append(
                     AttentionRowOut(layer, head, row.step, query_position, weights.tolist())
                 )
         if readout.prompt_attention is not None:
             acc = row.readouts.prompt_attention
-            row.readouts.prompt_attention = readout.prompt_attention if acc is None else acc + readout.prompt_attention
+            row.readouts.prompt_attention = (
+                readout.prompt_attention if acc is None else acc + readout.prompt_attention
+            )
             row.prompt_attention_calls += 1
 
     def _finish_step(self, rows: list[_Row], logits: torch.Tensor) -> None:
