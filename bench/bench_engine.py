@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from attnserve.attention import plan as P
 from attnserve.engines.base import EngineRequest, SamplingConfig
 from attnserve.engines.hf.engine import TransformersEngine
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
     "What is the capital of France?",
@@ -54,15 +53,18 @@ ACT_ALL = P.RequestPlan(
 
 def emphasis_plan(num_layers: int) -> P.RequestPlan:
     op = P.ScopedOp(P.KeyEmphasis(0.01), keys=P.KeySet(ranges=((3, 9),), invert=True))
-    return P.RequestPlan(layer_ops={layer: ((P.ALL_STEPS, op),) for layer in range(num_layers)},
-                         applied_operations=("key_emphasis",))
+    return P.RequestPlan(
+        layer_ops={layer: ((P.ALL_STEPS, op),) for layer in range(num_layers)},
+        applied_operations=("key_emphasis",),
+    )
 
 
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     out = []
     for text in (PROMPTS * (n // len(PROMPTS) + 1))[:n]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         out.append(tokenizer(rendered, add_special_tokens=False).input_ids)
     return out
 
@@ -77,8 +79,14 @@ def time_generate(model, tokenizer, prompts: list[list[int]], tokens: int, devic
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     _sync(device)
     start = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                         do_sample=False, pad_token_id=pad)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
     _sync(device)
     elapsed = time.perf_counter() - start
     return (out.shape[1] - width) * len(prompts) / elapsed
@@ -112,16 +120,24 @@ def run_all(model_path: Path, device: str, tokens: int, repeats: int, dtype: str
     def measure(name: str, fn) -> None:
         fn()  # warm-up
         results[name] = [fn() for _ in range(repeats)]
-        print(f"{name:42s} median {statistics.median(results[name]):8.1f} tok/s  runs {results[name]}", flush=True)
+        print(
+            f"{name:42s} median {statistics.median(results[name]):8.1f} tok/s  runs {results[name]}",
+            flush=True,
+        )
 
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="sdpa").eval().to(device)
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="sdpa")
+        .eval()
+        .to(device)
+    )
     measure("generate() batch 1", lambda: time_generate(model, tokenizer, prompts1, tokens, device))
     measure("generate() batch 16", lambda: time_generate(model, tokenizer, prompts16, tokens, device))
-    del model
 
-    engines = {rate: TransformersEngine(model_path, dtype=dtype, device=device, statistics_sample_rate=rate)
-               for rate in (0.0, 0.05, 1.0)}
+    engines = {
+        rate: TransformersEngine(model_path, dtype=dtype, device=device, statistics_sample_rate=rate)
+        for rate in (0.0, 0.05, 1.0)
+    }
     plain = engines[0.0]
     num_layers = plain.info.geometry.num_layers
 
@@ -134,10 +150,18 @@ def run_all(model_path: Path, device: str, tokens: int, repeats: int, dtype: str
     measure("engine 1 request", lambda: time_engine(plain, prompts1, tokens, P.EMPTY_PLAN))
     measure("engine 16 concurrent", lambda: time_engine(plain, prompts16, tokens, P.EMPTY_PLAN))
     measure("engine 16, all sink calibration (L2-29)", lambda: time_engine(plain, prompts16, tokens, ACT_ALL))
-    measure("engine 16, all key emphasis (every layer)",
-            lambda: time_engine(plain, prompts16, tokens, emphasis_plan(num_layers)))
-    measure("engine 16, statistics on 5% of steps", lambda: time_engine(engines[0.05], prompts16, tokens, P.EMPTY_PLAN))
-    measure("engine 16, statistics on every step", lambda: time_engine(engines[1.0], prompts16, tokens, P.EMPTY_PLAN))
+    measure(
+        "engine 16, all key emphasis (every layer)",
+        lambda: time_engine(plain, prompts16, tokens, emphasis_plan(num_layers)),
+    )
+    measure(
+        "engine 16, statistics on 5% of steps",
+        lambda: time_engine(engines[0.05], prompts16, tokens, P.EMPTY_PLAN),
+    )
+    measure(
+        "engine 16, statistics on every step",
+        lambda: time_engine(engines[1.0], prompts16, tokens, P.EMPTY_PLAN),
+    )
 
     medians = {name: statistics.median(v) for name, v in results.items()}
     base = medians["engine 16 concurrent"]
@@ -162,7 +186,9 @@ def run_all(model_path: Path, device: str, tokens: int, repeats: int, dtype: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: the built-in SmolLM2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")

@@ -21,27 +21,32 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from attnserve.attention import plan as P
 from attnserve.attention.core import attend_rows, plain_attention
 from attnserve.attention.rows import RowLayout
+from transformers import LlamaConfig, LlamaForCausalLM
 
 READOUT = P.ReadoutRequest(statistics=True, mass_ranges=((0, 2), (3, 9)), row_heads=(), prompt_attention=True)
 PLANS = {
     "sink_calibration": P.RowPlan(ops=(P.ScopedOp(P.SinkCalibration(0.1, 0.4, 0), heads=(0, 4)),)),
     "sink_calibration_guarded": P.RowPlan(ops=(P.ScopedOp(P.SinkCalibration(0.05, 0.2, 3)),)),
     "key_emphasis": P.RowPlan(ops=(P.ScopedOp(P.KeyEmphasis(0.01), keys=P.KeySet(((2, 6),), invert=True)),)),
-    "logit_rescale_last": P.RowPlan(ops=(P.ScopedOp(P.LogitRescale(0.7), keys=P.KeySet(((1, 8),)),
-                                                    last_query_only=True),)),
+    "logit_rescale_last": P.RowPlan(
+        ops=(P.ScopedOp(P.LogitRescale(0.7), keys=P.KeySet(((1, 8),)), last_query_only=True),)
+    ),
     "head_output_scale": P.RowPlan(ops=(P.ScopedOp(P.HeadOutputScale(0.3), heads=(1, 2)),)),
     "identity_blend": P.RowPlan(ops=(P.ScopedOp(P.IdentityBlend(0.6)),)),
     "temperature": P.RowPlan(ops=(P.ScopedOp(P.Temperature(0.5), heads=(3,)),)),
     "key_mask": P.RowPlan(ops=(P.ScopedOp(P.KeyMask(), keys=P.KeySet(((0, 3),), include_generated=True)),)),
-    "combined_with_readouts": P.RowPlan(ops=(
-        P.ScopedOp(P.Temperature(1.3)), P.ScopedOp(P.KeyEmphasis(3.0), keys=P.KeySet(((4, 7),))),
-        P.ScopedOp(P.SinkCalibration()), P.ScopedOp(P.IdentityBlend(0.2), heads=(0,)),
-    ), readout=READOUT),
+    "combined_with_readouts": P.RowPlan(
+        ops=(
+            P.ScopedOp(P.Temperature(1.3)),
+            P.ScopedOp(P.KeyEmphasis(3.0), keys=P.KeySet(((4, 7),))),
+            P.ScopedOp(P.SinkCalibration()),
+            P.ScopedOp(P.IdentityBlend(0.2), heads=(0,)),
+        ),
+        readout=READOUT,
+    ),
     "readouts_only": P.RowPlan(readout=READOUT),
 }
 
@@ -65,7 +70,11 @@ def compare(out_a, out_b, readouts_a, readouts_b, layouts, num_queries, num_keys
             continue
         sa, sb = ra.statistics, rb.statistics
         if sa is not None:
-            for x, y in ((sa.entropy, sb.entropy), (sa.sink_mass, sb.sink_mass), (sa.hidden_sinks, sb.hidden_sinks)):
+            for x, y in (
+                (sa.entropy, sb.entropy),
+                (sa.sink_mass, sb.sink_mass),
+                (sa.hidden_sinks, sb.hidden_sinks),
+            ):
                 worst = max(worst, abs(x - y) / max(1.0, sa.query_count))
         if ra.attention_rows is not None:
             worst = max(worst, (ra.attention_rows.cpu() - rb.attention_rows.cpu()).abs().max().item())
@@ -81,7 +90,8 @@ def core_checks() -> dict:
             cpu = attend_rows(q, k, v, scale=0.125, layouts=layouts, plans=plans)
             gpu = attend_rows(q.cuda(), k.cuda(), v.cuda(), scale=0.125, layouts=layouts, plans=plans)
             results[f"{shape_name}/{name}/max_abs_diff_cuda_vs_cpu"] = compare(
-                gpu[0], cpu[0], gpu[1], cpu[1], layouts, lq, lk)
+                gpu[0], cpu[0], gpu[1], cpu[1], layouts, lq, lk
+            )
         q, k, v, layouts = random_batch(lq, lk, "cuda", seed=7)
         identity = P.RowPlan(ops=(P.ScopedOp(P.SinkCalibration(beta=1.0)), P.ScopedOp(P.KeyEmphasis(1.0))))
         edited, _ = attend_rows(q, k, v, scale=0.125, layouts=layouts, plans=[identity] * 4)
@@ -105,9 +115,19 @@ def core_checks() -> dict:
 
 def smollm2_shaped_model(tokenizer_dir: Path, into: Path) -> Path:
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(into)
@@ -122,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cpu-repeats", type=int, default=1)
     args = parser.parse_args()
-    from bench_engine import run_all  # noqa: E402 - sibling script
+    from bench_engine import run_all
 
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "core": core_checks()}
     print(json.dumps(report, indent=2), flush=True)

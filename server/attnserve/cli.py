@@ -12,7 +12,9 @@ import typer
 from . import logs
 
 app = typer.Typer(
-    help="attnserve: LLM serving with per-request attention interventions.", no_args_is_help=True, add_completion=False
+    help="attnserve: LLM serving with per-request attention interventions.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
@@ -28,8 +30,12 @@ def main() -> None:
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option(help="Server config (YAML or TOML); default: the packaged config.",
-                                                exists=True, dir_okay=False)] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Server config (YAML or TOML); default: the packaged config.", exists=True, dir_okay=False
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one).")] = 50051,
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.")] = 9400,

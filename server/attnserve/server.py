@@ -70,13 +70,17 @@ class RunningServer:
             await model.engine.shutdown()
 
 
-async def start_server(config: ServerConfig, metrics: ServerMetrics, *, host: str, port: int) -> RunningServer:
+async def start_server(
+    config: ServerConfig, metrics: ServerMetrics, *, host: str, port: int
+) -> RunningServer:
     """Bind the port at once (health answers NOT_SERVING), then load models and go SERVING."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     registry = ModelRegistry()
-    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(registry, metrics), server)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(registry, metrics), server
+    )
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -102,23 +106,34 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
 
     def on_statistics(layer, stats) -> None:
         n = max(stats.query_count, 1)
-        metrics.attention_statistics(model.name, model.engine, layer, stats.sink_mass / n,
-                                     stats.normalized_entropy / n, stats.hidden_sinks / n)
+        metrics.attention_statistics(
+            model.name,
+            model.engine,
+            layer,
+            stats.sink_mass / n,
+            stats.normalized_entropy / n,
+            stats.hidden_sinks / n,
+        )
 
     factory = ENGINE_FACTORIES.get(model.engine)
     if factory is None:
-        raise ConfigError(f"models.{model.name}.engine: engine {model.engine!r} is not available in this build "
-                          f"(available: {', '.join(ENGINE_FACTORIES)})")
+        raise ConfigError(
+            f"models.{model.name}.engine: engine {model.engine!r} is not available in this build "
+            f"(available: {', '.join(ENGINE_FACTORIES)})"
+        )
     engine = await asyncio.to_thread(factory, path, model, config, on_statistics)
     await engine.start()
     presets = {
-        name: preset_proto(name, p.description, p.interventions, p.provenance) for name, p in model.presets.items()
+        name: preset_proto(name, p.description, p.interventions, p.provenance)
+        for name, p in model.presets.items()
     }
     log.info("model %s ready from %s", model.name, path)
     return ServedModel(model.name, model.kind, model.engine, engine, model.limits, presets)
 
 
-async def serve(config: ServerConfig, *, host: str, port: int, metrics_port: int, grace: float = 25.0) -> None:
+async def serve(
+    config: ServerConfig, *, host: str, port: int, metrics_port: int, grace: float = 25.0
+) -> None:
     """Run until SIGTERM or SIGINT."""
     metrics = ServerMetrics()
     metrics.start_http_server(metrics_port, host)

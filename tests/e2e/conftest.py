@@ -43,18 +43,22 @@ def server_config(tmp_path_factory, smollm2_path):
     config = {
         "limits": {"max_tokens": 256, "max_batch_size": 16},
         "statistics": {"sample_rate": 0.25},
-        "models": [{
-            "name": "smollm2",
-            "kind": "llm",
-            "engine": "transformers",
-            "path": str(smollm2_path),
-            "presets": [{
-                "name": "act-l5",
-                "description": "sink calibration on layer 5 (test preset)",
-                "interventions": [{"layers": [5], "sink_calibration": {"tau": 0.1, "beta": 0.4}}],
-                "provenance": {"source": "tests"},
-            }],
-        }],
+        "models": [
+            {
+                "name": "smollm2",
+                "kind": "llm",
+                "engine": "transformers",
+                "path": str(smollm2_path),
+                "presets": [
+                    {
+                        "name": "act-l5",
+                        "description": "sink calibration on layer 5 (test preset)",
+                        "interventions": [{"layers": [5], "sink_calibration": {"tau": 0.1, "beta": 0.4}}],
+                        "provenance": {"source": "tests"},
+                    }
+                ],
+            }
+        ],
     }
     path = tmp_path_factory.mktemp("config") / "attnserve.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -65,25 +69,45 @@ def server_config(tmp_path_factory, smollm2_path):
 def server_process(server_config, tmp_path_factory):
     port, metrics_port = _free_port(), _free_port()
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "attnserve.cli", "serve", "--config", str(server_config), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", str(metrics_port), "--log-format", "text"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target, START_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"server did not start; log:\n{log_path.read_text()}") from None
-    yield {"target": target, "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "log": log_path, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "attnserve.cli",
+                "serve",
+                "--config",
+                str(server_config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--log-format",
+                "text",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        target = f"127.0.0.1:{port}"
+        try:
+            wait_serving(target, START_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            raise RuntimeError(f"server did not start; log:\n{log_path.read_text()}") from None
+        yield {
+            "target": target,
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+            "log": log_path,
+            "proc": proc,
+        }
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,9 @@ def chat_request(text: str = QUESTION, *, max_tokens: int = 16, **kwargs) -> pb.
     return pb.GenerateRequest(
         model="smollm2",
         chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=text)]),
-        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_logprobs=kwargs.pop("top_logprobs", 0)),
+        sampling=pb.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, top_logprobs=kwargs.pop("top_logprobs", 0)
+        ),
         **kwargs,
     )
 

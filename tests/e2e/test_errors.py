@@ -29,28 +29,50 @@ BAD_REQUESTS = {
     "prompt": pb.GenerateRequest(model="smollm2", prompt="   "),
     "chat.messages": pb.GenerateRequest(model="smollm2", chat=pb.Chat()),
     "chat.messages[0].role": pb.GenerateRequest(
-        model="smollm2", chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="hi")])),
+        model="smollm2", chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="hi")])
+    ),
     "sampling.max_tokens": chat_request(max_tokens=100_000),
-    "sampling.temperature": pb.GenerateRequest(model="smollm2", prompt="hi",
-                                               sampling=pb.SamplingParams(temperature=math.nan)),
+    "sampling.temperature": pb.GenerateRequest(
+        model="smollm2", prompt="hi", sampling=pb.SamplingParams(temperature=math.nan)
+    ),
     "sampling.top_p": pb.GenerateRequest(model="smollm2", prompt="hi", sampling=pb.SamplingParams(top_p=0)),
     "interventions.interventions[0].selector.layers[0]": chat_request(interventions=_spec(act([30]))),
-    "interventions.interventions[0].selector.heads[0]": chat_request(interventions=_spec(ipb.Intervention(
-        selector=ipb.Selector(layers=[1], heads=[9]), head_output_scale=ipb.HeadOutputScale(scale=0.5)))),
-    "interventions.interventions[0].sink_calibration.beta": chat_request(interventions=_spec(act([3], beta=-0.1))),
-    "interventions.interventions[0].sink_calibration.tau": chat_request(interventions=_spec(act([3], tau=math.nan))),
-    "interventions.interventions[0].key_emphasis.alpha": chat_request(interventions=_spec(ipb.Intervention(
-        key_emphasis=ipb.KeyEmphasis(alpha=-1)))),
+    "interventions.interventions[0].selector.heads[0]": chat_request(
+        interventions=_spec(
+            ipb.Intervention(
+                selector=ipb.Selector(layers=[1], heads=[9]), head_output_scale=ipb.HeadOutputScale(scale=0.5)
+            )
+        )
+    ),
+    "interventions.interventions[0].sink_calibration.beta": chat_request(
+        interventions=_spec(act([3], beta=-0.1))
+    ),
+    "interventions.interventions[0].sink_calibration.tau": chat_request(
+        interventions=_spec(act([3], tau=math.nan))
+    ),
+    "interventions.interventions[0].key_emphasis.alpha": chat_request(
+        interventions=_spec(ipb.Intervention(key_emphasis=ipb.KeyEmphasis(alpha=-1)))
+    ),
     "interventions.interventions[0].operation": chat_request(interventions=_spec(ipb.Intervention())),
-    "interventions.interventions[0].selector.keys.ranges[0]": chat_request(interventions=_spec(ipb.Intervention(
-        selector=ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=3, end=10_000)])),
-        key_mask=ipb.KeyMask()))),
+    "interventions.interventions[0].selector.keys.ranges[0]": chat_request(
+        interventions=_spec(
+            ipb.Intervention(
+                selector=ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=3, end=10_000)])),
+                key_mask=ipb.KeyMask(),
+            )
+        )
+    ),
     "interventions.presets[0]": chat_request(interventions=_spec(presets=["no-such-preset"])),
     "interventions": chat_request(interventions=_spec(*[act([1])] * 17)),
-    "readouts.attention_rows": chat_request(max_tokens=256, readouts=rpb.ReadoutSpec(
-        attention_rows=rpb.AttentionRowsSpec(layers=list(range(30)), steps=list(range(200))))),
-    "readouts.attention_rows.layers[0]": chat_request(readouts=rpb.ReadoutSpec(
-        attention_rows=rpb.AttentionRowsSpec(layers=[-1]))),
+    "readouts.attention_rows": chat_request(
+        max_tokens=256,
+        readouts=rpb.ReadoutSpec(
+            attention_rows=rpb.AttentionRowsSpec(layers=list(range(30)), steps=list(range(200)))
+        ),
+    ),
+    "readouts.attention_rows.layers[0]": chat_request(
+        readouts=rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[-1]))
+    ),
 }
 
 

@@ -53,8 +53,11 @@ def test_max_tokens_and_stop_strings(stub):
 
 def test_sink_calibration_changes_logits(stub):
     plain, _ = run(stub, chat_request(max_tokens=4, top_logprobs=5))
-    request = chat_request(max_tokens=4, top_logprobs=5,
-                           interventions=ipb.InterventionSpec(interventions=[act(list(range(2, 30)))]))
+    request = chat_request(
+        max_tokens=4,
+        top_logprobs=5,
+        interventions=ipb.InterventionSpec(interventions=[act(list(range(2, 30)))]),
+    )
     calibrated, complete = run(stub, request)
     assert complete.interventions_applied == 1
     plain_lp = [t.logprob for t in plain[0].top_logprobs]
@@ -82,11 +85,23 @@ def test_plain_request_in_intervened_batch_equals_solo(stub):
     plain = chat_request("Name three primary colours.", max_tokens=24)
     solo, _ = run(stub, plain)
     intervened = [
-        chat_request(max_tokens=24, interventions=ipb.InterventionSpec(interventions=[act(list(range(2, 30)))])),
-        chat_request("Write a haiku about rain.", max_tokens=24, interventions=ipb.InterventionSpec(interventions=[
-            ipb.Intervention(selector=ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=0, end=5)],
-                                                                        invert=True)),
-                             key_emphasis=ipb.KeyEmphasis(alpha=0.01))])),
+        chat_request(
+            max_tokens=24, interventions=ipb.InterventionSpec(interventions=[act(list(range(2, 30)))])
+        ),
+        chat_request(
+            "Write a haiku about rain.",
+            max_tokens=24,
+            interventions=ipb.InterventionSpec(
+                interventions=[
+                    ipb.Intervention(
+                        selector=ipb.Selector(
+                            keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=0, end=5)], invert=True)
+                        ),
+                        key_emphasis=ipb.KeyEmphasis(alpha=0.01),
+                    )
+                ]
+            ),
+        ),
     ]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(run, stub, r) for r in [*intervened, plain, *intervened]]

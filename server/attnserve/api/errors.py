@@ -25,8 +25,11 @@ def to_status(exc: RequestError) -> grpc.Status:
         )
     elif isinstance(exc, ModelNotFound):
         code = code_pb2.NOT_FOUND
-        detail.Pack(error_details_pb2.ResourceInfo(resource_type="model", resource_name=exc.name,
-                                                   description=str(exc)))
+        detail.Pack(
+            error_details_pb2.ResourceInfo(
+                resource_type="model", resource_name=exc.name, description=str(exc)
+            )
+        )
     elif isinstance(exc, Unsupported):
         code = code_pb2.FAILED_PRECONDITION
         detail.Pack(error_details_pb2.ErrorInfo(reason="UNSUPPORTED", domain="attnserve"))

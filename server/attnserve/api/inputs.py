@@ -11,9 +11,9 @@ import uuid
 from attnserve_client.v1 import inference_service_pb2 as pb
 
 from ..engines.base import EngineRequest, SamplingConfig
+from ..models.registry import ServedModel
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
 from ..spec.errors import Violations
-from ..models.registry import ServedModel
 
 DEFAULT_MAX_TOKENS = 64
 MAX_STOP_STRINGS = 8
@@ -32,13 +32,17 @@ def to_engine_request(request: pb.GenerateRequest, model: ServedModel) -> Engine
     violations.raise_if_any()
 
     if len(prompt_ids) > limits.max_prompt_tokens:
-        violations.add(request.WhichOneof("input"),
-                       f"{len(prompt_ids)} prompt tokens exceed the limit of {limits.max_prompt_tokens}")
+        violations.add(
+            request.WhichOneof("input"),
+            f"{len(prompt_ids)} prompt tokens exceed the limit of {limits.max_prompt_tokens}",
+        )
     context = model.engine.info.max_context_length
     if len(prompt_ids) + sampling.max_tokens > context:
-        violations.add("sampling.max_tokens",
-                       f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed "
-                       f"the model's context of {context} tokens")
+        violations.add(
+            "sampling.max_tokens",
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed "
+            f"the model's context of {context} tokens",
+        )
     violations.raise_if_any()
 
     plan = compile_plan(
@@ -77,7 +81,9 @@ def _sampling(request: pb.GenerateRequest, model: ServedModel, violations: Viola
     if top_k < 0:
         violations.add("sampling.top_k", f"must be >= 0 (got {top_k})")
     if not 0 <= s.top_logprobs <= limits.max_logprobs:
-        violations.add("sampling.top_logprobs", f"must be in [0, {limits.max_logprobs}] (got {s.top_logprobs})")
+        violations.add(
+            "sampling.top_logprobs", f"must be in [0, {limits.max_logprobs}] (got {s.top_logprobs})"
+        )
     if len(s.stop) > MAX_STOP_STRINGS:
         violations.add("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for i, stop in enumerate(s.stop):
@@ -116,7 +122,9 @@ def _prompt_token_ids(request: pb.GenerateRequest, model: ServedModel, violation
         return []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
-            violations.add(f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)} (got {m.role!r})")
+            violations.add(
+                f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)} (got {m.role!r})"
+            )
         if not m.content.strip():
             violations.add(f"chat.messages[{i}].content", "must not be empty")
     if sum(len(m.content) for m in messages) > 32 * model.limits.max_prompt_tokens:

@@ -14,7 +14,7 @@ from attnserve_client.v1 import readout_pb2
 from ..engines.base import RequestReadouts, TokenOutput
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
-from ..spec.errors import InvalidRequest, FieldViolation, Overloaded, RequestError
+from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError
 from . import errors
 from .inputs import to_engine_request
 from .summary import attention_summary
@@ -50,16 +50,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             model = self._model(request.model)
             engine_request = to_engine_request(request, model)
             if model.engine.num_waiting >= model.limits.max_waiting_requests:
-                raise Overloaded(f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later")
+                raise Overloaded(
+                    f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later"
+                )
         except RequestError as exc:
             await self._refuse(context, exc)
             return
         labels = (model.name, model.engine_name)
         for operation in engine_request.plan.applied_operations:
             self._metrics.interventions_applied(*labels, operation)
-        log.info("generate request_id=%s model=%s prompt_tokens=%d max_tokens=%d interventions=%d",
-                 engine_request.request_id, model.name, len(engine_request.prompt_token_ids),
-                 engine_request.sampling.max_tokens, len(engine_request.plan.applied_operations))
+        log.info(
+            "generate request_id=%s model=%s prompt_tokens=%d max_tokens=%d interventions=%d",
+            engine_request.request_id,
+            model.name,
+            len(engine_request.prompt_token_ids),
+            engine_request.sampling.max_tokens,
+            len(engine_request.plan.applied_operations),
+        )
 
         self._metrics.request_queued(*labels)
         text: list[str] = []
@@ -80,20 +87,28 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 if out.finish_reason is not None:
                     finish = out.finish_reason
                     yield pb.GenerateResponse(
-                        complete=self._complete_proto(out, "".join(text), engine_request, model))
+                        complete=self._complete_proto(out, "".join(text), engine_request, model)
+                    )
         except asyncio.CancelledError:
             finish = "deadline" if _deadline_passed(context) else "cancelled"
             raise
         except Exception:
             finish = "error"
             log.exception("generate failed request_id=%s", engine_request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while generating; see server logs")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "the engine failed while generating; see server logs"
+            )
         finally:
             if last_time is None:
                 self._metrics.request_left_queue(*labels, finish)
             else:
-                self._metrics.request_finished(*labels, finish, len(engine_request.prompt_token_ids),
-                                               generated, time.monotonic() - started)
+                self._metrics.request_finished(
+                    *labels,
+                    finish,
+                    len(engine_request.prompt_token_ids),
+                    generated,
+                    time.monotonic() - started,
+                )
 
     def _model(self, name: str) -> ServedModel:
         if not name:
@@ -113,37 +128,60 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             token_id=out.token_id,
             text=out.text,
             logprob=out.logprob,
-            top_logprobs=[pb.TopLogprob(token_id=t, text=tokenizer.decode([t]), logprob=lp)
-                          for t, lp in out.top_logprobs],
+            top_logprobs=[
+                pb.TopLogprob(token_id=t, text=tokenizer.decode([t]), logprob=lp)
+                for t, lp in out.top_logprobs
+            ],
             attention_rows=[
-                readout_pb2.AttentionRow(layer=r.layer, head=r.head, step=r.step,
-                                         query_position=r.query_position, weights=r.weights)
+                readout_pb2.AttentionRow(
+                    layer=r.layer,
+                    head=r.head,
+                    step=r.step,
+                    query_position=r.query_position,
+                    weights=r.weights,
+                )
                 for r in out.attention_rows
             ],
         )
 
     @staticmethod
-    def _complete_proto(out: TokenOutput, text: str, engine_request, model: ServedModel) -> pb.GenerateComplete:
+    def _complete_proto(
+        out: TokenOutput, text: str, engine_request, model: ServedModel
+    ) -> pb.GenerateComplete:
         readouts = out.readouts or RequestReadouts()
         complete = pb.GenerateComplete(
             finish_reason=FINISH_REASONS[out.finish_reason],
-            usage=pb.Usage(prompt_tokens=len(engine_request.prompt_token_ids), completion_tokens=out.index + 1),
+            usage=pb.Usage(
+                prompt_tokens=len(engine_request.prompt_token_ids), completion_tokens=out.index + 1
+            ),
             text=text,
             interventions_applied=len(engine_request.plan.applied_operations),
         )
         for layer, s in sorted(readouts.layer_statistics.items()):
             n = max(s.query_count, 1)
-            complete.layer_statistics.append(readout_pb2.LayerStatistics(
-                layer=layer, entropy=s.entropy / n, normalized_entropy=s.normalized_entropy / n,
-                sink_mass=s.sink_mass / n, sink_mass_first4=s.sink_mass_first4 / n,
-                hidden_sinks=s.hidden_sinks / n, range_mass=[m / n for m in s.range_mass],
-                query_count=s.query_count))
+            complete.layer_statistics.append(
+                readout_pb2.LayerStatistics(
+                    layer=layer,
+                    entropy=s.entropy / n,
+                    normalized_entropy=s.normalized_entropy / n,
+                    sink_mass=s.sink_mass / n,
+                    sink_mass_first4=s.sink_mass_first4 / n,
+                    hidden_sinks=s.hidden_sinks / n,
+                    range_mass=[m / n for m in s.range_mass],
+                    query_count=s.query_count,
+                )
+            )
         if engine_request.plan.readout.summary:
             if readouts.prompt_attention is not None:
-                complete.summary.CopyFrom(attention_summary(
-                    readouts.prompt_attention, engine_request.prompt_token_ids, model.engine.tokenizer))
+                complete.summary.CopyFrom(
+                    attention_summary(
+                        readouts.prompt_attention, engine_request.prompt_token_ids, model.engine.tokenizer
+                    )
+                )
             else:
-                complete.summary.text = "No token was generated after the prompt, so there is no attention to summarise."
+                complete.summary.text = (
+                    "No token was generated after the prompt, so there is no attention to summarise."
+                )
         return complete
 
 

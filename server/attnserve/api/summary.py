@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-
 from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 MAX_SPANS = 5
 
 
-def attention_summary(prompt_attention: torch.Tensor, prompt_token_ids, tokenizer) -> readout_pb2.AttentionSummary:
+def attention_summary(
+    prompt_attention: torch.Tensor, prompt_token_ids, tokenizer
+) -> readout_pb2.AttentionSummary:
     """prompt_attention: (num_prompt_tokens,) mean attention share of the generated tokens'
     queries on each prompt token (over layers, heads and decode steps)."""
     shares = prompt_attention.float()
@@ -24,14 +25,17 @@ def attention_summary(prompt_attention: torch.Tensor, prompt_token_ids, tokenize
         spans = _merge_adjacent(sorted(chosen))
         if len(spans) >= MAX_SPANS:
             break
-    spans.sort(key=lambda s: -float(shares[s[0]:s[1]].sum()))
+    spans.sort(key=lambda s: -float(shares[s[0] : s[1]].sum()))
     out = readout_pb2.AttentionSummary()
     parts = []
     for start, end in spans[:MAX_SPANS]:
         text = tokenizer.decode(list(prompt_token_ids[start:end]))
         mass = float(shares[start:end].sum())
-        out.spans.append(readout_pb2.AttendedSpan(
-            range=intervention_pb2.TokenRange(start=start, end=end), text=text, mass=mass))
+        out.spans.append(
+            readout_pb2.AttendedSpan(
+                range=intervention_pb2.TokenRange(start=start, end=end), text=text, mass=mass
+            )
+        )
         parts.append(f"{text!r} ({mass:.1%})")
     out.text = (
         f"The generated tokens attended most to {', '.join(parts)} of the prompt; the first token "

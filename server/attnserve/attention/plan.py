@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 # --- Operations -------------------------------------------------------------------------------
 
@@ -94,9 +93,9 @@ class KeyMask:
         return False
 
 
-Operation = Union[
-    SinkCalibration, KeyEmphasis, LogitRescale, HeadOutputScale, IdentityBlend, Temperature, KeyMask
-]
+Operation = (
+    SinkCalibration | KeyEmphasis | LogitRescale | HeadOutputScale | IdentityBlend | Temperature | KeyMask
+)
 
 #: Operation name (as in the API's OperationKind, lower case) -> class.
 OPERATIONS: Mapping[str, type] = {
