@@ -55,6 +55,8 @@ def to_engine_request(request: pb.GenerateRequest, model: ServedModel) -> Engine
             prompt_tokens=len(prompt_ids),
             max_tokens=sampling.max_tokens,
             supported_operations=model.engine.info.supported_operations,
+            supported_readouts=model.engine.info.supported_readouts,
+            unsupported_reason=model.engine.info.unsupported_reason,
         ),
     )
     return EngineRequest(

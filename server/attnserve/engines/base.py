@@ -84,6 +84,8 @@ class EngineInfo:
     max_context_length: int
     supported_operations: frozenset[str]
     supported_readouts: frozenset[str]
+    #: Why some operations or readouts are unavailable on this model, when some are.
+    unsupported_reason: str | None = None
 
 
 class EngineError(RuntimeError):

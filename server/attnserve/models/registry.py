@@ -55,6 +55,7 @@ class ServedModel:
                 for r in sorted(info.supported_readouts)
             ],
             presets=list(self.presets.values()),
+            unsupported_reason=info.unsupported_reason or "",
             limits=model_pb2.ModelLimits(
                 max_prompt_tokens=limits.max_prompt_tokens,
                 max_tokens=limits.max_tokens,

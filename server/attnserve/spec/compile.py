@@ -36,6 +36,9 @@ class SpecContext:
     prompt_tokens: int
     max_tokens: int
     supported_operations: frozenset[str]
+    supported_readouts: frozenset[str] = frozenset({"layer_statistics", "attention_rows", "summary"})
+    #: Why the engine offers no interventions or readouts for this model, when it offers none.
+    unsupported_reason: str | None = None
 
 
 def compile_plan(
@@ -97,7 +100,7 @@ def _compile_intervention(
         violations.add(f"{field}.operation", "set exactly one operation (e.g. sink_calibration)")
         return None
     if kind not in ctx.supported_operations:
-        raise Unsupported(f"{field}: operation {kind} is not supported by this model's engine")
+        raise Unsupported(_unsupported(f"{field}: operation {kind}", ctx))
     op = _OPERATION_COMPILERS[kind](getattr(iv, kind), f"{field}.{kind}", violations)
 
     sel = iv.selector
@@ -254,6 +257,13 @@ def _compile_readouts(
     spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violations: Violations
 ) -> P.ReadoutPlan:
     geo = ctx.geometry
+    asked = {
+        "layer_statistics": spec.layer_statistics,
+        "attention_rows": spec.HasField("attention_rows"),
+        "summary": spec.summary,
+    }
+    for kind in sorted(k for k, wanted in asked.items() if wanted and k not in ctx.supported_readouts):
+        raise Unsupported(_unsupported(f"readouts.{kind}", ctx))
     mass_ranges = _ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
     if mass_ranges and not spec.layer_statistics:
         violations.add("readouts.mass_ranges", "needs layer_statistics")
@@ -296,3 +306,8 @@ def _compile_readouts(
         row_steps=row_steps,
         summary=spec.summary,
     )
+
+
+def _unsupported(what: str, ctx: SpecContext) -> str:
+    reason = f" ({ctx.unsupported_reason})" if ctx.unsupported_reason else ""
+    return f"{what} is not supported by this model's engine{reason}; GetModel lists what is"

@@ -192,6 +192,7 @@ class Model(_message.Message):
     SUPPORTED_READOUTS_FIELD_NUMBER: _builtins.int
     PRESETS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    UNSUPPORTED_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
@@ -201,6 +202,10 @@ class Model(_message.Message):
     num_kv_heads: _builtins.int
     head_dim: _builtins.int
     max_context_length: _builtins.int
+    unsupported_reason: _builtins.str
+    """Why operations or readouts are missing from the supported lists, when some are (e.g. the
+    deployment splits heads over GPUs); empty otherwise.
+    """
     @_builtins.property
     def supported_operations(self) -> _containers.RepeatedScalarFieldContainer[_intervention_pb2.OperationKind.ValueType]: ...
     @_builtins.property
@@ -224,10 +229,11 @@ class Model(_message.Message):
         supported_readouts: _abc.Iterable[Global___ReadoutKind.ValueType] | None = ...,
         presets: _abc.Iterable[Global___Preset] | None = ...,
         limits: Global___ModelLimits | None = ...,
+        unsupported_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

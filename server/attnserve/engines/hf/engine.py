@@ -23,16 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ...attention.plan import OPERATIONS, RowPlan
 from ...attention.rows import LayerStatistics, RowLayout, RowReadout
 from ...spec.geometry import ModelGeometry
-from ..base import (
-    AttentionRowOut,
-    Engine,
-    EngineError,
-    EngineInfo,
-    EngineRequest,
-    RequestReadouts,
-    TokenOutput,
-)
+from ..base import Engine, EngineError, EngineInfo, EngineRequest, TokenOutput
 from ..detokenizer import IncrementalDetokenizer
+from ..readouts import RequestReadoutTotals, StepReadouts
 from . import attention
 from .kv_batch import KVBatch
 from .sampling import choose_token, make_generator
@@ -62,9 +55,9 @@ class _Row:
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     queue_seconds: float | None = None
-    readouts: RequestReadouts = field(default_factory=RequestReadouts)
-    prompt_attention_calls: int = 0
-    step_attention_rows: list[AttentionRowOut] = field(default_factory=list)
+    #: Readouts of the step now running, then of the steps before it.
+    step_readouts: StepReadouts = field(default_factory=StepReadouts)
+    readout_totals: RequestReadoutTotals = field(default_factory=RequestReadoutTotals)
 
     @property
     def step(self) -> int:
@@ -298,29 +291,9 @@ class TransformersEngine(Engine):
         return False
 
     def _record(self, row: _Row, layer: int, readout: RowReadout, sampled: bool) -> None:
-        plan = row.request.plan.readout
-        stats = readout.statistics
-        if stats is not None:
-            if sampled and self._on_statistics is not None:
-                self._on_statistics(layer, stats)
-            if plan.statistics:
-                total = row.readouts.layer_statistics.get(layer)
-                if total is None:
-                    row.readouts.layer_statistics[layer] = stats
-                else:
-                    total.add(stats)
-        if readout.attention_rows is not None:
-            query_position = row.length - 1
-            for head, weights in zip(readout.row_heads, readout.attention_rows):
-                row.step_attention_rows.append(
-                    AttentionRowOut(layer, head, row.step, query_position, weights.tolist())
-                )
-        if readout.prompt_attention is not None:
-            acc = row.readouts.prompt_attention
-            row.readouts.prompt_attention = (
-                readout.prompt_attention if acc is None else acc + readout.prompt_attention
-            )
-            row.prompt_attention_calls += 1
+        if sampled and readout.statistics is not None and self._on_statistics is not None:
+            self._on_statistics(layer, readout.statistics)
+        row.step_readouts.add(row.request.plan.readout, layer, row.step, row.length - 1, readout)
 
     def _finish_step(self, rows: list[_Row], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -350,24 +323,17 @@ class TransformersEngine(Engine):
                 logprob=float(logprobs[i, token]),
                 top_logprobs=top,
                 text=text,
-                attention_rows=row.step_attention_rows,
+                attention_rows=row.readout_totals.add_step(row.step_readouts),
                 queue_seconds=row.queue_seconds if row.num_generated == 1 else None,
             )
-            row.step_attention_rows = []
+            row.step_readouts = StepReadouts()
             if reason is not None:
                 out.text += row.detokenizer.flush()
                 out.finish_reason = reason
-                out.readouts = self._final_readouts(row)
+                out.readouts = row.readout_totals.finish()
                 finished.append(row)
             row.emit(out)
         self._drop_rows(finished)
-
-    @staticmethod
-    def _final_readouts(row: _Row) -> RequestReadouts:
-        readouts = row.readouts
-        if readouts.prompt_attention is not None:
-            readouts.prompt_attention = readouts.prompt_attention / row.prompt_attention_calls
-        return readouts
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:

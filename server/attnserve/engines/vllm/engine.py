@@ -1,0 +1,285 @@
+"""The vLLM engine: causal LMs on vLLM's AsyncLLM, with per-request attention plans.
+
+A request's compiled plan travels with it in SamplingParams.extra_args; in vLLM's worker the
+attnserve attention backend (plugin.py, worker.py) applies it to that request's rows of the
+fused batch. Readouts come back over a side channel (channel.py) keyed by the request, and each
+token is released once its step's readouts have arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from ...attention.plan import NO_READOUTS, OPERATIONS
+from ...attention.rows import LayerStatistics
+from ...spec.geometry import ModelGeometry
+from ..base import Engine, EngineError, EngineInfo, EngineRequest, TokenOutput
+from ..detokenizer import IncrementalDetokenizer
+from ..readouts import RequestReadoutTotals, StepReadouts
+from .channel import ReadoutChannel
+from .worker import CHANNEL_KEY, CONFIG_KEY, PLAN_KEY
+
+log = logging.getLogger("attnserve.engines.vllm")
+
+READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
+#: How long a token waits for its step's readouts before going out without them.
+READOUT_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """vLLM settings from the model config (models[].vllm)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    #: None: the model's own maximum.
+    max_model_len: int | None = None
+    #: KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 4.0
+    #: Share of GPU memory vLLM may take (weights, activations and KV cache).
+    gpu_memory_utilization: float = 0.9
+    #: Eager mode: start-up in seconds instead of minutes; compiled mode is faster per token.
+    enforce_eager: bool = False
+
+
+class VllmEngine(Engine):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch_size: int = 16,
+        statistics_sample_rate: float = 0.0,
+        on_statistics: Callable[[int, LayerStatistics], None] | None = None,
+        options: VllmOptions = VllmOptions(),
+        cache_dir: Path | None = None,
+    ):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+        num_heads = config.num_attention_heads
+        refusal = _why_no_interventions(config, options)
+        if refusal:
+            log.warning("model %s: attention interventions and readouts are off: %s", model_path, refusal)
+        self.info = EngineInfo(
+            geometry=ModelGeometry(
+                num_layers=config.num_hidden_layers,
+                num_heads=num_heads,
+                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            ),
+            max_context_length=options.max_model_len or config.max_position_embeddings,
+            supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
+            supported_readouts=frozenset() if refusal else READOUTS,
+            unsupported_reason=refusal,
+        )
+        self._model_path = model_path
+        self._dtype = dtype
+        self._device = device
+        self._max_batch_size = max_batch_size
+        self._sample_rate = statistics_sample_rate
+        self._on_statistics = on_statistics
+        self._options = options
+        self._cache_dir = cache_dir
+        self._llm = None
+        self._channel: ReadoutChannel | None = None
+        self._socket_dir: tempfile.TemporaryDirectory | None = None
+        self._waiting = 0
+        self._running = 0
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # A private directory: only this user's processes can reach the channel's socket.
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="attnserve-")
+        self._channel = ReadoutChannel(f"ipc://{self._socket_dir.name}/readouts", self._on_statistics)
+        self._channel.start()
+        self._set_environment()
+        options = self._options
+        args = AsyncEngineArgs(
+            model=str(self._model_path),
+            dtype=self._dtype,
+            max_num_seqs=self._max_batch_size,
+            max_model_len=options.max_model_len,
+            tensor_parallel_size=options.tensor_parallel_size,
+            pipeline_parallel_size=options.pipeline_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            enforce_eager=options.enforce_eager,
+            seed=0,
+            additional_config={
+                CONFIG_KEY: {
+                    "readout_channel": self._channel.address,
+                    "statistics_sample_rate": self._sample_rate,
+                }
+            },
+            **self._cuda_graph_args(),
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    def _set_environment(self) -> None:
+        """vLLM's CPU settings are environment variables read by its (spawned) processes."""
+        if self._device != "cpu":
+            return
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._options.kv_cache_gib:g}")
+        # By default vLLM binds its worker to one core; use every core this process may use.
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        if self._cache_dir is not None:
+            os.environ.setdefault("VLLM_CACHE_ROOT", str(self._cache_dir / "vllm"))
+
+    def _cuda_graph_args(self) -> dict:
+        # The backend runs per-request Python inside the attention op: keep attention out of
+        # CUDA graphs (piecewise graphs capture the rest of the model).
+        if self._device == "cpu" or self._options.enforce_eager:
+            return {}
+        return {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        if self._socket_dir is not None:
+            self._socket_dir.cleanup()
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        from vllm.inputs import TokensPrompt
+
+        if self._llm is None:
+            raise EngineError("the vLLM engine is not running")
+        # vLLM needs ids unique among live requests; clients may reuse theirs.
+        key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        plan = request.plan
+        reports = plan.readout != NO_READOUTS
+        inbox = self._channel.register(key) if reports else None
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+        totals = RequestReadoutTotals()
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
+            self._sampling_params(request, key),
+            key,
+        )
+        index = 0
+        self._waiting += 1
+        started = False
+        try:
+            async for output in stream:
+                if not started:
+                    started = True
+                    self._waiting -= 1
+                    self._running += 1
+                completion = output.outputs[0]
+                for position, token in enumerate(completion.token_ids):
+                    logprobs = completion.logprobs[position] if completion.logprobs else {}
+                    step_readouts = await self._step_readouts(inbox, index) if inbox else StepReadouts()
+                    out = TokenOutput(
+                        index=index,
+                        token_id=token,
+                        logprob=logprobs[token].logprob if token in logprobs else float("nan"),
+                        top_logprobs=_top_logprobs(logprobs, token, request.sampling.top_logprobs),
+                        text=detokenizer.push(token),
+                        attention_rows=totals.add_step(step_readouts),
+                        queue_seconds=_queue_seconds(output) if index == 0 else None,
+                    )
+                    index += 1
+                    last = position == len(completion.token_ids) - 1
+                    reason = _finish_reason(completion, detokenizer, last)
+                    if reason is not None:
+                        out.text += detokenizer.flush()
+                        out.finish_reason = reason
+                        out.readouts = totals.finish()
+                        yield out
+                        return  # a stop string: closing the stream aborts the request in vLLM
+                    yield out
+        finally:
+            if started:
+                self._running -= 1
+            else:
+                self._waiting -= 1
+            if inbox is not None:
+                self._channel.unregister(key)
+            await stream.aclose()
+
+    async def _step_readouts(self, inbox, step: int) -> StepReadouts:
+        readouts = await inbox.take(step, READOUT_TIMEOUT_SECONDS)
+        if readouts is None:
+            log.warning("readouts of step %d did not arrive within %.0f s", step, READOUT_TIMEOUT_SECONDS)
+            return StepReadouts()
+        return readouts
+
+    def _sampling_params(self, request: EngineRequest, key: str):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = request.sampling
+        extra = {CHANNEL_KEY: key}
+        if request.plan.touches_attention:
+            extra[PLAN_KEY] = pickle.dumps(request.plan, protocol=pickle.HIGHEST_PROTOCOL)
+        return SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            # The sampled token's logprob always, plus the top ones asked for.
+            logprobs=sampling.top_logprobs,
+            ignore_eos=sampling.ignore_eos,
+            # Text and stop strings come from attnserve's detokenizer, as on every engine.
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
+        )
+
+
+def _why_no_interventions(config, options: VllmOptions) -> str | None:
+    """Why the attention core cannot reproduce this deployment's attention, if it cannot."""
+    if options.tensor_parallel_size > 1 or options.pipeline_parallel_size > 1:
+        return "tensor or pipeline parallelism splits heads and layers over workers"
+    for name in ("sliding_window", "attn_logit_softcapping", "alibi"):
+        if getattr(config, name, None):
+            return f"the model's attention uses {name}"
+    return None
+
+
+def _top_logprobs(logprobs: dict, token: int, count: int) -> list[tuple[int, float]]:
+    if not count:
+        return []
+    ranked = sorted(logprobs.items(), key=lambda item: item[1].rank)
+    return [(t, lp.logprob) for t, lp in ranked if lp.rank <= count][:count]
+
+
+def _finish_reason(completion, detokenizer: IncrementalDetokenizer, last: bool) -> str | None:
+    if detokenizer.stopped:
+        return "stop_string"
+    if not last or completion.finish_reason is None:
+        return None
+    return "length" if completion.finish_reason == "length" else "eos"
+
+
+def _queue_seconds(output) -> float | None:
+    metrics = getattr(output, "metrics", None)
+    queued = getattr(metrics, "scheduled_ts", None), getattr(metrics, "queued_ts", None)
+    if None in queued:
+        return None
+    return max(0.0, queued[0] - queued[1])

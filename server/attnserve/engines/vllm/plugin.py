@@ -1,0 +1,23 @@
+"""attnserve's vLLM general plugin (entry point group `vllm.general_plugins`).
+
+vLLM loads it in every one of its processes; it only swaps the platform's attention backend
+for the attnserve subclass, which installs the runner hook when the worker builds it. Requests
+without a plan then pay one global read per attention call. `VLLM_PLUGINS` (an allow-list)
+turns it off, e.g. to measure raw vLLM.
+"""
+
+from __future__ import annotations
+
+PACKAGE = "attnserve.engines.vllm"
+
+
+def register() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, f"{PACKAGE}.cpu_backend.AttnserveCPUAttentionBackend")
+    elif current_platform.is_cuda():
+        register_backend(
+            AttentionBackendEnum.FLASH_ATTN, f"{PACKAGE}.flash_backend.AttnserveFlashAttentionBackend"
+        )

@@ -1,0 +1,55 @@
+"""What the attnserve attention backends share. Each runs the engine's own fused kernel for
+the whole batch, then recomputes the rows of planned requests with attention.core
+(worker.apply_row_plans). The plugin (plugin.py) registers them (cpu_backend.py,
+flash_backend.py) in place of the platform's backend: only the impl's forward changes;
+metadata builders, KV layouts and kernels stay vLLM's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
+
+from . import worker
+
+
+class PlannedRowsMixin:
+    """The per-request correction shared by the backends; needs the impl's scale, attn_type,
+    sliding_window, logits_soft_cap, alibi_slopes and sinks (as vLLM's impls set them)."""
+
+    def _apply_plans(self, layer, query, output, kv_cache, attn_metadata, read) -> None:
+        if worker.current_step() is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+            return
+        self._check_plain_softmax_attention()
+        block_table = attn_metadata.block_table
+        worker.apply_row_plans(
+            _layer_index(layer.layer_name),
+            query,
+            output,
+            scale=self.scale,
+            query_start_loc=attn_metadata.query_start_loc,
+            seq_lens=attn_metadata.seq_lens,
+            metadata_id=id(attn_metadata),
+            read_kv=lambda row, seq_len: read(kv_cache, block_table[row], seq_len),
+        )
+
+    def _check_plain_softmax_attention(self) -> None:
+        # attention.core computes softmax(q k^T * scale) over every earlier key; the engine
+        # refuses interventions for models whose attention is anything else (see engine.py).
+        sliding = getattr(self, "sliding_window", None)
+        if (
+            sliding not in (None, -1)
+            or getattr(self, "logits_soft_cap", None)
+            or getattr(self, "alibi_slopes", None) is not None
+            or getattr(self, "sinks", None) is not None
+        ):
+            raise RuntimeError(
+                "attnserve recomputes plain softmax attention only (no window, softcap, ALiBi or sinks)"
+            )
+
+
+@functools.cache
+def _layer_index(layer_name: str) -> int:
+    return extract_layer_index(layer_name)

@@ -1,0 +1,221 @@
+"""The vLLM worker side: which batch row is which request, with what plan, and its readouts.
+
+vLLM's attention backends see a flat token batch and its metadata, never request ids. The
+runner hook (install_runner_hook) wraps the model runner's forward: before each forward it
+builds a StepContext from the runner's persistent batch (batch row i is input_batch.req_ids[i],
+the row order the attention metadata uses), the attention backends apply it layer by layer
+(apply_row_plans), and after the forward the step's readouts go out on the side channel.
+
+Everything here runs in vLLM's worker process; a forward without planned requests and without
+a statistics sample sets no context, so the backends run the engine's kernel alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ...attention.core import attend_rows, effective_ops
+from ...attention.plan import EMPTY_PLAN, NO_READOUTS, RequestPlan
+from ...attention.rows import LayerStatistics, RowLayout
+from ..readouts import StepReadouts
+from .channel import ReadoutPublisher, StepMessage
+
+log = logging.getLogger("attnserve.engines.vllm.worker")
+
+#: SamplingParams.extra_args keys set by the engine adapter.
+PLAN_KEY = "attnserve_plan"
+CHANNEL_KEY = "attnserve_key"
+#: vllm_config.additional_config key of the engine-wide worker settings.
+CONFIG_KEY = "attnserve"
+
+#: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
+KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PlannedRow:
+    """A batch row with work in this step's attention calls."""
+
+    row: int
+    #: The server's key for the request (not vLLM's internal request id).
+    key: str
+    plan: RequestPlan
+    num_prompt_tokens: int
+    #: This row's statistics feed the metrics in this step.
+    sampled: bool
+    #: Whether the server waits for this request's readouts step by step.
+    reports: bool
+    #: Set by the first attention call of the step.
+    seq_len: int = -1
+    readouts: StepReadouts = field(default_factory=StepReadouts)
+
+    @property
+    def step(self) -> int:
+        """Step 0 is the prefill (every chunk of it); step n produces generated token n."""
+        return max(0, self.seq_len - self.num_prompt_tokens)
+
+
+@dataclass
+class StepContext:
+    rows: list[PlannedRow]
+    sampled_statistics: list[tuple[int, LayerStatistics]] = field(default_factory=list)
+    #: id(attention metadata) -> (query_start_loc, seq_lens) as lists; one metadata per KV group.
+    bounds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+    def message(self) -> StepMessage:
+        finished_steps = []
+        for planned in self.rows:
+            if planned.reports and planned.seq_len >= 0:
+                complete = planned.seq_len >= planned.num_prompt_tokens
+                finished_steps.append((planned.key, planned.step, complete, planned.readouts))
+        return StepMessage(requests=finished_steps, sampled_statistics=self.sampled_statistics)
+
+
+_current: StepContext | None = None
+
+
+def apply_row_plans(
+    layer_index: int,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    *,
+    scale: float,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    metadata_id: int,
+    read_kv: KVReader,
+) -> None:
+    """After the engine's kernel wrote `output` (T, H, D) for the whole batch, recompute the rows
+    of planned requests with attention.core and record their readouts.
+
+    query (T, H, D) are the batch's queries; a request's query tokens are the last ones of its
+    sequence, its keys and values come from the paged cache through read_kv.
+    """
+    step = _current
+    if step is None:
+        return
+    bounds = step.bounds.get(metadata_id)
+    if bounds is None:
+        bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
+    starts, lengths = bounds
+    for planned in step.rows:
+        row = planned.row
+        planned.seq_len = lengths[row]
+        plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
+        if plan is None:
+            continue
+        first, last = starts[row], starts[row + 1]
+        k, v = read_kv(row, planned.seq_len)
+        edited, (readout,) = attend_rows(
+            query[first:last].transpose(0, 1)[None],
+            k[None],
+            v[None],
+            scale=scale,
+            layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.num_prompt_tokens)],
+            plans=[plan],
+        )
+        if effective_ops(plan):
+            output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
+        if readout is None:
+            continue
+        if planned.sampled and readout.statistics is not None:
+            step.sampled_statistics.append((layer_index, readout.statistics))
+        if planned.reports:
+            planned.readouts.add(
+                planned.plan.readout, layer_index, planned.step, planned.seq_len - 1, readout
+            )
+
+
+class StepPlanner:
+    """Builds each step's context from the runner's batch; owns the worker's side-channel end."""
+
+    def __init__(self, settings: dict):
+        self._sample_rate = float(settings.get("statistics_sample_rate", 0.0))
+        self._sample_credit = 0.0
+        self._sampled_steps = 0
+        self._publisher = (
+            ReadoutPublisher(settings["readout_channel"]) if "readout_channel" in settings else None
+        )
+        #: vLLM request id -> (server key, plan), decoded once per request.
+        self._plans: dict[str, tuple[str, RequestPlan]] = {}
+
+    def context(self, runner) -> StepContext | None:
+        batch = runner.input_batch
+        req_ids = batch.req_ids[: batch.num_reqs]
+        if not req_ids:
+            return None
+        sampled_row = self._sampled_steps % len(req_ids) if self._take_sample() else -1
+        if len(self._plans) > 2 * len(req_ids):
+            self._plans = {r: self._plans[r] for r in req_ids if r in self._plans}
+        rows = []
+        for row, req_id in enumerate(req_ids):
+            key, plan = self._plan_of(runner.requests[req_id])
+            if plan.touches_attention or row == sampled_row:
+                state = runner.requests[req_id]
+                reports = plan.readout != NO_READOUTS
+                rows.append(PlannedRow(row, key, plan, state.num_prompt_tokens, row == sampled_row, reports))
+        return StepContext(rows) if rows else None
+
+    def publish(self, step: StepContext) -> None:
+        if self._publisher is not None:
+            message = step.message()
+            if message.requests or message.sampled_statistics:
+                self._publisher.send(message)
+
+    def _plan_of(self, state) -> tuple[str, RequestPlan]:
+        cached = self._plans.get(state.req_id)
+        if cached is None:
+            extra = (state.sampling_params.extra_args if state.sampling_params is not None else None) or {}
+            plan = pickle.loads(extra[PLAN_KEY]) if PLAN_KEY in extra else EMPTY_PLAN
+            cached = self._plans[state.req_id] = (extra.get(CHANNEL_KEY, state.req_id), plan)
+        return cached
+
+    def _take_sample(self) -> bool:
+        """Every 1/sample_rate-th step feeds the metrics, from one row taken in turn."""
+        if self._sample_rate <= 0:
+            return False
+        self._sample_credit += self._sample_rate
+        if self._sample_credit >= 1.0:
+            self._sample_credit -= 1.0
+            self._sampled_steps += 1
+            return True
+        return False
+
+
+def install_runner_hook() -> None:
+    """Wrap GPUModelRunner._model_forward (the CPU runner inherits it) so that every forward of
+    a real batch runs inside its StepContext. Idempotent."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    forward = GPUModelRunner._model_forward
+    if getattr(forward, "_attnserve", False):
+        return
+
+    def model_forward_with_plans(self, *args, **kwargs):
+        global _current
+        planner = getattr(self, "_attnserve_planner", None)
+        if planner is None:
+            settings = (self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+            planner = self._attnserve_planner = StepPlanner(settings)
+        step = planner.context(self)
+        if step is None:
+            return forward(self, *args, **kwargs)
+        _current = step
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _current = None
+            planner.publish(step)
+
+    model_forward_with_plans._attnserve = True
+    GPUModelRunner._model_forward = model_forward_with_plans
+
+
+def current_step() -> StepContext | None:
+    """The running forward's context; None when no row of the batch has attention work."""
+    return _current
