@@ -52,8 +52,26 @@ def _transformers_engine(path, model: ModelConfig, config: ServerConfig, on_stat
     )
 
 
+def _vllm_engine(path, model: ModelConfig, config: ServerConfig, on_statistics) -> Engine:
+    from .engines.vllm.engine import VllmEngine  # vLLM's own modules load when the engine starts
+
+    return VllmEngine(
+        path,
+        dtype=model.dtype,
+        device=model.device,
+        max_batch_size=model.limits.max_batch_size,
+        statistics_sample_rate=config.statistics.sample_rate,
+        on_statistics=on_statistics,
+        settings=model.vllm,
+        cache_dir=config.cache_dir,
+    )
+
+
 #: engine name in config -> factory(model path, model config, server config, statistics sink)
-ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {"transformers": _transformers_engine}
+ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
+    "transformers": _transformers_engine,
+    "vllm": _vllm_engine,
+}
 
 
 @dataclass

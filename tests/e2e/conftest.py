@@ -38,8 +38,21 @@ def wait_serving(target: str, timeout: float, service: str = SERVICE) -> None:
     raise TimeoutError(f"{target} not SERVING after {timeout} s")
 
 
+#: Every end-to-end test runs against a server on each engine.
+ENGINES = {
+    "transformers": {},
+    # Eager mode starts in about 40 s instead of minutes; 1 GiB of KV cache fits the tests.
+    "vllm": {"vllm": {"enforce_eager": True, "kv_cache_gib": 1}},
+}
+
+
+@pytest.fixture(scope="session", params=list(ENGINES))
+def engine_name(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def server_config(tmp_path_factory, smollm2_path):
+def server_config(tmp_path_factory, smollm2_path, engine_name):
     config = {
         "limits": {"max_tokens": 256, "max_batch_size": 16},
         "statistics": {"sample_rate": 0.25},
@@ -47,7 +60,8 @@ def server_config(tmp_path_factory, smollm2_path):
             {
                 "name": "smollm2",
                 "kind": "llm",
-                "engine": "transformers",
+                "engine": engine_name,
+                **ENGINES[engine_name],
                 "path": str(smollm2_path),
                 "presets": [
                     {
@@ -60,7 +74,7 @@ def server_config(tmp_path_factory, smollm2_path):
             }
         ],
     }
-    path = tmp_path_factory.mktemp("config") / "attnserve.yaml"
+    path = tmp_path_factory.mktemp(f"config-{engine_name}") / "attnserve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -21,12 +21,15 @@ def stub(server_target):
         yield pb_grpc.InferenceServiceStub(channel)
 
 
-def test_list_and_get_model(stub):
+ENGINE_KINDS = {"transformers": model_pb2.ENGINE_KIND_TRANSFORMERS, "vllm": model_pb2.ENGINE_KIND_VLLM}
+
+
+def test_list_and_get_model(stub, engine_name):
     models = stub.ListModels(pb.ListModelsRequest()).models
     assert [m.name for m in models] == ["smollm2"]
     model = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
     assert (model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim) == (30, 9, 3, 64)
-    assert model.kind == model_pb2.MODEL_KIND_LLM and model.engine == model_pb2.ENGINE_KIND_TRANSFORMERS
+    assert model.kind == model_pb2.MODEL_KIND_LLM and model.engine == ENGINE_KINDS[engine_name]
     assert ipb.OPERATION_KIND_SINK_CALIBRATION in model.supported_operations
     assert [p.name for p in model.presets] == ["act-l5"]
     assert model.presets[0].interventions[0].selector.layers == [5]

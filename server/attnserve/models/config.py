@@ -56,6 +56,22 @@ class StatisticsConfig:
 
 
 @dataclass(frozen=True)
+class VllmSettings:
+    """vLLM engine settings (models[].vllm); the engine passes them to vLLM's engine args."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    #: None: the model's own maximum context length.
+    max_model_len: int | None = None
+    #: KV cache size on the CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 4.0
+    #: Share of GPU memory vLLM may take for weights, activations and the KV cache.
+    gpu_memory_utilization: float = 0.9
+    #: Eager mode starts in seconds instead of minutes; compiled mode is faster per token.
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named intervention list requests can use by name."""
 
@@ -83,6 +99,7 @@ class ModelConfig:
     limits: Limits
     #: By name, in config order.
     presets: Mapping[str, Preset]
+    vllm: VllmSettings = VllmSettings()
 
     def resolve_path(self, cache_dir: Path) -> Path:
         """The model's local directory; converts a built-in into cache_dir on first use."""
@@ -192,7 +209,7 @@ def _parse_statistics(data: Any, where: str) -> StatisticsConfig:
 
 def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -> ModelConfig:
     data = _mapping(data, where)
-    keys = ("name", "kind", "engine", "builtin", "path", "dtype", "device", "limits", "presets")
+    keys = ("name", "kind", "engine", "builtin", "path", "dtype", "device", "limits", "presets", "vllm")
     _reject_unknown(data, keys, where)
     name = _required_str(data, "name", where)
     kind = _choice(data, "kind", MODEL_KINDS, where)
@@ -225,7 +242,31 @@ def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -
         device=_str(data.get("device", "cpu"), _join(where, "device")),
         limits=_parse_limits(data.get("limits", {}), server_limits, _join(where, "limits")),
         presets=MappingProxyType(presets),
+        vllm=_parse_vllm(data["vllm"], engine, _join(where, "vllm")) if "vllm" in data else VllmSettings(),
     )
+
+
+def _parse_vllm(data: Any, engine: str, where: str) -> VllmSettings:
+    if engine != "vllm":
+        raise ConfigError(f"{where}: vLLM settings need engine: vllm (this model uses {engine!r})")
+    data = _mapping(data, where)
+    _reject_unknown(data, tuple(f.name for f in dataclasses.fields(VllmSettings)), where)
+    settings = {}
+    for key, value in data.items():
+        at = _join(where, key)
+        if key == "enforce_eager":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{at}: expected true or false, got {value!r}")
+            settings[key] = value
+        elif key == "kv_cache_gib":
+            settings[key] = _positive_number(value, at)
+        elif key == "gpu_memory_utilization":
+            settings[key] = _positive_number(value, at)
+            if settings[key] > 1:
+                raise ConfigError(f"{at}: expected a share in (0, 1], got {value!r}")
+        else:
+            settings[key] = _positive_int(value, at)
+    return VllmSettings(**settings)
 
 
 def _parse_preset(data: Any, base_dir: Path, where: str) -> Preset:
@@ -357,6 +398,12 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _positive_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+    return float(value)
 
 
 def _path(value: Any, where: str, base_dir: Path) -> Path:

@@ -14,13 +14,13 @@ import pickle
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
 from ...attention.plan import NO_READOUTS, OPERATIONS
 from ...attention.rows import LayerStatistics
+from ...models.config import VllmSettings
 from ...spec.geometry import ModelGeometry
 from ..base import Engine, EngineError, EngineInfo, EngineRequest, TokenOutput
 from ..detokenizer import IncrementalDetokenizer
@@ -35,22 +35,6 @@ READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
 READOUT_TIMEOUT_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class VllmOptions:
-    """vLLM settings from the model config (models[].vllm)."""
-
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    #: None: the model's own maximum.
-    max_model_len: int | None = None
-    #: KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gib: float = 4.0
-    #: Share of GPU memory vLLM may take (weights, activations and KV cache).
-    gpu_memory_utilization: float = 0.9
-    #: Eager mode: start-up in seconds instead of minutes; compiled mode is faster per token.
-    enforce_eager: bool = False
-
-
 class VllmEngine(Engine):
     def __init__(
         self,
@@ -61,13 +45,14 @@ class VllmEngine(Engine):
         max_batch_size: int = 16,
         statistics_sample_rate: float = 0.0,
         on_statistics: Callable[[int, LayerStatistics], None] | None = None,
-        options: VllmOptions = VllmOptions(),
+        settings: VllmSettings | None = None,
         cache_dir: Path | None = None,
     ):
+        settings = settings or VllmSettings()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         num_heads = config.num_attention_heads
-        refusal = _why_no_interventions(config, options)
+        refusal = _why_no_interventions(config, settings)
         if refusal:
             log.warning("model %s: attention interventions and readouts are off: %s", model_path, refusal)
         self.info = EngineInfo(
@@ -77,7 +62,7 @@ class VllmEngine(Engine):
                 num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
                 head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
             ),
-            max_context_length=options.max_model_len or config.max_position_embeddings,
+            max_context_length=settings.max_model_len or config.max_position_embeddings,
             supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
             supported_readouts=frozenset() if refusal else READOUTS,
             unsupported_reason=refusal,
@@ -88,7 +73,7 @@ class VllmEngine(Engine):
         self._max_batch_size = max_batch_size
         self._sample_rate = statistics_sample_rate
         self._on_statistics = on_statistics
-        self._options = options
+        self._settings = settings
         self._cache_dir = cache_dir
         self._llm = None
         self._channel: ReadoutChannel | None = None
@@ -105,16 +90,16 @@ class VllmEngine(Engine):
         self._channel = ReadoutChannel(f"ipc://{self._socket_dir.name}/readouts", self._on_statistics)
         self._channel.start()
         self._set_environment()
-        options = self._options
+        settings = self._settings
         args = AsyncEngineArgs(
             model=str(self._model_path),
             dtype=self._dtype,
             max_num_seqs=self._max_batch_size,
-            max_model_len=options.max_model_len,
-            tensor_parallel_size=options.tensor_parallel_size,
-            pipeline_parallel_size=options.pipeline_parallel_size,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enforce_eager=options.enforce_eager,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
             seed=0,
             additional_config={
                 CONFIG_KEY: {
@@ -130,7 +115,7 @@ class VllmEngine(Engine):
         """vLLM's CPU settings are environment variables read by its (spawned) processes."""
         if self._device != "cpu":
             return
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._options.kv_cache_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._settings.kv_cache_gib:g}")
         # By default vLLM binds its worker to one core; use every core this process may use.
         cores = sorted(os.sched_getaffinity(0))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
@@ -141,7 +126,7 @@ class VllmEngine(Engine):
     def _cuda_graph_args(self) -> dict:
         # The backend runs per-request Python inside the attention op: keep attention out of
         # CUDA graphs (piecewise graphs capture the rest of the model).
-        if self._device == "cpu" or self._options.enforce_eager:
+        if self._device == "cpu" or self._settings.enforce_eager:
             return {}
         return {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}
 
@@ -252,9 +237,9 @@ class VllmEngine(Engine):
         )
 
 
-def _why_no_interventions(config, options: VllmOptions) -> str | None:
+def _why_no_interventions(config, settings: VllmSettings) -> str | None:
     """Why the attention core cannot reproduce this deployment's attention, if it cannot."""
-    if options.tensor_parallel_size > 1 or options.pipeline_parallel_size > 1:
+    if settings.tensor_parallel_size > 1 or settings.pipeline_parallel_size > 1:
         return "tensor or pipeline parallelism splits heads and layers over workers"
     for name in ("sliding_window", "attn_logit_softcapping", "alibi"):
         if getattr(config, name, None):
