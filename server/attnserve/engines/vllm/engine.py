@@ -89,7 +89,8 @@ class VllmEngine(Engine):
         self._socket_dir = tempfile.TemporaryDirectory(prefix="attnserve-")
         self._channel = ReadoutChannel(f"ipc://{self._socket_dir.name}/readouts", self._on_statistics)
         self._channel.start()
-        self._set_environment()
+        if self._device == "cpu":
+            set_cpu_environment(self._settings.kv_cache_gib, self._cache_dir)
         settings = self._settings
         args = AsyncEngineArgs(
             model=str(self._model_path),
@@ -111,18 +112,6 @@ class VllmEngine(Engine):
         )
         self._llm = AsyncLLM.from_engine_args(args)
 
-    def _set_environment(self) -> None:
-        """vLLM's CPU settings are environment variables read by its (spawned) processes."""
-        if self._device != "cpu":
-            return
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._settings.kv_cache_gib:g}")
-        # By default vLLM binds its worker to one core; use every core this process may use.
-        cores = sorted(os.sched_getaffinity(0))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        if self._cache_dir is not None:
-            os.environ.setdefault("VLLM_CACHE_ROOT", str(self._cache_dir / "vllm"))
-
     def _cuda_graph_args(self) -> dict:
         # The backend runs per-request Python inside the attention op: keep attention out of
         # CUDA graphs (piecewise graphs capture the rest of the model).
@@ -139,6 +128,15 @@ class VllmEngine(Engine):
             self._channel = None
         if self._socket_dir is not None:
             self._socket_dir.cleanup()
+
+    @property
+    def num_unfinished_in_vllm(self) -> int:
+        """Requests vLLM itself still tracks (an aborted one leaves at once)."""
+        return self._llm.output_processor.get_num_unfinished_requests() if self._llm is not None else 0
+
+    @property
+    def num_readout_inboxes(self) -> int:
+        return self._channel.num_registered if self._channel is not None else 0
 
     @property
     def num_running(self) -> int:
@@ -235,6 +233,18 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
+
+
+def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None) -> None:
+    """vLLM's CPU settings are environment variables read by its (spawned) processes; values
+    already set win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+    # By default vLLM binds its worker to one core; use every core this process may use.
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if cache_dir is not None:
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
 
 
 def _why_no_interventions(config, settings: VllmSettings) -> str | None:

@@ -1,0 +1,241 @@
+"""attnserve's vLLM engine against raw vLLM (AsyncLLM), side by side in one run.
+
+Same model, prompts and greedy fixed-length generation. Raw vLLM runs with attnserve's plugin
+switched off (VLLM_PLUGINS); attnserve's engine runs in-process (no gRPC). Measures generated
+tokens/s and time to first token at 1 and 16 concurrent streams for:
+- plain requests (raw vLLM and attnserve);
+- every request intervened: sink calibration (3 layers) + key emphasis (4 layers), the size of
+  a calibrated preset, and a heavy case (sink calibration on layers 2-29 + key emphasis on all);
+- a mixed batch: 8 plain + 8 intervened streams (the plain streams' tokens/s is reported);
+- attention statistics sampled on 5% of steps (a separate engine start; plain requests).
+Each configuration runs `--repeats` times; medians are reported, with ratios to raw vLLM.
+
+    python bench/bench_vllm.py --model DIR [--tokens 32] [--repeats 3] [--compiled] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+from attnserve.attention import plan as P
+from attnserve.engines.base import EngineRequest, SamplingConfig
+from attnserve.engines.vllm.engine import VllmEngine, set_cpu_environment
+from attnserve.models.config import VllmSettings
+from bench_engine import PROMPTS, emphasis_plan
+
+KV_CACHE_GIB = 2
+CONCURRENCY = (1, 16)
+
+
+def preset_plan() -> P.RequestPlan:
+    """Sink calibration on 3 layers and key emphasis on 4, about what a calibrated preset holds."""
+    act = P.ScopedOp(P.SinkCalibration(0.1, 0.4))
+    emphasis = P.ScopedOp(P.KeyEmphasis(0.01), keys=P.KeySet(ranges=((3, 9),), invert=True))
+    layer_ops = {layer: ((P.ALL_STEPS, act),) for layer in (3, 4, 5)}
+    layer_ops.update({layer: ((P.ALL_STEPS, emphasis),) for layer in (8, 9, 10, 11)})
+    return P.RequestPlan(layer_ops=layer_ops, applied_operations=("sink_calibration", "key_emphasis"))
+
+
+def heavy_plan(num_layers: int) -> P.RequestPlan:
+    act = P.ScopedOp(P.SinkCalibration(0.1, 0.4))
+    emphasis = emphasis_plan(num_layers).layer_ops
+    layer_ops = {
+        layer: ((P.ALL_STEPS, act), *emphasis[layer]) if layer >= 2 else emphasis[layer] for layer in emphasis
+    }
+    return P.RequestPlan(layer_ops=layer_ops, applied_operations=("sink_calibration", "key_emphasis"))
+
+
+class Stream:
+    """One timed request: time to first token and tokens generated."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first = None
+        self.tokens = 0
+        self.ended = None
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.started
+        self.tokens += 1
+
+    def end(self) -> None:
+        self.ended = time.perf_counter()
+
+
+async def raw_stream(llm, ids, tokens: int) -> Stream:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
+    stream = Stream()
+    async for output in llm.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+        for _ in output.outputs[0].token_ids:
+            stream.token()
+    stream.end()
+    return stream
+
+
+async def engine_stream(engine: VllmEngine, ids, tokens: int, plan: P.RequestPlan) -> Stream:
+    request = EngineRequest(
+        uuid.uuid4().hex, tuple(ids), SamplingConfig(max_tokens=tokens, ignore_eos=True), plan
+    )
+    stream = Stream()
+    async for _ in engine.generate(request):
+        stream.token()
+    stream.end()
+    return stream
+
+
+async def measure(make_streams, repeats: int, plain_rows: int | None = None) -> dict:
+    """Medians over repeats of tokens/s (all streams, or the first plain_rows) and TTFT p50."""
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        streams = await asyncio.gather(*make_streams())
+        counted = streams if plain_rows is None else streams[:plain_rows]
+        elapsed = max(s.ended for s in counted) - started
+        rates.append(sum(s.tokens for s in counted) / elapsed)
+        ttfts.append(statistics.median(s.first for s in counted))
+    return {"tokens_per_s": statistics.median(rates), "ttft_p50_s": statistics.median(ttfts), "runs": rates}
+
+
+def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False
+        )
+        for p in PROMPTS[:n]
+    ]
+
+
+def engine_args(model: Path, compiled: bool, **extra):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=str(model), dtype="float32", max_num_seqs=16, enforce_eager=not compiled, seed=0, **extra
+    )
+
+
+async def bench_raw(model: Path, prompts, tokens: int, repeats: int, compiled: bool) -> dict:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    os.environ["VLLM_PLUGINS"] = ""  # an empty allow-list: raw vLLM, no attnserve backend
+    llm = AsyncLLM.from_engine_args(engine_args(model, compiled))
+    try:
+        await measure(lambda: [raw_stream(llm, prompts[0], 4)], 1)  # warm-up
+        return {
+            f"plain_{n}": await measure(
+                lambda n=n: [raw_stream(llm, ids, tokens) for ids in prompts[:n]], repeats
+            )
+            for n in CONCURRENCY
+        }
+    finally:
+        llm.shutdown()
+        del os.environ["VLLM_PLUGINS"]
+
+
+async def bench_attnserve(
+    model: Path, prompts, tokens: int, repeats: int, compiled: bool, sample_rate: float, scenarios: bool
+) -> dict:
+    engine = VllmEngine(
+        model,
+        statistics_sample_rate=sample_rate,
+        on_statistics=lambda layer, stats: None,
+        settings=VllmSettings(enforce_eager=not compiled, kv_cache_gib=KV_CACHE_GIB),
+    )
+    await engine.start()
+    plans = {
+        "plain": P.EMPTY_PLAN,
+        "preset": preset_plan(),
+        "heavy": heavy_plan(engine.info.geometry.num_layers),
+    }
+
+    def streams(n: int, plan: P.RequestPlan):
+        return lambda: [engine_stream(engine, ids, tokens, plan) for ids in prompts[:n]]
+
+    try:
+        await measure(streams(1, P.EMPTY_PLAN), 1)  # warm-up
+        results = {f"plain_{n}": await measure(streams(n, P.EMPTY_PLAN), repeats) for n in CONCURRENCY}
+        if not scenarios:
+            return results
+        for n in CONCURRENCY:
+            results[f"preset_{n}"] = await measure(streams(n, plans["preset"]), repeats)
+        results["heavy_16"] = await measure(streams(16, plans["heavy"]), repeats)
+
+        def mixed():
+            return [
+                engine_stream(engine, ids, tokens, P.EMPTY_PLAN if i < 8 else plans["preset"])
+                for i, ids in enumerate(prompts[:16])
+            ]
+
+        results["mixed_16_plain_rows"] = await measure(mixed, repeats, plain_rows=8)
+        return results
+    finally:
+        await engine.shutdown()
+
+
+async def run_all(model: Path, tokens: int, repeats: int, compiled: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    set_cpu_environment(KV_CACHE_GIB, cache_dir=None)  # the same CPU settings for both engines
+    prompts = prompt_ids(AutoTokenizer.from_pretrained(model, local_files_only=True), 16)
+    raw = await bench_raw(model, prompts, tokens, repeats, compiled)
+    ours = await bench_attnserve(model, prompts, tokens, repeats, compiled, 0.0, scenarios=True)
+    sampled = await bench_attnserve(model, prompts, tokens, repeats, compiled, 0.05, scenarios=False)
+    # The mixed batch's plain rows are compared with plain rows of a raw batch of 16.
+    ratios = {
+        f"attnserve_{name}": result["tokens_per_s"] / raw[f"plain_{name.rsplit('_', 1)[-1]}"]["tokens_per_s"]
+        for name, result in ours.items()
+    }
+    ratios.update(
+        {
+            f"statistics_5pct_{name}": r["tokens_per_s"] / raw[name]["tokens_per_s"]
+            for name, r in sampled.items()
+        }
+    )
+    ttft_overhead_ms = {
+        f"plain_{n}": 1000 * (ours[f"plain_{n}"]["ttft_p50_s"] - raw[f"plain_{n}"]["ttft_p50_s"])
+        for n in CONCURRENCY
+    }
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {"tokens": tokens, "repeats": repeats, "compiled": compiled, "dtype": "float32"},
+        "raw_vllm": raw,
+        "attnserve": ours,
+        "attnserve_statistics_5pct": sampled,
+        "ratio_to_raw": ratios,
+        "ttft_p50_overhead_ms": ttft_overhead_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a local model directory")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="vLLM's compiled mode (minutes to start)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+    results = asyncio.run(run_all(args.model, args.tokens, args.repeats, args.compiled))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The parity cases: prompts, one intervention per operation, a readout spec, and helpers to
+compile and run them on either engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from attnserve.attention.plan import EMPTY_PLAN, RequestPlan
+from attnserve.engines.base import EngineRequest, SamplingConfig
+from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
+from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
+
+from .prompts import QUESTIONS
+
+MAX_TOKENS = 8
+
+#: One intervention per operation, on a few layers so the test stays fast.
+OPERATION_SPECS = {
+    "sink_calibration": {"layers": [3, 4], "sink_calibration": {"tau": 0.1, "beta": 0.4}},
+    "key_emphasis": {
+        "layers": [2, 8, 14],
+        "keys": {"ranges": [[0, 5]], "invert": True},
+        "key_emphasis": {"alpha": 0.01},
+    },
+    "logit_rescale": {"layers": [5, 6], "logit_rescale": {"alpha": 1.5}},
+    "head_output_scale": {"layers": [5], "heads": [0, 3], "head_output_scale": {"scale": 0.0}},
+    "identity_blend": {"layers": [10, 11], "identity_blend": {"weight": 0.5}},
+    "temperature": {"layers": [2, 3, 4], "temperature": {"temperature": 2.0}},
+    "key_mask": {"layers": [1, 2], "keys": {"ranges": [[3, 6]]}, "key_mask": {}},
+}
+
+
+def chat_ids(engine, text: str) -> tuple[int, ...]:
+    messages = [{"role": "user", "content": text}]
+    return tuple(
+        engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    )
+
+
+def compile_for(engine, prompt_ids, interventions=(), readouts=None, max_tokens=MAX_TOKENS) -> RequestPlan:
+    info = engine.info
+    return compile_plan(
+        intervention_spec_from_dict({"interventions": list(interventions)}),
+        readout_spec_from_dict(readouts or {}),
+        SpecContext(
+            geometry=info.geometry,
+            limits=SpecLimits(max_interventions=16, max_readout_values=1 << 20),
+            presets={},
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            supported_operations=info.supported_operations,
+        ),
+    )
+
+
+async def generate(engine, prompt_ids, plan=EMPTY_PLAN, max_tokens=MAX_TOKENS):
+    request = EngineRequest("parity", prompt_ids, SamplingConfig(max_tokens=max_tokens, top_logprobs=2), plan)
+    return [out async for out in engine.generate(request)]
+
+
+async def generate_all(engine, prompts, plans):
+    return await asyncio.gather(*(generate(engine, ids, plan) for ids, plan in zip(prompts, plans)))
+
+
+def tokens(outputs) -> list[int]:
+    return [out.token_id for out in outputs]
+
+
+READOUT_PROMPT = 7
+READOUT_SPEC = {
+    "layer_statistics": True,
+    "mass_ranges": [[0, 1]],
+    "attention_rows": {"layers": [0, 5, 29], "heads": [0, 4, 8], "steps": [0, 3]},
+    "summary": True,
+}
+
+
+def prompt_ids(engine) -> list[tuple[int, ...]]:
+    return [chat_ids(engine, q) for q in QUESTIONS]
+
+
+def operation_plans(engine, prompts, operation: str) -> list[RequestPlan]:
+    return [compile_for(engine, ids, [OPERATION_SPECS[operation]]) for ids in prompts]
+
+
+def readout_plan(engine, prompts) -> RequestPlan:
+    ids = prompts[READOUT_PROMPT]
+    return compile_for(engine, ids, [OPERATION_SPECS["sink_calibration"]], READOUT_SPEC)
+
+
+async def run_cases(engine) -> dict:
+    """Outputs of every parity case: "plain", each operation, and "readouts"."""
+    prompts = prompt_ids(engine)
+    outputs = {"plain": await generate_all(engine, prompts, [EMPTY_PLAN] * len(prompts))}
+    for operation in OPERATION_SPECS:
+        outputs[operation] = await generate_all(engine, prompts, operation_plans(engine, prompts, operation))
+    outputs["readouts"] = await generate(engine, prompts[READOUT_PROMPT], readout_plan(engine, prompts))
+    return outputs
