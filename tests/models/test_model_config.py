@@ -2,7 +2,8 @@ import json
 import textwrap
 
 import pytest
-from attnserve.models.config import DEFAULT_CONFIG_PATH, ConfigError, Limits, load_config
+import yaml
+from attnserve.models.config import DEFAULT_CONFIG_PATH, ConfigError, Limits, VllmSettings, load_config
 
 FULL_YAML = """
 cache_dir: cache
@@ -122,10 +123,11 @@ def test_packaged_default_config():
     model = config.models["smollm2"]
     assert (model.kind, model.engine, model.builtin, model.dtype) == (
         "llm",
-        "transformers",
+        "vllm",
         "smollm2-135m-instruct",
         "float32",
     )
+    assert model.vllm == VllmSettings(enforce_eager=True, kv_cache_gib=2.0)
     preset = model.presets["act-example"]
     assert "not calibrated" in preset.description
     assert all("sink_calibration" in iv for iv in preset.interventions)
@@ -269,3 +271,35 @@ def test_resolve_path_of_a_local_directory(tmp_path):
 def test_resolve_path_of_a_builtin(smollm2_path):
     config = load_config(None)
     assert config.models["smollm2"].resolve_path(smollm2_path.parent.parent) == smollm2_path
+
+
+def test_vllm_settings(tmp_path):
+    settings = {"tensor_parallel_size": 2, "max_model_len": 4096, "kv_cache_gib": 0.5, "enforce_eager": True}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": [minimal_model(engine="vllm", vllm=settings)]}))
+    model = load_config(path).models["m"]
+    assert model.vllm == VllmSettings(
+        tensor_parallel_size=2, max_model_len=4096, kv_cache_gib=0.5, enforce_eager=True
+    )
+    assert load_config(path).models["m"].vllm.gpu_memory_utilization == 0.9
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (minimal_model(vllm={"enforce_eager": True}), "models[0].vllm: vLLM settings need engine: vllm"),
+        (minimal_model(engine="vllm", vllm={"tp": 2}), "models[0].vllm.tp: unknown key"),
+        (
+            minimal_model(engine="vllm", vllm={"tensor_parallel_size": 0}),
+            "tensor_parallel_size: expected a positive",
+        ),
+        (
+            minimal_model(engine="vllm", vllm={"enforce_eager": "yes"}),
+            "enforce_eager: expected true or false",
+        ),
+        (minimal_model(engine="vllm", vllm={"gpu_memory_utilization": 1.5}), "expected a share in (0, 1]"),
+        (minimal_model(engine="vllm", vllm={"kv_cache_gib": -1}), "kv_cache_gib: expected a positive number"),
+    ],
+)
+def test_bad_vllm_settings(tmp_path, model, message):
+    assert message in config_error(tmp_path, {"models": [model]})

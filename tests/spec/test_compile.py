@@ -431,6 +431,26 @@ def test_unsupported_operation_inside_a_preset():
         compile_interventions(presets=["emphasis"], context=context)
 
 
+def test_engine_without_attention_support_refuses_with_its_reason():
+    reason = "tensor or pipeline parallelism splits heads and layers over workers"
+    context = make_context(
+        supported_operations=frozenset(), supported_readouts=frozenset(), unsupported_reason=reason
+    )
+    with pytest.raises(
+        Unsupported, match="interventions.interventions\\[0\\]: operation key_mask .*parallelism"
+    ):
+        compile_interventions(on_layer(0, key_mask=ipb.KeyMask()), context=context)
+    for readouts in (
+        rpb.ReadoutSpec(layer_statistics=True),
+        rpb.ReadoutSpec(summary=True),
+        rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0])),
+    ):
+        with pytest.raises(Unsupported, match=f"readouts.{readouts.ListFields()[0][0].name} .*parallelism"):
+            compile_plan(ipb.InterventionSpec(), readouts, context)
+    # Plain requests still compile.
+    assert not compile_plan(ipb.InterventionSpec(), rpb.ReadoutSpec(), context).touches_attention
+
+
 # --- Readouts ---------------------------------------------------------------------------------
 
 

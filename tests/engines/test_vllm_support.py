@@ -1,0 +1,25 @@
+"""What the vLLM engine offers per deployment, decided without starting vLLM."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from attnserve.engines.vllm.engine import _why_no_interventions
+from attnserve.models.config import VllmSettings
+
+
+@pytest.mark.parametrize(
+    ("config", "settings", "reason"),
+    [
+        ({}, VllmSettings(), None),
+        ({}, VllmSettings(tensor_parallel_size=2), "tensor or pipeline parallelism"),
+        ({}, VllmSettings(pipeline_parallel_size=2), "tensor or pipeline parallelism"),
+        ({"sliding_window": 4096}, VllmSettings(), "sliding_window"),
+        ({"attn_logit_softcapping": 50.0}, VllmSettings(), "attn_logit_softcapping"),
+        ({"sliding_window": None}, VllmSettings(), None),
+    ],
+)
+def test_why_no_interventions(config, settings, reason):
+    found = _why_no_interventions(SimpleNamespace(**config), settings)
+    assert found == reason if reason is None else reason in found
