@@ -1,13 +1,14 @@
 """attnserve's vLLM engine against raw vLLM (AsyncLLM), side by side in one run.
 
 Same model, prompts and greedy fixed-length generation. Raw vLLM runs with attnserve's plugin
-switched off (VLLM_PLUGINS); attnserve's engine runs in-process (no gRPC). Measures generated
-tokens/s and time to first token at 1 and 16 concurrent streams for:
+switched off (VLLM_PLUGINS); attnserve's engine runs in-process (no gRPC). The engines stay up
+together and each repeat runs every configuration once, in turn. Measures generated tokens/s
+and time to first token at 1 and 16 concurrent streams for:
 - plain requests (raw vLLM and attnserve);
 - every request intervened: sink calibration (3 layers) + key emphasis (4 layers), the size of
   a calibrated preset, and a heavy case (sink calibration on layers 2-29 + key emphasis on all);
 - a mixed batch: 8 plain + 8 intervened streams (the plain streams' tokens/s is reported);
-- attention statistics sampled on 5% of steps (a separate engine start; plain requests).
+- attention statistics sampled on 5% of steps (a second attnserve engine; plain requests).
 Each configuration runs `--repeats` times; medians are reported, with ratios to raw vLLM.
 
     python bench/bench_vllm.py --model DIR [--tokens 32] [--repeats 3] [--compiled] [--out FILE]
@@ -98,17 +99,13 @@ async def engine_stream(engine: VllmEngine, ids, tokens: int, plan: P.RequestPla
     return stream
 
 
-async def measure(make_streams, repeats: int, plain_rows: int | None = None) -> dict:
-    """Medians over repeats of tokens/s (all streams, or the first plain_rows) and TTFT p50."""
-    rates, ttfts = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        streams = await asyncio.gather(*make_streams())
-        counted = streams if plain_rows is None else streams[:plain_rows]
-        elapsed = max(s.ended for s in counted) - started
-        rates.append(sum(s.tokens for s in counted) / elapsed)
-        ttfts.append(statistics.median(s.first for s in counted))
-    return {"tokens_per_s": statistics.median(rates), "ttft_p50_s": statistics.median(ttfts), "runs": rates}
+async def run_once(make_streams, plain_rows: int | None = None) -> tuple[float, float]:
+    """(tokens/s of all streams, or of the first plain_rows; their median time to first token)."""
+    started = time.perf_counter()
+    streams = await asyncio.gather(*make_streams())
+    counted = streams if plain_rows is None else streams[:plain_rows]
+    elapsed = max(s.ended for s in counted) - started
+    return sum(s.tokens for s in counted) / elapsed, statistics.median(s.first for s in counted)
 
 
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
@@ -120,35 +117,21 @@ def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     ]
 
 
-def engine_args(model: Path, compiled: bool, **extra):
+async def start_raw(model: Path, compiled: bool):
     from vllm.engine.arg_utils import AsyncEngineArgs
-
-    return AsyncEngineArgs(
-        model=str(model), dtype="float32", max_num_seqs=16, enforce_eager=not compiled, seed=0, **extra
-    )
-
-
-async def bench_raw(model: Path, prompts, tokens: int, repeats: int, compiled: bool) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     os.environ["VLLM_PLUGINS"] = ""  # an empty allow-list: raw vLLM, no attnserve backend
-    llm = AsyncLLM.from_engine_args(engine_args(model, compiled))
     try:
-        await measure(lambda: [raw_stream(llm, prompts[0], 4)], 1)  # warm-up
-        return {
-            f"plain_{n}": await measure(
-                lambda n=n: [raw_stream(llm, ids, tokens) for ids in prompts[:n]], repeats
-            )
-            for n in CONCURRENCY
-        }
+        args = AsyncEngineArgs(
+            model=str(model), dtype="float32", max_num_seqs=16, enforce_eager=not compiled, seed=0
+        )
+        return AsyncLLM.from_engine_args(args)
     finally:
-        llm.shutdown()
         del os.environ["VLLM_PLUGINS"]
 
 
-async def bench_attnserve(
-    model: Path, prompts, tokens: int, repeats: int, compiled: bool, sample_rate: float, scenarios: bool
-) -> dict:
+async def start_attnserve(model: Path, compiled: bool, sample_rate: float) -> VllmEngine:
     engine = VllmEngine(
         model,
         statistics_sample_rate=sample_rate,
@@ -156,66 +139,76 @@ async def bench_attnserve(
         settings=VllmSettings(enforce_eager=not compiled, kv_cache_gib=KV_CACHE_GIB),
     )
     await engine.start()
-    plans = {
-        "plain": P.EMPTY_PLAN,
-        "preset": preset_plan(),
-        "heavy": heavy_plan(engine.info.geometry.num_layers),
-    }
-
-    def streams(n: int, plan: P.RequestPlan):
-        return lambda: [engine_stream(engine, ids, tokens, plan) for ids in prompts[:n]]
-
-    try:
-        await measure(streams(1, P.EMPTY_PLAN), 1)  # warm-up
-        results = {f"plain_{n}": await measure(streams(n, P.EMPTY_PLAN), repeats) for n in CONCURRENCY}
-        if not scenarios:
-            return results
-        for n in CONCURRENCY:
-            results[f"preset_{n}"] = await measure(streams(n, plans["preset"]), repeats)
-        results["heavy_16"] = await measure(streams(16, plans["heavy"]), repeats)
-
-        def mixed():
-            return [
-                engine_stream(engine, ids, tokens, P.EMPTY_PLAN if i < 8 else plans["preset"])
-                for i, ids in enumerate(prompts[:16])
-            ]
-
-        results["mixed_16_plain_rows"] = await measure(mixed, repeats, plain_rows=8)
-        return results
-    finally:
-        await engine.shutdown()
+    return engine
 
 
 async def run_all(model: Path, tokens: int, repeats: int, compiled: bool) -> dict:
+    """All three engines stay up; every repeat runs each configuration once, in turn, so machine
+    noise hits raw vLLM and attnserve alike."""
     from transformers import AutoTokenizer
 
-    set_cpu_environment(KV_CACHE_GIB, cache_dir=None)  # the same CPU settings for both engines
+    set_cpu_environment(KV_CACHE_GIB, cache_dir=None)  # the same CPU settings for every engine
     prompts = prompt_ids(AutoTokenizer.from_pretrained(model, local_files_only=True), 16)
-    raw = await bench_raw(model, prompts, tokens, repeats, compiled)
-    ours = await bench_attnserve(model, prompts, tokens, repeats, compiled, 0.0, scenarios=True)
-    sampled = await bench_attnserve(model, prompts, tokens, repeats, compiled, 0.05, scenarios=False)
-    # The mixed batch's plain rows are compared with plain rows of a raw batch of 16.
-    ratios = {
-        f"attnserve_{name}": result["tokens_per_s"] / raw[f"plain_{name.rsplit('_', 1)[-1]}"]["tokens_per_s"]
-        for name, result in ours.items()
-    }
-    ratios.update(
-        {
-            f"statistics_5pct_{name}": r["tokens_per_s"] / raw[name]["tokens_per_s"]
-            for name, r in sampled.items()
+    raw = await start_raw(model, compiled)
+    ours = await start_attnserve(model, compiled, 0.0)
+    sampled = await start_attnserve(model, compiled, 0.05)
+    preset, heavy = preset_plan(), heavy_plan(ours.info.geometry.num_layers)
+
+    def raw_streams(n: int):
+        return lambda: [raw_stream(raw, ids, tokens) for ids in prompts[:n]]
+
+    def streams(engine: VllmEngine, n: int, plan: P.RequestPlan):
+        return lambda: [engine_stream(engine, ids, tokens, plan) for ids in prompts[:n]]
+
+    def mixed():
+        plans = [P.EMPTY_PLAN] * 8 + [preset] * 8
+        return [engine_stream(ours, ids, tokens, plan) for ids, plan in zip(prompts, plans)]
+
+    # name -> (streams, plain_rows); names end in the number of streams of the raw baseline.
+    configurations = {}
+    for n in CONCURRENCY:
+        configurations[f"raw_plain_{n}"] = (raw_streams(n), None)
+        configurations[f"attnserve_plain_{n}"] = (streams(ours, n, P.EMPTY_PLAN), None)
+        configurations[f"attnserve_preset_{n}"] = (streams(ours, n, preset), None)
+        configurations[f"statistics_5pct_plain_{n}"] = (streams(sampled, n, P.EMPTY_PLAN), None)
+    configurations["attnserve_heavy_16"] = (streams(ours, 16, heavy), None)
+    configurations["attnserve_mixed_plain_rows_16"] = (mixed, 8)
+    try:
+        for warm_up in (raw_streams(1), streams(ours, 1, preset), streams(sampled, 1, P.EMPTY_PLAN)):
+            await run_once(warm_up)
+        runs = {name: [] for name in configurations}
+        for repeat in range(repeats):
+            for name, (make_streams, plain_rows) in configurations.items():
+                runs[name].append(await run_once(make_streams, plain_rows))
+                rate, ttft = runs[name][-1]
+                print(f"repeat {repeat} {name}: {rate:.1f} tok/s, TTFT p50 {1000 * ttft:.0f} ms", flush=True)
+    finally:
+        raw.shutdown()
+        await ours.shutdown()
+        await sampled.shutdown()
+
+    results = {
+        name: {
+            "tokens_per_s": statistics.median(r for r, _ in values),
+            "ttft_p50_s": statistics.median(t for _, t in values),
+            "runs_tokens_per_s": [r for r, _ in values],
         }
-    )
+        for name, values in runs.items()
+    }
+    ratios = {
+        name: result["tokens_per_s"] / results[f"raw_plain_{name.rsplit('_', 1)[-1]}"]["tokens_per_s"]
+        for name, result in results.items()
+        if not name.startswith("raw_")
+    }
     ttft_overhead_ms = {
-        f"plain_{n}": 1000 * (ours[f"plain_{n}"]["ttft_p50_s"] - raw[f"plain_{n}"]["ttft_p50_s"])
+        n: 1000 * (results[f"attnserve_plain_{n}"]["ttft_p50_s"] - results[f"raw_plain_{n}"]["ttft_p50_s"])
         for n in CONCURRENCY
     }
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": {"tokens": tokens, "repeats": repeats, "compiled": compiled, "dtype": "float32"},
-        "raw_vllm": raw,
-        "attnserve": ours,
-        "attnserve_statistics_5pct": sampled,
-        "ratio_to_raw": ratios,
+        "results": results,
+        "ratio_to_raw_plain": ratios,
         "ttft_p50_overhead_ms": ttft_overhead_ms,
     }
 

@@ -262,8 +262,9 @@ def _compile_readouts(
         "attention_rows": spec.HasField("attention_rows"),
         "summary": spec.summary,
     }
-    for kind in sorted(k for k, wanted in asked.items() if wanted and k not in ctx.supported_readouts):
-        raise Unsupported(_unsupported(f"readouts.{kind}", ctx))
+    missing = [kind for kind, wanted in asked.items() if wanted and kind not in ctx.supported_readouts]
+    if missing:
+        raise Unsupported(_unsupported(f"readouts.{missing[0]}", ctx))
     mass_ranges = _ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
     if mass_ranges and not spec.layer_statistics:
         violations.add("readouts.mass_ranges", "needs layer_statistics")
