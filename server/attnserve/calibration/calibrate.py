@@ -158,11 +158,11 @@ def provenance(result: CalibrationResult, context: dict[str, str]) -> dict[str, 
         out["keys"] = json.dumps(dict(method.keys))
     out["heads"] = describe_head_set(result.head_set)
     out["objective"] = "mean margin of the correct answer's summed log-probability over the best wrong one"
-    for variant in result.variants:
-        if len(result.variants) > 1:
-            out[f"variant {json.dumps(dict(variant.method.parameters))}"] = (
-                f"calibration margin {variant.search.chosen.metrics.mean_margin!r} "
-                f"on {describe_head_set(variant.search.chosen.head_set)}"
+    if len(result.variants) > 1:
+        for i, variant in enumerate(result.variants):
+            out[f"variants[{i}]"] = (
+                f"{json.dumps(dict(variant.method.parameters))}: calibration margin "
+                f"{variant.search.chosen.metrics.mean_margin!r} on {describe_head_set(variant.search.chosen.head_set)}"
             )
     out |= metrics_provenance("calibration", result.calibration_before, result.calibration_after)
     out |= metrics_provenance("validation", result.validation_before, result.validation_after)

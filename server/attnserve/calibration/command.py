@@ -110,6 +110,7 @@ def run_calibration(request: CalibrationRequest) -> int:
 
 def _run(request: CalibrationRequest, console: Console) -> int:
     from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
+    from ..engines.prompts import pad_token_id
     from ..models.config import ConfigError, load_config
 
     try:
@@ -141,8 +142,7 @@ def _run(request: CalibrationRequest, console: Console) -> int:
     )
     calibration_set = tokenize(split.calibration, tokenizer)
     validation_set = tokenize(split.validation, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scorer = Scorer(model, pad_id=pad_id, batch_size=request.batch_size)
+    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
     console.print(
         f"{len(calibration_set)} calibration and {len(validation_set)} validation examples; "
         f"search: {settings.describe()}; batch size {request.batch_size}"

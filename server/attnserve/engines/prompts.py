@@ -20,6 +20,11 @@ def chat_token_ids(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The token left padding uses (masked out, so any id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def answer_token_ids(tokenizer, answer: str) -> tuple[int, ...]:
     """A candidate answer, tokenized on its own, to follow a prompt."""
     return tuple(tokenizer(answer, add_special_tokens=False).input_ids)

@@ -3,8 +3,8 @@
 One scheduler thread owns the model. Each iteration it drops cancelled rows, runs the waiting
 Score requests (their own forward, no KV cache), then either prefills newly admitted requests
 (left-padded, as one batch) and merges them into the running batch, or runs one decode step for
-every running row. Every row carries its own attention
-plan; the attention hook (attention.py) applies it.
+every running row. Every row carries its own attention plan; the attention hook (attention.py)
+applies it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..base import (
     TokenOutput,
 )
 from ..detokenizer import IncrementalDetokenizer
+from ..prompts import pad_token_id
 from . import attention
 from .kv_batch import KVBatch
 from .sampling import choose_token, make_generator
@@ -146,11 +147,6 @@ class TransformersEngine(Engine):
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="attnserve-hf-engine", daemon=True)
 
-    @property
-    def pad_id(self) -> int:
-        """The token left padding uses (masked out, so any id works)."""
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
     def _find_eos_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id}
         configured = self.model.generation_config.eos_token_id
@@ -248,7 +244,9 @@ class TransformersEngine(Engine):
             for candidate in request.candidate_token_ids
         ]
         try:
-            scores = score_answers(self.model, queries, pad_id=self.pad_id, batch_size=self._max_batch_size)
+            scores = score_answers(
+                self.model, queries, pad_id=pad_token_id(self.tokenizer), batch_size=self._max_batch_size
+            )
         except Exception as exc:  # a failed score fails its request only
             log.exception("scoring failed request_id=%s", request.request_id)
             job.emit(EngineError(f"scoring failed: {exc}"))
@@ -274,8 +272,9 @@ class TransformersEngine(Engine):
     def _prefill(self, rows: list[_Row]) -> None:
         lengths = [len(r.request.prompt_token_ids) for r in rows]
         width = max(lengths)
+        pad_id = pad_token_id(self.tokenizer)
         input_ids = torch.tensor(
-            [[self.pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)],
+            [[pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)],
             device=self.device,
         )
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self.device)
