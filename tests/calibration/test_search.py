@@ -82,7 +82,8 @@ def test_calibrate_on_the_tiny_model(strategy, tiny_model, tiny_geometry, tiny_e
     """The chosen set beats every single unit it was compared with, and its recorded metrics are
     what a fresh evaluation of its plan gives."""
     scorer = Scorer(tiny_model, pad_id=0, batch_size=16)
-    methods = [Method("sink_calibration", {"tau": 0.1, "beta": beta}) for beta in (0.4, 0.0)]
+    # The authors' sink rule and the guard, compared as --min-queries 0 --min-queries 3 would.
+    methods = [Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": m}) for m in (0, 3)]
     calibration, validation = tiny_examples[:6], tiny_examples[6:]
     progress = []
     result = calibrate(
@@ -117,4 +118,4 @@ def test_calibrate_on_the_tiny_model(strategy, tiny_model, tiny_geometry, tiny_e
     for description, done, total in progress:
         finals[description] = (done, total)
     assert all(done == total for done, total in finals.values())
-    assert any(d.startswith("[tau 0.1, beta 0.0]") for d in finals)
+    assert any(d.startswith("[tau 0.1, beta 0.4, min_queries 3]") for d in finals)
