@@ -3,6 +3,8 @@ refuses bad input with the field named."""
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import grpc
 import pytest
 from attnserve_client.v1 import inference_service_pb2 as pb
@@ -48,6 +50,24 @@ def test_score_applies_interventions(stub):
     )
     assert edited.interventions_applied == 1
     assert abs(edited.scores[0].logprob - plain.scores[0].logprob) > 1e-3
+
+
+def test_score_between_decode_steps_changes_nothing(stub):
+    """Score requests run on the engine's scheduler thread between the steps of a running
+    generation: both give what they give alone."""
+    score_request = pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=["Paris", "Lyon"])
+    solo_score = stub.Score(score_request, timeout=60)
+    solo_tokens, solo_complete = run(stub, chat_request(max_tokens=12))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        generation = pool.submit(run, stub, chat_request(max_tokens=12))
+        scores = [stub.Score(score_request, timeout=60) for _ in range(3)]
+        tokens, complete = generation.result(timeout=120)
+    assert complete.text == solo_complete.text
+    assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in solo_tokens], abs=1e-4)
+    for response in scores:
+        assert [s.logprob for s in response.scores] == pytest.approx(
+            [s.logprob for s in solo_score.scores], abs=1e-5
+        )
 
 
 @pytest.mark.parametrize(

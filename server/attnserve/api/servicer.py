@@ -49,10 +49,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             model = self._model(request.model)
             engine_request = to_engine_request(request, model)
-            if model.engine.num_waiting >= model.limits.max_waiting_requests:
-                raise Overloaded(
-                    f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later"
-                )
+            _admit(model)
         except RequestError as exc:
             await self._refuse(context, exc)
             return
@@ -114,6 +111,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             model = self._model(request.model)
             score_request = to_score_request(request, model)
+            _admit(model)
             log.info(
                 "score request_id=%s model=%s prompt_tokens=%d candidates=%d interventions=%d",
                 score_request.request_id,
@@ -211,6 +209,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     "No token was generated after the prompt, so there is no attention to summarise."
                 )
         return complete
+
+
+def _admit(model: ServedModel) -> None:
+    """Admission control: refuse while max_waiting_requests are waiting."""
+    if model.engine.num_waiting >= model.limits.max_waiting_requests:
+        raise Overloaded(f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later")
 
 
 def _deadline_passed(context) -> bool:

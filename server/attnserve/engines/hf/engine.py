@@ -1,7 +1,7 @@
 """The transformers engine: continuous batching of causal-LM requests over one KV cache.
 
-One scheduler thread owns the model. Each iteration it drops cancelled rows, runs the waiting
-Score requests (their own forward, no KV cache), then either prefills newly admitted requests
+One scheduler thread owns the model. Each iteration it drops cancelled rows, runs the oldest
+waiting Score request (its own forwards, no KV cache), then either prefills newly admitted requests
 (left-padded, as one batch) and merges them into the running batch, or runs one decode step for
 every running row. Every row carries its own attention plan; the attention hook (attention.py)
 applies it.
@@ -170,7 +170,8 @@ class TransformersEngine(Engine):
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Generate requests not yet prefilled, and Score requests not yet run."""
+        return len(self._waiting) + len(self._scoring)
 
     async def score(self, request: ScoreRequest) -> list[float]:
         loop = asyncio.get_running_loop()
@@ -221,10 +222,10 @@ class TransformersEngine(Engine):
                 self._drop_cancelled_waiting()
                 free = self._max_batch_size - len(self._running)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-                scoring = list(self._scoring)
-                self._scoring.clear()
-            for job in scoring:
-                self._score(job)
+                # One Score request per iteration, so a stream of them cannot starve decoding.
+                scoring = self._scoring.popleft() if self._scoring else None
+            if scoring is not None:
+                self._score(scoring)
             try:
                 self._drop_rows([r for r in self._running if r.cancelled])
                 if admitted:
