@@ -23,6 +23,22 @@ class LogFormat(str, Enum):
     text = "text"
 
 
+class CalibrationMethod(str, Enum):
+    sink_calibration = "sink-calibration"
+    key_emphasis = "key-emphasis"
+
+
+class SearchStrategy(str, Enum):
+    layer_sweep = "layer-sweep"
+    head_sweep = "head-sweep"
+    greedy = "greedy"
+
+
+class GreedyUnit(str, Enum):
+    layer = "layer"
+    head = "head"
+
+
 @app.callback()
 def main() -> None:
     """attnserve server commands."""
@@ -54,6 +70,90 @@ def serve(
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2) from None
     asyncio.run(run(server_config, host=host, port=port, metrics_port=metrics_port, grace=grace))
+
+
+@app.command()
+def calibrate(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Labelled examples, JSONL: {prompt | messages, candidates, answer[, split]} per line.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Server config naming the model; default: the packaged config.", exists=True, dir_okay=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name in the config; default: its first model.")
+    ] = None,
+    method: Annotated[CalibrationMethod, typer.Option(help="Operation to place on heads.")] = (
+        CalibrationMethod.sink_calibration
+    ),
+    tau: Annotated[float, typer.Option(help="sink-calibration: column-mean threshold of a sink.")] = 0.1,
+    beta: Annotated[float, typer.Option(help="sink-calibration: share of probability a sink keeps.")] = 0.4,
+    min_queries: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="sink-calibration: a sink needs this many queries (0 = the authors' rule). "
+            "Repeat to search each guard and keep the best on the calibration split."
+        ),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="key-emphasis: factor on the selected keys' probabilities.")
+    ] = 0.01,
+    keys: Annotated[
+        list[str] | None,
+        typer.Option(help="key-emphasis: prompt token range START:END (half-open) of the keys; repeatable."),
+    ] = None,
+    invert_keys: Annotated[
+        bool, typer.Option(help="key-emphasis: select the prompt keys outside --keys.")
+    ] = False,
+    search: Annotated[SearchStrategy, typer.Option(help="Search strategy.")] = SearchStrategy.layer_sweep,
+    greedy_unit: Annotated[GreedyUnit, typer.Option(help="greedy: add whole layers or single heads.")] = (
+        GreedyUnit.layer
+    ),
+    layers: Annotated[
+        str | None, typer.Option(help="Layers to search, e.g. 2-29 or 3,5,8-10; default: every layer.")
+    ] = None,
+    budget: Annotated[int, typer.Option(min=1, help="Most layers (or heads) in the chosen set.")] = 3,
+    validation_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of examples held out when lines carry no split.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the split and of the bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 32,
+    bootstrap_resamples: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
+) -> None:
+    """Choose the layers and heads a method acts on from labelled examples; write a preset file."""
+    from .calibration.command import CalibrationRequest, run_calibration
+
+    request = CalibrationRequest(
+        data=data,
+        output=output,
+        config=config,
+        model=model,
+        operation=method.value.replace("-", "_"),
+        tau=tau,
+        beta=beta,
+        min_queries=tuple(min_queries or (0,)),
+        alpha=alpha,
+        keys=tuple(keys or ()),
+        invert_keys=invert_keys,
+        strategy=search.value,
+        greedy_unit=greedy_unit.value,
+        layers=layers,
+        budget=budget,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        batch_size=batch_size,
+        bootstrap_resamples=bootstrap_resamples,
+    )
+    raise typer.Exit(run_calibration(request))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,18 @@ class FakeInferenceService(service_grpc.InferenceServiceServicer):
             complete.summary.text = "The answer attended mostly to 'France'."
         yield service_pb2.GenerateResponse(complete=complete)
 
+    def Score(self, request, context):
+        """Scores a candidate -(its length) / 10, so shorter answers rank first."""
+        self.requests.append(request)
+        return service_pb2.ScoreResponse(
+            scores=[
+                service_pb2.CandidateScore(candidate=c, logprob=-len(c) / 10, num_tokens=len(c.split()))
+                for c in request.candidates
+            ],
+            usage=service_pb2.Usage(prompt_tokens=PROMPT_TOKENS),
+            interventions_applied=len(request.interventions.interventions),
+        )
+
 
 def _rows(spec: readout_pb2.AttentionRowsSpec, step: int) -> list[readout_pb2.AttentionRow]:
     position = PROMPT_TOKENS - 1 + step

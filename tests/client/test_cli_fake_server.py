@@ -106,3 +106,22 @@ def test_bad_flags_exit_2(cli, args, message):
 def test_target_from_environment(fake_target):
     result = runner.invoke(app, ["models"], env={"ATTNSERVE_TARGET": fake_target})
     assert result.exit_code == 0, result.output
+
+
+def test_score_table_marks_the_best_candidate(cli, fake_service):
+    result = cli("score", "Is it?", "-c", "yes", "-c", "no way", "--preset", "act", "--raw")
+    assert result.exit_code == 0, result.output
+    header, first, second = result.stdout.splitlines()
+    assert header.split() == ["candidate", "logprob", "tokens", "best"]
+    assert first.split() == ["'yes'", "-0.3000", "1", "*"]
+    assert second.split() == ["'no", "way'", "-0.6000", "2"]
+    request = fake_service.requests[-1]
+    assert request.prompt == "Is it?" and list(request.interventions.presets) == ["act"]
+
+
+def test_score_refuses_readouts(cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("readouts: {layer_statistics: true}\n")
+    result = cli("score", "Is it?", "-c", "yes", "--spec", str(spec))
+    assert result.exit_code == 2
+    assert "score takes no readouts" in result.output

@@ -116,3 +116,33 @@ async def test_async_errors(fake_target):
         with pytest.raises(AttnserveError) as raised:
             await client.get_model("nope")
         assert raised.value.code is grpc.StatusCode.NOT_FOUND
+
+
+def test_score_sends_candidates_and_presets(fake_target, fake_service):
+    with Client(fake_target, timeout=10) as client:
+        response = client.score(
+            "smollm2", ["yes", "no way"], prompt="Is it?", presets=["act"], request_id="s1"
+        )
+    assert [(s.candidate, s.logprob, s.num_tokens) for s in response.scores] == [
+        ("yes", pytest.approx(-0.3), 1),
+        ("no way", pytest.approx(-0.6), 2),
+    ]
+    request = fake_service.requests[-1]
+    assert isinstance(request, service_pb2.ScoreRequest)
+    assert request.prompt == "Is it?" and list(request.interventions.presets) == ["act"]
+    assert request.request_id == "s1"
+
+
+async def test_async_score_with_chat(fake_target, fake_service):
+    async with AsyncClient(fake_target, timeout=10) as client:
+        response = await client.score(
+            "smollm2", ["a", "b"], messages=[("user", "Pick one.")], interventions=BAD_LAYER
+        )
+    assert [s.candidate for s in response.scores] == ["a", "b"]
+    request = fake_service.requests[-1]
+    assert [(m.role, m.content) for m in request.chat.messages] == [("user", "Pick one.")]
+    assert request.interventions.interventions[0].selector.layers == [99]
+    with pytest.raises(ValueError, match="exactly one of prompt"):
+        Client(fake_target).score("smollm2", ["a"])
+    with pytest.raises(TypeError, match="not one string"):
+        Client(fake_target).score("smollm2", "ab", prompt="x")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -79,10 +81,10 @@ def server_config(tmp_path_factory, smollm2_path, engine_name):
     return path
 
 
-@pytest.fixture(scope="session")
-def server_process(server_config, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(config_path, log_path) -> Iterator[dict]:
+    """`attnserve serve` on config_path in a subprocess, SERVING on free ports; stopped on exit."""
     port, metrics_port = _free_port(), _free_port()
-    log_path = tmp_path_factory.mktemp("logs") / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [
@@ -91,7 +93,7 @@ def server_process(server_config, tmp_path_factory):
                 "attnserve.cli",
                 "serve",
                 "--config",
-                str(server_config),
+                str(config_path),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -111,17 +113,25 @@ def server_process(server_config, tmp_path_factory):
         except TimeoutError:
             proc.kill()
             raise RuntimeError(f"server did not start; log:\n{log_path.read_text()}") from None
-        yield {
-            "target": target,
-            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
-            "log": log_path,
-            "proc": proc,
-        }
-        proc.terminate()
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            yield {
+                "target": target,
+                "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+                "log": log_path,
+                "proc": proc,
+            }
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server_process(server_config, tmp_path_factory):
+    with running_server(server_config, tmp_path_factory.mktemp("logs") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

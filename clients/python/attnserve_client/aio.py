@@ -11,7 +11,14 @@ from grpc import aio
 from attnserve_client.client import DEFAULT_TARGET
 from attnserve_client.completion import Completion, CompletionBuilder
 from attnserve_client.errors import AttnserveError
-from attnserve_client.request import CHANNEL_OPTIONS, GenerateOptions, Message, generate_request
+from attnserve_client.request import (
+    CHANNEL_OPTIONS,
+    GenerateOptions,
+    Interventions,
+    Message,
+    generate_request,
+    score_request,
+)
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
@@ -61,6 +68,33 @@ class AsyncClient:
         except aio.AioRpcError as err:
             raise AttnserveError.from_rpc_error(err) from None
         return response.model
+
+    async def score(
+        self,
+        model: str,
+        candidates: Sequence[str],
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        *,
+        interventions: Interventions | None = None,
+        presets: Sequence[str] = (),
+        request_id: str = "",
+    ) -> service_pb2.ScoreResponse:
+        """Each candidate answer's summed token log-probability after the prompt (or chat), with
+        the interventions (and presets) applied; scores come in the order of candidates."""
+        request = score_request(
+            model,
+            candidates,
+            prompt,
+            messages,
+            interventions=interventions,
+            presets=presets,
+            request_id=request_id,
+        )
+        try:
+            return await self._stub.Score(request, timeout=self.timeout)
+        except aio.AioRpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
 
     def generate(
         self,

@@ -1,4 +1,5 @@
-"""attnserve-cli: list models, describe one, and generate with interventions and readouts."""
+"""attnserve-cli: list models, describe one, generate with interventions and readouts, and score
+candidate answers."""
 
 from __future__ import annotations
 
@@ -163,6 +164,67 @@ def generate(
         width, height = write_heatmap(rows, heatmap)
         typer.echo(f"wrote {heatmap} ({len(rows)} rows, {width}x{height} px)", err=True)
     typer.echo(formatting.completion_footer(complete), err=True)
+
+
+@app.command()
+def score(
+    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
+    candidate: Annotated[
+        list[str], typer.Option("--candidate", "-c", help="A candidate answer (repeatable).")
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="Served model name.")] = "smollm2",
+    chat: Annotated[
+        bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
+    ] = True,
+    system: Annotated[
+        str | None, typer.Option(help="A system message before the prompt (chat only).")
+    ] = None,
+    preset: Annotated[
+        list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
+    ] = None,
+    sink_calibration: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LAYERS[:HEADS]",
+            help="ACT sink calibration of these layers' heads, e.g. 3-5:0,2 (repeatable).",
+            rich_help_panel=INTERVENTIONS,
+        ),
+    ] = None,
+    tau: Annotated[
+        float | None,
+        typer.Option(help="Sink threshold of --sink-calibration.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    beta: Annotated[
+        float | None,
+        typer.Option(help="Share a sink keeps, for --sink-calibration.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    spec: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="JSON or YAML spec file (presets, interventions).", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = None,
+) -> None:
+    """Score candidate answers: each one's summed token log-probability after the prompt."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if chat:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        inputs = {"messages": messages}
+    else:
+        inputs = {"prompt": prompt}
+    with _errors_reported():
+        interventions, readouts = _specs(
+            spec, preset, sink_calibration, tau, beta, None, None, False, False, None
+        )
+        if readouts.ByteSize():
+            raise SpecError("score takes no readouts; remove them from the spec file")
+        with Client(target, timeout=timeout) as client:
+            response = client.score(model, candidate, **inputs, interventions=interventions)
+    typer.echo(formatting.scores_table(response))
+    typer.echo(f"{response.usage.prompt_tokens} prompt tokens; "
+               f"{response.interventions_applied} intervention(s) applied", err=True)  # fmt: skip
 
 
 def _print_stream(

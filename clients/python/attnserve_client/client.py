@@ -9,7 +9,14 @@ import grpc
 
 from attnserve_client.completion import Completion, CompletionBuilder
 from attnserve_client.errors import AttnserveError
-from attnserve_client.request import CHANNEL_OPTIONS, GenerateOptions, Message, generate_request
+from attnserve_client.request import (
+    CHANNEL_OPTIONS,
+    GenerateOptions,
+    Interventions,
+    Message,
+    generate_request,
+    score_request,
+)
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
 from attnserve_client.v1 import model_pb2
@@ -64,6 +71,33 @@ class Client:
         except grpc.RpcError as err:
             raise AttnserveError.from_rpc_error(err) from None
         return response.model
+
+    def score(
+        self,
+        model: str,
+        candidates: Sequence[str],
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        *,
+        interventions: Interventions | None = None,
+        presets: Sequence[str] = (),
+        request_id: str = "",
+    ) -> service_pb2.ScoreResponse:
+        """Each candidate answer's summed token log-probability after the prompt (or chat), with
+        the interventions (and presets) applied; scores come in the order of candidates."""
+        request = score_request(
+            model,
+            candidates,
+            prompt,
+            messages,
+            interventions=interventions,
+            presets=presets,
+            request_id=request_id,
+        )
+        try:
+            return self._stub.Score(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
 
     def generate(
         self,

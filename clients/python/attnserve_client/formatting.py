@@ -1,4 +1,4 @@
-"""Plain-text rendering of models, layer statistics and top log-probabilities for the CLI."""
+"""Plain-text rendering of models, layer statistics, top log-probabilities and scores for the CLI."""
 
 from __future__ import annotations
 
@@ -108,6 +108,16 @@ def top_logprobs_table(tokens: Sequence[service_pb2.GeneratedToken]) -> str:
         for t in tokens
     ]
     return table(("index", "id", "text", "logprob", "top alternatives"), rows)
+
+
+def scores_table(response: service_pb2.ScoreResponse) -> str:
+    """Candidates in request order with their log-probabilities; the most likely one marked."""
+    best = max(range(len(response.scores)), key=lambda i: response.scores[i].logprob)
+    rows = [
+        (repr(s.candidate), s.logprob, s.num_tokens, "*" if i == best else "")
+        for i, s in enumerate(response.scores)
+    ]
+    return table(("candidate", "logprob", "tokens", "best"), rows)
 
 
 def completion_footer(complete: service_pb2.GenerateComplete) -> str:

@@ -1,4 +1,4 @@
-"""GenerateRequest construction shared by the sync and asyncio clients."""
+"""GenerateRequest and ScoreRequest construction shared by the sync and asyncio clients."""
 
 from __future__ import annotations
 
@@ -88,6 +88,33 @@ def generate_request(
         request.readouts.CopyFrom(
             readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts)
         )
+    return request
+
+
+def score_request(
+    model: str,
+    candidates: Sequence[str],
+    prompt: str | None = None,
+    messages: Sequence[Message] | None = None,
+    *,
+    interventions: Interventions | None = None,
+    presets: Sequence[str] = (),
+    request_id: str = "",
+) -> service_pb2.ScoreRequest:
+    """Build a ScoreRequest from exactly one of a raw prompt or chat messages."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt (raw text) or messages (chat)")
+    if isinstance(candidates, str):
+        raise TypeError("candidates must be a sequence of answers, not one string")
+    request = service_pb2.ScoreRequest(model=model, candidates=candidates, request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.chat.messages.extend(_chat_message(m) for m in messages)
+    spec = _intervention_spec(interventions)
+    spec.presets.extend(presets)
+    if spec.presets or spec.interventions:
+        request.interventions.CopyFrom(spec)
     return request
 
 

@@ -1,4 +1,5 @@
-"""Input processing: a GenerateRequest proto becomes a validated, tokenized EngineRequest.
+"""Input processing: a GenerateRequest (ScoreRequest) proto becomes a validated, tokenized
+EngineRequest (ScoreRequest).
 
 Every check runs here, before anything reaches a model; violations name the proto field.
 """
@@ -9,8 +10,10 @@ import math
 import uuid
 
 from attnserve_client.v1 import inference_service_pb2 as pb
+from attnserve_client.v1 import readout_pb2
 
-from ..engines.base import EngineRequest, SamplingConfig
+from ..engines.base import EngineRequest, SamplingConfig, ScoreRequest
+from ..engines.prompts import answer_token_ids, chat_token_ids, prompt_token_ids
 from ..models.registry import ServedModel
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
 from ..spec.errors import Violations
@@ -19,6 +22,7 @@ DEFAULT_MAX_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
 MAX_REQUEST_ID_LENGTH = 128
+MAX_SCORE_CANDIDATES = 64
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -48,22 +52,78 @@ def to_engine_request(request: pb.GenerateRequest, model: ServedModel) -> Engine
     plan = compile_plan(
         request.interventions,
         request.readouts,
-        SpecContext(
-            geometry=model.engine.info.geometry,
-            limits=SpecLimits(limits.max_interventions, limits.max_readout_values),
-            presets={name: list(p.interventions) for name, p in model.presets.items()},
-            prompt_tokens=len(prompt_ids),
-            max_tokens=sampling.max_tokens,
-            supported_operations=model.engine.info.supported_operations,
-            supported_readouts=model.engine.info.supported_readouts,
-            unsupported_reason=model.engine.info.unsupported_reason,
-        ),
+        _spec_context(model, len(prompt_ids), sampling.max_tokens),
     )
     return EngineRequest(
         request_id=request.request_id or uuid.uuid4().hex,
         prompt_token_ids=tuple(prompt_ids),
         sampling=sampling,
         plan=plan,
+    )
+
+
+def to_score_request(request: pb.ScoreRequest, model: ServedModel) -> ScoreRequest:
+    violations = Violations()
+    limits = model.limits
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        violations.add("request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters")
+    if not request.candidates:
+        violations.add("candidates", "name at least one candidate answer")
+    if len(request.candidates) > MAX_SCORE_CANDIDATES:
+        violations.add("candidates", f"at most {MAX_SCORE_CANDIDATES} candidates")
+    tokenizer = model.engine.tokenizer
+    candidate_ids = []
+    for i, candidate in enumerate(request.candidates):
+        field = f"candidates[{i}]"
+        if len(candidate) > 32 * limits.max_tokens:
+            violations.add(field, "is far longer than the max_tokens limit")
+            continue
+        ids = answer_token_ids(tokenizer, candidate)
+        if not ids:
+            violations.add(field, "must have at least one token")
+        elif len(ids) > limits.max_tokens:
+            violations.add(field, f"{len(ids)} tokens exceed the max_tokens limit of {limits.max_tokens}")
+        candidate_ids.append(ids)
+    prompt_ids = _prompt_token_ids(request, model, violations)
+    violations.raise_if_any()
+
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        violations.add(
+            request.WhichOneof("input"),
+            f"{len(prompt_ids)} prompt tokens exceed the limit of {limits.max_prompt_tokens}",
+        )
+    longest = max(len(ids) for ids in candidate_ids)
+    context = model.engine.info.max_context_length
+    if len(prompt_ids) + longest > context:
+        violations.add(
+            "candidates",
+            f"prompt ({len(prompt_ids)} tokens) + the longest candidate ({longest}) exceed "
+            f"the model's context of {context} tokens",
+        )
+    violations.raise_if_any()
+
+    plan = compile_plan(
+        request.interventions, readout_pb2.ReadoutSpec(), _spec_context(model, len(prompt_ids), longest)
+    )
+    return ScoreRequest(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt_token_ids=tuple(prompt_ids),
+        candidate_token_ids=tuple(candidate_ids),
+        plan=plan,
+    )
+
+
+def _spec_context(model: ServedModel, prompt_tokens: int, max_tokens: int) -> SpecContext:
+    limits = model.limits
+    return SpecContext(
+        geometry=model.engine.info.geometry,
+        limits=SpecLimits(limits.max_interventions, limits.max_readout_values),
+        presets={name: list(p.interventions) for name, p in model.presets.items()},
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        supported_operations=model.engine.info.supported_operations,
+        supported_readouts=model.engine.info.supported_readouts,
+        unsupported_reason=model.engine.info.unsupported_reason,
     )
 
 
@@ -103,7 +163,9 @@ def _sampling(request: pb.GenerateRequest, model: ServedModel, violations: Viola
     )
 
 
-def _prompt_token_ids(request: pb.GenerateRequest, model: ServedModel, violations: Violations) -> list[int]:
+def _prompt_token_ids(
+    request: pb.GenerateRequest | pb.ScoreRequest, model: ServedModel, violations: Violations
+) -> list[int]:
     tokenizer = model.engine.tokenizer
     kind = request.WhichOneof("input")
     if kind is None:
@@ -117,7 +179,7 @@ def _prompt_token_ids(request: pb.GenerateRequest, model: ServedModel, violation
         if len(request.prompt) > 32 * model.limits.max_prompt_tokens:
             violations.add("prompt", "is far longer than the prompt token limit")
             return []
-        return tokenizer(request.prompt, add_special_tokens=True).input_ids
+        return prompt_token_ids(tokenizer, request.prompt)
     messages = request.chat.messages
     if not messages:
         violations.add("chat.messages", "must hold at least one message")
@@ -136,7 +198,4 @@ def _prompt_token_ids(request: pb.GenerateRequest, model: ServedModel, violation
     if tokenizer.chat_template is None:
         violations.add("chat", f"model {model.name!r} has no chat template; send a prompt instead")
         return []
-    text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return chat_token_ids(tokenizer, [(m.role, m.content) for m in messages])

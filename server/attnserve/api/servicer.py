@@ -16,7 +16,7 @@ from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
 from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError
 from . import errors
-from .inputs import to_engine_request
+from .inputs import to_engine_request, to_score_request
 from .summary import attention_summary
 
 log = logging.getLogger("attnserve.api")
@@ -49,10 +49,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             model = self._model(request.model)
             engine_request = to_engine_request(request, model)
-            if model.engine.num_waiting >= model.limits.max_waiting_requests:
-                raise Overloaded(
-                    f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later"
-                )
+            _admit(model)
         except RequestError as exc:
             await self._refuse(context, exc)
             return
@@ -109,6 +106,35 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     generated,
                     time.monotonic() - started,
                 )
+
+    async def Score(self, request, context):
+        try:
+            model = self._model(request.model)
+            score_request = to_score_request(request, model)
+            _admit(model)
+            log.info(
+                "score request_id=%s model=%s prompt_tokens=%d candidates=%d interventions=%d",
+                score_request.request_id,
+                model.name,
+                len(score_request.prompt_token_ids),
+                len(score_request.candidate_token_ids),
+                len(score_request.plan.applied_operations),
+            )
+            scores = await model.engine.score(score_request)
+        except RequestError as exc:
+            await self._refuse(context, exc)
+            return
+        except Exception:
+            log.exception("score failed model=%s", request.model)
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while scoring; see server logs")
+        return pb.ScoreResponse(
+            scores=[
+                pb.CandidateScore(candidate=text, logprob=logprob, num_tokens=len(ids))
+                for text, logprob, ids in zip(request.candidates, scores, score_request.candidate_token_ids)
+            ],
+            usage=pb.Usage(prompt_tokens=len(score_request.prompt_token_ids)),
+            interventions_applied=len(score_request.plan.applied_operations),
+        )
 
     def _model(self, name: str) -> ServedModel:
         if not name:
@@ -183,6 +209,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     "No token was generated after the prompt, so there is no attention to summarise."
                 )
         return complete
+
+
+def _admit(model: ServedModel) -> None:
+    """Admission control: refuse while max_waiting_requests are waiting."""
+    if model.engine.num_waiting >= model.limits.max_waiting_requests:
+        raise Overloaded(f"{model.engine.num_waiting} requests are waiting for {model.name}; retry later")
 
 
 def _deadline_passed(context) -> bool:

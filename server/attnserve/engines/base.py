@@ -10,6 +10,7 @@ import torch
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
 from ..attention.rows import LayerStatistics
+from ..spec.errors import Unsupported
 from ..spec.geometry import ModelGeometry
 
 
@@ -34,6 +35,17 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingConfig = SamplingConfig()
+    plan: RequestPlan = EMPTY_PLAN
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated Score request: candidate answers (token ids) to one tokenized prompt."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    #: Each candidate's tokens, at least one each.
+    candidate_token_ids: tuple[tuple[int, ...], ...]
     plan: RequestPlan = EMPTY_PLAN
 
 
@@ -107,6 +119,14 @@ class Engine(abc.ABC):
         """Stream the request's tokens; the last carries finish_reason and readouts. Closing
         the iterator early (cancel, deadline) removes the request from the batch at the next
         step."""
+
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """Each candidate's summed token log-probability after the prompt, teacher-forced in one
+        forward with the request's plan (engines/hf/scoring.py defines the computation)."""
+        raise Unsupported(
+            f"this model's engine ({type(self).__name__}) cannot score candidate answers; "
+            "serve the model with the transformers engine to use Score"
+        )
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

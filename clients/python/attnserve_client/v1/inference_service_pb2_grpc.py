@@ -51,6 +51,11 @@ class InferenceServiceStub:
                 request_serializer=attnserve_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=attnserve_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/attnserve.v1.InferenceService/Score',
+                request_serializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -79,6 +84,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores candidate answers to one prompt: each candidate's summed token log-probability,
+        teacher-forced in one forward (prompt and answer together, as step 0) with the request's
+        interventions applied. Calibration uses the same computation to measure presets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=attnserve_dot_v1_dot_inference__service__pb2.GenerateRequest.FromString,
                     response_serializer=attnserve_dot_v1_dot_inference__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.FromString,
+                    response_serializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +200,33 @@ class InferenceService:
             '/attnserve.v1.InferenceService/Generate',
             attnserve_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
             attnserve_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attnserve.v1.InferenceService/Score',
+            attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.SerializeToString,
+            attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class InferenceServiceStub:
     """Describes one model: geometry, supported operations and readouts, presets and limits."""
     Generate: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.GenerateRequest, _inference_service_pb2.GenerateResponse]
     """Generates text, streaming one response per generated token and a final one."""
+    Score: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ScoreRequest, _inference_service_pb2.ScoreResponse]
+    """Scores candidate answers to one prompt: each candidate's summed token log-probability,
+    teacher-forced in one forward (prompt and answer together, as step 0) with the request's
+    interventions applied. Calibration uses the same computation to measure presets.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -55,6 +60,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Describes one model: geometry, supported operations and readouts, presets and limits."""
     Generate: _aio.UnaryStreamMultiCallable[_inference_service_pb2.GenerateRequest, _inference_service_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generates text, streaming one response per generated token and a final one."""
+    Score: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ScoreRequest, _inference_service_pb2.ScoreResponse]  # type: ignore[assignment]
+    """Scores candidate answers to one prompt: each candidate's summed token log-probability,
+    teacher-forced in one forward (prompt and answer together, as step 0) with the request's
+    interventions applied. Calibration uses the same computation to measure presets.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves LLM, VLM and diffusion models, with per-request attention interventions and readouts.
@@ -84,5 +94,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.GenerateResponse], _abc.AsyncIterator[_inference_service_pb2.GenerateResponse]]:
         """Generates text, streaming one response per generated token and a final one."""
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _inference_service_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.ScoreResponse, _abc.Awaitable[_inference_service_pb2.ScoreResponse]]:
+        """Scores candidate answers to one prompt: each candidate's summed token log-probability,
+        teacher-forced in one forward (prompt and answer together, as step 0) with the request's
+        interventions applied. Calibration uses the same computation to measure presets.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

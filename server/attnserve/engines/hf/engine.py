@@ -1,9 +1,10 @@
 """The transformers engine: continuous batching of causal-LM requests over one KV cache.
 
-One scheduler thread owns the model. Each iteration it drops cancelled rows, then either
-prefills newly admitted requests (left-padded, as one batch) and merges them into the running
-batch, or runs one decode step for every running row. Every row carries its own attention
-plan; the attention hook (attention.py) applies it.
+One scheduler thread owns the model. Each iteration it drops cancelled rows, runs the oldest
+waiting Score request (its own forwards, no KV cache), then either prefills newly admitted requests
+(left-padded, as one batch) and merges them into the running batch, or runs one decode step for
+every running row. Every row carries its own attention plan; the attention hook (attention.py)
+applies it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ...attention.plan import OPERATIONS, RowPlan
 from ...attention.rows import LayerStatistics, RowLayout, RowReadout
 from ...spec.geometry import ModelGeometry
-from ..base import Engine, EngineError, EngineInfo, EngineRequest, TokenOutput
+from ..base import Engine, EngineError, EngineInfo, EngineRequest, ScoreRequest, TokenOutput
 from ..detokenizer import IncrementalDetokenizer
+from ..prompts import pad_token_id
 from ..readouts import RequestReadoutTotals, StepReadouts
 from . import attention
 from .kv_batch import KVBatch
 from .sampling import choose_token, make_generator
+from .scoring import AnswerQuery, score_answers
 
 log = logging.getLogger("attnserve.engines.hf")
 
@@ -38,6 +41,36 @@ READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
 StatisticsSink = Callable[[int, LayerStatistics], None]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(model_path: Path, *, dtype: str = "float32", device: str = "cpu"):
+    """(tokenizer, model) of a local causal LM, in eval mode, with the "attnserve" attention."""
+    attention.register()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=_DTYPES[dtype],
+            attn_implementation=attention.ATTN_IMPLEMENTATION,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+        .eval()
+        .to(device)
+    )
+    return tokenizer, model
+
+
+def model_geometry(model) -> ModelGeometry:
+    config = model.config
+    num_heads = config.num_attention_heads
+    return ModelGeometry(
+        num_layers=config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+    )
 
 
 @dataclass
@@ -65,6 +98,14 @@ class _Row:
         return self.num_generated
 
 
+@dataclass
+class _ScoreJob:
+    """A Score request waiting for the scheduler thread."""
+
+    request: ScoreRequest
+    emit: Callable[[object], None]
+
+
 class TransformersEngine(Engine):
     def __init__(
         self,
@@ -76,31 +117,11 @@ class TransformersEngine(Engine):
         statistics_sample_rate: float = 0.0,
         on_statistics: StatisticsSink | None = None,
     ):
-        attention.register()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(
-                model_path,
-                dtype=_DTYPES[dtype],
-                attn_implementation=attention.ATTN_IMPLEMENTATION,
-                local_files_only=True,
-                use_safetensors=True,
-                trust_remote_code=False,
-            )
-            .eval()
-            .to(device)
-        )
+        self.tokenizer, self.model = load_causal_lm(model_path, dtype=dtype, device=device)
         self.device = torch.device(device)
-        config = self.model.config
-        num_heads = config.num_attention_heads
         self.info = EngineInfo(
-            geometry=ModelGeometry(
-                num_layers=config.num_hidden_layers,
-                num_heads=num_heads,
-                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-                head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            ),
-            max_context_length=config.max_position_embeddings,
+            geometry=model_geometry(self.model),
+            max_context_length=self.model.config.max_position_embeddings,
             supported_operations=frozenset(OPERATIONS),
             supported_readouts=READOUTS,
         )
@@ -112,6 +133,7 @@ class TransformersEngine(Engine):
         self._on_statistics = on_statistics
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
+        self._scoring: collections.deque[_ScoreJob] = collections.deque()
         self._kv: KVBatch | None = None
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -140,7 +162,19 @@ class TransformersEngine(Engine):
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Generate requests not yet prefilled, and Score requests not yet run."""
+        return len(self._waiting) + len(self._scoring)
+
+    async def score(self, request: ScoreRequest) -> list[float]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        with self._wakeup:
+            self._scoring.append(_ScoreJob(request, _emitter(loop, queue)))
+            self._wakeup.notify()
+        result = await queue.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         loop = asyncio.get_running_loop()
@@ -173,13 +207,17 @@ class TransformersEngine(Engine):
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._scoring:
                     self._wakeup.wait()
                 if self._stopping:
                     return
                 self._drop_cancelled_waiting()
                 free = self._max_batch_size - len(self._running)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                # One Score request per iteration, so a stream of them cannot starve decoding.
+                scoring = self._scoring.popleft() if self._scoring else None
+            if scoring is not None:
+                self._score(scoring)
             try:
                 self._drop_rows([r for r in self._running if r.cancelled])
                 if admitted:
@@ -191,6 +229,22 @@ class TransformersEngine(Engine):
                 for row in admitted + self._running:
                     row.emit(EngineError(f"engine step failed: {exc}"))
                 self._running, self._kv = [], None
+
+    def _score(self, job: _ScoreJob) -> None:
+        request = job.request
+        queries = [
+            AnswerQuery(request.prompt_token_ids, candidate, request.plan)
+            for candidate in request.candidate_token_ids
+        ]
+        try:
+            scores = score_answers(
+                self.model, queries, pad_id=pad_token_id(self.tokenizer), batch_size=self._max_batch_size
+            )
+        except Exception as exc:  # a failed score fails its request only
+            log.exception("scoring failed request_id=%s", request.request_id)
+            job.emit(EngineError(f"scoring failed: {exc}"))
+            return
+        job.emit(scores)
 
     def _drop_cancelled_waiting(self) -> None:
         if any(r.cancelled for r in self._waiting):
@@ -211,7 +265,7 @@ class TransformersEngine(Engine):
     def _prefill(self, rows: list[_Row]) -> None:
         lengths = [len(r.request.prompt_token_ids) for r in rows]
         width = max(lengths)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer)
         input_ids = torch.tensor(
             [[pad_id] * (width - n) + list(r.request.prompt_token_ids) for r, n in zip(rows, lengths)],
             device=self.device,

@@ -1,0 +1,218 @@
+"""`attnserve calibrate`: load the model and data, search with a progress display, write the preset.
+
+Exit status: 0 preset written, 1 no head set beat the unmodified model (nothing written),
+2 bad config, data or options.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..spec.errors import InvalidRequest
+from .calibrate import SearchSettings, calibrate, provenance, summary
+from .data import DataError, directory_sha256, file_sha256, load_examples, split_examples
+from .method import Method, describe_head_set
+from .objective import Scorer, tokenize
+from .report import write_preset
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """The command line's options (see cli.calibrate)."""
+
+    data: Path
+    output: Path
+    config: Path | None
+    model: str | None
+    #: "sink_calibration" or "key_emphasis".
+    operation: str
+    tau: float
+    beta: float
+    min_queries: tuple[int, ...]
+    alpha: float
+    #: "START:END" prompt token ranges.
+    keys: tuple[str, ...]
+    invert_keys: bool
+    strategy: str
+    greedy_unit: str
+    #: "2-29", "3,5,8-10" or None for every layer.
+    layers: str | None
+    budget: int
+    validation_fraction: float
+    seed: int
+    batch_size: int
+    bootstrap_resamples: int
+
+
+class UsageError(ValueError):
+    """An option that cannot be used."""
+
+
+def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
+    """ "2-29" or "3,5,8-10" -> sorted layers; None -> every layer."""
+    if text is None:
+        return tuple(range(num_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        try:
+            numbers = [int(b) for b in bounds]
+        except ValueError:
+            raise UsageError(f"--layers: {part!r} is not a layer or a range like 2-29") from None
+        if len(numbers) not in (1, 2) or numbers[0] > numbers[-1]:
+            raise UsageError(f"--layers: {part!r} is not a layer or a range like 2-29")
+        for layer in range(numbers[0], numbers[-1] + 1):
+            if not 0 <= layer < num_layers:
+                raise UsageError(
+                    f"--layers: layer {layer} is out of range (this model has 0..{num_layers - 1})"
+                )
+            layers.add(layer)
+    return tuple(sorted(layers))
+
+
+def methods_of(request: CalibrationRequest) -> list[Method]:
+    """The method variants to search (one per --min-queries value for sink calibration)."""
+    if request.operation == "sink_calibration":
+        if request.keys or request.invert_keys:
+            raise UsageError(
+                "--keys and --invert-keys are for key-emphasis; sink calibration finds its own keys"
+            )
+        return [
+            Method("sink_calibration", {"tau": request.tau, "beta": request.beta, "min_queries": guard})
+            for guard in dict.fromkeys(request.min_queries)
+        ]
+    ranges = []
+    for text in request.keys:
+        try:
+            start, end = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise UsageError(f"--keys: {text!r} is not a token range START:END") from None
+        ranges.append([start, end])
+    keys = {"ranges": ranges, "invert": request.invert_keys} if ranges or request.invert_keys else None
+    return [Method("key_emphasis", {"alpha": request.alpha}, keys)]
+
+
+def run_calibration(request: CalibrationRequest) -> int:
+    console = Console(stderr=True)
+    try:
+        return _run(request, console)
+    except (UsageError, DataError, InvalidRequest) as err:
+        console.print(f"[red]calibrate:[/red] {err}", highlight=False)
+        return 2
+
+
+def _run(request: CalibrationRequest, console: Console) -> int:
+    from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
+    from ..engines.prompts import pad_token_id
+    from ..models.config import ConfigError, load_config
+
+    try:
+        server_config = load_config(request.config)
+        models = server_config.models
+        name = request.model or next(iter(models))
+        if name not in models:
+            raise UsageError(f"--model: {name!r} is not in the config (it has {', '.join(models)})")
+        model_config = models[name]
+        if model_config.kind != "llm":
+            raise UsageError(
+                f"--model: {name!r} is a {model_config.kind} model; calibration scores text answers"
+            )
+        model_path = model_config.resolve_path(server_config.cache_dir)
+    except ConfigError as err:
+        raise UsageError(f"config error: {err}") from None
+    methods = methods_of(request)
+    examples = load_examples(request.data)
+    split = split_examples(examples, request.validation_fraction, request.seed)
+
+    console.print(f"loading {name} from {model_path}")
+    tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
+    geometry = model_geometry(model)
+    settings = SearchSettings(
+        strategy=request.strategy,
+        layers=parse_layers(request.layers, geometry.num_layers),
+        budget=request.budget,
+        greedy_unit=request.greedy_unit,
+    )
+    calibration_set = tokenize(split.calibration, tokenizer)
+    validation_set = tokenize(split.validation, tokenizer)
+    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
+    console.print(
+        f"{len(calibration_set)} calibration and {len(validation_set)} validation examples; "
+        f"search: {settings.describe()}; batch size {request.batch_size}"
+    )
+
+    started = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("answers"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = progress.add_task(description, total=total)
+            progress.update(tasks[description], completed=done)
+
+        result = calibrate(
+            scorer,
+            geometry,
+            methods,
+            calibration_set,
+            validation_set,
+            settings,
+            bootstrap_resamples=request.bootstrap_resamples,
+            seed=request.seed,
+            on_progress=on_progress,
+        )
+    seconds = time.monotonic() - started
+
+    for variant in result.variants:
+        chosen = variant.search.chosen
+        console.print(
+            f"{json.dumps(dict(variant.method.parameters))}: best on calibration "
+            f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
+            f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
+            highlight=False,
+        )
+    if not result.found:
+        console.print(
+            "No head set beat the unmodified model on the calibration split; no preset written.",
+            highlight=False,
+        )
+        return 1
+
+    context = {
+        "model": name,
+        "model_files_sha256": directory_sha256(model_path),
+        "data_file": str(request.data),
+        "data_sha256": file_sha256(request.data),
+        "split": split.description,
+        "seed": str(request.seed),
+        "search": settings.describe(),
+        "batch_size": str(request.batch_size),
+        "search_seconds": f"{seconds:.1f}",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    description = summary(result)
+    method = result.chosen.method
+    write_preset(
+        request.output, description, [method.intervention(result.head_set)], provenance(result, context)
+    )
+    print(description)
+    console.print(
+        f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
+        f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",
+        highlight=False,
+    )
+    return 0

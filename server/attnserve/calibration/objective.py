@@ -1,0 +1,115 @@
+"""The objective: how well a plan ranks the correct answer first.
+
+Per example, the margin is the correct answer's summed token log-probability minus the best wrong
+answer's; an example is right when its margin is positive. A split's objective is the mean margin
+(accuracy alongside). Every plan x example x candidate is one query to engines/hf/scoring, so all
+candidate plans of a search round share forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..attention.plan import RequestPlan
+from ..engines.hf.scoring import AnswerQuery, score_answers
+from ..engines.prompts import answer_token_ids, chat_token_ids, prompt_token_ids
+from .data import DataError, LabelledExample
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: tuple[int, ...]
+    candidate_ids: tuple[tuple[int, ...], ...]
+    #: Index of the correct candidate.
+    answer: int
+
+
+def tokenize(examples: Sequence[LabelledExample], tokenizer) -> list[TokenizedExample]:
+    """Token ids exactly as the Score RPC makes them (engines/prompts.py)."""
+    out = []
+    for example in examples:
+        if example.prompt is not None:
+            prompt = prompt_token_ids(tokenizer, example.prompt)
+        else:
+            if tokenizer.chat_template is None:
+                raise DataError(f"line {example.line}: messages: the model has no chat template; use prompt")
+            prompt = chat_token_ids(tokenizer, example.messages)
+        candidates = []
+        for i, text in enumerate(example.candidates):
+            ids = answer_token_ids(tokenizer, text)
+            if not ids:
+                raise DataError(f"line {example.line}: candidates[{i}]: tokenizes to no tokens")
+            candidates.append(ids)
+        out.append(TokenizedExample(tuple(prompt), tuple(candidates), example.answer))
+    return out
+
+
+def margin(logprobs: Sequence[float], answer: int) -> float:
+    """Correct answer's log-probability minus the best wrong answer's."""
+    return logprobs[answer] - max(lp for i, lp in enumerate(logprobs) if i != answer)
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """A plan's result on one split."""
+
+    #: Per example, in split order.
+    margins: tuple[float, ...]
+
+    @property
+    def mean_margin(self) -> float:
+        return sum(self.margins) / len(self.margins)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(m > 0 for m in self.margins) / len(self.margins)
+
+    @property
+    def objective(self) -> tuple[float, float]:
+        """What the search maximises: mean margin, then accuracy."""
+        return (self.mean_margin, self.accuracy)
+
+
+class Scorer:
+    """Scores plans on examples with a loaded model, batch_size rows per forward."""
+
+    def __init__(self, model, *, pad_id: int, batch_size: int):
+        self._model = model
+        self._pad_id = pad_id
+        self.batch_size = batch_size
+
+    def evaluate(
+        self,
+        plans: Sequence[RequestPlan],
+        examples: Sequence[TokenizedExample],
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[SplitMetrics]:
+        """Each plan's metrics on the examples. on_progress(done, total) counts answers scored."""
+        queries = [
+            AnswerQuery(example.prompt_ids, candidate, plan)
+            for plan in plans
+            for example in examples
+            for candidate in example.candidate_ids
+        ]
+        done = 0
+
+        def on_batch(scored: int) -> None:
+            nonlocal done
+            done += scored
+            if on_progress is not None:
+                on_progress(done, len(queries))
+
+        logprobs = iter(
+            score_answers(
+                self._model, queries, pad_id=self._pad_id, batch_size=self.batch_size, on_batch=on_batch
+            )
+        )
+        results = []
+        for _ in plans:
+            margins = []
+            for example in examples:
+                scores = [next(logprobs) for _ in example.candidate_ids]
+                margins.append(margin(scores, example.answer))
+            results.append(SplitMetrics(tuple(margins)))
+        return results
