@@ -1,8 +1,4 @@
-"""The Python client and attnserve-cli against the real server with SmolLM2.
-
-Runs where tests/e2e/conftest.py provides the session fixture `server_target` ("host:port" of a
-server that serves SmolLM2 as "smollm2"); skipped otherwise.
-"""
+"""The Python client and attnserve-cli against the real server with SmolLM2 (on each engine)."""
 
 import pytest
 from attnserve_client import AsyncClient, AttnserveError, Client
@@ -21,11 +17,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def target(request) -> str:
-    try:
-        return request.getfixturevalue("server_target")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the server_target fixture of tests/e2e/conftest.py")
+def target(server_target) -> str:
+    return server_target
 
 
 def _cli(target, *args):
