@@ -7,7 +7,8 @@ and time to first token at 1 and 16 concurrent streams for:
 - plain requests (raw vLLM and attnserve);
 - every request intervened: sink calibration (3 layers) + key emphasis (4 layers), the size of
   a calibrated preset, and a heavy case (sink calibration on layers 2-29 + key emphasis on all);
-- a mixed batch: 8 plain + 8 intervened streams (the plain streams' tokens/s is reported);
+- a mixed batch: 8 plain + 8 intervened (preset) streams; the plain streams are compared, per
+  stream, with raw vLLM serving 16 plain streams;
 - attention statistics sampled on 5% of steps (a second attnserve engine; plain requests).
 Each configuration runs `--repeats` times; medians are reported, with ratios to raw vLLM.
 
@@ -142,6 +143,14 @@ async def start_attnserve(model: Path, compiled: bool, sample_rate: float) -> Vl
     return engine
 
 
+def per_stream_ratio(name: str, results: dict, plain_rows: int | None) -> float:
+    """Tokens/s per counted stream over raw vLLM's with the same number of streams in the batch
+    (names end in it); the mixed batch counts its plain rows only."""
+    streams = int(name.rsplit("_", 1)[-1])
+    raw = results[f"raw_plain_{streams}"]["tokens_per_s"] / streams
+    return results[name]["tokens_per_s"] / (plain_rows or streams) / raw
+
+
 async def run_all(model: Path, tokens: int, repeats: int, compiled: bool) -> dict:
     """All three engines stay up; every repeat runs each configuration once, in turn, so machine
     noise hits raw vLLM and attnserve alike."""
@@ -196,8 +205,8 @@ async def run_all(model: Path, tokens: int, repeats: int, compiled: bool) -> dic
         for name, values in runs.items()
     }
     ratios = {
-        name: result["tokens_per_s"] / results[f"raw_plain_{name.rsplit('_', 1)[-1]}"]["tokens_per_s"]
-        for name, result in results.items()
+        name: per_stream_ratio(name, results, configurations[name][1])
+        for name in results
         if not name.startswith("raw_")
     }
     ttft_overhead_ms = {
