@@ -193,7 +193,7 @@ class VllmEngine(Engine):
                         out.finish_reason = reason
                         out.readouts = totals.finish()
                         yield out
-                        return  # a stop string: closing the stream aborts the request in vLLM
+                        return  # on a stop string, closing the stream (below) aborts it in vLLM
                     yield out
         finally:
             if started:
