@@ -23,3 +23,13 @@ from attnserve.models.config import VllmSettings
 def test_why_no_interventions(config, settings, reason):
     found = _why_no_interventions(SimpleNamespace(**config), settings)
     assert found == reason if reason is None else reason in found
+
+
+def test_cpu_kv_layout_other_than_vec_is_refused():
+    pytest.importorskip("vllm")
+    from attnserve.engines.vllm.engine import _why_no_cpu_kv_reader
+
+    # Head sizes that are multiples of 16 but not 32 make vLLM pick its "vec16" kernel.
+    assert "'vec16' kernel" in _why_no_cpu_kv_reader("float32", 80)
+    # SmolLM2's head size in fp32 on an x86 CPU without AMX: the "vec" kernel, readable.
+    assert _why_no_cpu_kv_reader("float32", 64) is None

@@ -52,16 +52,19 @@ class VllmEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         num_heads = config.num_attention_heads
-        refusal = _why_no_interventions(config, settings)
+        geometry = ModelGeometry(
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        )
+        refusal = _why_no_interventions(config, settings) or (
+            _why_no_cpu_kv_reader(dtype, geometry.head_dim) if device == "cpu" else None
+        )
         if refusal:
             log.warning("model %s: attention interventions and readouts are off: %s", model_path, refusal)
         self.info = EngineInfo(
-            geometry=ModelGeometry(
-                num_layers=config.num_hidden_layers,
-                num_heads=num_heads,
-                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-                head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            ),
+            geometry=geometry,
             max_context_length=settings.max_model_len or config.max_position_embeddings,
             supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
             supported_readouts=frozenset() if refusal else READOUTS,
@@ -254,6 +257,18 @@ def _why_no_interventions(config, settings: VllmSettings) -> str | None:
     for name in ("sliding_window", "attn_logit_softcapping", "alibi"):
         if getattr(config, name, None):
             return f"the model's attention uses {name}"
+    return None
+
+
+def _why_no_cpu_kv_reader(dtype: str, head_dim: int) -> str | None:
+    """The CPU backend reads the KV cache layout of vLLM's "vec" kernel only; vLLM picks the
+    kernel from the CPU, the dtype and the head size (block sizes are multiples of 32)."""
+    import torch
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(getattr(torch, dtype), 32, head_dim)
+    if isa != "vec":
+        return f"vLLM's CPU attention uses its {isa!r} kernel here, whose KV cache attnserve cannot read yet"
     return None
 
 
