@@ -79,3 +79,25 @@ def _add_statistics(into: dict[int, LayerStatistics], layer: int, stats: LayerSt
         into[layer] = LayerStatistics(**{**vars(stats), "range_mass": list(stats.range_mass)})
     else:
         total.add(stats)
+
+
+class StatisticsSampler:
+    """Which steps feed the attention-statistics metrics: every 1/rate-th step (so the share is
+    exact and the cost predictable), from one row of the batch taken in turn (so the cost of a
+    sample does not grow with the batch)."""
+
+    def __init__(self, rate: float):
+        self._rate = rate
+        self._credit = 0.0
+        self._sampled_steps = 0
+
+    def sampled_row(self, num_rows: int) -> int:
+        """The row of this step whose statistics are sampled, or -1 for none."""
+        if self._rate <= 0 or num_rows == 0:
+            return -1
+        self._credit += self._rate
+        if self._credit < 1.0:
+            return -1
+        self._credit -= 1.0
+        self._sampled_steps += 1
+        return self._sampled_steps % num_rows

@@ -27,7 +27,7 @@ from ...spec.geometry import ModelGeometry
 from ..base import Engine, EngineError, EngineInfo, EngineRequest, ScoreRequest, TokenOutput
 from ..detokenizer import IncrementalDetokenizer
 from ..prompts import pad_token_id
-from ..readouts import RequestReadoutTotals, StepReadouts
+from ..readouts import RequestReadoutTotals, StatisticsSampler, StepReadouts
 from . import attention
 from .kv_batch import KVBatch
 from .sampling import choose_token, make_generator
@@ -63,14 +63,7 @@ def load_causal_lm(model_path: Path, *, dtype: str = "float32", device: str = "c
 
 
 def model_geometry(model) -> ModelGeometry:
-    config = model.config
-    num_heads = config.num_attention_heads
-    return ModelGeometry(
-        num_layers=config.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-    )
+    return ModelGeometry.of_config(model.config)
 
 
 @dataclass
@@ -127,9 +120,7 @@ class TransformersEngine(Engine):
         )
         self._eos_ids = self._find_eos_ids()
         self._max_batch_size = max_batch_size
-        self._sample_rate = statistics_sample_rate
-        self._sample_credit = 0.0
-        self._sampled_steps = 0
+        self._sampler = StatisticsSampler(statistics_sample_rate)
         self._on_statistics = on_statistics
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
@@ -311,9 +302,7 @@ class TransformersEngine(Engine):
         return out.logits[:, -1].float().cpu()  # sampling runs on the CPU with per-request generators
 
     def _batch_attention(self, rows: list[_Row], key_length: int) -> attention.BatchAttention | None:
-        # A sampled step feeds the metrics from one row, taken in turn, so the cost of a sample
-        # does not grow with the batch.
-        sampled_row = self._sampled_steps % len(rows) if self._take_statistics_sample() else -1
+        sampled_row = self._sampler.sampled_row(len(rows))
         if sampled_row < 0 and not any(r.request.plan.touches_attention for r in rows):
             return None  # nothing to do in attention: plain SDPA, no overhead
 
@@ -331,18 +320,6 @@ class TransformersEngine(Engine):
             for r in rows
         ]
         return attention.BatchAttention(layouts, plan_for, on_readouts)
-
-    def _take_statistics_sample(self) -> bool:
-        """Whether this step's statistics feed the metrics: every 1/sample_rate-th step, so the
-        share is exact and the cost predictable."""
-        if self._sample_rate <= 0:
-            return False
-        self._sample_credit += self._sample_rate
-        if self._sample_credit >= 1.0:
-            self._sample_credit -= 1.0
-            self._sampled_steps += 1
-            return True
-        return False
 
     def _record(self, row: _Row, layer: int, readout: RowReadout, sampled: bool) -> None:
         if sampled and readout.statistics is not None and self._on_statistics is not None:

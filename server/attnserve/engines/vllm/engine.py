@@ -51,13 +51,7 @@ class VllmEngine(Engine):
         settings = settings or VllmSettings()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-        num_heads = config.num_attention_heads
-        geometry = ModelGeometry(
-            num_layers=config.num_hidden_layers,
-            num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-        )
+        geometry = ModelGeometry.of_config(config)
         refusal = _why_no_interventions(config, settings) or (
             _why_no_cpu_kv_reader(dtype, geometry.head_dim) if device == "cpu" else None
         )

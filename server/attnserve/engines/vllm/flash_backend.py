@@ -11,33 +11,13 @@ from __future__ import annotations
 
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-from . import worker
 from .paged_kv import read_flash
-from .row_plans import PlannedRowsMixin
+from .row_plans import PagedKVReader, PlannedRowsMixin
 
 
 class AttnserveFlashAttentionImpl(PlannedRowsMixin, FlashAttentionImpl):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        worker.install_runner_hook()
-
-    def forward(
-        self,
-        layer,
-        query,
-        key,
-        value,
-        kv_cache,
-        attn_metadata,
-        output,
-        output_scale=None,
-        output_block_scale=None,
-    ):
-        output = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
-        )
-        self._apply_plans(layer, query, output, kv_cache, attn_metadata, read_flash)
-        return output
+    def paged_kv_reader(self, layer) -> PagedKVReader:
+        return read_flash
 
 
 class AttnserveFlashAttentionBackend(FlashAttentionBackend):

@@ -8,21 +8,55 @@ metadata builders, KV layouts and kernels stay vLLM's.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
+import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from . import worker
 
+#: (kv_cache, the row's block ids, seq_len) -> k, v (num_kv_heads, seq_len, head_dim).
+PagedKVReader = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
 
 class PlannedRowsMixin:
-    """The per-request correction shared by the backends; needs the impl's scale, attn_type,
-    sliding_window, logits_soft_cap, alibi_slopes and sinks (as vLLM's impls set them)."""
+    """The per-request correction, mixed in before a vLLM attention impl: its forward, then the
+    planned rows. Uses the impl's scale, attn_type, sliding_window, logits_soft_cap,
+    alibi_slopes and sinks (as vLLM's impls set them)."""
 
-    def _apply_plans(self, layer, query, output, kv_cache, attn_metadata, read) -> None:
-        if worker.current_step() is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        worker.install_runner_hook()
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        output = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
+        if worker.current_step() is not None:
+            self._apply_plans(layer, query, output, kv_cache, attn_metadata)
+        return output
+
+    def paged_kv_reader(self, layer) -> PagedKVReader:
+        """How this backend's KV cache is read back (paged_kv.py)."""
+        raise NotImplementedError
+
+    def _apply_plans(self, layer, query, output, kv_cache, attn_metadata) -> None:
+        if attn_metadata is None or self.attn_type != AttentionType.DECODER:
             return
         self._check_plain_softmax_attention()
+        read = self.paged_kv_reader(layer)
         block_table = attn_metadata.block_table
         worker.apply_row_plans(
             _layer_index(layer.layer_name),

@@ -22,7 +22,7 @@ import torch
 from ...attention.core import attend_rows, effective_ops
 from ...attention.plan import EMPTY_PLAN, NO_READOUTS, RequestPlan
 from ...attention.rows import LayerStatistics, RowLayout
-from ..readouts import StepReadouts
+from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
 
 log = logging.getLogger("attnserve.engines.vllm.worker")
@@ -135,9 +135,7 @@ class StepPlanner:
     """Builds each step's context from the runner's batch; owns the worker's side-channel end."""
 
     def __init__(self, settings: dict):
-        self._sample_rate = float(settings.get("statistics_sample_rate", 0.0))
-        self._sample_credit = 0.0
-        self._sampled_steps = 0
+        self._sampler = StatisticsSampler(float(settings.get("statistics_sample_rate", 0.0)))
         self._publisher = (
             ReadoutPublisher(settings["readout_channel"]) if "readout_channel" in settings else None
         )
@@ -149,7 +147,7 @@ class StepPlanner:
         req_ids = batch.req_ids[: batch.num_reqs]
         if not req_ids:
             return None
-        sampled_row = self._sampled_steps % len(req_ids) if self._take_sample() else -1
+        sampled_row = self._sampler.sampled_row(len(req_ids))
         if len(self._plans) > 2 * len(req_ids):
             self._plans = {r: self._plans[r] for r in req_ids if r in self._plans}
         rows = []
@@ -174,17 +172,6 @@ class StepPlanner:
             plan = pickle.loads(extra[PLAN_KEY]) if PLAN_KEY in extra else EMPTY_PLAN
             cached = self._plans[state.req_id] = (extra.get(CHANNEL_KEY, state.req_id), plan)
         return cached
-
-    def _take_sample(self) -> bool:
-        """Every 1/sample_rate-th step feeds the metrics, from one row taken in turn."""
-        if self._sample_rate <= 0:
-            return False
-        self._sample_credit += self._sample_rate
-        if self._sample_credit >= 1.0:
-            self._sample_credit -= 1.0
-            self._sampled_steps += 1
-            return True
-        return False
 
 
 def install_runner_hook() -> None:
