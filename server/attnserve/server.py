@@ -39,7 +39,24 @@ GRPC_OPTIONS = [
 ]
 
 
-def _transformers_engine(path, model: ModelConfig, config: ServerConfig, on_statistics) -> Engine:
+def _statistics_sink(metrics: ServerMetrics, model: ModelConfig):
+    """Feeds an engine's sampled attention statistics (sums over query rows) to the metrics."""
+
+    def on_statistics(layer, stats) -> None:
+        n = max(stats.query_count, 1)
+        metrics.attention_statistics(
+            model.name,
+            model.engine,
+            layer,
+            stats.sink_mass / n,
+            stats.normalized_entropy / n,
+            stats.hidden_sinks / n,
+        )
+
+    return on_statistics
+
+
+def _transformers_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
     from .engines.hf.engine import TransformersEngine  # torch and transformers load here
 
     return TransformersEngine(
@@ -48,11 +65,11 @@ def _transformers_engine(path, model: ModelConfig, config: ServerConfig, on_stat
         device=model.device,
         max_batch_size=model.limits.max_batch_size,
         statistics_sample_rate=config.statistics.sample_rate,
-        on_statistics=on_statistics,
+        on_statistics=_statistics_sink(metrics, model),
     )
 
 
-def _vllm_engine(path, model: ModelConfig, config: ServerConfig, on_statistics) -> Engine:
+def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
     from .engines.vllm.engine import VllmEngine  # vLLM's own modules load when the engine starts
 
     return VllmEngine(
@@ -61,13 +78,14 @@ def _vllm_engine(path, model: ModelConfig, config: ServerConfig, on_statistics) 
         device=model.device,
         max_batch_size=model.limits.max_batch_size,
         statistics_sample_rate=config.statistics.sample_rate,
-        on_statistics=on_statistics,
+        on_statistics=_statistics_sink(metrics, model),
+        on_kv_cache_usage=lambda ratio: metrics.kv_cache_usage(model.name, model.engine, ratio),
         settings=model.vllm,
         cache_dir=config.cache_dir,
     )
 
 
-#: engine name in config -> factory(model path, model config, server config, statistics sink)
+#: engine name in config -> factory(model path, model config, server config, metrics)
 ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
     "transformers": _transformers_engine,
     "vllm": _vllm_engine,
@@ -121,25 +139,13 @@ async def start_server(
 async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> ServedModel:
     log.info("loading model %s (%s engine)", model.name, model.engine)
     path = await asyncio.to_thread(model.resolve_path, config.cache_dir)
-
-    def on_statistics(layer, stats) -> None:
-        n = max(stats.query_count, 1)
-        metrics.attention_statistics(
-            model.name,
-            model.engine,
-            layer,
-            stats.sink_mass / n,
-            stats.normalized_entropy / n,
-            stats.hidden_sinks / n,
-        )
-
     factory = ENGINE_FACTORIES.get(model.engine)
     if factory is None:
         raise ConfigError(
             f"models.{model.name}.engine: engine {model.engine!r} is not available in this build "
             f"(available: {', '.join(ENGINE_FACTORIES)})"
         )
-    engine = await asyncio.to_thread(factory, path, model, config, on_statistics)
+    engine = await asyncio.to_thread(factory, path, model, config, metrics)
     await engine.start()
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 
-from .helpers import chat_request, run
+from .helpers import chat_request
 
 
 def scrape(url: str) -> str:
@@ -27,10 +27,16 @@ def sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics_after_requests(server_target, metrics_url):
+def test_metrics_after_requests(server_target, metrics_url, engine_name):
     with grpc.insecure_channel(server_target) as channel:
-        run(pb_grpc.InferenceServiceStub(channel), chat_request(max_tokens=4))
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stream = stub.Generate(chat_request(max_tokens=8))
+        next(stream)
+        during = scrape(metrics_url)
+        list(stream)
     text = scrape(metrics_url)
+    if engine_name == "vllm":  # vLLM's scheduler reports its KV cache usage after every step
+        assert 0 < sample(during, "attnserve_scheduler_kv_cache_usage_ratio", model="smollm2") <= 1
     assert sample(text, "attnserve_request_finished_total", model="smollm2") >= 1
     assert sample(text, "attnserve_request_generation_tokens_total", model="smollm2") >= 4
     assert sample(text, "attnserve_request_time_to_first_token_seconds_count", model="smollm2") >= 1

@@ -45,6 +45,7 @@ class VllmEngine(Engine):
         max_batch_size: int = 16,
         statistics_sample_rate: float = 0.0,
         on_statistics: Callable[[int, LayerStatistics], None] | None = None,
+        on_kv_cache_usage: Callable[[float], None] | None = None,
         settings: VllmSettings | None = None,
         cache_dir: Path | None = None,
     ):
@@ -70,6 +71,7 @@ class VllmEngine(Engine):
         self._max_batch_size = max_batch_size
         self._sample_rate = statistics_sample_rate
         self._on_statistics = on_statistics
+        self._on_kv_cache_usage = on_kv_cache_usage
         self._settings = settings
         self._cache_dir = cache_dir
         self._llm = None
@@ -107,7 +109,8 @@ class VllmEngine(Engine):
             },
             **self._cuda_graph_args(),
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        loggers = [_kv_cache_usage_logger(self._on_kv_cache_usage)] if self._on_kv_cache_usage else None
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
 
     def _cuda_graph_args(self) -> dict:
         # The backend runs per-request Python inside the attention op: keep attention out of
@@ -230,6 +233,24 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
+
+
+def _kv_cache_usage_logger(report: Callable[[float], None]):
+    """A vLLM stat logger (a factory of them) that reports the scheduler's KV cache usage."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class KVCacheUsageLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                report(scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self):
+            pass
+
+    return KVCacheUsageLogger
 
 
 def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None) -> None:
