@@ -32,6 +32,32 @@ INTERVENTIONS = "Interventions"
 READOUTS = "Readouts"
 SAMPLING = "Sampling"
 
+# Options generate and score share.
+Prompt = Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Served model name.")]
+Chat = Annotated[
+    bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
+]
+System = Annotated[str | None, typer.Option(help="A system message before the prompt (chat only).")]
+Presets = Annotated[
+    list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
+]
+SinkCalibration = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="LAYERS[:HEADS]",
+        help="ACT sink calibration of these layers' heads (every head without HEADS), e.g. 3-5:0,2 (repeatable).",
+        rich_help_panel=INTERVENTIONS,
+    ),
+]
+Tau = Annotated[
+    float | None, typer.Option(help="Sink threshold of --sink-calibration.", rich_help_panel=INTERVENTIONS)
+]
+Beta = Annotated[
+    float | None,
+    typer.Option(help="Share a sink keeps, for --sink-calibration.", rich_help_panel=INTERVENTIONS),
+]
+
 
 @app.command()
 def models(target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
@@ -49,14 +75,10 @@ def model(name: str, target: Target = DEFAULT_TARGET, timeout: Timeout = None) -
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Served model name.")] = "smollm2",
-    chat: Annotated[
-        bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
-    ] = True,
-    system: Annotated[
-        str | None, typer.Option(help="A system message before the prompt (chat only).")
-    ] = None,
+    prompt: Prompt,
+    model: Model = "smollm2",
+    chat: Chat = True,
+    system: System = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, rich_help_panel=SAMPLING)] = None,
     temperature: Annotated[
         float | None, typer.Option(min=0, help="0 is greedy.", rich_help_panel=SAMPLING)
@@ -70,25 +92,10 @@ def generate(
     logprobs: Annotated[
         int, typer.Option(min=0, help="Show the N most likely tokens of each step.", rich_help_panel=SAMPLING)
     ] = 0,
-    preset: Annotated[
-        list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
-    ] = None,
-    sink_calibration: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="LAYERS[:HEADS]",
-            help="ACT sink calibration of these layers' heads (every head without HEADS), e.g. 3-5:0,2 (repeatable).",
-            rich_help_panel=INTERVENTIONS,
-        ),
-    ] = None,
-    tau: Annotated[
-        float | None,
-        typer.Option(help="Sink threshold of --sink-calibration.", rich_help_panel=INTERVENTIONS),
-    ] = None,
-    beta: Annotated[
-        float | None,
-        typer.Option(help="Share a sink keeps, for --sink-calibration.", rich_help_panel=INTERVENTIONS),
-    ] = None,
+    preset: Presets = None,
+    sink_calibration: SinkCalibration = None,
+    tau: Tau = None,
+    beta: Beta = None,
     emphasize: Annotated[
         list[str] | None,
         typer.Option(
@@ -129,14 +136,7 @@ def generate(
     timeout: Timeout = None,
 ) -> None:
     """Generate text, streaming it as it arrives."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if chat:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        inputs = {"messages": messages}
-    else:
-        inputs = {"prompt": prompt}
+    inputs = _inputs(prompt, chat, system)
     with _errors_reported():
         interventions, readouts = _specs(
             spec, preset, sink_calibration, tau, beta, emphasize, alpha, stats, summary, attention_rows
@@ -168,36 +168,17 @@ def generate(
 
 @app.command()
 def score(
-    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
+    prompt: Prompt,
     candidate: Annotated[
         list[str], typer.Option("--candidate", "-c", help="A candidate answer (repeatable).")
     ],
-    model: Annotated[str, typer.Option("--model", "-m", help="Served model name.")] = "smollm2",
-    chat: Annotated[
-        bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
-    ] = True,
-    system: Annotated[
-        str | None, typer.Option(help="A system message before the prompt (chat only).")
-    ] = None,
-    preset: Annotated[
-        list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
-    ] = None,
-    sink_calibration: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="LAYERS[:HEADS]",
-            help="ACT sink calibration of these layers' heads, e.g. 3-5:0,2 (repeatable).",
-            rich_help_panel=INTERVENTIONS,
-        ),
-    ] = None,
-    tau: Annotated[
-        float | None,
-        typer.Option(help="Sink threshold of --sink-calibration.", rich_help_panel=INTERVENTIONS),
-    ] = None,
-    beta: Annotated[
-        float | None,
-        typer.Option(help="Share a sink keeps, for --sink-calibration.", rich_help_panel=INTERVENTIONS),
-    ] = None,
+    model: Model = "smollm2",
+    chat: Chat = True,
+    system: System = None,
+    preset: Presets = None,
+    sink_calibration: SinkCalibration = None,
+    tau: Tau = None,
+    beta: Beta = None,
     spec: Annotated[
         pathlib.Path | None,
         typer.Option(help="JSON or YAML spec file (presets, interventions).", rich_help_panel=INTERVENTIONS),
@@ -206,14 +187,7 @@ def score(
     timeout: Timeout = None,
 ) -> None:
     """Score candidate answers: each one's summed token log-probability after the prompt."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if chat:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        inputs = {"messages": messages}
-    else:
-        inputs = {"prompt": prompt}
+    inputs = _inputs(prompt, chat, system)
     with _errors_reported():
         interventions, readouts = _specs(
             spec, preset, sink_calibration, tau, beta, None, None, False, False, None
@@ -225,6 +199,17 @@ def score(
     typer.echo(formatting.scores_table(response))
     typer.echo(f"{response.usage.prompt_tokens} prompt tokens; "
                f"{response.interventions_applied} intervention(s) applied", err=True)  # fmt: skip
+
+
+def _inputs(prompt: str, chat: bool, system: str | None) -> dict:
+    """The request's input keywords: chat messages or a raw prompt (- reads it from stdin)."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not chat:
+        return {"prompt": prompt}
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return {"messages": messages}
 
 
 def _print_stream(
