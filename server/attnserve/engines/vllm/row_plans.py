@@ -28,6 +28,14 @@ class PlannedRowsMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         worker.install_runner_hook()
+        # attention.core computes softmax(q k^T * scale) over every earlier key; the engine
+        # refuses interventions for models whose attention is anything else (see engine.py).
+        self._plain_softmax = not (
+            getattr(self, "sliding_window", None) not in (None, -1)
+            or getattr(self, "logits_soft_cap", None)
+            or getattr(self, "alibi_slopes", None) is not None
+            or getattr(self, "sinks", None) is not None
+        )
 
     def forward(
         self,
@@ -55,7 +63,10 @@ class PlannedRowsMixin:
     def _apply_plans(self, layer, query, output, kv_cache, attn_metadata) -> None:
         if attn_metadata is None or self.attn_type != AttentionType.DECODER:
             return
-        self._check_plain_softmax_attention()
+        if not self._plain_softmax:
+            raise RuntimeError(
+                "attnserve recomputes plain softmax attention only (no window, softcap, ALiBi or sinks)"
+            )
         read = self.paged_kv_reader(layer)
         block_table = attn_metadata.block_table
         worker.apply_row_plans(
@@ -68,20 +79,6 @@ class PlannedRowsMixin:
             metadata_id=id(attn_metadata),
             read_kv=lambda row, seq_len: read(kv_cache, block_table[row], seq_len),
         )
-
-    def _check_plain_softmax_attention(self) -> None:
-        # attention.core computes softmax(q k^T * scale) over every earlier key; the engine
-        # refuses interventions for models whose attention is anything else (see engine.py).
-        sliding = getattr(self, "sliding_window", None)
-        if (
-            sliding not in (None, -1)
-            or getattr(self, "logits_soft_cap", None)
-            or getattr(self, "alibi_slopes", None) is not None
-            or getattr(self, "sinks", None) is not None
-        ):
-            raise RuntimeError(
-                "attnserve recomputes plain softmax attention only (no window, softcap, ALiBi or sinks)"
-            )
 
 
 @functools.cache
