@@ -7,9 +7,11 @@ with readouts are handled one at a time with their padding cut off, in float32:
   logits are materialised only for heads whose bias depends on them (LogitRescale,
   temperature on part of the keys);
 - ACT materialises the probabilities of its heads (sink detection needs column means) and
-  turns its reweighting into more bias (I2), before the fused call;
-- output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o);
+  turns its reweighting into more bias (docs/attention-math.md#identity-b), before the fused
+  call;
+- output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o; identity U there);
 - statistics reuse the fused call (lse, values := [V | K | indicator columns]).
+The identities, the order of the operations and the statistics: docs/attention-math.md.
 Pure torch; works on CPU and CUDA tensors.
 """
 
@@ -145,7 +147,7 @@ def _attend_row(
         calibrate_sinks(row, ops, edited, probs, slot)
 
     # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
-    # (I3) and the masses on the indicator columns (I4).
+    # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).
     fused_statistics = request.statistics and len(fused_heads) > 0
     columns = mass_columns(row, request.mass_ranges, edited) if request.statistics else None
     head_dim = row.v.shape[-1]

@@ -1,11 +1,14 @@
 """The operations of a RowPlan on one row: pre-softmax edits, ACT, output edits.
 
 Order on a row, whatever the order of the plan's list (ops of one kind keep their list order):
-  1. pre-softmax: Temperature, KeyEmphasis, KeyMask, LogitRescale (on the tempered logit);
-  2. softmax and PV (one fused call, outside this module);
-  3. SinkCalibration (ACT) on the probabilities;
+  1. pre-softmax: Temperature, then LogitRescale (on the tempered logit), then the KeyEmphasis
+     and KeyMask biases;
+  2. softmax;
+  3. SinkCalibration (ACT) on the probabilities, folded into the bias of the one fused
+     softmax-and-PV call (made outside this module);
   4. IdentityBlend, then HeadOutputScale, on the output.
 Output operations act on heads and query rows only; their KeySet is not used.
+The order and the identities behind it: docs/attention-math.md#order-of-operations-on-a-row.
 """
 
 from __future__ import annotations
@@ -173,8 +176,8 @@ def calibrate_sinks(
 
     Sinks (positions >= 1 in the op's keys) have a mean probability > tau over the query rows
     that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
-    (1 - beta m) / (1 - m): a reweighting, so by I2 exactly the logit bias
-    log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then gives the output; this
+    (1 - beta m) / (1 - m): a reweighting, so (docs/attention-math.md#identity-b) exactly the
+    logit bias log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then gives the output; this
     avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose subtraction loses float32
     precision by a factor 1 / (1 - m) when the sinks hold almost all the mass.
     """

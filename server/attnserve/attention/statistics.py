@@ -1,11 +1,12 @@
 """Readouts of one row on its final (post-intervention) attention probabilities.
 
 Heads whose probabilities were materialised (ACT, logit-dependent biases) are read directly.
-The others use the fused identities of the notes: the lse of the fused call, entropy by I3
-(values := K), masses by I4 (values := indicator columns), the own-key probability and the
-last query row by I1 (one dot product each), column sums by I5 in query chunks.
-The identity blends are applied afterwards in closed form: the final map of query i is
-kept_i * P_i + (1 - kept_i) * onehot(own key).
+The others use the identities of docs/attention-math.md: the lse of the fused call, entropy by
+identity H (values := K), masses by identity V (values := indicator columns), the own-key
+probability by identity P (one dot product and the lse), the last query row from its own logits,
+column sums by identity C in query chunks.
+The identity blends are applied afterwards in closed form (identity U): the final map of query i
+is kept_i * P_i + (1 - kept_i) * onehot(own key). Definitions: docs/attention-math.md#statistics.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def fused_pieces(
     and masses (h, L, C) from the fused call; kept (h, L)."""
     q = edited.q[heads]
     bias = edited.bias if edited.bias.shape[0] == 1 else edited.bias[heads]
-    # I3: H_i = lse_i - sum_j p_ij (s_ij + b_ij); the bias part is log(alpha) times the
-    # emphasised mass (masked keys carry no probability).
+    # docs/attention-math.md#identity-h: H_i = lse_i - sum_j p_ij (s_ij + b_ij); the bias part
+    # is log(alpha) times the emphasised mass (masked keys carry no probability).
     expected_logit = row.scale * (q * key_mean).sum(dim=-1)
     first_emphasis = masses.shape[-1] - len(edited.emphasis)
     for index, term in enumerate(edited.emphasis):
@@ -93,13 +94,13 @@ def fused_pieces(
         )
     entropy = lse - expected_logit
 
-    # I1 on the own key.
+    # docs/attention-math.md#identity-p on the own key.
     keys = row.keys_of(heads)
     own_key_vectors = row.own_keys(heads)
     own_bias = torch.diagonal(bias, offset=row.num_keys - row.num_queries, dim1=-2, dim2=-1)
     own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
 
-    # I5: column sums need every p_ij once; O(chunk * n) memory.
+    # docs/attention-math.md#identity-c: column sums need every p_ij once; O(chunk * n) memory.
     column_sum = torch.zeros(len(heads), row.num_keys, dtype=row.dtype, device=row.device)
     for rows, chunk in kernels.logit_chunks(q, keys, bias, row.scale):
         column_sum += (torch.exp(chunk - lse[:, rows, None]) * kept[:, rows, None]).sum(dim=1)
