@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2  # noqa: F401 - registers the detail ty
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.decoding import UndecodableRequests
 from .api.servicer import InferenceServicer
 from .engines.base import Engine
 from .metrics import ServerMetrics
@@ -110,7 +111,8 @@ async def start_server(
     config: ServerConfig, metrics: ServerMetrics, *, host: str, port: int
 ) -> RunningServer:
     """Bind the port at once (health answers NOT_SERVING), then load models and go SERVING."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    undecodable = UndecodableRequests(lambda code: metrics.request_rejected("", "", code))
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[undecodable])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     registry = ModelRegistry()

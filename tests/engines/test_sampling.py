@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from attnserve.engines.base import SamplingConfig
+from attnserve.engines.base import NonFiniteOutput, SamplingConfig
 from attnserve.engines.hf.sampling import choose_token, make_generator
 
 VOCAB = 64
@@ -109,3 +109,11 @@ def test_sampling_follows_the_distribution():
     # Temperature 2 flattens it: token 1's share falls.
     hot = draw(torch.log(probs), SamplingConfig(temperature=2.0, seed=5), 2000)
     assert hot.count(1) / len(hot) < share_of_1 - 0.05
+
+
+def test_a_temperature_that_overflows_the_logits_is_a_non_finite_output():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    with pytest.raises(NonFiniteOutput):
+        choose_token(
+            logits, SamplingConfig(temperature=1e-45, seed=0), make_generator(SamplingConfig(seed=0))
+        )

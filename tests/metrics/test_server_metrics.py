@@ -26,9 +26,10 @@ def record_everything(metrics: ServerMetrics) -> None:
     metrics.inter_token(model, engine, 0.02)
     metrics.inter_token(model, engine, 0.03)
     metrics.request_finished(model, engine, "eos", prompt_tokens=42, generation_tokens=17, e2e_seconds=1.2)
-    metrics.request_rejected(grpc.StatusCode.INVALID_ARGUMENT)
-    metrics.request_rejected(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    metrics.request_rejected(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    metrics.request_rejected(model, engine, grpc.StatusCode.INVALID_ARGUMENT)
+    metrics.request_rejected(model, engine, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    metrics.request_rejected(model, engine, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    metrics.request_rejected("", "", grpc.StatusCode.NOT_FOUND)
     metrics.attention_statistics(model, engine, 0, sink_mass=0.7, normalized_entropy=0.3, hidden_sinks=1.5)
     metrics.attention_statistics(model, engine, 12, sink_mass=0.1, normalized_entropy=0.8, hidden_sinks=0.0)
     metrics.interventions_applied(model, engine, "sink_calibration", count=4)
@@ -72,9 +73,11 @@ def test_finish_reasons_exist_from_first_use(metrics):
     assert finished == {"eos": 1, "length": 0, "stop_string": 0, "cancelled": 1, "deadline": 0, "error": 0}
 
 
-def test_rejections_by_status_code_only(metrics):
-    assert value(metrics, "attnserve_request_rejected_total", code="RESOURCE_EXHAUSTED") == 2
-    assert value(metrics, "attnserve_request_rejected_total", code="INVALID_ARGUMENT") == 1
+def test_rejections_by_model_and_status_code(metrics):
+    assert value(metrics, "attnserve_request_rejected_total", code="RESOURCE_EXHAUSTED", **MODEL) == 2
+    assert value(metrics, "attnserve_request_rejected_total", code="INVALID_ARGUMENT", **MODEL) == 1
+    # A request that named no served model counts with empty model and engine labels.
+    assert value(metrics, "attnserve_request_rejected_total", code="NOT_FOUND", model="", engine="") == 1
 
 
 def test_attention_statistics_per_layer(metrics):

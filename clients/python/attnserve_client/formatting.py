@@ -66,6 +66,8 @@ def model_description(model: model_pb2.Model) -> str:
         f"  max interventions    {limits.max_interventions}",
         f"  max readout values   {limits.max_readout_values}",
         f"  max logprobs         {limits.max_logprobs}",
+        "parameter ranges:" if model.parameter_ranges else "parameter ranges: -",
+        *(f"  {r.field:<24} {_range_text(r)}" for r in model.parameter_ranges),
         "presets:" if model.presets else "presets:     -",
     ]
     for preset in model.presets:
@@ -74,6 +76,11 @@ def model_description(model: model_pb2.Model) -> str:
         )
         lines += [f"    {key}: {value}" for key, value in sorted(preset.provenance.items())]
     return "\n".join(lines)
+
+
+def _range_text(r: model_pb2.ParameterRange) -> str:
+    interval = f"{'(' if r.min_exclusive else '['}{r.min:g}, {r.max:g}{')' if r.max_exclusive else ']'}"
+    return f"0 or {interval}" if r.zero_allowed else interval
 
 
 def layer_statistics_table(statistics: Sequence[readout_pb2.LayerStatistics]) -> str:

@@ -6,7 +6,6 @@ Every check runs here, before anything reaches a model; violations name the prot
 
 from __future__ import annotations
 
-import math
 import uuid
 
 from attnserve_client.v1 import inference_service_pb2 as pb
@@ -16,7 +15,8 @@ from ..engines.base import EngineRequest, SamplingConfig, ScoreRequest
 from ..engines.prompts import answer_token_ids, chat_token_ids, prompt_token_ids
 from ..models.registry import ServedModel
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
-from ..spec.errors import Violations
+from ..spec.errors import Violations, quoted
+from ..spec.ranges import ranged_value
 
 DEFAULT_MAX_TOKENS = 64
 MAX_STOP_STRINGS = 8
@@ -133,12 +133,8 @@ def _sampling(request: pb.GenerateRequest, model: ServedModel, violations: Viola
     max_tokens = s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
         violations.add("sampling.max_tokens", f"must be in [1, {limits.max_tokens}] (got {max_tokens})")
-    temperature = s.temperature if s.HasField("temperature") else 0.0
-    if not math.isfinite(temperature) or temperature < 0:
-        violations.add("sampling.temperature", f"must be a finite number >= 0 (got {temperature})")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        violations.add("sampling.top_p", f"must be in (0, 1] (got {top_p})")
+    temperature = ranged_value(s, "temperature", 0.0, "sampling.temperature", "sampling", violations)
+    top_p = ranged_value(s, "top_p", 1.0, "sampling.top_p", "sampling", violations)
     top_k = s.top_k if s.HasField("top_k") else 0
     if top_k < 0:
         violations.add("sampling.top_k", f"must be >= 0 (got {top_k})")
@@ -187,7 +183,7 @@ def _prompt_token_ids(
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
             violations.add(
-                f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)} (got {m.role!r})"
+                f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)} (got {quoted(m.role)})"
             )
         if not m.content.strip():
             violations.add(f"chat.messages[{i}].content", "must not be empty")

@@ -11,7 +11,7 @@ from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import readout_pb2
 
-from ..engines.base import RequestReadouts, TokenOutput
+from ..engines.base import NonFiniteOutput, RequestReadouts, TokenOutput
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
 from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError
@@ -42,16 +42,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 raise InvalidRequest([FieldViolation("name", "must name a model")])
             return pb.GetModelResponse(model=self._registry.get(request.name).describe())
         except RequestError as exc:
-            await self._refuse(context, exc)
+            await self._refuse(context, exc, None)
 
     async def Generate(self, request, context):
         started = time.monotonic()
+        model = None
         try:
             model = self._model(request.model)
             engine_request = to_engine_request(request, model)
             _admit(model)
         except RequestError as exc:
-            await self._refuse(context, exc)
+            await self._refuse(context, exc, model)
             return
         labels = (model.name, model.engine_name)
         for operation in engine_request.plan.applied_operations:
@@ -89,6 +90,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except asyncio.CancelledError:
             finish = "deadline" if _deadline_passed(context) else "cancelled"
             raise
+        except NonFiniteOutput as exc:
+            finish = "error"
+            log.warning("generate failed request_id=%s: %s", engine_request.request_id, exc)
+            await context.abort_with_status(errors.non_finite_output(exc, engine_request.request_id))
         except Exception:
             finish = "error"
             log.exception("generate failed request_id=%s", engine_request.request_id)
@@ -108,6 +113,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 )
 
     async def Score(self, request, context):
+        model = None
         try:
             model = self._model(request.model)
             score_request = to_score_request(request, model)
@@ -122,10 +128,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             )
             scores = await model.engine.score(score_request)
         except RequestError as exc:
-            await self._refuse(context, exc)
+            await self._refuse(context, exc, model)
             return
+        except NonFiniteOutput as exc:
+            log.warning("score failed request_id=%s: %s", score_request.request_id, exc)
+            await context.abort_with_status(errors.non_finite_output(exc, score_request.request_id))
         except Exception:
-            log.exception("score failed model=%s", request.model)
+            log.exception("score failed model=%s", model.name)
             await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while scoring; see server logs")
         return pb.ScoreResponse(
             scores=[
@@ -141,9 +150,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise InvalidRequest([FieldViolation("model", "must name a model; ListModels lists them")])
         return self._registry.get(name)
 
-    async def _refuse(self, context, exc: RequestError) -> None:
+    async def _refuse(self, context, exc: RequestError, model: ServedModel | None) -> None:
+        """Abort with exc's status; model is None when the request named no served model."""
         status = errors.to_status(exc)
-        self._metrics.request_rejected(status.code)
+        self._metrics.request_rejected(
+            model.name if model else "", model.engine_name if model else "", status.code
+        )
         await context.abort_with_status(status)
 
     @staticmethod

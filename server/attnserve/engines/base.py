@@ -104,6 +104,17 @@ class EngineError(RuntimeError):
     """The engine failed while serving a request (INTERNAL)."""
 
 
+class NonFiniteOutput(EngineError):
+    """A request's logits or scores went NaN or infinite. That request alone fails; the others
+    in its batch go on."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"{what} became NaN or infinite; the request's interventions or sampling settings may "
+            "be too extreme for this model"
+        )
+
+
 class Engine(abc.ABC):
     """A loaded model that generates for many concurrent requests."""
 

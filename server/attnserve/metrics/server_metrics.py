@@ -116,12 +116,13 @@ class ServerMetrics:
         self._finished = counter(
             "attnserve_request_finished_total", "Requests finished, by finish reason.", ("finish_reason",)
         )
-        # Rejections happen before (or because) a model is resolved: a model label would take
-        # any name a client sends, so only the status code is kept.
+        # A rejected request may name no served model (NOT_FOUND, an empty name, undecodable
+        # bytes): its model and engine labels are then empty, never the name the client sent,
+        # which would let clients grow the label set without bound.
         self._rejected = Counter(
             "attnserve_request_rejected_total",
             "Requests rejected before generation, by gRPC status code.",
-            ("code",),
+            _MODEL + ("code",),
             registry=registry,
         )
 
@@ -206,8 +207,9 @@ class ServerMetrics:
         series.generation_length.observe(generation_tokens)
         series.e2e_latency.observe(e2e_seconds)
 
-    def request_rejected(self, code: grpc.StatusCode) -> None:
-        self._rejected.labels(code=code.name).inc()
+    def request_rejected(self, model: str, engine: str, code: grpc.StatusCode) -> None:
+        """model and engine are a served model's, or empty when the request named none."""
+        self._rejected.labels(model=model, engine=engine, code=code.name).inc()
 
     # Attention -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from attnserve_client.v1 import intervention_pb2, model_pb2
 
 from ..engines.base import Engine
 from ..spec.errors import ModelNotFound
+from ..spec.ranges import PARAMETER_RANGES
 from .config import Limits
 
 MODEL_KINDS = {
@@ -56,6 +57,17 @@ class ServedModel:
             ],
             presets=list(self.presets.values()),
             unsupported_reason=info.unsupported_reason or "",
+            parameter_ranges=[
+                model_pb2.ParameterRange(
+                    field=field,
+                    min=r.low,
+                    max=r.high,
+                    min_exclusive=r.low_open,
+                    max_exclusive=r.high_open,
+                    zero_allowed=r.zero_allowed,
+                )
+                for field, r in PARAMETER_RANGES.items()
+            ],
             limits=model_pb2.ModelLimits(
                 max_prompt_tokens=limits.max_prompt_tokens,
                 max_tokens=limits.max_tokens,

@@ -8,15 +8,15 @@ names of GenerateRequest.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 from ..attention import plan as P
-from .errors import Unsupported, Violations
+from .errors import Unsupported, Violations, quoted
 from .geometry import ModelGeometry
+from .ranges import ranged_value
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def compile_plan(
     for i, name in enumerate(interventions.presets):
         field = f"interventions.presets[{i}]"
         if name not in ctx.presets:
-            violations.add(field, f"unknown preset {name!r}; GetModel lists this model's presets")
+            violations.add(field, f"unknown preset {quoted(name)}; GetModel lists this model's presets")
             continue
         expanded.extend((field, iv) for iv in ctx.presets[name])
     expanded.extend(
@@ -189,49 +189,37 @@ def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violatio
 # --- Operation parameters ---------------------------------------------------------------------
 
 
-def _param(
-    msg,
-    name: str,
-    default: float,
-    field: str,
-    violations: Violations,
-    valid: Callable[[float], bool],
-    rule: str,
-) -> float:
-    value = getattr(msg, name) if msg.HasField(name) else default
-    if not math.isfinite(value) or not valid(value):
-        violations.add(f"{field}.{name}", f"{rule} (got {value})")
-    return value
+def _param(msg, name: str, default: float, field: str, violations: Violations) -> float:
+    operation = field.rsplit(".", 1)[-1]  # the field path ends in the operation's name
+    return ranged_value(msg, name, default, f"{operation}.{name}", field, violations)
 
 
 def _sink_calibration(msg, field, violations):
-    tau = _param(msg, "tau", 0.1, field, violations, lambda x: 0 < x < 1, "must be in (0, 1)")
-    beta = _param(msg, "beta", 0.4, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]")
+    tau = _param(msg, "tau", 0.1, field, violations)
+    beta = _param(msg, "beta", 0.4, field, violations)
     if msg.min_queries < 0:
         violations.add(f"{field}.min_queries", f"must be >= 0 (got {msg.min_queries})")
     return P.SinkCalibration(tau=tau, beta=beta, min_queries=msg.min_queries)
 
 
 def _key_emphasis(msg, field, violations):
-    return P.KeyEmphasis(_param(msg, "alpha", 0.01, field, violations, lambda x: x > 0, "must be > 0"))
+    return P.KeyEmphasis(_param(msg, "alpha", 0.01, field, violations))
 
 
 def _logit_rescale(msg, field, violations):
-    return P.LogitRescale(_param(msg, "alpha", 0.7, field, violations, lambda x: x > -1, "must be > -1"))
+    return P.LogitRescale(_param(msg, "alpha", 0.7, field, violations))
 
 
 def _head_output_scale(msg, field, violations):
-    return P.HeadOutputScale(_param(msg, "scale", 0.0, field, violations, lambda x: True, "must be finite"))
+    return P.HeadOutputScale(_param(msg, "scale", 0.0, field, violations))
 
 
 def _identity_blend(msg, field, violations):
-    return P.IdentityBlend(
-        _param(msg, "weight", 1.0, field, violations, lambda x: 0 <= x <= 1, "must be in [0, 1]")
-    )
+    return P.IdentityBlend(_param(msg, "weight", 1.0, field, violations))
 
 
 def _temperature(msg, field, violations):
-    return P.Temperature(_param(msg, "temperature", 1.0, field, violations, lambda x: x > 0, "must be > 0"))
+    return P.Temperature(_param(msg, "temperature", 1.0, field, violations))
 
 
 def _key_mask(msg, field, violations):

@@ -30,7 +30,7 @@ class ModelNotFound(RequestError):
 
     def __init__(self, name: str):
         self.name = name
-        super().__init__(f"model {name!r} is not served")
+        super().__init__(f"model {quoted(name)} is not served")
 
 
 class Unsupported(RequestError):
@@ -53,3 +53,16 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidRequest(self.items)
+
+
+def shorten(text: str, max_bytes: int) -> str:
+    """text cut to at most max_bytes of UTF-8, "..." marking a cut (error texts must stay small)."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
+def quoted(value: str, max_bytes: int = 64) -> str:
+    """A client's value as error texts quote it: repr of the value, cut to max_bytes."""
+    return repr(shorten(value, max_bytes))

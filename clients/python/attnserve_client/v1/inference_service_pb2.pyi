@@ -183,7 +183,7 @@ class SamplingParams(_message.Message):
     max_tokens: _builtins.int
     """Tokens to generate; default 64."""
     temperature: _builtins.float
-    """0 is greedy; default 0."""
+    """0 is greedy, otherwise in [0.01, 100]; default 0."""
     top_p: _builtins.float
     """Default 1 (off)."""
     top_k: _builtins.int

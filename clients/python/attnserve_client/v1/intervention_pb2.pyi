@@ -336,7 +336,7 @@ class KeyEmphasis(_message.Message):
 
     ALPHA_FIELD_NUMBER: _builtins.int
     alpha: _builtins.float
-    """In (0, 1] down-weights, above 1 up-weights; default 0.01."""
+    """In [1e-6, 1) down-weights, in (1, 1e6] up-weights; default 0.01."""
     def __init__(
         self,
         *,
@@ -360,7 +360,7 @@ class LogitRescale(_message.Message):
 
     ALPHA_FIELD_NUMBER: _builtins.int
     alpha: _builtins.float
-    """Must be > -1; default 0.7."""
+    """In (-1, 100]; default 0.7."""
     def __init__(
         self,
         *,
@@ -384,7 +384,7 @@ class HeadOutputScale(_message.Message):
 
     SCALE_FIELD_NUMBER: _builtins.int
     scale: _builtins.float
-    """Default 0 (removes the heads' output)."""
+    """In [-100, 100]; default 0 (removes the heads' output)."""
     def __init__(
         self,
         *,
@@ -432,7 +432,7 @@ class Temperature(_message.Message):
 
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Must be > 0; default 1."""
+    """In [0.01, 100]; default 1."""
     def __init__(
         self,
         *,

@@ -175,6 +175,49 @@ class ModelLimits(_message.Message):
 Global___ModelLimits: _TypeAlias = ModelLimits  # noqa: Y015
 
 @_typing.final
+class ParameterRange(_message.Message):
+    """The interval a float request parameter must lie in; values outside it (and NaN, inf) get
+    INVALID_ARGUMENT naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MIN_EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    MAX_EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    ZERO_ALLOWED_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """Path of the field: "sampling.temperature" in GenerateRequest, or "<operation>.<parameter>"
+    (e.g. "key_emphasis.alpha") in an Intervention.
+    """
+    min: _builtins.float
+    max: _builtins.float
+    min_exclusive: _builtins.bool
+    """min (max) itself is outside the range."""
+    max_exclusive: _builtins.bool
+    zero_allowed: _builtins.bool
+    """0 is accepted besides the interval (sampling.temperature: 0 is greedy)."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        min_exclusive: _builtins.bool = ...,
+        max_exclusive: _builtins.bool = ...,
+        zero_allowed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "max", b"max", "max_exclusive", b"max_exclusive", "min", b"min", "min_exclusive", b"min_exclusive", "zero_allowed", b"zero_allowed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParameterRange: _TypeAlias = ParameterRange  # noqa: Y015
+
+@_typing.final
 class Model(_message.Message):
     """A served model and what it supports."""
 
@@ -193,6 +236,7 @@ class Model(_message.Message):
     PRESETS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     UNSUPPORTED_REASON_FIELD_NUMBER: _builtins.int
+    PARAMETER_RANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
@@ -214,6 +258,10 @@ class Model(_message.Message):
     def presets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Preset]: ...
     @_builtins.property
     def limits(self) -> Global___ModelLimits: ...
+    @_builtins.property
+    def parameter_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterRange]:
+        """The ranges the model's float request parameters must lie in."""
+
     def __init__(
         self,
         *,
@@ -230,10 +278,11 @@ class Model(_message.Message):
         presets: _abc.Iterable[Global___Preset] | None = ...,
         limits: Global___ModelLimits | None = ...,
         unsupported_reason: _builtins.str = ...,
+        parameter_ranges: _abc.Iterable[Global___ParameterRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

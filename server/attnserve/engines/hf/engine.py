@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,7 +25,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ...attention.plan import OPERATIONS, RowPlan
 from ...attention.rows import LayerStatistics, RowLayout, RowReadout
 from ...spec.geometry import ModelGeometry
-from ..base import Engine, EngineError, EngineInfo, EngineRequest, ScoreRequest, TokenOutput
+from ..base import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    NonFiniteOutput,
+    ScoreRequest,
+    TokenOutput,
+)
 from ..detokenizer import IncrementalDetokenizer
 from ..prompts import pad_token_id
 from ..readouts import RequestReadoutTotals, StatisticsSampler, StepReadouts
@@ -235,6 +244,9 @@ class TransformersEngine(Engine):
             log.exception("scoring failed request_id=%s", request.request_id)
             job.emit(EngineError(f"scoring failed: {exc}"))
             return
+        if not all(math.isfinite(score) for score in scores):
+            job.emit(NonFiniteOutput("the candidates' log-probabilities"))
+            return
         job.emit(scores)
 
     def _drop_cancelled_waiting(self) -> None:
@@ -328,43 +340,59 @@ class TransformersEngine(Engine):
 
     def _finish_step(self, rows: list[_Row], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         finished = []
         for i, row in enumerate(rows):
             if row.cancelled:
                 continue
-            sampling = row.request.sampling
-            token = choose_token(logits[i], sampling, row.generator)
-            top = []
-            if sampling.top_logprobs:
-                values, ids = torch.topk(logprobs[i], sampling.top_logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
-            row.num_generated += 1
-            row.last_token = token
-            reason = None
-            if token in self._eos_ids and not sampling.ignore_eos:
-                reason = "eos"
-            text = row.detokenizer.push(token)
-            if row.detokenizer.stopped:
-                reason = "stop_string"
-            elif reason is None and row.num_generated >= sampling.max_tokens:
-                reason = "length"
-            out = TokenOutput(
-                index=row.num_generated - 1,
-                token_id=token,
-                logprob=float(logprobs[i, token]),
-                top_logprobs=top,
-                text=text,
-                attention_rows=row.readout_totals.add_step(row.step_readouts),
-                queue_seconds=row.queue_seconds if row.num_generated == 1 else None,
-            )
-            row.step_readouts = StepReadouts()
-            if reason is not None:
-                out.text += row.detokenizer.flush()
-                out.finish_reason = reason
-                out.readouts = row.readout_totals.finish()
+            try:
+                if not finite[i]:
+                    raise NonFiniteOutput(f"the logits of step {row.step}")
+                out = self._next_token(row, logits[i], logprobs[i])
+            except Exception as exc:  # this row's failure is its own: the batch goes on
+                if not isinstance(exc, NonFiniteOutput):
+                    log.exception("choosing a token failed request_id=%s", row.request.request_id)
+                row.emit(exc if isinstance(exc, EngineError) else EngineError(f"sampling failed: {exc}"))
+                finished.append(row)
+                continue
+            if out.finish_reason is not None:
                 finished.append(row)
             row.emit(out)
         self._drop_rows(finished)
+
+    def _next_token(self, row: _Row, logits: torch.Tensor, logprobs: torch.Tensor) -> TokenOutput:
+        """Choose the row's next token from its (V,) logits and advance the row."""
+        sampling = row.request.sampling
+        token = choose_token(logits, sampling, row.generator)
+        top = []
+        if sampling.top_logprobs:
+            values, ids = torch.topk(logprobs, sampling.top_logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        row.num_generated += 1
+        row.last_token = token
+        reason = None
+        if token in self._eos_ids and not sampling.ignore_eos:
+            reason = "eos"
+        text = row.detokenizer.push(token)
+        if row.detokenizer.stopped:
+            reason = "stop_string"
+        elif reason is None and row.num_generated >= sampling.max_tokens:
+            reason = "length"
+        out = TokenOutput(
+            index=row.num_generated - 1,
+            token_id=token,
+            logprob=float(logprobs[token]),
+            top_logprobs=top,
+            text=text,
+            attention_rows=row.readout_totals.add_step(row.step_readouts),
+            queue_seconds=row.queue_seconds if row.num_generated == 1 else None,
+        )
+        row.step_readouts = StepReadouts()
+        if reason is not None:
+            out.text += row.detokenizer.flush()
+            out.finish_reason = reason
+            out.readouts = row.readout_totals.finish()
+        return out
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import SamplingConfig
+from ..base import NonFiniteOutput, SamplingConfig
 
 
 def make_generator(config: SamplingConfig) -> torch.Generator | None:
@@ -27,6 +27,8 @@ def choose_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.
         kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # finite logits over a tiny temperature overflow
+        raise NonFiniteOutput("the sampling probabilities")
     if config.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

@@ -9,6 +9,7 @@ token is released once its step's readouts have arrived.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -22,7 +23,7 @@ from ...attention.plan import NO_READOUTS, OPERATIONS
 from ...attention.rows import LayerStatistics
 from ...models.config import VllmSettings
 from ...spec.geometry import ModelGeometry
-from ..base import Engine, EngineError, EngineInfo, EngineRequest, TokenOutput
+from ..base import Engine, EngineError, EngineInfo, EngineRequest, NonFiniteOutput, TokenOutput
 from ..detokenizer import IncrementalDetokenizer
 from ..readouts import RequestReadoutTotals, StepReadouts
 from .channel import ReadoutChannel
@@ -175,11 +176,14 @@ class VllmEngine(Engine):
                 completion = output.outputs[0]
                 for position, token in enumerate(completion.token_ids):
                     logprobs = completion.logprobs[position] if completion.logprobs else {}
+                    logprob = logprobs[token].logprob if token in logprobs else float("nan")
+                    if token in logprobs and not math.isfinite(logprob):
+                        raise NonFiniteOutput(f"the logits of step {index}")  # closing aborts it
                     step_readouts = await self._step_readouts(inbox, index) if inbox else StepReadouts()
                     out = TokenOutput(
                         index=index,
                         token_id=token,
-                        logprob=logprobs[token].logprob if token in logprobs else float("nan"),
+                        logprob=logprob,
                         top_logprobs=_top_logprobs(logprobs, token, request.sampling.top_logprobs),
                         text=detokenizer.push(token),
                         attention_rows=totals.add_step(step_readouts),

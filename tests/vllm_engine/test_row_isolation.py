@@ -1,0 +1,104 @@
+"""A request whose numbers go bad fails alone: the requests beside it in the batch, and those that
+reuse its KV cache after it, give exactly the tokens they give alone.
+
+The plans and sampling settings here are beyond what the API accepts (spec/ranges.py refuses
+them); they are built directly to make a row's arithmetic overflow inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+from attnserve.attention.plan import (
+    EMPTY_PLAN,
+    HeadOutputScale,
+    LogitRescale,
+    RequestPlan,
+    ScopedOp,
+    StepRange,
+    Temperature,
+)
+from attnserve.engines.base import EngineRequest, NonFiniteOutput, SamplingConfig, ScoreRequest
+from attnserve.engines.hf.engine import TransformersEngine
+
+from .cases import chat_ids, tokens
+from .prompts import QUESTIONS
+
+MAX_TOKENS = 12
+GREEDY = SamplingConfig(max_tokens=MAX_TOKENS)
+
+
+def _on_every_layer(op, num_layers: int) -> RequestPlan:
+    return RequestPlan(
+        layer_ops={layer: ((StepRange(), ScopedOp(op)),) for layer in range(num_layers)},
+        applied_operations=("overflow",),
+    )
+
+
+def bad_requests(engine, prompt: tuple[int, ...]) -> dict[str, EngineRequest]:
+    layers = engine.info.geometry.num_layers
+    plans = {
+        "head_output_scale 3e38": _on_every_layer(HeadOutputScale(3e38), layers),
+        "attention temperature 1e-45": _on_every_layer(Temperature(1e-45), layers),
+        "logit_rescale alpha 3e38": _on_every_layer(LogitRescale(3e38), layers),
+    }
+    return {name: EngineRequest(name, prompt, GREEDY, plan) for name, plan in plans.items()}
+
+
+async def _tokens(engine, request: EngineRequest) -> list[int]:
+    return tokens([out async for out in engine.generate(request)])
+
+
+async def check_bad_rows_fail_alone(engine, bad: dict[str, EngineRequest]) -> None:
+    prompts = [chat_ids(engine, q) for q in QUESTIONS[:4]]
+    plain = [EngineRequest(f"plain-{i}", ids, GREEDY, EMPTY_PLAN) for i, ids in enumerate(prompts)]
+    alone = [await _tokens(engine, request) for request in plain]
+
+    together = await asyncio.gather(
+        *(_tokens(engine, request) for request in [*plain, *bad.values()]), return_exceptions=True
+    )
+    for name, result in zip(bad, together[len(plain) :]):
+        assert isinstance(result, NonFiniteOutput), f"{name}: {result!r}"
+    assert together[: len(plain)] == alone
+    # Their successors reuse the freed KV cache and batch slots.
+    assert await asyncio.gather(*(_tokens(engine, request) for request in plain)) == alone
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def transformers_engine(smollm2_path):
+    engine = TransformersEngine(smollm2_path, max_batch_size=16)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_transformers_engine_fails_only_the_bad_rows(transformers_engine):
+    engine = transformers_engine
+    bad = bad_requests(engine, chat_ids(engine, QUESTIONS[5]))
+    # Logits / 1e-45 are infinite: the sampler's probabilities would be NaN.
+    tiny = SamplingConfig(max_tokens=MAX_TOKENS, temperature=1e-45, seed=3)
+    bad["sampling temperature 1e-45"] = EngineRequest("tiny", chat_ids(engine, QUESTIONS[6]), tiny)
+    await check_bad_rows_fail_alone(engine, bad)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_transformers_engine_score_with_bad_numbers_fails(transformers_engine):
+    engine = transformers_engine
+    prompt = chat_ids(engine, QUESTIONS[1])
+    paris = tuple(engine.tokenizer.encode(" Paris", add_special_tokens=False))
+    plan = _on_every_layer(HeadOutputScale(3e38), engine.info.geometry.num_layers)
+    with pytest.raises(NonFiniteOutput):
+        await engine.score(ScoreRequest("bad", prompt, (paris,), plan))
+    (good,) = await engine.score(ScoreRequest("good", prompt, (paris,)))
+    assert -20 < good < 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_engine_fails_only_the_bad_rows(vllm_engine):
+    # vLLM raises sampling temperatures below 0.01 to 0.01 itself: only plans can overflow.
+    await check_bad_rows_fail_alone(
+        vllm_engine, bad_requests(vllm_engine, chat_ids(vllm_engine, QUESTIONS[5]))
+    )
