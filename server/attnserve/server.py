@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -21,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from .api.decoding import UndecodableRequests
 from .api.servicer import InferenceServicer
-from .engines.base import Engine
+from .engines.registry import ENGINES
 from .metrics import ServerMetrics
-from .models.config import ConfigError, ModelConfig, ServerConfig
+from .models.config import ModelConfig, ServerConfig
 from .models.registry import ModelRegistry, ServedModel, preset_proto
 
 log = logging.getLogger("attnserve.server")
@@ -38,59 +37,6 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-def _statistics_sink(metrics: ServerMetrics, model: ModelConfig):
-    """Feeds an engine's sampled attention statistics (sums over query rows) to the metrics."""
-
-    def on_statistics(layer, stats) -> None:
-        n = max(stats.query_count, 1)
-        metrics.attention_statistics(
-            model.name,
-            model.engine,
-            layer,
-            stats.sink_mass / n,
-            stats.normalized_entropy / n,
-            stats.hidden_sinks / n,
-        )
-
-    return on_statistics
-
-
-def _transformers_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
-    from .engines.hf.engine import TransformersEngine  # torch and transformers load here
-
-    return TransformersEngine(
-        path,
-        dtype=model.dtype,
-        device=model.device,
-        max_batch_size=model.limits.max_batch_size,
-        statistics_sample_rate=config.statistics.sample_rate,
-        on_statistics=_statistics_sink(metrics, model),
-    )
-
-
-def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
-    from .engines.vllm.engine import VllmEngine  # vLLM's own modules load when the engine starts
-
-    return VllmEngine(
-        path,
-        dtype=model.dtype,
-        device=model.device,
-        max_batch_size=model.limits.max_batch_size,
-        statistics_sample_rate=config.statistics.sample_rate,
-        on_statistics=_statistics_sink(metrics, model),
-        on_kv_cache_usage=lambda ratio: metrics.kv_cache_usage(model.name, model.engine, ratio),
-        settings=model.vllm,
-        cache_dir=config.cache_dir,
-    )
-
-
-#: engine name in config -> factory(model path, model config, server config, metrics)
-ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {
-    "transformers": _transformers_engine,
-    "vllm": _vllm_engine,
-}
 
 
 @dataclass
@@ -141,13 +87,8 @@ async def start_server(
 async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> ServedModel:
     log.info("loading model %s (%s engine)", model.name, model.engine)
     path = await asyncio.to_thread(model.resolve_path, config.cache_dir)
-    factory = ENGINE_FACTORIES.get(model.engine)
-    if factory is None:
-        raise ConfigError(
-            f"models.{model.name}.engine: engine {model.engine!r} is not available in this build "
-            f"(available: {', '.join(ENGINE_FACTORIES)})"
-        )
-    engine = await asyncio.to_thread(factory, path, model, config, metrics)
+    build = ENGINES[model.engine].build  # the config parser checked the name
+    engine = await asyncio.to_thread(build, path, model, config, metrics)
     await engine.start()
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)

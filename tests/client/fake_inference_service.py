@@ -27,6 +27,8 @@ FAKE_MODEL = model_pb2.Model(
     supported_readouts=[model_pb2.READOUT_KIND_LAYER_STATISTICS],
     presets=[model_pb2.Preset(name="act", description="ACT on every layer", provenance={"source": "test"})],
     limits=model_pb2.ModelLimits(max_prompt_tokens=4096, max_tokens=512, max_interventions=16),
+    supported_rpcs=["Generate", "Score"],
+    input_modalities=["text"],
     parameter_ranges=[
         model_pb2.ParameterRange(field="sampling.temperature", min=0.01, max=100, zero_allowed=True),
         model_pb2.ParameterRange(

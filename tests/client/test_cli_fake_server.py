@@ -35,6 +35,7 @@ def test_model_description(cli):
     assert "act: ACT on every layer" in result.stdout
     assert "max tokens" in result.stdout
     assert "sampling.temperature     0 or [0.01, 100]" in result.stdout
+    assert "rpcs:        Generate, Score" in result.stdout
     assert "sink_calibration.tau     (0, 1)" in result.stdout
 
 

@@ -35,7 +35,7 @@ def test_vllm_engine_refuses_score(stub, engine_name):
     with pytest.raises(grpc.RpcError) as error:
         stub.Score(pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=[" Paris"]), timeout=60)
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "transformers engine" in error.value.details()
+    assert "cannot serve Score; it serves: Generate" in error.value.details()
 
 
 @pytest.mark.usefixtures("scoring_engine")
@@ -120,3 +120,10 @@ def test_score_unknown_model(stub):
     with pytest.raises(grpc.RpcError) as raised:
         stub.Score(pb.ScoreRequest(model="nope", prompt="hi", candidates=["a"]), timeout=30)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_get_model_lists_the_rpcs_its_engine_serves(stub, engine_name):
+    model = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
+    expected = ["Generate", "Score"] if engine_name == "transformers" else ["Generate"]
+    assert list(model.supported_rpcs) == expected
+    assert list(model.input_modalities) == ["text"]

@@ -25,7 +25,7 @@ models:
           - {layers: [3], sink_calibration: {tau: 0.1, beta: 0.4}}
         provenance: {calibrated_on: 2024-05-01, samples: 200}
   - name: local
-    kind: vlm
+    kind: llm
     engine: vllm
     path: weights/local
     dtype: bfloat16
@@ -56,7 +56,7 @@ provenance = { calibrated_on = "2024-05-01", samples = "200" }
 
 [[models]]
 name = "local"
-kind = "vlm"
+kind = "llm"
 engine = "vllm"
 path = "weights/local"
 dtype = "bfloat16"
@@ -102,7 +102,7 @@ def test_full_config(tmp_path, file_name, text):
     assert act.file is None
 
     local = config.models["local"]
-    assert (local.kind, local.engine, local.dtype) == ("vlm", "vllm", "bfloat16")
+    assert (local.kind, local.engine, local.dtype) == ("llm", "vllm", "bfloat16")
     assert (local.builtin, local.path) == (None, tmp_path / "weights" / "local")
     assert local.limits == config.limits
     assert local.presets == {}
@@ -152,6 +152,12 @@ def test_packaged_default_config():
         ({"models": [minimal_model(), minimal_model()]}, "models[1].name: duplicate model name 'm'"),
         ({"models": [minimal_model(kind="audio")]}, "models[0].kind: 'audio' is not one of llm, vlm"),
         ({"models": [minimal_model(engine="diffusers")]}, "models[0].engine: 'diffusers' is not one of"),
+        # Kinds no engine of this build serves fail when parsed, not when the model loads.
+        (
+            {"models": [minimal_model(kind="vlm")]},
+            "models[0].kind: no engine in this build serves 'vlm' models (transformers serves llm;",
+        ),
+        ({"models": [minimal_model(kind="diffusion", engine="diffusers")]}, "models[0].kind: no engine"),
         ({"models": [minimal_model(dtype="int8")]}, "models[0].dtype: 'int8' is not one of"),
         ({"models": [minimal_model(builtin="gpt-5")]}, "models[0].builtin: 'gpt-5' is not one of"),
         ({"models": [minimal_model(path="/models/x")]}, "models[0]: set exactly one of builtin and path"),

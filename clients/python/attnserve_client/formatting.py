@@ -58,6 +58,8 @@ def model_description(model: model_pb2.Model) -> str:
         f"engine:      {enum_label(model_pb2.EngineKind, model.engine, 'ENGINE_KIND_')}",
         f"geometry:    {model.num_layers} layers, {model.num_heads} query heads, {model.num_kv_heads} kv heads",
         f"             head dim {model.head_dim}, context {model.max_context_length} tokens",
+        f"rpcs:        {', '.join(model.supported_rpcs) or '-'}",
+        f"inputs:      {', '.join(model.input_modalities) or '-'}",
         f"operations:  {', '.join(operations) or '-'}",
         f"readouts:    {', '.join(readouts) or '-'}",
         "limits:",

@@ -11,10 +11,17 @@ from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import readout_pb2
 
-from ..engines.base import NonFiniteOutput, RequestReadouts, TokenOutput
+from ..engines.base import (
+    CandidateScoring,
+    NonFiniteOutput,
+    RequestReadouts,
+    TextGeneration,
+    TokenOutput,
+    served_rpcs,
+)
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
-from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError
+from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError, Unsupported
 from . import errors
 from .inputs import to_engine_request, to_score_request
 from .summary import attention_summary
@@ -49,6 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
+            engine = capable_engine(model, TextGeneration, "Generate")
             engine_request = to_engine_request(request, model)
             _admit(model)
         except RequestError as exc:
@@ -72,7 +80,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         last_time = None
         finish = "cancelled"
         try:
-            async for out in model.engine.generate(engine_request):
+            async for out in engine.generate(engine_request):
                 now = time.monotonic()
                 if last_time is None:
                     self._metrics.request_started(*labels, out.queue_seconds or 0.0)
@@ -116,6 +124,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
+            engine = capable_engine(model, CandidateScoring, "Score")
             score_request = to_score_request(request, model)
             _admit(model)
             log.info(
@@ -126,7 +135,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 len(score_request.candidate_token_ids),
                 len(score_request.plan.applied_operations),
             )
-            scores = await model.engine.score(score_request)
+            scores = await engine.score(score_request)
         except RequestError as exc:
             await self._refuse(context, exc, model)
             return
@@ -221,6 +230,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     "No token was generated after the prompt, so there is no attention to summarise."
                 )
         return complete
+
+
+def capable_engine(model: ServedModel, capability: type, rpc: str):
+    """The model's engine, if it has the capability the RPC needs."""
+    if not isinstance(model.engine, capability):
+        served = ", ".join(served_rpcs(model.engine)) or "none"
+        raise Unsupported(
+            f"model {model.name!r} ({model.engine_name} engine) cannot serve {rpc}; "
+            f"it serves: {served} (GetModel lists them)"
+        )
+    return model.engine
 
 
 def _admit(model: ServedModel) -> None:

@@ -10,7 +10,6 @@ import torch
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
 from ..attention.rows import LayerStatistics
-from ..spec.errors import Unsupported
 from ..spec.geometry import ModelGeometry
 
 
@@ -98,6 +97,8 @@ class EngineInfo:
     supported_readouts: frozenset[str]
     #: Why some operations or readouts are unavailable on this model, when some are.
     unsupported_reason: str | None = None
+    #: What a request may carry besides its parameters ("text"; "image" once VLMs land).
+    input_modalities: frozenset[str] = frozenset({"text"})
 
 
 class EngineError(RuntimeError):
@@ -116,28 +117,14 @@ class NonFiniteOutput(EngineError):
 
 
 class Engine(abc.ABC):
-    """A loaded model that generates for many concurrent requests."""
+    """A loaded model: its description, lifecycle and load. What it serves is declared by the
+    capability classes below that it also derives from; the servicer routes by them."""
 
     info: EngineInfo
-    tokenizer: object
 
     @abc.abstractmethod
     async def start(self) -> None:
         """Begin serving (the model is loaded by then)."""
-
-    @abc.abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
-        """Stream the request's tokens; the last carries finish_reason and readouts. Closing
-        the iterator early (cancel, deadline) removes the request from the batch at the next
-        step."""
-
-    async def score(self, request: ScoreRequest) -> list[float]:
-        """Each candidate's summed token log-probability after the prompt, teacher-forced in one
-        forward with the request's plan (engines/hf/scoring.py defines the computation)."""
-        raise Unsupported(
-            f"this model's engine ({type(self).__name__}) cannot score candidate answers; "
-            "serve the model with the transformers engine to use Score"
-        )
 
     @abc.abstractmethod
     async def shutdown(self) -> None:
@@ -150,3 +137,33 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def num_waiting(self) -> int: ...
+
+
+class TextGeneration(abc.ABC):
+    """Capability: Generate. Streams tokens for tokenized prompts."""
+
+    tokenizer: object
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        """Stream the request's tokens; the last carries finish_reason and readouts. Closing
+        the iterator early (cancel, deadline) removes the request from the batch at the next
+        step."""
+
+
+class CandidateScoring(abc.ABC):
+    """Capability: Score. Log-probabilities of candidate answers to a prompt."""
+
+    @abc.abstractmethod
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """Each candidate's summed token log-probability after the prompt, teacher-forced in one
+        forward with the request's plan (engines/hf/scoring.py defines the computation)."""
+
+
+#: RPC -> the capability an engine needs to serve it.
+RPC_CAPABILITIES: dict[str, type] = {"Generate": TextGeneration, "Score": CandidateScoring}
+
+
+def served_rpcs(engine: Engine) -> tuple[str, ...]:
+    """The InferenceService RPCs (beyond ListModels and GetModel) the engine can serve."""
+    return tuple(rpc for rpc, capability in RPC_CAPABILITIES.items() if isinstance(engine, capability))

@@ -18,16 +18,12 @@ from typing import Any
 
 import yaml
 
+from attnserve.engines.registry import ENGINES, engines_serving
 from attnserve.models.builtin import BUILTINS, default_cache_dir, ensure_builtin
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 MODEL_KINDS = ("llm", "vlm", "diffusion")
-ENGINES_BY_KIND = {
-    "llm": ("transformers", "vllm"),
-    "vlm": ("transformers", "vllm"),
-    "diffusion": ("diffusers",),
-}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -213,7 +209,13 @@ def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -
     _reject_unknown(data, keys, where)
     name = _required_str(data, "name", where)
     kind = _choice(data, "kind", MODEL_KINDS, where)
-    engine = _choice(data, "engine", ENGINES_BY_KIND[kind], where, f" for kind {kind!r}")
+    engines = engines_serving(kind)
+    if not engines:
+        served = "; ".join(f"{name} serves {', '.join(e.model_kinds)}" for name, e in ENGINES.items())
+        raise ConfigError(
+            f"{_join(where, 'kind')}: no engine in this build serves {kind!r} models ({served})"
+        )
+    engine = _choice(data, "engine", engines, where, f" for kind {kind!r}")
     dtype = _choice(data, "dtype", DTYPES, where, default="float32")
 
     if ("builtin" in data) == ("path" in data):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from attnserve_client.spec import intervention_from_dict
 from attnserve_client.v1 import intervention_pb2, model_pb2
 
-from ..engines.base import Engine
+from ..engines.base import Engine, served_rpcs
 from ..spec.errors import ModelNotFound
 from ..spec.ranges import PARAMETER_RANGES
 from .config import Limits
@@ -55,6 +55,8 @@ class ServedModel:
                 model_pb2.ReadoutKind.Value(f"READOUT_KIND_{r.upper()}")
                 for r in sorted(info.supported_readouts)
             ],
+            supported_rpcs=served_rpcs(self.engine),
+            input_modalities=sorted(info.input_modalities),
             presets=list(self.presets.values()),
             unsupported_reason=info.unsupported_reason or "",
             parameter_ranges=[

@@ -237,6 +237,8 @@ class Model(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     UNSUPPORTED_REASON_FIELD_NUMBER: _builtins.int
     PARAMETER_RANGES_FIELD_NUMBER: _builtins.int
+    SUPPORTED_RPCS_FIELD_NUMBER: _builtins.int
+    INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
@@ -262,6 +264,16 @@ class Model(_message.Message):
     def parameter_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterRange]:
         """The ranges the model's float request parameters must lie in."""
 
+    @_builtins.property
+    def supported_rpcs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The InferenceService RPCs this model serves besides ListModels and GetModel ("Generate",
+        "Score"); the others answer FAILED_PRECONDITION.
+        """
+
+    @_builtins.property
+    def input_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What a request may carry as input: "text" (and "image" for vision-language models)."""
+
     def __init__(
         self,
         *,
@@ -279,10 +291,12 @@ class Model(_message.Message):
         limits: Global___ModelLimits | None = ...,
         unsupported_reason: _builtins.str = ...,
         parameter_ranges: _abc.Iterable[Global___ParameterRange] | None = ...,
+        supported_rpcs: _abc.Iterable[_builtins.str] | None = ...,
+        input_modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

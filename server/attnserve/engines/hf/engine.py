@@ -26,12 +26,14 @@ from ...attention.plan import OPERATIONS, RowPlan
 from ...attention.rows import LayerStatistics, RowLayout, RowReadout
 from ...spec.geometry import ModelGeometry
 from ..base import (
+    CandidateScoring,
     Engine,
     EngineError,
     EngineInfo,
     EngineRequest,
     NonFiniteOutput,
     ScoreRequest,
+    TextGeneration,
     TokenOutput,
 )
 from ..detokenizer import IncrementalDetokenizer
@@ -108,7 +110,7 @@ class _ScoreJob:
     emit: Callable[[object], None]
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(Engine, TextGeneration, CandidateScoring):
     def __init__(
         self,
         model_path: Path,

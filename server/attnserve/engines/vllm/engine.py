@@ -23,7 +23,15 @@ from ...attention.plan import NO_READOUTS, OPERATIONS
 from ...attention.rows import LayerStatistics
 from ...models.config import VllmSettings
 from ...spec.geometry import ModelGeometry
-from ..base import Engine, EngineError, EngineInfo, EngineRequest, NonFiniteOutput, TokenOutput
+from ..base import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    NonFiniteOutput,
+    TextGeneration,
+    TokenOutput,
+)
 from ..detokenizer import IncrementalDetokenizer
 from ..readouts import RequestReadoutTotals, StepReadouts
 from .channel import ReadoutChannel
@@ -36,7 +44,7 @@ READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
 READOUT_TIMEOUT_SECONDS = 30.0
 
 
-class VllmEngine(Engine):
+class VllmEngine(Engine, TextGeneration):
     def __init__(
         self,
         model_path: Path,
