@@ -18,11 +18,12 @@ from google.rpc import error_details_pb2  # noqa: F401 - registers the detail ty
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.auth import BearerTokens
 from .api.decoding import UndecodableRequests
 from .api.servicer import InferenceServicer
 from .engines.registry import ENGINES
 from .metrics import ServerMetrics
-from .models.config import ModelConfig, ServerConfig
+from .models.config import ModelConfig, ServerConfig, TlsConfig
 from .models.registry import ModelRegistry, ServedModel, preset_proto
 
 log = logging.getLogger("attnserve.server")
@@ -57,8 +58,15 @@ async def start_server(
     config: ServerConfig, metrics: ServerMetrics, *, host: str, port: int
 ) -> RunningServer:
     """Bind the port at once (health answers NOT_SERVING), then load models and go SERVING."""
-    undecodable = UndecodableRequests(lambda code: metrics.request_rejected("", "", code))
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[undecodable])
+
+    def rejected(code: grpc.StatusCode) -> None:  # before any model is resolved
+        metrics.request_rejected("", "", code)
+
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.security.tokens is not None:
+        interceptors.append(BearerTokens(config.security.tokens, rejected))
+    interceptors.append(UndecodableRequests(rejected))
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     registry = ModelRegistry()
@@ -69,11 +77,22 @@ async def start_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    tls = config.security.tls
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", _server_credentials(tls))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening on %s:%d; loading %d model(s)", host, bound, len(config.models))
+    log.info(
+        "listening on %s:%d (%s%s); loading %d model(s)",
+        host,
+        bound,
+        "plaintext" if tls is None else ("mTLS" if tls.client_ca_file else "TLS"),
+        f", {len(config.security.tokens)} bearer token(s)" if config.security.tokens else "",
+        len(config.models),
+    )
 
     for model_config in config.models.values():
         registry.add(await _load_model(model_config, config, metrics))
@@ -82,6 +101,15 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s", ", ".join(m.name for m in registry))
     return RunningServer(server, health_servicer, registry, bound)
+
+
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> ServedModel:

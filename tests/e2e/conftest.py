@@ -25,9 +25,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(target: str, timeout: float, service: str = SERVICE) -> None:
+def channel_to(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)
+
+
+def wait_serving(
+    target: str, timeout: float, service: str = SERVICE, credentials: grpc.ChannelCredentials | None = None
+) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with channel_to(target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -82,8 +90,12 @@ def server_config(tmp_path_factory, smollm2_path, engine_name):
 
 
 @contextlib.contextmanager
-def running_server(config_path, log_path) -> Iterator[dict]:
-    """`attnserve serve` on config_path in a subprocess, SERVING on free ports; stopped on exit."""
+def running_server(
+    config_path, log_path, *, credentials: grpc.ChannelCredentials | None = None, env: dict | None = None
+) -> Iterator[dict]:
+    """`attnserve serve` on config_path in a subprocess, SERVING on free ports; stopped on exit.
+
+    credentials reach a TLS server; env adds environment variables."""
     port, metrics_port = _free_port(), _free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -105,11 +117,11 @@ def running_server(config_path, log_path) -> Iterator[dict]:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         target = f"127.0.0.1:{port}"
         try:
-            wait_serving(target, START_TIMEOUT_S)
+            wait_serving(target, START_TIMEOUT_S, credentials=credentials)
         except TimeoutError:
             proc.kill()
             raise RuntimeError(f"server did not start; log:\n{log_path.read_text()}") from None

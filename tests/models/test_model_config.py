@@ -309,3 +309,55 @@ def test_vllm_settings(tmp_path):
 )
 def test_bad_vllm_settings(tmp_path, model, message):
     assert message in config_error(tmp_path, {"models": [model]})
+
+
+def _secured(tmp_path, security: dict) -> dict:
+    return {"security": security, "models": [minimal_model()]}
+
+
+@pytest.mark.parametrize(
+    ("security", "message"),
+    [
+        ({"tls": {"cert_file": "missing.crt", "key_file": "k"}}, "security.tls.cert_file: no such file"),
+        ({"tls": {"cert_file": "x"}}, "security.tls: missing key 'key_file'"),
+        (
+            {"tokens_env": "ATTNSERVE_TEST_UNSET"},
+            "security.tokens_env: environment variable ATTNSERVE_TEST_UNSET",
+        ),
+        ({"tokns_file": "t"}, "security.tokns_file: unknown key"),
+    ],
+)
+def test_security_errors_name_the_key(tmp_path, monkeypatch, security, message):
+    monkeypatch.delenv("ATTNSERVE_TEST_UNSET", raising=False)
+    (tmp_path / "x").write_text("")
+    assert message in config_error(tmp_path, _secured(tmp_path, security))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ("short\n", "line 1: tokens need at least 16 characters"),
+        ("# only a comment\n", "holds no token"),
+        ("0123456789abcdef m1 m2\n", "line 1: expected a token and at most one list of models"),
+    ],
+)
+def test_bad_tokens_files_name_the_line(tmp_path, tokens, message):
+    (tmp_path / "tokens").write_text(tokens)
+    error = config_error(tmp_path, _secured(tmp_path, {"tokens_file": "tokens"}))
+    assert "security.tokens_file" in error and message in error
+
+
+def test_tokens_are_kept_as_digests_and_merged_from_file_and_environment(tmp_path, monkeypatch):
+    (tmp_path / "tokens").write_text("file-token-0123456789 m,other\n")
+    monkeypatch.setenv("ATTNSERVE_TEST_TOKENS", "env-token-0123456789;env-token-9876543210")
+    path = write(
+        tmp_path,
+        "c.yaml",
+        json.dumps(_secured(tmp_path, {"tokens_file": "tokens", "tokens_env": "ATTNSERVE_TEST_TOKENS"})),
+    )
+    tokens = load_config(path).security.tokens
+    assert len(tokens) == 3
+    assert tokens.grant_for("file-token-0123456789").models == {"m", "other"}
+    assert tokens.grant_for("env-token-9876543210").models is None
+    assert tokens.grant_for("unknown-token-0123456789") is None
+    assert "file-token" not in repr(vars(tokens))

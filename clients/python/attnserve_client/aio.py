@@ -37,9 +37,13 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ):
         self.target = target
         self.timeout = timeout
+        # Sent as call metadata rather than call credentials, which grpc allows on TLS channels
+        # only: a token also works where a proxy or mesh terminates TLS in front of the server.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if credentials is None:
             self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
@@ -57,14 +61,18 @@ class AsyncClient:
 
     async def list_models(self) -> list[model_pb2.Model]:
         try:
-            response = await self._stub.ListModels(service_pb2.ListModelsRequest(), timeout=self.timeout)
+            response = await self._stub.ListModels(
+                service_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except aio.AioRpcError as err:
             raise AttnserveError.from_rpc_error(err) from None
         return list(response.models)
 
     async def get_model(self, name: str) -> model_pb2.Model:
         try:
-            response = await self._stub.GetModel(service_pb2.GetModelRequest(name=name), timeout=self.timeout)
+            response = await self._stub.GetModel(
+                service_pb2.GetModelRequest(name=name), timeout=self.timeout, metadata=self._metadata
+            )
         except aio.AioRpcError as err:
             raise AttnserveError.from_rpc_error(err) from None
         return response.model
@@ -92,7 +100,7 @@ class AsyncClient:
             request_id=request_id,
         )
         try:
-            return await self._stub.Score(request, timeout=self.timeout)
+            return await self._stub.Score(request, timeout=self.timeout, metadata=self._metadata)
         except aio.AioRpcError as err:
             raise AttnserveError.from_rpc_error(err) from None
 
@@ -122,7 +130,7 @@ class AsyncClient:
     async def _stream(
         self, request: service_pb2.GenerateRequest
     ) -> AsyncIterator[service_pb2.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield response

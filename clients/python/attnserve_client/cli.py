@@ -59,22 +59,63 @@ Beta = Annotated[
 ]
 
 
+@app.callback()
+def connection(
+    context: typer.Context,
+    token: Annotated[
+        str | None, typer.Option(envvar="ATTNSERVE_TOKEN", help="Bearer token the server checks.")
+    ] = None,
+    tls_ca: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Use TLS, trusting the server certificates this CA signed."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        pathlib.Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Client certificate for mTLS (with --tls-key)."),
+    ] = None,
+    tls_key: Annotated[
+        pathlib.Path | None, typer.Option(exists=True, dir_okay=False, help="Client certificate's key.")
+    ] = None,
+) -> None:
+    """How to reach the server: TLS and a token, for every command."""
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    credentials = None
+    if tls_ca is not None or tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls_ca.read_bytes() if tls_ca else None,
+            private_key=tls_key.read_bytes() if tls_key else None,
+            certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+        )
+    context.obj = {"credentials": credentials, "token": token}
+
+
+def _client(context: typer.Context, target: str, timeout: float | None) -> Client:
+    """A client with the connection options of the command line (connection())."""
+    return Client(target, timeout=timeout, **(context.find_root().obj or {}))
+
+
 @app.command()
-def models(target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
+def models(context: typer.Context, target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
     """List the served models."""
-    with _errors_reported(), Client(target, timeout=timeout) as client:
+    with _errors_reported(), _client(context, target, timeout) as client:
         typer.echo(formatting.models_table(client.list_models()))
 
 
 @app.command()
-def model(name: str, target: Target = DEFAULT_TARGET, timeout: Timeout = None) -> None:
+def model(
+    context: typer.Context, name: str, target: Target = DEFAULT_TARGET, timeout: Timeout = None
+) -> None:
     """Describe a model: geometry, operations, readouts, presets and limits."""
-    with _errors_reported(), Client(target, timeout=timeout) as client:
+    with _errors_reported(), _client(context, target, timeout) as client:
         typer.echo(formatting.model_description(client.get_model(name)))
 
 
 @app.command()
 def generate(
+    context: typer.Context,
     prompt: Prompt,
     model: Model = "smollm2",
     chat: Chat = True,
@@ -143,7 +184,7 @@ def generate(
         )
         if heatmap is not None and not readouts.attention_rows.layers:
             raise SpecError("--heatmap needs attention rows: add --attention-rows LAYER:HEAD[:STEP]")
-        with Client(target, timeout=timeout) as client:
+        with _client(context, target, timeout) as client:
             stream = client.generate(
                 model, **inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 seed=seed, stop=stop or (), top_logprobs=logprobs, interventions=interventions,
@@ -168,6 +209,7 @@ def generate(
 
 @app.command()
 def score(
+    context: typer.Context,
     prompt: Prompt,
     candidate: Annotated[
         list[str], typer.Option("--candidate", "-c", help="A candidate answer (repeatable).")
@@ -194,7 +236,7 @@ def score(
         )
         if readouts.ByteSize():
             raise SpecError("score takes no readouts; remove them from the spec file")
-        with Client(target, timeout=timeout) as client:
+        with _client(context, target, timeout) as client:
             response = client.score(model, candidate, **inputs, interventions=interventions)
     typer.echo(formatting.scores_table(response))
     typer.echo(f"{response.usage.prompt_tokens} prompt tokens; "

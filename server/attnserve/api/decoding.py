@@ -3,12 +3,11 @@
 grpcio answers a request whose deserialisation raises (invalid UTF-8 in a string field, a
 truncated message) with UNKNOWN and logs a traceback. This interceptor gives every unary-request
 method of the server a deserializer that hands such bytes to the method as an Undecodable
-marker instead, and a method wrapper that refuses the marker before the servicer sees it.
+marker instead, and a check that refuses the marker before the servicer sees it.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from ..spec.errors import shorten
 from . import errors
+from .interception import checked, is_async_unary_request
 
 log = logging.getLogger("attnserve.api")
 
@@ -39,43 +39,24 @@ class UndecodableRequests(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behavior = getattr(handler, kind)
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
-            return handler  # a synchronous method: grpc runs it in its thread pool, leave it be
-        return handler._replace(
-            request_deserializer=_tolerant(handler.request_deserializer),
-            **{kind: self._refusing(behavior, handler_call_details.method)},
-        )
+        if not is_async_unary_request(handler) or handler.request_deserializer is None:
+            return handler  # streaming requests, and synchronous methods grpc runs in its pool
+        method = handler_call_details.method
 
-    def _refusing(self, behavior, method: str):
-        async def refuse(request: Undecodable, context) -> None:
-            log.warning(
-                "undecodable request to %s from %s: %s", method, context.peer(), shorten(request.error, 200)
-            )
-            self._on_rejected(grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort_with_status(errors.undecodable(request.message_type))
-
-        if inspect.isasyncgenfunction(behavior):
-
-            async def streaming(request, context):
-                if isinstance(request, Undecodable):
-                    await refuse(request, context)
-                    return
-                async for response in behavior(request, context):
-                    yield response
-
-            return streaming
-
-        async def unary(request, context):
+        async def refuse_undecodable(request, context) -> None:
             if isinstance(request, Undecodable):
-                await refuse(request, context)
-                return None
-            return await behavior(request, context)
+                log.warning(
+                    "undecodable request to %s from %s: %s",
+                    method,
+                    context.peer(),
+                    shorten(request.error, 200),
+                )
+                self._on_rejected(grpc.StatusCode.INVALID_ARGUMENT)
+                await context.abort_with_status(errors.undecodable(request.message_type))
 
-        return unary
+        return checked(
+            handler, refuse_undecodable, request_deserializer=_tolerant(handler.request_deserializer)
+        )
 
 
 def _tolerant(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from attnserve.api.tokens import TokenError, TokenStore
 from attnserve.engines.registry import ENGINES, engines_serving
 from attnserve.models.builtin import BUILTINS, default_cache_dir, ensure_builtin
 
@@ -108,6 +110,22 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    #: Clients must present a certificate this CA signed (mTLS); None: no client certificates.
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    #: None serves plaintext (behind a mesh or proxy that terminates TLS, or on loopback).
+    tls: TlsConfig | None = None
+    #: None: no token needed.
+    tokens: TokenStore | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     cache_dir: Path
     limits: Limits
@@ -115,6 +133,7 @@ class ServerConfig:
     #: By name, in config order.
     models: Mapping[str, ModelConfig]
     source: Path
+    security: SecurityConfig = SecurityConfig()
 
 
 def load_config(path: Path | None = None) -> ServerConfig:
@@ -156,7 +175,7 @@ def _read_preset_file(path: Path) -> Any:
 
 def _parse_server(data: Any, source: Path) -> ServerConfig:
     data = _mapping({} if data is None else data, "config")
-    _reject_unknown(data, ("cache_dir", "limits", "statistics", "models"), "")
+    _reject_unknown(data, ("cache_dir", "limits", "statistics", "models", "security"), "")
     base_dir = source.parent
 
     cache_dir = (
@@ -180,7 +199,54 @@ def _parse_server(data: Any, source: Path) -> ServerConfig:
         statistics=statistics,
         models=MappingProxyType(models),
         source=source,
+        security=_parse_security(data.get("security", {}), base_dir, "security"),
     )
+
+
+def _parse_security(data: Any, base_dir: Path, where: str) -> SecurityConfig:
+    data = _mapping(data, where)
+    _reject_unknown(data, ("tls", "tokens_file", "tokens_env"), where)
+    tls = _parse_tls(data["tls"], base_dir, _join(where, "tls")) if "tls" in data else None
+    stores = []
+    try:
+        if "tokens_file" in data:
+            path = _existing_file(data["tokens_file"], _join(where, "tokens_file"), base_dir)
+            stores.append(TokenStore.parse(path.read_text(), f"{_join(where, 'tokens_file')} ({path})"))
+        if "tokens_env" in data:
+            name = _str(data["tokens_env"], _join(where, "tokens_env"))
+            text = os.environ.get(name)
+            if text is None:
+                raise ConfigError(f"{_join(where, 'tokens_env')}: environment variable {name} is not set")
+            stores.append(
+                TokenStore.parse(text.replace(";", "\n"), f"{_join(where, 'tokens_env')} (${name})")
+            )
+    except TokenError as err:
+        raise ConfigError(str(err)) from None
+    tokens = stores[0].merged(stores[1]) if len(stores) == 2 else (stores[0] if stores else None)
+    return SecurityConfig(tls=tls, tokens=tokens)
+
+
+def _parse_tls(data: Any, base_dir: Path, where: str) -> TlsConfig:
+    data = _mapping(data, where)
+    _reject_unknown(data, ("cert_file", "key_file", "client_ca_file"), where)
+    for key in ("cert_file", "key_file"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    ca = data.get("client_ca_file")
+    return TlsConfig(
+        cert_file=_existing_file(data["cert_file"], _join(where, "cert_file"), base_dir),
+        key_file=_existing_file(data["key_file"], _join(where, "key_file"), base_dir),
+        client_ca_file=_existing_file(ca, _join(where, "client_ca_file"), base_dir)
+        if ca is not None
+        else None,
+    )
+
+
+def _existing_file(value: Any, where: str, base_dir: Path) -> Path:
+    path = _path(value, where, base_dir)
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file: {path}")
+    return path
 
 
 def _parse_limits(data: Any, defaults: Limits, where: str) -> Limits:
