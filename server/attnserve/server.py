@@ -44,12 +44,18 @@ GRPC_OPTIONS = [
 class RunningServer:
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
+    inference: InferenceServicer
     registry: ModelRegistry
     port: int
 
     async def stop(self, grace: float) -> None:
+        """Drain: health NOT_SERVING and new calls UNAVAILABLE at once (probes still get an
+        answer), calls in flight finish within grace (the rest are cancelled), then stop."""
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        self.inference.start_draining()
+        if not await self.inference.wait_idle(grace):
+            log.warning("calls still in flight after the %.0f s grace period are cancelled", grace)
+        await self.grpc_server.stop(0)
         for model in self.registry:
             await model.engine.shutdown()
 
@@ -70,9 +76,8 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     registry = ModelRegistry()
-    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(registry, metrics), server
-    )
+    inference = InferenceServicer(registry, metrics)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -100,7 +105,7 @@ async def start_server(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s", ", ".join(m.name for m in registry))
-    return RunningServer(server, health_servicer, registry, bound)
+    return RunningServer(server, health_servicer, inference, registry, bound)
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -91,11 +91,16 @@ def server_config(tmp_path_factory, smollm2_path, engine_name):
 
 @contextlib.contextmanager
 def running_server(
-    config_path, log_path, *, credentials: grpc.ChannelCredentials | None = None, env: dict | None = None
+    config_path,
+    log_path,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    env: dict | None = None,
+    grace: float = 25.0,
 ) -> Iterator[dict]:
     """`attnserve serve` on config_path in a subprocess, SERVING on free ports; stopped on exit.
 
-    credentials reach a TLS server; env adds environment variables."""
+    credentials reach a TLS server; env adds environment variables; grace is the drain's."""
     port, metrics_port = _free_port(), _free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -114,6 +119,8 @@ def running_server(
                 str(metrics_port),
                 "--log-format",
                 "text",
+                "--grace",
+                str(grace),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -39,11 +40,55 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, metrics: ServerMetrics):
         self._registry = registry
         self._metrics = metrics
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start_draining(self) -> None:
+        """Refuse new calls with UNAVAILABLE from now on; calls in flight go on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context):
+        """Admits a new call (UNAVAILABLE while draining) and counts it while in flight."""
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[m.describe() for m in self._registry])
+        async with self._call(context):
+            return pb.ListModelsResponse(models=[m.describe() for m in self._registry])
 
     async def GetModel(self, request, context):
+        async with self._call(context):
+            return await self._get_model(request, context)
+
+    async def Generate(self, request, context):
+        async with self._call(context):
+            async for response in self._generate(request, context):
+                yield response
+
+    async def Score(self, request, context):
+        async with self._call(context):
+            return await self._score(request, context)
+
+    async def _get_model(self, request, context):
         try:
             if not request.name:
                 raise InvalidRequest([FieldViolation("name", "must name a model")])
@@ -51,7 +96,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except RequestError as exc:
             await self._refuse(context, exc, None)
 
-    async def Generate(self, request, context):
+    async def _generate(self, request, context):
         started = time.monotonic()
         model = None
         try:
@@ -120,7 +165,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     time.monotonic() - started,
                 )
 
-    async def Score(self, request, context):
+    async def _score(self, request, context):
         model = None
         try:
             model = self._model(request.model)
