@@ -69,7 +69,8 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2) from None
-    asyncio.run(run(server_config, host=host, port=port, metrics_port=metrics_port, grace=grace))
+    status = asyncio.run(run(server_config, host=host, port=port, metrics_port=metrics_port, grace=grace))
+    raise typer.Exit(status)
 
 
 @app.command()

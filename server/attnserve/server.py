@@ -1,13 +1,16 @@
 """The gRPC server: inference service, standard health, reflection and the metrics endpoint.
 
 Lifecycle: health NOT_SERVING while models load; SERVING once every engine runs; on SIGTERM
-NOT_SERVING for good, stop accepting, let in-flight requests finish within the grace period,
-then stop the engines.
+NOT_SERVING for good, new calls refused, in-flight requests finish within the grace period,
+then the engines stop and the process exits 0. An engine that dies (vLLM's engine core
+process killed, say) fails its requests with UNAVAILABLE and stops the server the same way, with
+exit status 1, so that Kubernetes restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -131,10 +134,9 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
     return ServedModel(model.name, model.kind, model.engine, engine, model.limits, presets)
 
 
-async def serve(
-    config: ServerConfig, *, host: str, port: int, metrics_port: int, grace: float = 25.0
-) -> None:
-    """Run until SIGTERM or SIGINT."""
+async def serve(config: ServerConfig, *, host: str, port: int, metrics_port: int, grace: float = 25.0) -> int:
+    """Run until SIGTERM or SIGINT (exit status 0), or until an engine dies (1: the pod is
+    restarted)."""
     metrics = ServerMetrics()
     metrics.start_http_server(metrics_port, host)
     log.info("metrics on http://%s:%d/metrics", host, metrics_port)
@@ -143,6 +145,29 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(config, metrics, host=host, port=port)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    engine_failed = asyncio.create_task(_engine_failure(running.registry, running.inference))
+    await asyncio.wait((signalled, engine_failed), return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if engine_failed.done():
+        name, reason = engine_failed.result()
+        log.error("model %s can serve no more (%s): stopping so that the server is restarted", name, reason)
+        status = 1
+    for task in (signalled, engine_failed):
+        task.cancel()
     log.info("shutting down: draining for up to %.0f s", grace)
     await running.stop(grace)
+    return status
+
+
+async def _engine_failure(registry: ModelRegistry, inference: InferenceServicer, period: float = 0.5):
+    """(model, reason) of the first engine found dead: checked every period seconds, and at
+    once when a call finds its engine dead."""
+    while True:
+        for model in registry:
+            if model.engine.failure:
+                return model.name, model.engine.failure
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inference.engine_died.wait(), period)
+        if inference.dead_engine is not None:
+            return inference.dead_engine

@@ -14,6 +14,7 @@ from attnserve_client.v1 import readout_pb2
 
 from ..engines.base import (
     CandidateScoring,
+    EngineDead,
     NonFiniteOutput,
     RequestReadouts,
     TextGeneration,
@@ -40,6 +41,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, metrics: ServerMetrics):
         self._registry = registry
         self._metrics = metrics
+        #: Set when a call finds its engine dead (dead_engine says which): the server stops.
+        self.engine_died = asyncio.Event()
+        self.dead_engine: tuple[str, str] | None = None
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -143,6 +147,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except asyncio.CancelledError:
             finish = "deadline" if _deadline_passed(context) else "cancelled"
             raise
+        except EngineDead as exc:
+            finish = "error"
+            log.error("generate failed request_id=%s: %s", engine_request.request_id, exc)
+            self._engine_dead(model, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, retry")
         except NonFiniteOutput as exc:
             finish = "error"
             log.warning("generate failed request_id=%s: %s", engine_request.request_id, exc)
@@ -184,6 +193,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except RequestError as exc:
             await self._refuse(context, exc, model)
             return
+        except EngineDead as exc:
+            log.error("score failed request_id=%s: %s", score_request.request_id, exc)
+            self._engine_dead(model, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, retry")
         except NonFiniteOutput as exc:
             log.warning("score failed request_id=%s: %s", score_request.request_id, exc)
             await context.abort_with_status(errors.non_finite_output(exc, score_request.request_id))
@@ -203,6 +216,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if not name:
             raise InvalidRequest([FieldViolation("model", "must name a model; ListModels lists them")])
         return self._registry.get(name)
+
+    def _engine_dead(self, model: ServedModel, exc: EngineDead) -> None:
+        self.dead_engine = self.dead_engine or (model.name, str(exc))
+        self.engine_died.set()
 
     async def _refuse(self, context, exc: RequestError, model: ServedModel | None) -> None:
         """Abort with exc's status; model is None when the request named no served model."""

@@ -105,6 +105,11 @@ class EngineError(RuntimeError):
     """The engine failed while serving a request (INTERNAL)."""
 
 
+class EngineDead(EngineError):
+    """The engine can serve no more (its process or scheduler died): UNAVAILABLE, and the server
+    stops so that it is restarted."""
+
+
 class NonFiniteOutput(EngineError):
     """A request's logits or scores went NaN or infinite. That request alone fails; the others
     in its batch go on."""
@@ -129,6 +134,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop serving and release the model."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can serve no more, once it cannot; None while it can."""
+        return None
 
     @property
     @abc.abstractmethod

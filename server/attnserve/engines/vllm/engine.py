@@ -25,7 +25,7 @@ from ...models.config import VllmSettings
 from ...spec.geometry import ModelGeometry
 from ..base import (
     Engine,
-    EngineError,
+    EngineDead,
     EngineInfo,
     EngineRequest,
     NonFiniteOutput,
@@ -148,6 +148,12 @@ class VllmEngine(Engine, TextGeneration):
         return self._channel.num_registered if self._channel is not None else 0
 
     @property
+    def failure(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return "vLLM's engine core process stopped"
+        return None
+
+    @property
     def num_running(self) -> int:
         return self._running
 
@@ -157,9 +163,10 @@ class VllmEngine(Engine, TextGeneration):
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self._llm is None:
-            raise EngineError("the vLLM engine is not running")
+        if self._llm is None or self.failure:
+            raise EngineDead(self.failure or "the vLLM engine is not running")
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         plan = request.plan
@@ -207,6 +214,8 @@ class VllmEngine(Engine, TextGeneration):
                         yield out
                         return  # on a stop string, closing the stream (below) aborts it in vLLM
                     yield out
+        except EngineDeadError as exc:
+            raise EngineDead("vLLM's engine core process stopped") from exc
         finally:
             if started:
                 self._running -= 1
