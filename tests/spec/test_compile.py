@@ -27,7 +27,7 @@ EMPHASIS_PRESET = [
 
 def make_context(**overrides) -> SpecContext:
     context = SpecContext(
-        geometry=ModelGeometry(
+        geometry=ModelGeometry.causal_lm(
             num_layers=NUM_LAYERS, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=64
         ),
         limits=SpecLimits(max_interventions=6, max_readout_values=100_000),
