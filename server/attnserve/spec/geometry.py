@@ -95,9 +95,12 @@ class ModelGeometry:
         """The kinds of attention the model has a layer of."""
         return frozenset(layer.kind for layer in self.layers)
 
-    # The shape of the language model's layers, for models whose language-model layers share
-    # one (GetModel's num_heads, num_kv_heads and head_dim; calibration); 0 when they differ
-    # or the model has none.
+    @property
+    def language_model_layers(self) -> tuple[AttentionLayer, ...]:
+        return tuple(layer for layer in self.layers if layer.component == Component.LANGUAGE_MODEL)
+
+    # The shape the language model's layers share (GetModel's num_heads, num_kv_heads and
+    # head_dim; calibration); 0 when they differ or the model has none.
 
     @property
     def num_heads(self) -> int:
@@ -112,7 +115,5 @@ class ModelGeometry:
         return self._language_model_shared("head_dim")
 
     def _language_model_shared(self, attribute: str) -> int:
-        values = {
-            getattr(layer, attribute) for layer in self.layers if layer.component == Component.LANGUAGE_MODEL
-        }
+        values = {getattr(layer, attribute) for layer in self.language_model_layers}
         return values.pop() if len(values) == 1 else 0
