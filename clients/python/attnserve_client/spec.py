@@ -1,9 +1,9 @@
 """Build InterventionSpec and ReadoutSpec protos from plain dicts, as spec files hold them.
 
 The dicts follow the protos' field names (google.protobuf.json_format parses them) with a few
-conveniences: selector fields (layers, layer_names, heads, keys, steps, ...) may sit at an intervention's top
-level, token ranges and step ranges may be `[start, end]` pairs, and enum values may be short
-lower-case names (`queries: last`). For example:
+conveniences: selector fields (layers, layer_names, heads, keys, steps, ...) may sit at an
+intervention's top level, token ranges and step ranges may be `[start, end]` pairs, and enum
+values may be short lower-case names (`queries: last`). For example:
 
     presets: [act]
     interventions:
