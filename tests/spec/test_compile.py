@@ -9,7 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 from attnserve.attention import plan as P
-from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
+from attnserve.spec.compile import (
+    MAX_LAYER_NAME_PATTERN_LENGTH,
+    MAX_LAYER_NAME_PATTERNS,
+    SpecContext,
+    SpecLimits,
+    compile_plan,
+)
 from attnserve.spec.errors import InvalidRequest, Unsupported
 from attnserve.spec.geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
 from attnserve_client.v1 import intervention_pb2 as ipb
@@ -270,8 +276,11 @@ IV0 = "interventions.interventions[0]"
         (ipb.Selector(attention=7), f"{IV0}.selector.attention"),
         (ipb.Selector(attention=ipb.ATTENTION_KIND_CROSS), f"{IV0}.selector.attention"),
         (ipb.Selector(layer_names=["model.layers.1.*", "vision.*"]), f"{IV0}.selector.layer_names[1]"),
-        (ipb.Selector(layer_names=["*" * 257]), f"{IV0}.selector.layer_names[0]"),
-        (ipb.Selector(layer_names=["*"] * 65), f"{IV0}.selector.layer_names"),
+        (
+            ipb.Selector(layer_names=["*" * (MAX_LAYER_NAME_PATTERN_LENGTH + 1)]),
+            f"{IV0}.selector.layer_names[0]",
+        ),
+        (ipb.Selector(layer_names=["*"] * (MAX_LAYER_NAME_PATTERNS + 1)), f"{IV0}.selector.layer_names"),
         (
             ipb.Selector(layer_names=["*"], layer_heads=[ipb.LayerHeads(layer=1)]),
             f"{IV0}.selector.layer_heads",

@@ -205,8 +205,9 @@ def _selected_layers(
     return [geo.layers[index] for index in sorted(selected)]
 
 
-MAX_LAYER_NAME_PATTERNS = 64
-MAX_LAYER_NAME_PATTERN_LENGTH = 256
+# Bounds that keep matching cheap (translating a glob takes time quadratic in its length).
+MAX_LAYER_NAME_PATTERNS = 16
+MAX_LAYER_NAME_PATTERN_LENGTH = 128
 
 
 def _layers_named(

@@ -284,7 +284,7 @@ class Selector(_message.Message):
     def layer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Glob patterns (fnmatch: *, ?, [seq]; case-sensitive) matched against layer names
         (Model.layers[i].name, e.g. "model.layers.1?.self_attn"); each must match some layer.
-        At most 64 patterns of at most 256 characters.
+        At most 16 patterns of at most 128 characters.
         """
 
     def __init__(
