@@ -569,7 +569,7 @@ def test_heads_are_checked_on_each_selected_layer():
     assert mixed_layers(layers=[1], heads=[7]) == {1: (7,)}
     ((field, description),) = mixed_violations(mixed(layers=[0, 1], heads=[1, 7]))
     assert field == f"{IV0}.selector.heads[1]"
-    assert "layer 0 ('model.layers.0.self_attn'), which has 4 (head 0..3)" in description
+    assert "layer 0 ('model.layers.0.self_attn'), which has 4 heads (0..3)" in description
     # Every layer by default: head 3 exists on layers 0 and 1 but not on the cross-attention layer.
     assert [f for f, _ in mixed_violations(mixed(heads=[3]))] == [f"{IV0}.selector.heads[0]"]
 

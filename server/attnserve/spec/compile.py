@@ -244,7 +244,7 @@ def _heads(heads: Sequence[int], field: str, layers: Sequence[AttentionLayer], v
             violations.add(
                 f"{field}[{i}]",
                 f"head {head} is out of range on layer {lacking.index} ({quoted(lacking.name)}), "
-                f"which has {n} (head 0..{n - 1})",
+                f"which has {n} heads (0..{n - 1})",
             )
     return tuple(sorted(set(heads))) if heads else None
 
