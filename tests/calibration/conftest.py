@@ -32,7 +32,7 @@ def tiny_model() -> LlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def tiny_geometry() -> ModelGeometry:
-    return ModelGeometry(num_layers=NUM_LAYERS, num_heads=NUM_HEADS, num_kv_heads=2, head_dim=16)
+    return ModelGeometry.causal_lm(num_layers=NUM_LAYERS, num_heads=NUM_HEADS, num_kv_heads=2, head_dim=16)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,19 @@ FAKE_MODEL = model_pb2.Model(
     num_kv_heads=3,
     head_dim=64,
     max_context_length=8192,
+    layers=[
+        model_pb2.AttentionLayer(
+            name=f"model.layers.{i}.self_attn",
+            index=i,
+            kind=intervention_pb2.ATTENTION_KIND_SELF,
+            causal=True,
+            component=model_pb2.MODEL_COMPONENT_LANGUAGE_MODEL,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+        )
+        for i in range(NUM_LAYERS)
+    ],
     supported_operations=[intervention_pb2.OPERATION_KIND_SINK_CALIBRATION],
     supported_readouts=[model_pb2.READOUT_KIND_LAYER_STATISTICS],
     presets=[model_pb2.Preset(name="act", description="ACT on every layer", provenance={"source": "test"})],

@@ -31,6 +31,10 @@ def test_model_description(cli):
     result = cli("model", "smollm2")
     assert result.exit_code == 0, result.output
     assert f"{NUM_LAYERS} layers" in result.stdout
+    assert (
+        "  0..29    language_model self causal, 9 heads, 3 kv heads, head dim 64: "
+        "model.layers.0.self_attn .. model.layers.29.self_attn\n"
+    ) in result.stdout
     assert "sink_calibration" in result.stdout
     assert "act: ACT on every layer" in result.stdout
     assert "max tokens" in result.stdout

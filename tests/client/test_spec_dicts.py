@@ -78,6 +78,16 @@ def test_conveniences():
     assert intervention.WhichOneof("operation") == "key_mask"
 
 
+def test_layer_names_in_selectors_and_attention_rows():
+    intervention = intervention_from_dict(
+        {"layer_names": ["model.layers.1?.self_attn"], "attention": "cross", "key_mask": None}
+    )
+    assert list(intervention.selector.layer_names) == ["model.layers.1?.self_attn"]
+    assert intervention.selector.attention == intervention_pb2.ATTENTION_KIND_CROSS
+    readouts = readout_spec_from_dict({"attention_rows": {"layer_names": ["*.self_attn"]}})
+    assert list(readouts.attention_rows.layer_names) == ["*.self_attn"]
+
+
 def test_unset_parameters_stay_unset():
     intervention = intervention_from_dict({"sink_calibration": {}})
     assert not intervention.sink_calibration.HasField("tau")

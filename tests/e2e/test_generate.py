@@ -29,6 +29,8 @@ def test_list_and_get_model(stub, engine_name):
     assert [m.name for m in models] == ["smollm2"]
     model = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
     assert (model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim) == (30, 9, 3, 64)
+    assert [layer.name for layer in model.layers] == [f"model.layers.{i}.self_attn" for i in range(30)]
+    assert all(layer.kind == ipb.ATTENTION_KIND_SELF and layer.causal for layer in model.layers)
     assert model.kind == model_pb2.MODEL_KIND_LLM and model.engine == ENGINE_KINDS[engine_name]
     assert ipb.OPERATION_KIND_SINK_CALIBRATION in model.supported_operations
     assert [p.name for p in model.presets] == ["act-l5"]

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 from attnserve.attention import plan as P
-from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
+from attnserve.spec.compile import (
+    MAX_LAYER_NAME_PATTERN_LENGTH,
+    MAX_LAYER_NAME_PATTERNS,
+    SpecContext,
+    SpecLimits,
+    compile_plan,
+)
 from attnserve.spec.errors import InvalidRequest, Unsupported
-from attnserve.spec.geometry import ModelGeometry
+from attnserve.spec.geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
 from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import readout_pb2 as rpb
 
@@ -27,7 +34,7 @@ EMPHASIS_PRESET = [
 
 def make_context(**overrides) -> SpecContext:
     context = SpecContext(
-        geometry=ModelGeometry(
+        geometry=ModelGeometry.causal_lm(
             num_layers=NUM_LAYERS, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=64
         ),
         limits=SpecLimits(max_interventions=6, max_readout_values=100_000),
@@ -267,6 +274,17 @@ IV0 = "interventions.interventions[0]"
         (ipb.Selector(layers=[1], layer_heads=[ipb.LayerHeads(layer=1)]), f"{IV0}.selector.layer_heads"),
         (ipb.Selector(heads=[1], layer_heads=[ipb.LayerHeads(layer=1)]), f"{IV0}.selector.layer_heads"),
         (ipb.Selector(attention=7), f"{IV0}.selector.attention"),
+        (ipb.Selector(attention=ipb.ATTENTION_KIND_CROSS), f"{IV0}.selector.attention"),
+        (ipb.Selector(layer_names=["model.layers.1.*", "vision.*"]), f"{IV0}.selector.layer_names[1]"),
+        (
+            ipb.Selector(layer_names=["*" * (MAX_LAYER_NAME_PATTERN_LENGTH + 1)]),
+            f"{IV0}.selector.layer_names[0]",
+        ),
+        (ipb.Selector(layer_names=["*"] * (MAX_LAYER_NAME_PATTERNS + 1)), f"{IV0}.selector.layer_names"),
+        (
+            ipb.Selector(layer_names=["*"], layer_heads=[ipb.LayerHeads(layer=1)]),
+            f"{IV0}.selector.layer_heads",
+        ),
         (
             ipb.Selector(keys=ipb.KeySelector(ranges=[ipb.TokenRange(start=4, end=PROMPT_TOKENS + 1)])),
             f"{IV0}.selector.keys.ranges[0]",
@@ -449,6 +467,141 @@ def test_engine_without_attention_support_refuses_with_its_reason():
             compile_plan(ipb.InterventionSpec(), readouts, context)
     # Plain requests still compile.
     assert not compile_plan(ipb.InterventionSpec(), rpb.ReadoutSpec(), context).touches_attention
+
+
+# --- Layers of different shapes and kinds -----------------------------------------------------
+
+#: Layer 0 has 4 heads, layer 1 has 8, layer 2 is cross-attention with 2.
+MIXED = ModelGeometry(
+    (
+        AttentionLayer(
+            "model.layers.0.self_attn", 0, AttentionKind.SELF, True, Component.LANGUAGE_MODEL, 4, 4, 8
+        ),
+        AttentionLayer(
+            "model.layers.1.self_attn", 1, AttentionKind.SELF, True, Component.LANGUAGE_MODEL, 8, 2, 8
+        ),
+        AttentionLayer(
+            "model.layers.1.cross_attn", 2, AttentionKind.CROSS, False, Component.LANGUAGE_MODEL, 2, 2, 8
+        ),
+    )
+)
+
+
+def mixed(**selector) -> ipb.Intervention:
+    return ipb.Intervention(selector=ipb.Selector(**selector), key_mask=ipb.KeyMask())
+
+
+def mixed_layers(**selector) -> dict[int, tuple[int, ...] | None]:
+    plan = compile_interventions(mixed(**selector), context=make_context(geometry=MIXED))
+    return {layer: entries[0][1].heads for layer, entries in plan.layer_ops.items()}
+
+
+def mixed_violations(*interventions, readouts=None) -> list[tuple[str, str]]:
+    spec = ipb.InterventionSpec(interventions=list(interventions))
+    with pytest.raises(InvalidRequest) as caught:
+        compile_plan(spec, readouts or rpb.ReadoutSpec(), make_context(geometry=MIXED))
+    return [(v.field, v.description) for v in caught.value.violations]
+
+
+def test_causal_lm_layers_are_named_like_transformers_modules():
+    config = SimpleNamespace(num_attention_heads=4, num_hidden_layers=2, hidden_size=32)
+    geometry = ModelGeometry.of_config(config)
+    assert [layer.name for layer in geometry.layers] == [
+        "model.layers.0.self_attn",
+        "model.layers.1.self_attn",
+    ]
+    assert (geometry.num_layers, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (2, 4, 4, 8)
+
+
+def test_layer_indices_must_be_positions():
+    layer = MIXED.layers[1]
+    with pytest.raises(ValueError, match="index 1 at position 0"):
+        ModelGeometry((layer,))
+
+
+def test_layer_names_select_by_glob_pattern():
+    assert mixed_layers(layer_names=["model.layers.*.self_attn"]) == {0: None, 1: None}
+    assert mixed_layers(layer_names=["model.layers.1.*"], heads=[1]) == {1: (1,), 2: (1,)}
+
+
+def test_layer_names_and_indices_select_their_union():
+    assert mixed_layers(layers=[2], layer_names=["model.layers.0.*", "*.0.self_attn"]) == {0: None, 2: None}
+
+
+def test_a_pattern_matching_no_layer_is_quoted():
+    ((field, description),) = mixed_violations(mixed(layer_names=["model.layers.9.*"]))
+    assert field == f"{IV0}.selector.layer_names[0]"
+    assert "'model.layers.9.*' matches no layer" in description
+
+
+def test_a_long_pattern_is_quoted_short():
+    ((field, description),) = mixed_violations(mixed(layer_names=["x" * 100_000]))
+    assert field == f"{IV0}.selector.layer_names[0]" and len(description) < 200
+
+
+def test_attention_kind_selects_every_layer_of_that_kind():
+    assert mixed_layers(attention=ipb.ATTENTION_KIND_CROSS) == {2: None}
+    assert mixed_layers(attention=ipb.ATTENTION_KIND_SELF) == {0: None, 1: None}
+    assert mixed_layers() == {0: None, 1: None, 2: None}
+
+
+def test_a_kind_the_model_has_no_layer_of():
+    ((field, description),) = mixed_violations(mixed(attention=ipb.ATTENTION_KIND_JOINT))
+    assert field == f"{IV0}.selector.attention"
+    assert "no joint-attention layer" in description and "cross-attention, self-attention" in description
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        {"layers": [0, 2]},
+        {"layer_names": ["model.layers.1.*"]},
+        {"layer_heads": [ipb.LayerHeads(layer=2)]},
+    ],
+)
+def test_selected_layers_must_be_of_the_kind_asked_for(selector):
+    ((field, description),) = mixed_violations(mixed(attention=ipb.ATTENTION_KIND_SELF, **selector))
+    assert field == f"{IV0}.selector.attention"
+    assert "'model.layers.1.cross_attn', cross-attention" in description
+
+
+def test_heads_are_checked_on_each_selected_layer():
+    assert mixed_layers(layers=[1], heads=[7]) == {1: (7,)}
+    ((field, description),) = mixed_violations(mixed(layers=[0, 1], heads=[1, 7]))
+    assert field == f"{IV0}.selector.heads[1]"
+    assert "layer 0 ('model.layers.0.self_attn'), which has 4 heads (0..3)" in description
+    # Every layer by default: head 3 exists on layers 0 and 1 but not on the cross-attention layer.
+    assert [f for f, _ in mixed_violations(mixed(heads=[3]))] == [f"{IV0}.selector.heads[0]"]
+
+
+def test_layer_heads_are_checked_on_their_own_layer():
+    assert mixed_layers(layer_heads=[ipb.LayerHeads(layer=1, heads=[7])]) == {1: (7,)}
+    fields = [f for f, _ in mixed_violations(mixed(layer_heads=[ipb.LayerHeads(layer=0, heads=[7])]))]
+    assert fields == [f"{IV0}.selector.layer_heads[0].heads[0]"]
+
+
+def test_attention_rows_by_layer_name_with_heads_checked_per_layer():
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layer_names=["*.self_attn"], heads=[5]))
+    fields = [f for f, _ in mixed_violations(readouts=readouts)]
+    assert fields == ["readouts.attention_rows.heads[0]"]
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[1], layer_names=["*.0.*"]))
+    plan = compile_readouts(readouts, context=make_context(geometry=MIXED))
+    assert plan.readout.row_layers == {0, 1}
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layer_names=["vision.*"]))
+    assert [f for f, _ in mixed_violations(readouts=readouts)] == ["readouts.attention_rows.layer_names[0]"]
+
+
+def test_readout_size_counts_each_layers_own_heads():
+    readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0, 1]))
+    # (4 + 8 heads) x 1 step x (prompt + max_tokens) keys
+    values = 12 * (PROMPT_TOKENS + MAX_TOKENS)
+    at_limit = make_context(geometry=MIXED, limits=SpecLimits(max_interventions=1, max_readout_values=values))
+    compile_readouts(readouts, context=at_limit)
+    over = dataclasses.replace(
+        at_limit, limits=SpecLimits(max_interventions=1, max_readout_values=values - 1)
+    )
+    with pytest.raises(InvalidRequest):
+        compile_readouts(readouts, context=over)
 
 
 # --- Readouts ---------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def model_description(model: model_pb2.Model) -> str:
         f"engine:      {enum_label(model_pb2.EngineKind, model.engine, 'ENGINE_KIND_')}",
         f"geometry:    {model.num_layers} layers, {model.num_heads} query heads, {model.num_kv_heads} kv heads",
         f"             head dim {model.head_dim}, context {model.max_context_length} tokens",
+        "layers:" if model.layers else "layers:      -",
+        *(f"  {_layer_run_text(run)}" for run in _layer_runs(model.layers)),
         f"rpcs:        {', '.join(model.supported_rpcs) or '-'}",
         f"inputs:      {', '.join(model.input_modalities) or '-'}",
         f"operations:  {', '.join(operations) or '-'}",
@@ -135,6 +137,34 @@ def completion_footer(complete: service_pb2.GenerateComplete) -> str:
         f"finish: {finish_reason_name(complete.finish_reason)}; "
         f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens; "
         f"{_count(complete.interventions_applied, 'intervention')} applied"
+    )
+
+
+def _layer_runs(layers: Sequence[model_pb2.AttentionLayer]) -> list[list[model_pb2.AttentionLayer]]:
+    """Consecutive layers grouped while they share component, kind, causality and shape."""
+    runs: list[list[model_pb2.AttentionLayer]] = []
+    for layer in layers:
+        if runs and _layer_shape(runs[-1][-1]) == _layer_shape(layer):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def _layer_shape(layer: model_pb2.AttentionLayer) -> tuple:
+    return (layer.component, layer.kind, layer.causal, layer.num_heads, layer.num_kv_heads, layer.head_dim)
+
+
+def _layer_run_text(run: Sequence[model_pb2.AttentionLayer]) -> str:
+    """One line per run: indices, component, kind, shape and the first and last names."""
+    first, last = run[0], run[-1]
+    indices = str(first.index) if len(run) == 1 else f"{first.index}..{last.index}"
+    names = first.name if len(run) == 1 else f"{first.name} .. {last.name}"
+    component = enum_label(model_pb2.ModelComponent, first.component, "MODEL_COMPONENT_")
+    kind = enum_label(intervention_pb2.AttentionKind, first.kind, "ATTENTION_KIND_")
+    return (
+        f"{indices:<8} {component} {kind}{' causal' if first.causal else ''}, {first.num_heads} heads, "
+        f"{first.num_kv_heads} kv heads, head dim {first.head_dim}: {names}"
     )
 
 

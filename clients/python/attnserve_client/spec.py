@@ -1,16 +1,17 @@
 """Build InterventionSpec and ReadoutSpec protos from plain dicts, as spec files hold them.
 
 The dicts follow the protos' field names (google.protobuf.json_format parses them) with a few
-conveniences: selector fields (layers, heads, keys, steps, ...) may sit at an intervention's top
-level, token ranges and step ranges may be `[start, end]` pairs, and enum values may be short
-lower-case names (`queries: last`). For example:
+conveniences: selector fields (layers, layer_names, heads, keys, steps, ...) may sit at an
+intervention's top level, token ranges and step ranges may be `[start, end]` pairs, and enum
+values may be short lower-case names (`queries: last`). For example:
 
     presets: [act]
     interventions:
       - layers: [3]
         heads: [0, 2]
         sink_calibration: {tau: 0.1, beta: 0.4}
-      - keys: {ranges: [[0, 5]], invert: true}
+      - layer_names: ["model.layers.2?.self_attn"]
+        keys: {ranges: [[0, 5]], invert: true}
         key_emphasis: {alpha: 0.01}
         steps: [0, 4]
     readouts:

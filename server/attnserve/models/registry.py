@@ -10,6 +10,7 @@ from attnserve_client.v1 import intervention_pb2, model_pb2
 
 from ..engines.base import Engine, served_rpcs
 from ..spec.errors import ModelNotFound
+from ..spec.geometry import AttentionLayer
 from ..spec.ranges import PARAMETER_RANGES
 from .config import Limits
 
@@ -42,7 +43,7 @@ class ServedModel:
             name=self.name,
             kind=MODEL_KINDS[self.kind],
             engine=ENGINE_KINDS[self.engine_name],
-            num_layers=geo.num_layers,
+            num_layers=len(geo.language_model_layers),
             num_heads=geo.num_heads,
             num_kv_heads=geo.num_kv_heads,
             head_dim=geo.head_dim,
@@ -77,7 +78,21 @@ class ServedModel:
                 max_readout_values=limits.max_readout_values,
                 max_logprobs=limits.max_logprobs,
             ),
+            layers=[layer_proto(layer) for layer in geo.layers],
         )
+
+
+def layer_proto(layer: AttentionLayer) -> model_pb2.AttentionLayer:
+    return model_pb2.AttentionLayer(
+        name=layer.name,
+        index=layer.index,
+        kind=intervention_pb2.AttentionKind.Value(f"ATTENTION_KIND_{layer.kind.name}"),
+        causal=layer.causal,
+        component=model_pb2.ModelComponent.Value(f"MODEL_COMPONENT_{layer.component.name}"),
+        num_heads=layer.num_heads,
+        num_kv_heads=layer.num_kv_heads,
+        head_dim=layer.head_dim,
+    )
 
 
 def preset_proto(

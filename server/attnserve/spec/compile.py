@@ -8,6 +8,8 @@ names of GenerateRequest.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 from ..attention import plan as P
 from .errors import Unsupported, Violations, quoted
-from .geometry import ModelGeometry
+from .geometry import AttentionKind, AttentionLayer, ModelGeometry
 from .ranges import ranged_value
 
 
@@ -106,11 +108,6 @@ def _compile_intervention(
     sel = iv.selector
     sfield = f"{field}.selector"
     placements = _placements(sel, sfield, ctx.geometry, violations)
-    if sel.attention not in (
-        intervention_pb2.ATTENTION_KIND_UNSPECIFIED,
-        intervention_pb2.ATTENTION_KIND_SELF,
-    ):
-        violations.add(f"{sfield}.attention", "this model has self-attention only")
     has_keys = sel.HasField("keys")
     if kind == "sink_calibration" and has_keys:
         violations.add(f"{sfield}.keys", "sink_calibration finds its own keys; leave keys unset")
@@ -129,32 +126,134 @@ def _placements(
     sel: intervention_pb2.Selector, field: str, geo: ModelGeometry, violations: Violations
 ) -> list[tuple[int, tuple[int, ...] | None]]:
     """(layer, heads) pairs a selector covers; heads None means every head."""
-    if sel.layer_heads and (sel.layers or sel.heads):
-        violations.add(f"{field}.layer_heads", "use either layer_heads or layers/heads, not both")
+    kind = _attention_kind(sel.attention, f"{field}.attention", geo, violations)
+    if sel.layer_heads and (sel.layers or sel.layer_names or sel.heads):
+        violations.add(f"{field}.layer_heads", "use either layer_heads or layers/layer_names/heads, not both")
         return []
     if sel.layer_heads:
         out = []
         for i, lh in enumerate(sel.layer_heads):
-            _check_index(lh.layer, geo.num_layers, f"{field}.layer_heads[{i}].layer", "layer", violations)
-            heads = _heads(lh.heads, f"{field}.layer_heads[{i}].heads", geo, violations)
-            out.append((lh.layer, heads))
+            lh_field = f"{field}.layer_heads[{i}]"
+            if not _check_index(lh.layer, geo.num_layers, f"{lh_field}.layer", "layer", violations):
+                continue
+            layer = geo.layers[lh.layer]
+            _check_kinds([layer], kind, f"{field}.attention", violations)
+            out.append((lh.layer, _heads(lh.heads, f"{lh_field}.heads", [layer], violations)))
         return out
-    for i, layer in enumerate(sel.layers):
-        _check_index(layer, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
-    heads = _heads(sel.heads, f"{field}.heads", geo, violations)
-    layers = sorted(set(sel.layers)) if sel.layers else range(geo.num_layers)
-    return [(layer, heads) for layer in layers]
+    if sel.layers or sel.layer_names:
+        layers = _selected_layers(sel.layers, sel.layer_names, field, geo, violations)
+        _check_kinds(layers, kind, f"{field}.attention", violations)
+    else:
+        layers = [layer for layer in geo.layers if kind in (None, layer.kind)]
+    # With no valid layer selected, heads are still checked (against every layer).
+    heads = _heads(sel.heads, f"{field}.heads", layers or geo.layers, violations)
+    return [(layer.index, heads) for layer in layers]
 
 
-def _heads(heads: Sequence[int], field: str, geo: ModelGeometry, violations: Violations):
+_ATTENTION_KINDS = {
+    intervention_pb2.ATTENTION_KIND_SELF: AttentionKind.SELF,
+    intervention_pb2.ATTENTION_KIND_CROSS: AttentionKind.CROSS,
+    intervention_pb2.ATTENTION_KIND_JOINT: AttentionKind.JOINT,
+}
+
+
+def _attention_kind(
+    value: int, field: str, geo: ModelGeometry, violations: Violations
+) -> AttentionKind | None:
+    """The kind a selector asks for; None (unset) accepts every kind."""
+    if value == intervention_pb2.ATTENTION_KIND_UNSPECIFIED:
+        return None
+    kind = _ATTENTION_KINDS.get(value)
+    if kind is None:
+        violations.add(field, f"unknown attention kind {value}")
+    elif kind not in geo.kinds:
+        has = ", ".join(sorted(_kind_text(k) for k in geo.kinds))
+        violations.add(
+            field, f"this model has no {_kind_text(kind)} layer (it has {has}); GetModel lists its layers"
+        )
+    return kind
+
+
+def _check_kinds(
+    layers: Sequence[AttentionLayer], kind: AttentionKind | None, field: str, violations: Violations
+) -> None:
+    """One violation when some of the selected layers are not of the kind asked for."""
+    others = [layer for layer in layers if kind not in (None, layer.kind)]
+    if others:
+        first = others[0]
+        violations.add(
+            field,
+            f"{len(others)} selected layer(s) are not {_kind_text(kind)}, e.g. layer {first.index} "
+            f"({quoted(first.name)}, {_kind_text(first.kind)})",
+        )
+
+
+def _kind_text(kind: AttentionKind) -> str:
+    return f"{kind.value}-attention"
+
+
+def _selected_layers(
+    indices: Sequence[int], patterns: Sequence[str], field: str, geo: ModelGeometry, violations: Violations
+) -> list[AttentionLayer]:
+    """The layers named by index (field.layers) or by name pattern (field.layer_names), in index order."""
+    selected = {
+        index
+        for i, index in enumerate(indices)
+        if _check_index(index, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
+    }
+    selected |= _layers_named(patterns, f"{field}.layer_names", geo, violations)
+    return [geo.layers[index] for index in sorted(selected)]
+
+
+# Bounds that keep matching cheap (translating a glob takes time quadratic in its length).
+MAX_LAYER_NAME_PATTERNS = 16
+MAX_LAYER_NAME_PATTERN_LENGTH = 128
+
+
+def _layers_named(
+    patterns: Sequence[str], field: str, geo: ModelGeometry, violations: Violations
+) -> set[int]:
+    """Indices of the layers whose names match a glob pattern; each pattern must match one."""
+    if len(patterns) > MAX_LAYER_NAME_PATTERNS:
+        violations.add(field, f"{len(patterns)} patterns exceed the limit of {MAX_LAYER_NAME_PATTERNS}")
+        return set()
+    matched: set[int] = set()
+    for i, pattern in enumerate(patterns):
+        if len(pattern) > MAX_LAYER_NAME_PATTERN_LENGTH:
+            violations.add(
+                f"{field}[{i}]",
+                f"pattern {quoted(pattern)} is longer than {MAX_LAYER_NAME_PATTERN_LENGTH} characters",
+            )
+            continue
+        match = re.compile(fnmatch.translate(pattern)).match
+        hits = {layer.index for layer in geo.layers if match(layer.name)}
+        if not hits:
+            violations.add(
+                f"{field}[{i}]", f"pattern {quoted(pattern)} matches no layer; GetModel lists the layers"
+            )
+        matched |= hits
+    return matched
+
+
+def _heads(heads: Sequence[int], field: str, layers: Sequence[AttentionLayer], violations: Violations):
+    """heads (None for every head), each checked on every one of layers."""
     for i, head in enumerate(heads):
-        _check_index(head, geo.num_heads, f"{field}[{i}]", "head", violations)
+        lacking = next((layer for layer in layers if not 0 <= head < layer.num_heads), None)
+        if lacking is not None:
+            n = lacking.num_heads
+            violations.add(
+                f"{field}[{i}]",
+                f"head {head} is out of range on layer {lacking.index} ({quoted(lacking.name)}), "
+                f"which has {n} heads (0..{n - 1})",
+            )
     return tuple(sorted(set(heads))) if heads else None
 
 
-def _check_index(value: int, size: int, field: str, what: str, violations: Violations) -> None:
-    if not 0 <= value < size:
-        violations.add(field, f"{what} {value} is out of range: this model has {size} ({what} 0..{size - 1})")
+def _check_index(value: int, size: int, field: str, what: str, violations: Violations) -> bool:
+    if 0 <= value < size:
+        return True
+    violations.add(field, f"{what} {value} is out of range: this model has {size} ({what} 0..{size - 1})")
+    return False
 
 
 def _key_set(keys: intervention_pb2.KeySelector, field: str, prompt_tokens: int, violations: Violations):
@@ -262,22 +361,20 @@ def _compile_readouts(
     row_heads: tuple[int, ...] = ()
     row_steps: frozenset[int] = frozenset()
     if spec.HasField("attention_rows"):
-        if not rows.layers:
-            violations.add(f"{field}.layers", "name at least one layer")
-        for i, layer in enumerate(rows.layers):
-            _check_index(layer, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
-        for i, head in enumerate(rows.heads):
-            _check_index(head, geo.num_heads, f"{field}.heads[{i}]", "head", violations)
+        if not rows.layers and not rows.layer_names:
+            violations.add(f"{field}.layers", "name at least one layer (layers or layer_names)")
+        layers = _selected_layers(rows.layers, rows.layer_names, field, geo, violations)
+        _heads(rows.heads, f"{field}.heads", layers or geo.layers, violations)
         steps = list(rows.steps) or [0]
         for i, step in enumerate(steps):
             if not 0 <= step < ctx.max_tokens:
                 violations.add(
                     f"{field}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)"
                 )
-        row_layers, row_heads, row_steps = frozenset(rows.layers), tuple(rows.heads), frozenset(steps)
+        row_layers = frozenset(layer.index for layer in layers)
+        row_heads, row_steps = tuple(rows.heads), frozenset(steps)
         values = (
-            len(row_layers)
-            * (len(set(row_heads)) or geo.num_heads)
+            sum(len(set(row_heads)) or layer.num_heads for layer in layers)
             * len(row_steps)
             * (ctx.prompt_tokens + ctx.max_tokens)
         )

@@ -55,16 +55,22 @@ class _AttentionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attenti
     DESCRIPTOR: _descriptor.EnumDescriptor
     ATTENTION_KIND_UNSPECIFIED: _AttentionKind.ValueType  # 0
     ATTENTION_KIND_SELF: _AttentionKind.ValueType  # 1
-    """Self-attention of the language model (the default)."""
+    """A sequence attends to itself (a language model's or a vision tower's layers)."""
+    ATTENTION_KIND_CROSS: _AttentionKind.ValueType  # 2
+    """Queries attend to another sequence's keys (a UNet's text cross-attention)."""
+    ATTENTION_KIND_JOINT: _AttentionKind.ValueType  # 3
+    """Queries and keys span two streams concatenated (an SD3 or Flux DiT block)."""
 
 class AttentionKind(_AttentionKind, metaclass=_AttentionKindEnumTypeWrapper):
-    """Which attention an intervention acts on. Cross, joint and vision-tower attention come with
-    the VLM and diffusion engines.
-    """
+    """The kind of an attention layer; GetModel lists each layer's (Model.layers)."""
 
 ATTENTION_KIND_UNSPECIFIED: AttentionKind.ValueType  # 0
 ATTENTION_KIND_SELF: AttentionKind.ValueType  # 1
-"""Self-attention of the language model (the default)."""
+"""A sequence attends to itself (a language model's or a vision tower's layers)."""
+ATTENTION_KIND_CROSS: AttentionKind.ValueType  # 2
+"""Queries attend to another sequence's keys (a UNet's text cross-attention)."""
+ATTENTION_KIND_JOINT: AttentionKind.ValueType  # 3
+"""Queries and keys span two streams concatenated (an SD3 or Flux DiT block)."""
 Global___AttentionKind: _TypeAlias = AttentionKind  # noqa: Y015
 
 class _QueryScope:
@@ -245,19 +251,26 @@ class Selector(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
+    LAYER_NAMES_FIELD_NUMBER: _builtins.int
     attention: Global___AttentionKind.ValueType
+    """When set, every selected layer must be of this kind, and the model must have a layer of it."""
     queries: Global___QueryScope.ValueType
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Layers, with `heads` applied to each; empty means every layer. Exclusive with layer_heads."""
+        """Layer indices (Model.layers[i].index), with `heads` applied to each. With layer_names
+        the union is selected; both empty means every layer (of `attention`'s kind when it is
+        set). Exclusive with layer_heads.
+        """
 
     @_builtins.property
     def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Query heads; empty means every head."""
+        """Query heads; empty means every head. Each must exist on every selected layer."""
 
     @_builtins.property
     def layer_heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerHeads]:
-        """Explicit per-layer head lists (as calibrated presets use). Exclusive with layers/heads."""
+        """Explicit per-layer head lists (as calibrated presets use). Exclusive with
+        layers/layer_names/heads.
+        """
 
     @_builtins.property
     def keys(self) -> Global___KeySelector:
@@ -266,6 +279,13 @@ class Selector(_message.Message):
     @_builtins.property
     def steps(self) -> Global___StepRange:
         """Unset means every step."""
+
+    @_builtins.property
+    def layer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns (fnmatch: *, ?, [seq]; case-sensitive) matched against layer names
+        (Model.layers[i].name, e.g. "model.layers.1?.self_attn"); each must match some layer.
+        At most 16 patterns of at most 128 characters.
+        """
 
     def __init__(
         self,
@@ -277,10 +297,11 @@ class Selector(_message.Message):
         keys: Global___KeySelector | None = ...,
         steps: Global___StepRange | None = ...,
         queries: Global___QueryScope.ValueType = ...,
+        layer_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "steps", b"steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "heads", b"heads", "keys", b"keys", "layer_heads", b"layer_heads", "layers", b"layers", "queries", b"queries", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "heads", b"heads", "keys", b"keys", "layer_heads", b"layer_heads", "layer_names", b"layer_names", "layers", b"layers", "queries", b"queries", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

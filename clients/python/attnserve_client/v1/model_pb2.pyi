@@ -86,6 +86,28 @@ READOUT_KIND_ATTENTION_ROWS: ReadoutKind.ValueType  # 2
 READOUT_KIND_SUMMARY: ReadoutKind.ValueType  # 3
 Global___ReadoutKind: _TypeAlias = ReadoutKind  # noqa: Y015
 
+class _ModelComponent:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelComponentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelComponent.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_COMPONENT_UNSPECIFIED: _ModelComponent.ValueType  # 0
+    MODEL_COMPONENT_LANGUAGE_MODEL: _ModelComponent.ValueType  # 1
+    MODEL_COMPONENT_VISION_TOWER: _ModelComponent.ValueType  # 2
+    MODEL_COMPONENT_UNET_BLOCK: _ModelComponent.ValueType  # 3
+    MODEL_COMPONENT_DIT_BLOCK: _ModelComponent.ValueType  # 4
+
+class ModelComponent(_ModelComponent, metaclass=_ModelComponentEnumTypeWrapper):
+    """The part of a model an attention layer belongs to."""
+
+MODEL_COMPONENT_UNSPECIFIED: ModelComponent.ValueType  # 0
+MODEL_COMPONENT_LANGUAGE_MODEL: ModelComponent.ValueType  # 1
+MODEL_COMPONENT_VISION_TOWER: ModelComponent.ValueType  # 2
+MODEL_COMPONENT_UNET_BLOCK: ModelComponent.ValueType  # 3
+MODEL_COMPONENT_DIT_BLOCK: ModelComponent.ValueType  # 4
+Global___ModelComponent: _TypeAlias = ModelComponent  # noqa: Y015
+
 @_typing.final
 class Preset(_message.Message):
     """A named intervention list from server config; requests name it in InterventionSpec.presets."""
@@ -218,6 +240,52 @@ class ParameterRange(_message.Message):
 Global___ParameterRange: _TypeAlias = ParameterRange  # noqa: Y015
 
 @_typing.final
+class AttentionLayer(_message.Message):
+    """One attention layer of a model; selectors address it by index or by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CAUSAL_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    NUM_HEADS_FIELD_NUMBER: _builtins.int
+    NUM_KV_HEADS_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The attention module's path in the model, e.g. "model.layers.5.self_attn"."""
+    index: _builtins.int
+    """The layer's index: its position in Model.layers."""
+    kind: _intervention_pb2.AttentionKind.ValueType
+    causal: _builtins.bool
+    """Whether a query sees only the keys at or before its own position."""
+    component: Global___ModelComponent.ValueType
+    num_heads: _builtins.int
+    """Query heads."""
+    num_kv_heads: _builtins.int
+    head_dim: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _builtins.int = ...,
+        kind: _intervention_pb2.AttentionKind.ValueType = ...,
+        causal: _builtins.bool = ...,
+        component: Global___ModelComponent.ValueType = ...,
+        num_heads: _builtins.int = ...,
+        num_kv_heads: _builtins.int = ...,
+        head_dim: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causal", b"causal", "component", b"component", "head_dim", b"head_dim", "index", b"index", "kind", b"kind", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttentionLayer: _TypeAlias = AttentionLayer  # noqa: Y015
+
+@_typing.final
 class Model(_message.Message):
     """A served model and what it supports."""
 
@@ -237,12 +305,16 @@ class Model(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     UNSUPPORTED_REASON_FIELD_NUMBER: _builtins.int
     PARAMETER_RANGES_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     SUPPORTED_RPCS_FIELD_NUMBER: _builtins.int
     INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
     num_layers: _builtins.int
+    """Attention layers of the language model; num_heads, num_kv_heads and head_dim are those
+    its layers share (0 when they differ or the model has none). `layers` has every layer's.
+    """
     num_heads: _builtins.int
     """Query heads per layer."""
     num_kv_heads: _builtins.int
@@ -263,6 +335,10 @@ class Model(_message.Message):
     @_builtins.property
     def parameter_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterRange]:
         """The ranges the model's float request parameters must lie in."""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttentionLayer]:
+        """Every attention layer of the model, in index order."""
 
     @_builtins.property
     def supported_rpcs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -291,12 +367,13 @@ class Model(_message.Message):
         limits: Global___ModelLimits | None = ...,
         unsupported_reason: _builtins.str = ...,
         parameter_ranges: _abc.Iterable[Global___ParameterRange] | None = ...,
+        layers: _abc.Iterable[Global___AttentionLayer] | None = ...,
         supported_rpcs: _abc.Iterable[_builtins.str] | None = ...,
         input_modalities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "layers", b"layers", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

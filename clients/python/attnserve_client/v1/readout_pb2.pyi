@@ -66,15 +66,22 @@ class AttentionRowsSpec(_message.Message):
     LAYERS_FIELD_NUMBER: _builtins.int
     HEADS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    LAYER_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Layer indices (Model.layers[i].index); with layer_names the union is read."""
+
     @_builtins.property
     def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Query heads; empty means every head."""
+        """Query heads; empty means every head. Each must exist on every layer read."""
 
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation steps (0 = prefill); empty means step 0 only."""
+
+    @_builtins.property
+    def layer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns matched against layer names, as Selector.layer_names."""
 
     def __init__(
         self,
@@ -82,10 +89,11 @@ class AttentionRowsSpec(_message.Message):
         layers: _abc.Iterable[_builtins.int] | None = ...,
         heads: _abc.Iterable[_builtins.int] | None = ...,
         steps: _abc.Iterable[_builtins.int] | None = ...,
+        layer_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layers", b"layers", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
