@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from attnserve.attention import core
 from attnserve.attention.core import attend_rows
+from attnserve.attention.layout import RowLayout
 from attnserve.attention.plan import ReadoutRequest, RowPlan
-from attnserve.attention.rows import RowLayout
 from reference import reference_attend
 
 TOLERANCE = 1e-5

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from attnserve.attention.layout import RowLayout
 from attnserve.attention.plan import (
     HeadOutputScale,
     IdentityBlend,
@@ -23,7 +24,7 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
-from attnserve.attention.rows import LayerStatistics, RowLayout
+from attnserve.attention.readout import LayerStatistics
 
 
 def key_selected(keys: KeySet, position: int, num_prompt_tokens: int) -> bool:

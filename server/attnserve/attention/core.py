@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from attnserve.attention import kernels
 from attnserve.attention.interventions import calibrate_sinks, calibration_heads, edit_logits, edit_output
+from attnserve.attention.layout import RowLayout
 from attnserve.attention.plan import RowPlan, ScopedOp
-from attnserve.attention.row import RowAttention
-from attnserve.attention.rows import RowLayout, RowReadout
+from attnserve.attention.readout import RowReadout
+from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
     HeadPieces,
     fused_pieces,
@@ -98,7 +99,7 @@ def attend_rows(
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
-    """Attention of a left-padded batch with plans[b] applied to row b (see rows.py for the
+    """Attention of a left-padded batch with plans[b] applied to row b (see layout.py for the
     layout). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
     when the row asks for none). Padded query rows of edited rows are zero."""
     _check(q, k, v, layouts, plans)

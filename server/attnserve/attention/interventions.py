@@ -30,7 +30,7 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
-from attnserve.attention.row import RowAttention
+from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
 
 

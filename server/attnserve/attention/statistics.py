@@ -18,8 +18,8 @@ import torch
 from attnserve.attention import kernels
 from attnserve.attention.interventions import EditedLogits
 from attnserve.attention.plan import ReadoutRequest
-from attnserve.attention.row import RowAttention
-from attnserve.attention.rows import LayerStatistics, RowReadout
+from attnserve.attention.readout import LayerStatistics, RowReadout
+from attnserve.attention.row_attention import RowAttention
 
 #: A key after token 0 is a hidden sink when its column mean exceeds this.
 HIDDEN_SINK_THRESHOLD = 0.1

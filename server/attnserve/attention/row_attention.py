@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from attnserve.attention.rows import RowLayout
+from attnserve.attention.layout import RowLayout
 
 
 @dataclass
