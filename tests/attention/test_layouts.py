@@ -194,3 +194,15 @@ def test_layout_validation():
     short = dataclasses.replace(batch.layouts[0], block_ids=(0, 0, 1))
     with pytest.raises(ValueError, match="block_ids for a row of 4 tokens"):
         run(dataclasses.replace(batch, layouts=[short]), [RowPlan()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_matches_reference(layout):
+    batch = make_batch(**LAYOUTS[layout]).to("cuda")
+    plans = [
+        RowPlan(ops=applicable(COMBINATION, layout), readout=FULL_READOUT),
+        RowPlan(readout=FULL_READOUT),
+        RowPlan(),
+    ]
+    assert_matches_reference(batch, plans, tolerance=1e-4)

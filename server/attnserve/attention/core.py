@@ -1,5 +1,12 @@
 """attend_rows: batched attention with each row's RowPlan applied, and its readouts.
 
+Each row's RowLayout (layout.py) says where its queries and keys sit and which keys each query
+sees: causal, full (bidirectional self-attention, cross-attention) or block-causal. The same
+operations and statistics serve every layout, except what needs each query's own key, which
+cross-attention has not: identity blends are refused there, and so is a key mask that would
+leave a query no key; the sink statistics are None on full-mask rows
+(docs/attention-math.md#layouts).
+
 Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
 the padded batch, so their output is bit-identical to the unedited path. Edited rows and rows
 with readouts are handled one at a time with their padding cut off, in float32:
@@ -114,8 +121,8 @@ def attend_rows(
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
-    """Attention of a left-padded batch with plans[b] applied to row b (see layout.py for the
-    layout). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
+    """Attention of a left-padded batch with plans[b] applied to row b, laid out as layouts[b]
+    (layout.py). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
     when the row asks for none). Padded query rows of edited rows are zero."""
     _check(q, k, v, layouts, plans)
     row_ops = [effective_ops(plan) for plan in plans]
