@@ -10,7 +10,14 @@ indices key_start..Lk-1 (n_b = Lk - key_start). Its queries are either
   query_start..Lq-1 are the row's, and no query has a position among the keys (no own key).
 Padded query rows are ignored (their output is left as computed, unspecified).
 
-Which keys a query sees is the layout's MaskKind; docs/attention-math.md#layouts.
+Which keys a query sees is the layout's MaskKind; docs/attention-math.md#layouts. For example:
+- a decoder's prefill or decode step: RowLayout(key_start=pad, num_prompt_tokens=prompt_length);
+- a vision encoder's or DiT's self-attention over n tokens (joint attention: text and image
+  tokens concatenated): RowLayout(key_start=pad, num_prompt_tokens=n, mask=MaskKind.FULL);
+- a UNet's cross-attention of image tokens over t text tokens: RowLayout(key_start=text_pad,
+  num_prompt_tokens=t, mask=MaskKind.FULL, cross_attention=True, query_start=image_pad);
+- image tokens bidirectional among themselves inside causal text: mask=MaskKind.BLOCK with
+  block_ids giving each text token a block of its own and each image one block.
 """
 
 from __future__ import annotations
