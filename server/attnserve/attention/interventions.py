@@ -191,8 +191,8 @@ def calibrate_sinks(
     """ACT, in place: probs (h, L, n) of the materialised heads (slot[head] is a head's index in
     probs) become the calibrated probabilities, and edited.bias gets the equivalent logit bias.
 
-    Sinks (positions >= 1 in the op's keys, on every layout) have a mean probability > tau over the query rows
-    that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
+    Sinks (positions >= 1 in the op's keys, on every layout) have a mean probability > tau over
+    the query rows that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
     (1 - beta m) / (1 - m): a reweighting, so (docs/attention-math.md#identity-b) exactly the
     logit bias log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then gives the output; this
     avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose subtraction loses float32
