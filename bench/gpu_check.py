@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from attnserve.attention import plan as P
 from attnserve.attention.core import attend_rows, plain_attention
-from attnserve.attention.rows import RowLayout
+from attnserve.attention.layout import RowLayout
 from transformers import LlamaConfig, LlamaForCausalLM
 
 READOUT = P.ReadoutRequest(statistics=True, mass_ranges=((0, 2), (3, 9)), row_heads=(), prompt_attention=True)

@@ -1,4 +1,5 @@
-"""Random left-padded batches and the comparison of attend_rows with the eager reference."""
+"""Random left-padded batches, the operations tried on them, and the comparison of attend_rows
+with the eager reference."""
 
 from __future__ import annotations
 
@@ -10,13 +11,70 @@ import torch
 import torch.nn.functional as F
 from attnserve.attention import core
 from attnserve.attention.core import attend_rows
-from attnserve.attention.plan import ReadoutRequest, RowPlan
-from attnserve.attention.rows import RowLayout
+from attnserve.attention.layout import MaskKind, RowLayout
+from attnserve.attention.plan import (
+    HeadOutputScale,
+    IdentityBlend,
+    KeyEmphasis,
+    KeyMask,
+    KeySet,
+    LogitRescale,
+    ReadoutRequest,
+    RowPlan,
+    ScopedOp,
+    SinkCalibration,
+    Temperature,
+)
 from reference import reference_attend
 
 TOLERANCE = 1e-5
 FULL_READOUT = ReadoutRequest(
     statistics=True, mass_ranges=((0, 2), (1, 5), (3, 40)), row_heads=(), prompt_attention=True
+)
+ALL_KEYS = KeySet(include_generated=True)
+
+SINGLE_OPS = {
+    "act": ScopedOp(SinkCalibration()),
+    "act_heads_last_query": ScopedOp(SinkCalibration(tau=0.08, beta=0.2), heads=(0, 4), last_query_only=True),
+    "act_key_range": ScopedOp(SinkCalibration(beta=0.0), keys=KeySet(ranges=((2, 3),)), heads=(1, 2, 3)),
+    "act_generated": ScopedOp(SinkCalibration(tau=0.05), keys=ALL_KEYS),
+    "emphasis": ScopedOp(KeyEmphasis(0.01), heads=(0, 2), keys=KeySet(ranges=((1, 4),))),
+    "emphasis_invert": ScopedOp(KeyEmphasis(0.2), keys=KeySet(ranges=((2, 5),), invert=True)),
+    "emphasis_generated": ScopedOp(KeyEmphasis(5.0), keys=KeySet(ranges=((0, 1),), include_generated=True)),
+    "rescale": ScopedOp(LogitRescale(0.7), heads=(1,), keys=KeySet(ranges=((0, 3),))),
+    "rescale_last_query": ScopedOp(LogitRescale(-0.4), last_query_only=True, keys=ALL_KEYS),
+    "temperature_all_keys": ScopedOp(Temperature(2.0), heads=(0, 1), keys=ALL_KEYS),
+    "temperature_prompt_keys": ScopedOp(Temperature(0.5)),
+    "temperature_key_range": ScopedOp(Temperature(0.3), heads=(5,), keys=KeySet(ranges=((1, 3),))),
+    "mask": ScopedOp(KeyMask(), keys=KeySet(ranges=((0, 2),))),
+    "mask_everything": ScopedOp(KeyMask(), heads=(3,), keys=ALL_KEYS),
+    "blend": ScopedOp(IdentityBlend(0.4), heads=(2, 3)),
+    "blend_full_last_query": ScopedOp(IdentityBlend(1.0), last_query_only=True),
+    "head_scale": ScopedOp(HeadOutputScale(0.0), heads=(4,)),
+    "head_scale_last_query": ScopedOp(HeadOutputScale(1.7), last_query_only=True),
+}
+
+COMBINATION = (
+    ScopedOp(HeadOutputScale(0.5), heads=(0, 1)),  # listed first, applied last
+    ScopedOp(IdentityBlend(0.3), heads=(1, 2)),
+    ScopedOp(SinkCalibration(tau=0.08, beta=0.4), heads=(0, 1, 2)),
+    ScopedOp(SinkCalibration(tau=0.1, beta=0.6), heads=(2, 3), keys=ALL_KEYS),
+    ScopedOp(LogitRescale(0.7), heads=(1, 2), keys=KeySet(ranges=((0, 4),))),
+    ScopedOp(LogitRescale(0.3), heads=(2, 5), keys=KeySet(ranges=((2, 8),))),
+    ScopedOp(KeyMask(), heads=(0, 3), keys=KeySet(ranges=((4, 6),))),
+    ScopedOp(KeyEmphasis(0.05), heads=(1, 3, 4), keys=KeySet(ranges=((1, 3),), invert=True)),
+    ScopedOp(Temperature(1.5), heads=(0, 2, 4)),
+    ScopedOp(Temperature(0.7), heads=(2,), keys=ALL_KEYS),
+    ScopedOp(IdentityBlend(0.5), heads=(2,), last_query_only=True),
+)
+
+IDENTITY_OPS = (
+    ScopedOp(SinkCalibration(beta=1.0)),
+    ScopedOp(KeyEmphasis(1.0), heads=(1,)),
+    ScopedOp(LogitRescale(0.0)),
+    ScopedOp(HeadOutputScale(1.0)),
+    ScopedOp(IdentityBlend(0.0)),
+    ScopedOp(Temperature(1.0), keys=KeySet(ranges=((0, 2),))),
 )
 
 
@@ -34,6 +92,8 @@ class Batch:
 
     def valid_queries(self, row: int) -> slice:
         """Query rows of `row` that are not padding."""
+        if self.layouts[row].cross_attention:
+            return slice(self.layouts[row].query_start, self.num_queries)
         num_keys = self.k.shape[2]
         first = max(0, self.layouts[row].key_start - (num_keys - self.num_queries))
         return slice(first, self.num_queries)
@@ -53,10 +113,14 @@ def make_batch(
     head_dim: int = 16,
     seed: int = 0,
     sink_positions: tuple[int, ...] = (0, 2),
+    mask: MaskKind = MaskKind.CAUSAL,
+    query_starts: tuple[int, ...] | None = None,
+    block_size: int = 0,
 ) -> Batch:
     """Random batch; keys at sink_positions of each row share a direction with every query,
     so they draw attention (ACT then finds sinks). The last `generated` tokens of each row are
-    generated tokens."""
+    generated tokens. query_starts makes the rows cross-attention (queries of their own);
+    a BLOCK mask gets blocks of block_size tokens."""
     generator = torch.Generator().manual_seed(seed)
     batch = len(key_starts)
     q = torch.randn(batch, num_heads, num_queries, head_dim, generator=generator)
@@ -69,7 +133,17 @@ def make_batch(
         for position in sink_positions:
             if start + position < num_keys:
                 k[b, :, start + position] += direction
-    layouts = [RowLayout(key_start=s, num_prompt_tokens=num_keys - s - generated) for s in key_starts]
+    layouts = [
+        RowLayout(
+            key_start=s,
+            num_prompt_tokens=num_keys - s - generated,
+            mask=mask,
+            cross_attention=query_starts is not None,
+            query_start=0 if query_starts is None else query_starts[b],
+            block_ids=tuple(j // block_size for j in range(num_keys - s)) if mask is MaskKind.BLOCK else (),
+        )
+        for b, s in enumerate(key_starts)
+    ]
     return Batch(q, k, v, head_dim**-0.5, layouts)
 
 
@@ -86,8 +160,16 @@ def plain_sdpa(batch: Batch) -> torch.Tensor:
     num_keys = batch.k.shape[2]
     mask = torch.zeros(len(batch.layouts), 1, batch.num_queries, num_keys, dtype=torch.bool)
     for b, layout in enumerate(batch.layouts):
-        for i in range(batch.num_queries):
-            mask[b, 0, i, layout.key_start : num_keys - batch.num_queries + i + 1] = True
+        start = layout.key_start
+        for i in range(batch.valid_queries(b).start, batch.num_queries):
+            position = num_keys - batch.num_queries + i - start  # in the row (self-attention)
+            for j in range(start, num_keys):
+                if layout.mask is MaskKind.FULL:
+                    mask[b, 0, i, j] = True
+                elif layout.mask is MaskKind.BLOCK:
+                    mask[b, 0, i, j] = layout.block_ids[j - start] <= layout.block_ids[position]
+                else:
+                    mask[b, 0, i, j] = j - start <= position
     return F.scaled_dot_product_attention(
         batch.q, batch.k, batch.v, attn_mask=mask.to(batch.q.device), scale=batch.scale, enable_gqa=True
     )
@@ -143,7 +225,10 @@ def assert_readout_matches(readout, expected, tolerance: float) -> None:
         got, want = readout.statistics, expected.statistics
         assert got.query_count == want.query_count
         for name in ("entropy", "normalized_entropy", "sink_mass", "sink_mass_first4", "hidden_sinks"):
-            assert getattr(got, name) == pytest.approx(getattr(want, name), **approx), name
+            if getattr(want, name) is None:  # does not apply to the layout
+                assert getattr(got, name) is None, name
+            else:
+                assert getattr(got, name) == pytest.approx(getattr(want, name), **approx), name
         assert got.range_mass == pytest.approx(want.range_mass, **approx)
     if expected.attention_rows is None:
         assert readout.attention_rows is None

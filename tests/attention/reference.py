@@ -3,6 +3,11 @@
 Everything is materialised per row and head in float64: the logit matrix, the softmax, each
 method applied literally to the matrix (ACT's p' rule, PASTA's multiply-and-renormalise, PAINT's
 s + a|s|, SoftPAG's (1-u)P + uI), then o = P V. Slow on purpose, shares no code with core.
+
+Layouts, from their definitions: self-attention query rows are the last tokens of the key
+sequence, cross-attention query rows query_start.. have no position among the keys. A query at
+position t sees key j when j <= t (causal), always (full), block_ids[j] <= block_ids[t] (block).
+Sink statistics (token 0, tokens 0..3, hidden sinks) are kept for causal and block rows only.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from attnserve.attention.layout import MaskKind, RowLayout
 from attnserve.attention.plan import (
     HeadOutputScale,
     IdentityBlend,
@@ -23,7 +29,7 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
-from attnserve.attention.rows import LayerStatistics, RowLayout
+from attnserve.attention.readout import LayerStatistics
 
 
 def key_selected(keys: KeySet, position: int, num_prompt_tokens: int) -> bool:
@@ -38,6 +44,14 @@ class RefReadout:
     statistics: LayerStatistics | None
     attention_rows: torch.Tensor | None
     prompt_attention: torch.Tensor | None
+
+
+def _sees(layout: RowLayout, query_position: int | None, key: int) -> bool:
+    if layout.mask is MaskKind.FULL:
+        return True
+    if layout.mask is MaskKind.BLOCK:
+        return layout.block_ids[key] <= layout.block_ids[query_position]
+    return key <= query_position
 
 
 def _acts(scoped: ScopedOp, head: int, query: int, last_query: int) -> bool:
@@ -56,12 +70,18 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
     out = torch.zeros(q.shape, dtype=torch.float64)
     readouts = []
     for b in range(batch):
-        start = layouts[b].key_start
-        prompt = layouts[b].num_prompt_tokens
+        layout = layouts[b]
+        start = layout.key_start
+        prompt = layout.num_prompt_tokens
         n = num_keys - start
-        # Valid query rows and their token positions.
-        queries = [i for i in range(num_queries) if num_keys - num_queries + i >= start]
-        qpos = {i: num_keys - num_queries + i - start for i in queries}
+        # Valid query rows and their token positions (None: a cross-attention query has none).
+        if layout.cross_attention:
+            queries = list(range(layout.query_start, num_queries))
+            qpos = dict.fromkeys(queries)
+        else:
+            queries = [i for i in range(num_queries) if num_keys - num_queries + i >= start]
+            qpos = {i: num_keys - num_queries + i - start for i in queries}
+        sees = {i: [_sees(layout, qpos[i], j) for j in range(n)] for i in queries}
         last = queries[-1]
         ops = plans[b].ops
         finals = []
@@ -98,7 +118,9 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                         for j in range(n):
                             if j != p and key_selected(scoped.keys, j, prompt):
                                 final[j] = -math.inf
-                final[p + 1 :] = -math.inf  # causal
+                for j in range(n):
+                    if not sees[i][j]:
+                        final[j] = -math.inf
                 probs[i] = torch.softmax(final, dim=0)
 
             for scoped in ops:
@@ -109,7 +131,7 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                 op = scoped.op
                 sinks = []
                 for j in range(1, n):
-                    seers = [i for i in queries if qpos[i] >= j]
+                    seers = [i for i in queries if sees[i][j]]
                     if not seers or not key_selected(scoped.keys, j, prompt):
                         continue
                     if op.min_queries > 0 and len(seers) < op.min_queries:
@@ -130,6 +152,7 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
 
             for scoped in ops:
                 if isinstance(scoped.op, IdentityBlend):
+                    assert not layout.cross_attention, "no own key to blend towards"
                     u = scoped.op.weight
                     for i in queries:
                         if _acts(scoped, h, i, last):
@@ -145,11 +168,11 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
             for i in queries:
                 out[b, h, i] = o[i]
             finals.append(probs)
-        readouts.append(_readout(plans[b], finals, queries, qpos, n, prompt, last))
+        readouts.append(_readout(plans[b], layout, finals, queries, sees, n, prompt, last))
     return out, readouts
 
 
-def _readout(plan: RowPlan, finals, queries, qpos, n, prompt, last) -> RefReadout | None:
+def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt, last) -> RefReadout | None:
     request = plan.readout
     if request.is_empty:
         return None
@@ -159,7 +182,7 @@ def _readout(plan: RowPlan, finals, queries, qpos, n, prompt, last) -> RefReadou
         entropy = normalized = sink = first4 = 0.0
         ranges = [0.0] * len(request.mass_ranges)
         for i in queries:
-            visible = qpos[i] + 1
+            visible = sum(sees[i])
             for probs in finals:
                 row = probs[i]
                 h_i = float(-sum(x * math.log(x) for x in row.tolist() if x > 0))
@@ -172,22 +195,23 @@ def _readout(plan: RowPlan, finals, queries, qpos, n, prompt, last) -> RefReadou
         hidden = 0.0
         for probs in finals:
             for j in range(1, n):
-                seers = [i for i in queries if qpos[i] >= j]
+                seers = [i for i in queries if sees[i][j]]
                 if seers and sum(float(probs[i, j]) for i in seers) / len(seers) > 0.1:
                     hidden += 1 / num_heads
+        sinks_apply = layout.mask is not MaskKind.FULL
         statistics = LayerStatistics(
             query_count=len(queries),
             entropy=entropy,
             normalized_entropy=normalized,
-            sink_mass=sink,
-            sink_mass_first4=first4,
-            hidden_sinks=hidden * len(queries),
+            sink_mass=sink if sinks_apply else None,
+            sink_mass_first4=first4 if sinks_apply else None,
+            hidden_sinks=hidden * len(queries) if sinks_apply else None,
             range_mass=ranges,
         )
     rows = None
     if request.row_heads is not None:
         heads = request.row_heads or tuple(range(num_heads))
-        rows = torch.stack([finals[h][last, : qpos[last] + 1] for h in heads])
+        rows = torch.stack([finals[h][last] for h in heads])  # the last query sees every key
     prompt_attention = None
     if request.prompt_attention:
         prompt_attention = torch.zeros(prompt, dtype=torch.float64)

@@ -19,45 +19,19 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
-from harness import FULL_READOUT, SCENARIOS, assert_matches_reference, make_batch, plain_sdpa, run
-from reference import reference_attend
-
-ALL_KEYS = KeySet(include_generated=True)
-
-SINGLE_OPS = {
-    "act": ScopedOp(SinkCalibration()),
-    "act_heads_last_query": ScopedOp(SinkCalibration(tau=0.08, beta=0.2), heads=(0, 4), last_query_only=True),
-    "act_key_range": ScopedOp(SinkCalibration(beta=0.0), keys=KeySet(ranges=((2, 3),)), heads=(1, 2, 3)),
-    "act_generated": ScopedOp(SinkCalibration(tau=0.05), keys=ALL_KEYS),
-    "emphasis": ScopedOp(KeyEmphasis(0.01), heads=(0, 2), keys=KeySet(ranges=((1, 4),))),
-    "emphasis_invert": ScopedOp(KeyEmphasis(0.2), keys=KeySet(ranges=((2, 5),), invert=True)),
-    "emphasis_generated": ScopedOp(KeyEmphasis(5.0), keys=KeySet(ranges=((0, 1),), include_generated=True)),
-    "rescale": ScopedOp(LogitRescale(0.7), heads=(1,), keys=KeySet(ranges=((0, 3),))),
-    "rescale_last_query": ScopedOp(LogitRescale(-0.4), last_query_only=True, keys=ALL_KEYS),
-    "temperature_all_keys": ScopedOp(Temperature(2.0), heads=(0, 1), keys=ALL_KEYS),
-    "temperature_prompt_keys": ScopedOp(Temperature(0.5)),
-    "temperature_key_range": ScopedOp(Temperature(0.3), heads=(5,), keys=KeySet(ranges=((1, 3),))),
-    "mask": ScopedOp(KeyMask(), keys=KeySet(ranges=((0, 2),))),
-    "mask_everything": ScopedOp(KeyMask(), heads=(3,), keys=ALL_KEYS),
-    "blend": ScopedOp(IdentityBlend(0.4), heads=(2, 3)),
-    "blend_full_last_query": ScopedOp(IdentityBlend(1.0), last_query_only=True),
-    "head_scale": ScopedOp(HeadOutputScale(0.0), heads=(4,)),
-    "head_scale_last_query": ScopedOp(HeadOutputScale(1.7), last_query_only=True),
-}
-
-COMBINATION = (
-    ScopedOp(HeadOutputScale(0.5), heads=(0, 1)),  # listed first, applied last
-    ScopedOp(IdentityBlend(0.3), heads=(1, 2)),
-    ScopedOp(SinkCalibration(tau=0.08, beta=0.4), heads=(0, 1, 2)),
-    ScopedOp(SinkCalibration(tau=0.1, beta=0.6), heads=(2, 3), keys=ALL_KEYS),
-    ScopedOp(LogitRescale(0.7), heads=(1, 2), keys=KeySet(ranges=((0, 4),))),
-    ScopedOp(LogitRescale(0.3), heads=(2, 5), keys=KeySet(ranges=((2, 8),))),
-    ScopedOp(KeyMask(), heads=(0, 3), keys=KeySet(ranges=((4, 6),))),
-    ScopedOp(KeyEmphasis(0.05), heads=(1, 3, 4), keys=KeySet(ranges=((1, 3),), invert=True)),
-    ScopedOp(Temperature(1.5), heads=(0, 2, 4)),
-    ScopedOp(Temperature(0.7), heads=(2,), keys=ALL_KEYS),
-    ScopedOp(IdentityBlend(0.5), heads=(2,), last_query_only=True),
+from harness import (
+    ALL_KEYS,
+    COMBINATION,
+    FULL_READOUT,
+    IDENTITY_OPS,
+    SCENARIOS,
+    SINGLE_OPS,
+    assert_matches_reference,
+    make_batch,
+    plain_sdpa,
+    run,
 )
+from reference import reference_attend
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -113,16 +87,6 @@ def test_min_queries_guard_drops_tail_sinks():
     assert not torch.allclose(unguarded, plain, atol=1e-4)
     # min_queries = Lq leaves only token 0, which is never a sink.
     torch.testing.assert_close(guarded, plain, atol=1e-6, rtol=1e-6)
-
-
-IDENTITY_OPS = (
-    ScopedOp(SinkCalibration(beta=1.0)),
-    ScopedOp(KeyEmphasis(1.0), heads=(1,)),
-    ScopedOp(LogitRescale(0.0)),
-    ScopedOp(HeadOutputScale(1.0)),
-    ScopedOp(IdentityBlend(0.0)),
-    ScopedOp(Temperature(1.0), keys=KeySet(ranges=((0, 2),))),
-)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

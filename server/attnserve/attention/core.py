@@ -1,5 +1,12 @@
 """attend_rows: batched attention with each row's RowPlan applied, and its readouts.
 
+Each row's RowLayout (layout.py) says where its queries and keys sit and which keys each query
+sees: causal, full (bidirectional self-attention, cross-attention) or block-causal. The same
+operations and statistics serve every layout, except what needs each query's own key, which
+cross-attention has not: identity blends are refused there, and so is a key mask that would
+leave a query no key; the sink statistics are None on full-mask rows
+(docs/attention-math.md#layouts).
+
 Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
 the padded batch, so their output is bit-identical to the unedited path. Edited rows and rows
 with readouts are handled one at a time with their padding cut off, in float32:
@@ -24,9 +31,10 @@ import torch.nn.functional as F
 
 from attnserve.attention import kernels
 from attnserve.attention.interventions import calibrate_sinks, calibration_heads, edit_logits, edit_output
-from attnserve.attention.plan import RowPlan, ScopedOp
-from attnserve.attention.row import RowAttention
-from attnserve.attention.rows import RowLayout, RowReadout
+from attnserve.attention.layout import MaskKind, RowLayout
+from attnserve.attention.plan import IdentityBlend, RowPlan, ScopedOp
+from attnserve.attention.readout import RowReadout
+from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
     HeadPieces,
     fused_pieces,
@@ -45,16 +53,26 @@ MATERIALISED_STATISTICS_ELEMENTS = 1 << 20
 def visibility_mask(
     layouts: Sequence[RowLayout], num_queries: int, num_keys: int, device: torch.device
 ) -> torch.Tensor:
-    """(B, 1, Lq, Lk) bool: query row i of row b sees key j when key_start_b <= j <= Lk - Lq + i.
+    """(B, 1, Lq, Lk) bool: whether query row i of row b sees key j (layout.py).
 
     Padded query rows see nothing (SDPA then gives 0 on CPU; their output is unspecified).
     """
     key_index = torch.arange(num_keys, device=device)
-    query_index = torch.arange(num_keys - num_queries, num_keys, device=device)
-    key_start = torch.tensor([layout.key_start for layout in layouts], device=device)
-    causal = key_index[None, :] <= query_index[:, None]
-    not_padding = key_index[None, :] >= key_start[:, None]
-    return (causal[None] & not_padding[:, None, :])[:, None]
+    if all(layout.mask is MaskKind.CAUSAL for layout in layouts):
+        # Causal rows at once: query row i of row b sees key_start_b <= j <= Lk - Lq + i.
+        query_index = torch.arange(num_keys - num_queries, num_keys, device=device)
+        key_start = torch.tensor([layout.key_start for layout in layouts], device=device)
+        causal = key_index[None, :] <= query_index[:, None]
+        not_padding = key_index[None, :] >= key_start[:, None]
+        return (causal[None] & not_padding[:, None, :])[:, None]
+    mask = torch.zeros(len(layouts), 1, num_queries, num_keys, dtype=torch.bool, device=device)
+    for b, layout in enumerate(layouts):
+        row_queries = layout.num_queries(num_queries, num_keys)
+        row_keys = num_keys - layout.key_start
+        mask[b, 0, num_queries - row_queries :, layout.key_start :] = layout.visibility(
+            row_queries, row_keys, device
+        )
+    return mask
 
 
 def plain_attention(
@@ -80,13 +98,18 @@ def _check(
     batch, num_heads, num_queries, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim or num_heads % k.shape[1] != 0:
         raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}")
-    if num_queries > k.shape[2]:
-        raise ValueError(f"more queries ({num_queries}) than keys ({k.shape[2]})")
     if len(layouts) != batch or len(plans) != batch:
         raise ValueError(f"{batch} rows but {len(layouts)} layouts and {len(plans)} plans")
-    for layout in layouts:
+    for layout, plan in zip(layouts, plans):
         if not 0 <= layout.key_start < k.shape[2]:
             raise ValueError(f"key_start {layout.key_start} outside 0..{k.shape[2] - 1}")
+        if layout.cross_attention:
+            if not 0 <= layout.query_start < num_queries:
+                raise ValueError(f"query_start {layout.query_start} outside 0..{num_queries - 1}")
+            if any(isinstance(scoped.op, IdentityBlend) for scoped in effective_ops(plan)):
+                raise ValueError("IdentityBlend needs each query's own key; cross-attention has none")
+        elif num_queries > k.shape[2]:
+            raise ValueError(f"more queries ({num_queries}) than keys ({k.shape[2]})")
 
 
 def attend_rows(
@@ -98,8 +121,8 @@ def attend_rows(
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
-    """Attention of a left-padded batch with plans[b] applied to row b (see rows.py for the
-    layout). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
+    """Attention of a left-padded batch with plans[b] applied to row b, laid out as layouts[b]
+    (layout.py). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
     when the row asks for none). Padded query rows of edited rows are zero."""
     _check(q, k, v, layouts, plans)
     row_ops = [effective_ops(plan) for plan in plans]

@@ -30,7 +30,7 @@ from attnserve.attention.plan import (
     SinkCalibration,
     Temperature,
 )
-from attnserve.attention.row import RowAttention
+from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
 
 
@@ -149,11 +149,28 @@ def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
         if alpha > 0:
             emphasis.append(EmphasisTerm(scope.head_query, scope.keys, log_alpha))
 
-    for scoped in _of_kind(ops, KeyMask):
+    masks = _of_kind(ops, KeyMask)
+    if masks and not row.has_own_key:
+        _refuse_masking_every_key(row, masks)
+    for scoped in masks:
         scope = Scope.of(scoped, row)
         bias = bias.masked_fill(scope.logits & ~row.own_key, float("-inf"))
 
     return EditedLogits(q=q, bias=bias, logit_heads=logit_heads, emphasis=emphasis)
+
+
+def _refuse_masking_every_key(row: RowAttention, masks: Sequence[ScopedOp]) -> None:
+    """Without an own key to keep, KeyMasks could leave a query no key at all: refused. Queries of
+    a cross-attention row see every key, and the last query is in every op's scope, so some query
+    is left with none exactly when a head's masks cover all keys. Decided on CPU copies."""
+    cpu = torch.device("cpu")
+    masked = torch.zeros(row.num_heads, row.num_keys, dtype=torch.bool)
+    for scoped in masks:
+        heads = head_selection(scoped.heads, row.num_heads, cpu)
+        keys = key_selection(scoped.keys, row.num_keys, row.num_prompt_tokens, cpu)
+        masked |= heads[:, None] & keys[None, :]
+    if bool(masked.all(dim=1).any()):
+        raise ValueError("KeyMask would leave a cross-attention query no key to attend to")
 
 
 def calibration_heads(row: RowAttention, ops: Sequence[ScopedOp]) -> torch.Tensor:
@@ -174,8 +191,8 @@ def calibrate_sinks(
     """ACT, in place: probs (h, L, n) of the materialised heads (slot[head] is a head's index in
     probs) become the calibrated probabilities, and edited.bias gets the equivalent logit bias.
 
-    Sinks (positions >= 1 in the op's keys) have a mean probability > tau over the query rows
-    that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
+    Sinks (positions >= 1 in the op's keys, on every layout) have a mean probability > tau over
+    the query rows that see them. A row with sink mass m keeps beta * p on sinks and scales the other keys by
     (1 - beta m) / (1 - m): a reweighting, so (docs/attention-math.md#identity-b) exactly the
     logit bias log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then gives the output; this
     avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose subtraction loses float32

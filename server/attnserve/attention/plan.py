@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class SinkCalibration:
-    """ACT: hidden sinks (token 0 excluded) keep beta of their probability; the removed mass
+    """ACT: hidden sinks (token 0 excluded, on every layout) keep beta of their probability; the removed mass
     goes back to the other keys in proportion. A key is a sink when its mean probability over
     the queries that see it exceeds tau; keys seen by fewer than min_queries queries are never
     sinks (0 keeps the authors' rule)."""
@@ -64,7 +64,8 @@ class HeadOutputScale:
 
 @dataclass(frozen=True)
 class IdentityBlend:
-    """SoftPAG: attention map (1 - weight) * A + weight * I, i.e. output (1-u) o_i + u v_i."""
+    """SoftPAG: attention map (1 - weight) * A + weight * I, i.e. output (1-u) o_i + u v_i.
+    Self-attention only: I needs each query's own key."""
 
     weight: float = 1.0
 
@@ -86,7 +87,8 @@ class Temperature:
 
 @dataclass(frozen=True)
 class KeyMask:
-    """Selected keys removed from attention; a query always keeps its own key."""
+    """Selected keys removed from attention; in self-attention a query always keeps its own key
+    (cross-attention has none: masking every key of a query is refused)."""
 
     @property
     def is_identity(self) -> bool:

@@ -6,7 +6,9 @@ identity H (values := K), masses by identity V (values := indicator columns), th
 probability by identity P (one dot product and the lse), the last query row from its own logits,
 column sums by identity C in query chunks.
 The identity blends are applied afterwards in closed form (identity U): the final map of query i
-is kept_i * P_i + (1 - kept_i) * onehot(own key). Definitions: docs/attention-math.md#statistics.
+is kept_i * P_i + (1 - kept_i) * onehot(own key) (self-attention; cross-attention has no own key
+and no blends). Definitions, and which statistics apply to which layout:
+docs/attention-math.md#statistics.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 from attnserve.attention import kernels
 from attnserve.attention.interventions import EditedLogits
 from attnserve.attention.plan import ReadoutRequest
-from attnserve.attention.row import RowAttention
-from attnserve.attention.rows import LayerStatistics, RowReadout
+from attnserve.attention.readout import LayerStatistics, RowReadout
+from attnserve.attention.row_attention import RowAttention
 
-#: A key after token 0 is a hidden sink when its column mean exceeds this.
+#: A key after token 0 is a hidden sink when its column mean exceeds this (sink statistics
+#: apply where RowLayout.has_sink_statistics).
 HIDDEN_SINK_THRESHOLD = 0.1
 #: Mass columns before the ReadoutRequest.mass_ranges ones: token 0, tokens 0..3.
 SINK_COLUMNS = 2
@@ -94,11 +97,13 @@ def fused_pieces(
         )
     entropy = lse - expected_logit
 
-    # docs/attention-math.md#identity-p on the own key.
+    # docs/attention-math.md#identity-p on the own key (probability 0 where there is none).
     keys = row.keys_of(heads)
-    own_key_vectors = row.own_keys(heads)
-    own_bias = torch.diagonal(bias, offset=row.num_keys - row.num_queries, dim1=-2, dim2=-1)
-    own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
+    own_prob = torch.zeros_like(lse)
+    if row.has_own_key:
+        own_key_vectors = row.own_keys(heads)
+        own_bias = torch.diagonal(bias, offset=row.num_keys - row.num_queries, dim1=-2, dim2=-1)
+        own_prob = torch.exp(row.scale * (q * own_key_vectors).sum(dim=-1) + own_bias - lse)
 
     # docs/attention-math.md#identity-c: column sums need every p_ij once; O(chunk * n) memory.
     column_sum = torch.zeros(len(heads), row.num_keys, dtype=row.dtype, device=row.device)
@@ -111,6 +116,36 @@ def layer_statistics(
     row: RowAttention, pieces: HeadPieces, columns: torch.Tensor, kept: torch.Tensor, num_ranges: int
 ) -> LayerStatistics:
     """Blends applied, reduced to sums over query rows of head means. kept (H, L) in pieces' head order."""
+    if row.has_own_key:
+        entropy, masses, column_sum = _blended(row, pieces, columns, kept)
+    else:  # no own key, so no blends (refused): the map is the softmax's
+        entropy, masses, column_sum = pieces.entropy, pieces.masses, pieces.column_sum
+
+    visible_keys = row.visible_keys.to(row.dtype)
+    normalized = torch.where(visible_keys > 1, entropy / visible_keys.log().clamp(min=1e-30), 0.0)
+    head_mean_mass = masses.mean(dim=0).sum(dim=0)  # (C,)
+    sink_mass = sink_mass_first4 = hidden_sinks = None
+    if row.layout.has_sink_statistics:
+        column_mean = column_sum / row.queries_per_key.clamp(min=1)
+        hidden = (column_mean > HIDDEN_SINK_THRESHOLD) & (row.key_positions >= 1) & (row.queries_per_key > 0)
+        sink_mass, sink_mass_first4 = float(head_mean_mass[0]), float(head_mean_mass[1])
+        hidden_sinks = int(hidden.sum()) / hidden.shape[0] * row.num_queries
+    return LayerStatistics(
+        query_count=row.num_queries,
+        entropy=float(entropy.mean(dim=0).sum()),
+        normalized_entropy=float(normalized.mean(dim=0).sum()),
+        sink_mass=sink_mass,
+        sink_mass_first4=sink_mass_first4,
+        hidden_sinks=hidden_sinks,
+        range_mass=[float(m) for m in head_mean_mass[SINK_COLUMNS : SINK_COLUMNS + num_ranges]],
+    )
+
+
+def _blended(
+    row: RowAttention, pieces: HeadPieces, columns: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy (H, L), masses (H, L, C) and column sums (H, n) of the blended map
+    kept * P + (1 - kept) * onehot(own key) (docs/attention-math.md#identity-u)."""
     blended = kept < 1
     own_share = 1 - kept
     own_prob = kept * pieces.own_prob + own_share
@@ -129,22 +164,7 @@ def layer_statistics(
         pieces.masses,
     )
     column_sum = pieces.column_sum + own_share @ row.own_key.to(row.dtype)
-
-    visible_keys = (row.query_positions + 1).to(row.dtype)
-    normalized = torch.where(visible_keys > 1, entropy / visible_keys.log().clamp(min=1e-30), 0.0)
-    column_mean = column_sum / row.queries_per_key.clamp(min=1)
-    hidden = (column_mean > HIDDEN_SINK_THRESHOLD) & (row.key_positions >= 1) & (row.queries_per_key > 0)
-
-    head_mean_mass = masses.mean(dim=0).sum(dim=0)  # (C,)
-    return LayerStatistics(
-        query_count=row.num_queries,
-        entropy=float(entropy.mean(dim=0).sum()),
-        normalized_entropy=float(normalized.mean(dim=0).sum()),
-        sink_mass=float(head_mean_mass[0]),
-        sink_mass_first4=float(head_mean_mass[1]),
-        hidden_sinks=int(hidden.sum()) / hidden.shape[0] * row.num_queries,
-        range_mass=[float(m) for m in head_mean_mass[SINK_COLUMNS : SINK_COLUMNS + num_ranges]],
-    )
+    return entropy, masses, column_sum
 
 
 def last_query_rows(

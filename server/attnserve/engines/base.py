@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
-from ..attention.rows import LayerStatistics
+from ..attention.readout import LayerStatistics
 from ..spec.geometry import ModelGeometry
 
 

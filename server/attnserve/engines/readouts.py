@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.plan import ReadoutPlan
-from ..attention.rows import LayerStatistics, RowReadout
+from ..attention.readout import LayerStatistics, RowReadout
 from .base import AttentionRowOut, RequestReadouts
 
 

@@ -16,8 +16,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ...attention.core import attend_rows, effective_ops
+from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
-from ...attention.rows import RowLayout, RowReadout
+from ...attention.readout import RowReadout
 
 ATTN_IMPLEMENTATION = "attnserve"
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from ...attention.layout import RowLayout
 from ...attention.plan import OPERATIONS, RowPlan
-from ...attention.rows import LayerStatistics, RowLayout, RowReadout
+from ...attention.readout import LayerStatistics, RowReadout
 from ...spec.geometry import ModelGeometry
 from ..base import (
     CandidateScoring,

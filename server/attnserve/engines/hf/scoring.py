@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...attention.layout import RowLayout
 from ...attention.plan import RequestPlan
-from ...attention.rows import RowLayout
 from . import attention
 
 

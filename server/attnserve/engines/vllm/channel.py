@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from ...attention.rows import LayerStatistics
+from ...attention.readout import LayerStatistics
 from ..readouts import StepReadouts
 
 log = logging.getLogger("attnserve.engines.vllm.channel")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from .paged_kv import read_cpu_vec
-from .row_plans import PagedKVReader, PlannedRowsMixin
+from .planned_rows import PagedKVReader, PlannedRowsMixin
 
 
 class AttnserveCPUAttentionImpl(PlannedRowsMixin, CPUAttentionBackendImpl):

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from ...attention.plan import NO_READOUTS, OPERATIONS
-from ...attention.rows import LayerStatistics
+from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
 from ...spec.geometry import ModelGeometry
 from ..base import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
 from .paged_kv import read_flash
-from .row_plans import PagedKVReader, PlannedRowsMixin
+from .planned_rows import PagedKVReader, PlannedRowsMixin
 
 
 class AttnserveFlashAttentionImpl(PlannedRowsMixin, FlashAttentionImpl):

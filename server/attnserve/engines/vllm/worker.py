@@ -4,7 +4,8 @@ vLLM's attention backends see a flat token batch and its metadata, never request
 runner hook (install_runner_hook) wraps the model runner's forward: before each forward it
 builds a StepContext from the runner's persistent batch (batch row i is input_batch.req_ids[i],
 the row order the attention metadata uses), the attention backends apply it layer by layer
-(apply_row_plans), and after the forward the step's readouts go out on the side channel.
+(planned_rows.apply_row_plans), and after the forward the step's readouts go out on the side
+channel.
 
 Everything here runs in vLLM's worker process; a forward without planned requests and without
 a statistics sample sets no context, so the backends run the engine's kernel alone.
@@ -14,14 +15,10 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from ...attention.core import attend_rows, effective_ops
 from ...attention.plan import EMPTY_PLAN, NO_READOUTS, RequestPlan
-from ...attention.rows import LayerStatistics, RowLayout
+from ...attention.readout import LayerStatistics
 from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
 
@@ -32,9 +29,6 @@ PLAN_KEY = "attnserve_plan"
 CHANNEL_KEY = "attnserve_key"
 #: vllm_config.additional_config key of the engine-wide worker settings.
 CONFIG_KEY = "attnserve"
-
-#: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
-KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -77,58 +71,6 @@ class StepContext:
 
 
 _current: StepContext | None = None
-
-
-def apply_row_plans(
-    layer_index: int,
-    query: torch.Tensor,
-    output: torch.Tensor,
-    *,
-    scale: float,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    metadata_id: int,
-    read_kv: KVReader,
-) -> None:
-    """After the engine's kernel wrote `output` (T, H, D) for the whole batch, recompute the rows
-    of planned requests with attention.core and record their readouts.
-
-    query (T, H, D) are the batch's queries; a request's query tokens are the last ones of its
-    sequence, its keys and values come from the paged cache through read_kv.
-    """
-    step = _current
-    if step is None:
-        return
-    bounds = step.bounds.get(metadata_id)
-    if bounds is None:
-        bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
-    starts, lengths = bounds
-    for planned in step.rows:
-        row = planned.row
-        planned.seq_len = lengths[row]
-        plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
-        if plan is None:
-            continue
-        first, last = starts[row], starts[row + 1]
-        k, v = read_kv(row, planned.seq_len)
-        edited, (readout,) = attend_rows(
-            query[first:last].transpose(0, 1)[None],
-            k[None],
-            v[None],
-            scale=scale,
-            layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.num_prompt_tokens)],
-            plans=[plan],
-        )
-        if effective_ops(plan):
-            output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
-        if readout is None:
-            continue
-        if planned.sampled and readout.statistics is not None:
-            step.sampled_statistics.append((layer_index, readout.statistics))
-        if planned.reports:
-            planned.readouts.add(
-                planned.plan.readout, layer_index, planned.step, planned.seq_len - 1, readout
-            )
 
 
 class StepPlanner:

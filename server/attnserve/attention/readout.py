@@ -1,10 +1,4 @@
-"""The batch layout attention.core works on, and what it returns per row.
-
-Engines hand the core a left-padded batch of the rows that carry a RowPlan: row b's tokens
-0..n_b-1 sit at key indices key_start[b]..Lk-1, and the Lq query rows are the last Lq key
-positions (query row i is the token at key index Lk - Lq + i). Query rows whose key index is
-below key_start are padding and are ignored (their output is left as computed, unspecified).
-"""
+"""What attention.core returns per row: its statistics and attention rows for one call."""
 
 from __future__ import annotations
 
@@ -13,31 +7,23 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """Where one request's tokens sit in the padded batch."""
-
-    #: Key index of the request's token 0 (number of left-padding slots before it).
-    key_start: int
-    #: Prompt length in tokens; positions >= this are generated tokens.
-    num_prompt_tokens: int
-
-
 @dataclass
 class LayerStatistics:
     """Statistics of one row in one attention call: sums over its query rows of head means.
 
-    Divide by query_count for means; sums let an engine add calls (steps) together.
+    Divide by query_count for means; sums let an engine add calls (steps) together. The sink
+    statistics are None where they do not apply (RowLayout.has_sink_statistics: full-mask rows).
     """
 
     query_count: int
     entropy: float
+    #: Entropy over ln(number of keys the query sees).
     normalized_entropy: float
-    sink_mass: float
-    sink_mass_first4: float
+    sink_mass: float | None
+    sink_mass_first4: float | None
     #: Keys after token 0 with mean attention > 0.1 over this call's queries, mean over heads,
     #: times query_count (so it averages like the others).
-    hidden_sinks: float
+    hidden_sinks: float | None
     #: Mass on each ReadoutRequest.mass_ranges entry.
     range_mass: list[float]
 
@@ -45,10 +31,15 @@ class LayerStatistics:
         self.query_count += other.query_count
         self.entropy += other.entropy
         self.normalized_entropy += other.normalized_entropy
-        self.sink_mass += other.sink_mass
-        self.sink_mass_first4 += other.sink_mass_first4
-        self.hidden_sinks += other.hidden_sinks
+        self.sink_mass = _add(self.sink_mass, other.sink_mass)
+        self.sink_mass_first4 = _add(self.sink_mass_first4, other.sink_mass_first4)
+        self.hidden_sinks = _add(self.hidden_sinks, other.hidden_sinks)
         self.range_mass = [a + b for a, b in zip(self.range_mass, other.range_mass)]
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    """Sums of a statistic; None (does not apply) stays None."""
+    return None if a is None or b is None else a + b
 
 
 @dataclass

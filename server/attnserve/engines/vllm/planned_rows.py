@@ -1,8 +1,10 @@
-"""What the attnserve attention backends share. Each runs the engine's own fused kernel for
-the whole batch, then recomputes the rows of planned requests with attention.core
-(worker.apply_row_plans). The plugin (plugin.py) registers them (cpu_backend.py,
-flash_backend.py) in place of the platform's backend: only the impl's forward changes;
-metadata builders, KV layouts and kernels stay vLLM's.
+"""The planned rows of a vLLM batch, recomputed: what the attnserve attention backends share.
+
+Each backend runs the engine's own fused kernel for the whole batch, then recomputes the rows of
+planned requests with attention.core (apply_row_plans), in the step context that the worker's
+runner hook set (worker.py). The plugin (plugin.py) registers the backends (cpu_backend.py,
+flash_backend.py) in place of the platform's: only the impl's forward changes; metadata
+builders, KV layouts and kernels stay vLLM's.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
+from ...attention.core import attend_rows, effective_ops
+from ...attention.layout import RowLayout
 from . import worker
 
+#: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
+KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 #: (kv_cache, the row's block ids, seq_len) -> k, v (num_kv_heads, seq_len, head_dim).
 PagedKVReader = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,7 +75,7 @@ class PlannedRowsMixin:
             )
         read = self.paged_kv_reader(layer)
         block_table = attn_metadata.block_table
-        worker.apply_row_plans(
+        apply_row_plans(
             _layer_index(layer.layer_name),
             query,
             output,
@@ -79,6 +85,58 @@ class PlannedRowsMixin:
             metadata_id=id(attn_metadata),
             read_kv=lambda row, seq_len: read(kv_cache, block_table[row], seq_len),
         )
+
+
+def apply_row_plans(
+    layer_index: int,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    *,
+    scale: float,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    metadata_id: int,
+    read_kv: KVReader,
+) -> None:
+    """After the engine's kernel wrote `output` (T, H, D) for the whole batch, recompute the rows
+    of planned requests with attention.core and record their readouts.
+
+    query (T, H, D) are the batch's queries; a request's query tokens are the last ones of its
+    sequence, its keys and values come from the paged cache through read_kv.
+    """
+    step = worker.current_step()
+    if step is None:
+        return
+    bounds = step.bounds.get(metadata_id)
+    if bounds is None:
+        bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
+    starts, lengths = bounds
+    for planned in step.rows:
+        row = planned.row
+        planned.seq_len = lengths[row]
+        plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
+        if plan is None:
+            continue
+        first, last = starts[row], starts[row + 1]
+        k, v = read_kv(row, planned.seq_len)
+        edited, (readout,) = attend_rows(
+            query[first:last].transpose(0, 1)[None],
+            k[None],
+            v[None],
+            scale=scale,
+            layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.num_prompt_tokens)],
+            plans=[plan],
+        )
+        if effective_ops(plan):
+            output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
+        if readout is None:
+            continue
+        if planned.sampled and readout.statistics is not None:
+            step.sampled_statistics.append((layer_index, readout.statistics))
+        if planned.reports:
+            planned.readouts.add(
+                planned.plan.readout, layer_index, planned.step, planned.seq_len - 1, readout
+            )
 
 
 @functools.cache
