@@ -87,6 +87,10 @@ def _range_text(r: model_pb2.ParameterRange) -> str:
     return f"0 or {interval}" if r.zero_allowed else interval
 
 
+#: Unset on layers without sinks (bidirectional and cross-attention).
+_SINK_STATISTICS = ("sink_mass", "sink_mass_first4", "hidden_sinks")
+
+
 def layer_statistics_table(statistics: Sequence[readout_pb2.LayerStatistics]) -> str:
     headers = ["layer", "entropy", "norm entropy", "sink mass", "first-4 mass", "hidden sinks", "queries"]
     ranges = max((len(s.range_mass) for s in statistics), default=0)
@@ -96,9 +100,7 @@ def layer_statistics_table(statistics: Sequence[readout_pb2.LayerStatistics]) ->
             s.layer,
             s.entropy,
             s.normalized_entropy,
-            s.sink_mass,
-            s.sink_mass_first4,
-            s.hidden_sinks,
+            *(getattr(s, name) if s.HasField(name) else "-" for name in _SINK_STATISTICS),
             s.query_count,
         ]
         + list(s.range_mass)

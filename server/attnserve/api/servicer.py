@@ -268,16 +268,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         for layer, s in sorted(readouts.layer_statistics.items()):
             n = max(s.query_count, 1)
+            sinks = {
+                name: value / n
+                for name, value in (
+                    ("sink_mass", s.sink_mass),
+                    ("sink_mass_first4", s.sink_mass_first4),
+                    ("hidden_sinks", s.hidden_sinks),
+                )
+                if value is not None  # bidirectional and cross-attention layers have no sinks
+            }
             complete.layer_statistics.append(
                 readout_pb2.LayerStatistics(
                     layer=layer,
                     entropy=s.entropy / n,
                     normalized_entropy=s.normalized_entropy / n,
-                    sink_mass=s.sink_mass / n,
-                    sink_mass_first4=s.sink_mass_first4 / n,
-                    hidden_sinks=s.hidden_sinks / n,
                     range_mass=[m / n for m in s.range_mass],
                     query_count=s.query_count,
+                    **sinks,
                 )
             )
         if engine_request.plan.readout.summary:

@@ -31,13 +31,17 @@ def _statistics_sink(metrics: ServerMetrics, model: ModelConfig):
 
     def on_statistics(layer, stats) -> None:
         n = max(stats.query_count, 1)
+
+        def mean(total: float | None) -> float | None:
+            return None if total is None else total / n
+
         metrics.attention_statistics(
             model.name,
             model.engine,
             layer,
-            stats.sink_mass / n,
+            mean(stats.sink_mass),
             stats.normalized_entropy / n,
-            stats.hidden_sinks / n,
+            mean(stats.hidden_sinks),
         )
 
     return on_statistics

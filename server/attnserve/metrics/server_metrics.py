@@ -218,15 +218,18 @@ class ServerMetrics:
         model: str,
         engine: str,
         layer: int,
-        sink_mass: float,
+        sink_mass: float | None,
         normalized_entropy: float,
-        hidden_sinks: float,
+        hidden_sinks: float | None,
     ) -> None:
-        """One sample of a layer's statistics (each a mean over the layer's heads)."""
+        """One sample of a layer's statistics (each a mean over the layer's heads); the sink
+        statistics are None on layers that have none (bidirectional, cross-attention)."""
         layer_series = self._layer(model, engine, layer)
-        layer_series.sink_mass.observe(sink_mass)
+        if sink_mass is not None:
+            layer_series.sink_mass.observe(sink_mass)
         layer_series.normalized_entropy.observe(normalized_entropy)
-        layer_series.hidden_sinks.observe(hidden_sinks)
+        if hidden_sinks is not None:
+            layer_series.hidden_sinks.observe(hidden_sinks)
         self._series(model, engine).attention_samples.inc()
 
     def interventions_applied(self, model: str, engine: str, operation: str, count: int = 1) -> None:

@@ -119,7 +119,9 @@ class LayerStatistics(_message.Message):
     normalized_entropy: _builtins.float
     """Entropy divided by log(number of visible keys)."""
     sink_mass: _builtins.float
-    """Mean attention mass on token 0."""
+    """Mean attention mass on token 0. The sink statistics are causal text's: unset for layers
+    whose attention is bidirectional or cross-attention.
+    """
     sink_mass_first4: _builtins.float
     """Mean attention mass on the first 4 tokens."""
     hidden_sinks: _builtins.float
@@ -136,17 +138,28 @@ class LayerStatistics(_message.Message):
         layer: _builtins.int = ...,
         entropy: _builtins.float = ...,
         normalized_entropy: _builtins.float = ...,
-        sink_mass: _builtins.float = ...,
-        sink_mass_first4: _builtins.float = ...,
-        hidden_sinks: _builtins.float = ...,
+        sink_mass: _builtins.float | None = ...,
+        sink_mass_first4: _builtins.float | None = ...,
+        hidden_sinks: _builtins.float | None = ...,
         range_mass: _abc.Iterable[_builtins.float] | None = ...,
         query_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__hidden_sinks: _TypeAlias = _typing.Literal["hidden_sinks"]  # noqa: Y015
+    _WhichOneofArgType__hidden_sinks: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks"]  # noqa: Y015
+    _WhichOneofReturnType__sink_mass: _TypeAlias = _typing.Literal["sink_mass"]  # noqa: Y015
+    _WhichOneofArgType__sink_mass: _TypeAlias = _typing.Literal["_sink_mass", b"_sink_mass"]  # noqa: Y015
+    _WhichOneofReturnType__sink_mass_first4: _TypeAlias = _typing.Literal["sink_mass_first4"]  # noqa: Y015
+    _WhichOneofArgType__sink_mass_first4: _TypeAlias = _typing.Literal["_sink_mass_first4", b"_sink_mass_first4"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_sinks) -> _WhichOneofReturnType__hidden_sinks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sink_mass) -> _WhichOneofReturnType__sink_mass | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sink_mass_first4) -> _WhichOneofReturnType__sink_mass_first4 | None: ...
 
 Global___LayerStatistics: _TypeAlias = LayerStatistics  # noqa: Y015
 
