@@ -30,7 +30,11 @@ ACCEPTED_REFUSALS = {
 
 # Every float32 edge: 0, -0, the smallest subnormal, the largest finite, inf, NaN.
 _FLOAT_EDGES = [0.0, -0.0, 1e-45, -1e-45, 1e-38, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")]
-floats = st.one_of(st.sampled_from(_FLOAT_EDGES), st.floats(width=32, allow_nan=True, allow_infinity=True))
+floats = st.one_of(
+    st.sampled_from(_FLOAT_EDGES),
+    st.floats(width=32, allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0.0, max_value=1.0, width=32),  # mostly valid settings
+)
 ints32 = st.one_of(
     st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31)]), st.integers(min_value=-(2**31), max_value=2**31 - 1)
 )
@@ -40,7 +44,13 @@ texts = st.one_of(
     st.sampled_from(["", " ", "Hi!", "What is the capital of France?", "\x00", "🙂" * 30]),
     st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "🙂"]), st.integers(0, 20_000)),
 )
-names = st.one_of(st.just(MODEL), texts)
+# Mostly the served model, so that most requests get as far as its checks and many reach it.
+names = st.one_of(st.just(MODEL), st.just(MODEL), st.just(MODEL), texts)
+
+
+def few(strategy, max_size: int):
+    """Often nothing, otherwise up to max_size of strategy."""
+    return st.one_of(st.just([]), st.just([]), st.lists(strategy, max_size=max_size))
 
 
 @st.composite
@@ -115,7 +125,7 @@ def readout_specs(draw) -> rpb.ReadoutSpec:
 def sampling_params(draw) -> pb.SamplingParams:
     params = pb.SamplingParams(
         max_tokens=draw(st.one_of(st.integers(1, 2), ints32)),
-        stop=draw(st.lists(texts, max_size=10)),
+        stop=draw(few(texts, 10)),
         top_logprobs=draw(st.one_of(st.integers(0, 3), ints32)),
         ignore_eos=draw(st.booleans()),
     )
@@ -132,7 +142,7 @@ def sampling_params(draw) -> pb.SamplingParams:
 @st.composite
 def inputs(draw) -> dict:
     if draw(st.booleans()):
-        return {"prompt": draw(texts)}
+        return {"prompt": draw(st.one_of(st.just("What is the capital of France?"), texts))}
     messages = draw(
         st.lists(
             st.builds(
@@ -152,12 +162,42 @@ def generate_requests(draw) -> pb.GenerateRequest:
         model=draw(names),
         sampling=draw(sampling_params()),
         interventions=ipb.InterventionSpec(
-            presets=draw(st.lists(st.one_of(texts, st.just("act-l5")), max_size=4)),
-            interventions=draw(st.lists(interventions(), max_size=4)),
+            presets=draw(few(st.one_of(texts, st.just("act-l5")), 4)),
+            interventions=draw(few(interventions(), 4)),
         ),
-        readouts=draw(readout_specs()),
+        readouts=draw(st.one_of(st.just(rpb.ReadoutSpec()), readout_specs())),
         request_id=draw(texts),
         **draw(inputs()),
+    )
+
+
+@st.composite
+def plausible_generate_requests(draw) -> pb.GenerateRequest:
+    """Requests a careful client sends (SmolLM2: 30 layers of 9 heads): most are valid and run."""
+    operation = draw(st.sampled_from(list(_OPERATIONS)))
+    unit = st.floats(min_value=0.0625, max_value=0.9375, width=32)
+    parameters = {
+        "sink_calibration": lambda: ipb.SinkCalibration(tau=draw(unit), beta=draw(unit)),
+        "key_emphasis": lambda: ipb.KeyEmphasis(alpha=draw(unit)),
+        "logit_rescale": lambda: ipb.LogitRescale(alpha=draw(unit)),
+        "head_output_scale": lambda: ipb.HeadOutputScale(scale=draw(unit)),
+        "identity_blend": lambda: ipb.IdentityBlend(weight=draw(unit)),
+        "temperature": lambda: ipb.Temperature(temperature=draw(unit) * 4),
+        "key_mask": lambda: ipb.KeyMask(),
+    }[operation]()
+    layers = draw(st.lists(st.integers(0, 29), max_size=4))
+    heads = draw(st.lists(st.integers(0, 8), max_size=3))
+    intervention = ipb.Intervention(
+        selector=ipb.Selector(layers=layers, heads=heads), **{operation: parameters}
+    )
+    return pb.GenerateRequest(
+        model=MODEL,
+        prompt=draw(st.sampled_from(["What is the capital of France?", "Hi!", "Write a haiku about rain."])),
+        sampling=pb.SamplingParams(
+            max_tokens=draw(st.integers(1, 3)), temperature=draw(st.sampled_from([0.0, 0.5, 1.0]))
+        ),
+        interventions=ipb.InterventionSpec(interventions=draw(few(st.just(intervention), 1))),
+        readouts=rpb.ReadoutSpec(layer_statistics=draw(st.booleans()), summary=draw(st.booleans())),
     )
 
 
@@ -166,7 +206,7 @@ def score_requests(draw) -> pb.ScoreRequest:
     return pb.ScoreRequest(
         model=draw(names),
         candidates=draw(st.lists(texts, max_size=5)),
-        interventions=ipb.InterventionSpec(interventions=draw(st.lists(interventions(), max_size=3))),
+        interventions=ipb.InterventionSpec(interventions=draw(few(interventions(), 3))),
         request_id=draw(texts),
         **draw(inputs()),
     )
@@ -196,9 +236,13 @@ class Call:
 
 @st.composite
 def calls(draw) -> Call:
-    kind = draw(st.sampled_from(["Generate", "Generate", "Generate", "Score", "GetModel", "raw"]))
+    kind = draw(
+        st.sampled_from(["Generate", "Generate", "plausible", "plausible", "Score", "GetModel", "raw"])
+    )
     if kind == "Generate":
         return Call("Generate", draw(generate_requests()))
+    if kind == "plausible":
+        return Call("Generate", draw(plausible_generate_requests()))
     if kind == "Score":
         return Call("Score", draw(score_requests()))
     if kind == "GetModel":

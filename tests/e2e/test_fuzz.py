@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from .conftest import SERVICE
 from .fuzzing import Call, Tally, calls, greedy_tokens, send
 
-EXAMPLES = 200
+EXAMPLES = 100
 
 
 @pytest.fixture(scope="module")
