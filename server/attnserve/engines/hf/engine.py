@@ -172,6 +172,8 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _step(self, admitted: list[RequestRow]) -> None:
+        """Cancelled rows leave; the admitted rows' prefill, or else one decode step, runs; every
+        row in it gets its output, and the rows that finished leave."""
         self._leave_batch(self._scheduler.cancelled_running())
         if admitted:
             self._scheduler.start_prefill(admitted)
