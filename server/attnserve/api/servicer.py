@@ -105,8 +105,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
-            engine = capable_engine(model, TextGeneration, "Generate")
             engine_request = to_engine_request(request, model)
+            engine = capable_engine(model, TextGeneration, "Generate")
             _admit(model)
         except RequestError as exc:
             await self._refuse(context, exc, model)
@@ -178,8 +178,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
-            engine = capable_engine(model, CandidateScoring, "Score")
             score_request = to_score_request(request, model)
+            engine = capable_engine(model, CandidateScoring, "Score")
             _admit(model)
             log.info(
                 "score request_id=%s model=%s prompt_tokens=%d candidates=%d interventions=%d",
