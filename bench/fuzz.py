@@ -2,9 +2,9 @@
 attnserve server on loopback, from a default grpcio client, bounded in count and time.
 
 Starts `attnserve serve` on the given model and engine, keeps a greedy stream running beside the
-fuzzed calls (its tokens must equal its solo run), checks every answer against the rule in
-fuzzing.py, then checks the server is SERVING and answers the known prompt as before. Prints the
-status codes seen and writes them to --out.
+fuzzed calls for the whole run (every run's tokens must equal the solo run's), checks every
+answer against the rule in fuzzing.py, then checks the server is SERVING and answers the known
+prompt as before. Prints the status codes seen and writes them to --out.
 
     PYTHONPATH=server .venv/bin/python bench/fuzz.py --model DIR [--engine transformers|vllm]
         [--requests 10000] [--seconds 3600] [--out bench/results/fuzz-cpu.json]
@@ -13,7 +13,6 @@ status codes seen and writes them to --out.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.e2e
 
 from tests.e2e.conftest import ENGINES, SERVICE, running_server
-from tests.e2e.fuzzing import Tally, calls, greedy_tokens, send
+from tests.e2e.fuzzing import StreamsBeside, Tally, calls, greedy_tokens, send
 
 
 def main() -> None:
@@ -73,17 +72,16 @@ def main() -> None:
                         flush=True,
                     )
 
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            beside = [pool.submit(greedy_tokens, channel)]
+        with StreamsBeside(channel, alone) as beside:
             fuzz()
-            beside_unharmed = all(future.result() == alone for future in beside)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE))
         result = {
             "engine": args.engine,
             "requests": tally.total,
             "seconds": round(time.monotonic() - started, 1),
             "status_codes": dict(tally.codes),
-            "stream_beside_unharmed": beside_unharmed,
+            "streams_beside": beside.runs,
+            "streams_beside_harmed": beside.mismatches,
             "serving_after": health.status == health_pb2.HealthCheckResponse.SERVING,
             "known_prompt_unchanged_after": greedy_tokens(channel) == alone,
             "server_log_tracebacks": server["log"].read_text().count("Traceback"),

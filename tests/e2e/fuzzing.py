@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
+from typing import Self
 
 import grpc
 from attnserve_client.v1 import inference_service_pb2 as pb
@@ -305,6 +307,34 @@ def greedy_tokens(channel: grpc.Channel) -> list[int]:
         response_deserializer=pb.GenerateResponse.FromString,
     )(request, timeout=300)
     return [response.token.token_id for response in stream if response.HasField("token")]
+
+
+class StreamsBeside:
+    """The known prompt's greedy stream, run again and again in a thread for as long as the
+    context lasts (so it always shares the batch with the fuzzed calls); counts the runs whose
+    tokens differ from `expected`."""
+
+    def __init__(self, channel: grpc.Channel, expected: list[int]):
+        self._channel = channel
+        self._expected = expected
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.runs = 0
+        self.mismatches = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            tokens = greedy_tokens(self._channel)
+            self.runs += 1
+            self.mismatches += tokens != self._expected
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)
 
 
 class Tally:

@@ -1,11 +1,9 @@
 """A short fuzz run against the live server (bench/fuzz.py is the long one): hypothesis draws
 requests with extreme and non-finite numbers, long strings and lists, and corrupted bytes; every
-answer follows the rule in fuzzing.py, a valid stream running beside them is unharmed, and the
+answer follows the rule in fuzzing.py, a valid stream kept running beside them is unharmed, and the
 server still answers a known prompt afterwards."""
 
 from __future__ import annotations
-
-import concurrent.futures
 
 import grpc
 import pytest
@@ -13,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 
 from .conftest import SERVICE
-from .fuzzing import Call, Tally, calls, greedy_tokens, send
+from .fuzzing import Call, StreamsBeside, Tally, calls, greedy_tokens, send
 
 EXAMPLES = 100
 
@@ -39,10 +37,9 @@ def test_fuzzed_requests_get_clear_answers_and_harm_no_one(channel):
     def fuzz(call: Call) -> None:
         tally.add(send(channel, call))
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        beside = pool.submit(greedy_tokens, channel)
+    with StreamsBeside(channel, alone) as beside:
         fuzz()
-        assert beside.result(timeout=300) == alone
+    assert beside.runs >= 1 and beside.mismatches == 0, (beside.runs, beside.mismatches)
     assert tally.total >= EXAMPLES
     assert tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["OK"] > 0, tally.codes
 
