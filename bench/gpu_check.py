@@ -26,7 +26,7 @@ from attnserve.attention.core import attend_rows, plain_attention
 from attnserve.attention.layout import RowLayout
 from transformers import LlamaConfig, LlamaForCausalLM
 
-READOUT = P.ReadoutRequest(statistics=True, mass_ranges=((0, 2), (3, 9)), row_heads=(), prompt_attention=True)
+READOUT = P.ReadoutNeeds(statistics=True, mass_ranges=((0, 2), (3, 9)), last_query_rows=True)
 PLANS = {
     "sink_calibration": P.RowPlan(ops=(P.ScopedOp(P.SinkCalibration(0.1, 0.4, 0), heads=(0, 4)),)),
     "sink_calibration_guarded": P.RowPlan(ops=(P.ScopedOp(P.SinkCalibration(0.05, 0.2, 3)),)),
@@ -45,9 +45,9 @@ PLANS = {
             P.ScopedOp(P.SinkCalibration()),
             P.ScopedOp(P.IdentityBlend(0.2), heads=(0,)),
         ),
-        readout=READOUT,
+        needs=READOUT,
     ),
-    "readouts_only": P.RowPlan(readout=READOUT),
+    "readouts_only": P.RowPlan(needs=READOUT),
 }
 
 
@@ -76,8 +76,8 @@ def compare(out_a, out_b, readouts_a, readouts_b, layouts, num_queries, num_keys
                 (sa.hidden_sinks, sb.hidden_sinks),
             ):
                 worst = max(worst, abs(x - y) / max(1.0, sa.query_count))
-        if ra.attention_rows is not None:
-            worst = max(worst, (ra.attention_rows.cpu() - rb.attention_rows.cpu()).abs().max().item())
+        if ra.last_query_rows is not None:
+            worst = max(worst, (ra.last_query_rows.cpu() - rb.last_query_rows.cpu()).abs().max().item())
     return worst
 
 

@@ -19,7 +19,7 @@ from attnserve.attention.plan import (
     KeyMask,
     KeySet,
     LogitRescale,
-    ReadoutRequest,
+    ReadoutNeeds,
     RowPlan,
     ScopedOp,
     SinkCalibration,
@@ -28,9 +28,7 @@ from attnserve.attention.plan import (
 from reference import reference_attend
 
 TOLERANCE = 1e-5
-FULL_READOUT = ReadoutRequest(
-    statistics=True, mass_ranges=((0, 2), (1, 5), (3, 40)), row_heads=(), prompt_attention=True
-)
+FULL_NEEDS = ReadoutNeeds(statistics=True, mass_ranges=((0, 2), (1, 5), (3, 40)), last_query_rows=True)
 ALL_KEYS = KeySet(include_generated=True)
 
 SINGLE_OPS = {
@@ -230,23 +228,13 @@ def assert_readout_matches(readout, expected, tolerance: float) -> None:
             else:
                 assert getattr(got, name) == pytest.approx(getattr(want, name), **approx), name
         assert got.range_mass == pytest.approx(want.range_mass, **approx)
-    if expected.attention_rows is None:
-        assert readout.attention_rows is None
+    if expected.last_query_rows is None:
+        assert readout.last_query_rows is None
     else:
-        assert readout.attention_rows.dtype == torch.float32
+        assert readout.last_query_rows.dtype == torch.float32
         torch.testing.assert_close(
-            readout.attention_rows.double().cpu(),
-            expected.attention_rows,
-            atol=tensor_tolerance,
-            rtol=tensor_tolerance,
-        )
-    if expected.prompt_attention is None:
-        assert readout.prompt_attention is None
-    else:
-        assert readout.prompt_attention.dtype == torch.float32
-        torch.testing.assert_close(
-            readout.prompt_attention.double().cpu(),
-            expected.prompt_attention,
+            readout.last_query_rows.double().cpu(),
+            expected.last_query_rows,
             atol=tensor_tolerance,
             rtol=tensor_tolerance,
         )

@@ -42,8 +42,8 @@ def key_selected(keys: KeySet, position: int, num_prompt_tokens: int) -> bool:
 @dataclass
 class RefReadout:
     statistics: LayerStatistics | None
-    attention_rows: torch.Tensor | None
-    prompt_attention: torch.Tensor | None
+    #: (H, n): the last query's final probabilities, every head.
+    last_query_rows: torch.Tensor | None
 
 
 def _sees(layout: RowLayout, query_position: int | None, key: int) -> bool:
@@ -173,14 +173,14 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
 
 
 def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt, last) -> RefReadout | None:
-    request = plan.readout
-    if request.is_empty:
+    needs = plan.needs
+    if needs.is_empty:
         return None
     num_heads = len(finals)
     statistics = None
-    if request.statistics:
+    if needs.statistics:
         entropy = normalized = sink = first4 = 0.0
-        ranges = [0.0] * len(request.mass_ranges)
+        ranges = [0.0] * len(needs.mass_ranges)
         for i in queries:
             visible = sum(sees[i])
             for probs in finals:
@@ -190,7 +190,7 @@ def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt,
                 normalized += (h_i / math.log(visible) if visible > 1 else 0.0) / num_heads
                 sink += float(row[0]) / num_heads
                 first4 += float(row[:4].sum()) / num_heads
-                for r, (a, z) in enumerate(request.mass_ranges):
+                for r, (a, z) in enumerate(needs.mass_ranges):
                     ranges[r] += float(row[a : min(z, prompt, n)].sum()) / num_heads
         hidden = 0.0
         for probs in finals:
@@ -209,13 +209,6 @@ def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt,
             range_mass=ranges,
         )
     rows = None
-    if request.row_heads is not None:
-        heads = request.row_heads or tuple(range(num_heads))
-        rows = torch.stack([finals[h][last] for h in heads])  # the last query sees every key
-    prompt_attention = None
-    if request.prompt_attention:
-        prompt_attention = torch.zeros(prompt, dtype=torch.float64)
-        mean = torch.stack([probs[last] for probs in finals]).mean(dim=0)
-        shown = min(prompt, n)
-        prompt_attention[:shown] = mean[:shown]
-    return RefReadout(statistics, rows, prompt_attention)
+    if needs.last_query_rows:  # the last query sees every key
+        rows = torch.stack([probs[last] for probs in finals])
+    return RefReadout(statistics, rows)

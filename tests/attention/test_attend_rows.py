@@ -13,7 +13,7 @@ from attnserve.attention.plan import (
     KeyMask,
     KeySet,
     LogitRescale,
-    ReadoutRequest,
+    ReadoutNeeds,
     RowPlan,
     ScopedOp,
     SinkCalibration,
@@ -22,7 +22,7 @@ from attnserve.attention.plan import (
 from harness import (
     ALL_KEYS,
     COMBINATION,
-    FULL_READOUT,
+    FULL_NEEDS,
     IDENTITY_OPS,
     SCENARIOS,
     SINGLE_OPS,
@@ -38,7 +38,7 @@ from reference import reference_attend
 @pytest.mark.parametrize("name", SINGLE_OPS)
 def test_single_operation_matches_reference(name, scenario):
     batch = make_batch(**SCENARIOS[scenario])
-    plans = [RowPlan(ops=(SINGLE_OPS[name],), readout=FULL_READOUT)] * 3
+    plans = [RowPlan(ops=(SINGLE_OPS[name],), needs=FULL_NEEDS)] * 3
     out = assert_matches_reference(batch, plans)
     if scenario == "prefill":  # every operation here changes a prefill
         assert not torch.allclose(out, plain_sdpa(batch), atol=1e-4)
@@ -49,31 +49,31 @@ def test_single_operation_matches_reference(name, scenario):
 def test_combination_matches_reference(scenario, heads_kv):
     num_heads, num_kv_heads = heads_kv
     batch = make_batch(num_heads=num_heads, num_kv_heads=num_kv_heads, **SCENARIOS[scenario])
-    plans = [RowPlan(ops=COMBINATION, readout=FULL_READOUT)] * 3
+    plans = [RowPlan(ops=COMBINATION, needs=FULL_NEEDS)] * 3
     assert_matches_reference(batch, plans)
 
 
 def test_mixed_batch_of_plans():
     batch = make_batch(num_queries=12, num_keys=14, key_starts=(0, 6, 2, 9, 4), generated=2)
-    row_heads_only = ReadoutRequest(row_heads=(3, 1))
+    rows_only = ReadoutNeeds(last_query_rows=True)
     plans = [
         RowPlan(),
-        RowPlan(ops=COMBINATION[:5], readout=FULL_READOUT),
-        RowPlan(readout=row_heads_only),
+        RowPlan(ops=COMBINATION[:5], needs=FULL_NEEDS),
+        RowPlan(needs=rows_only),
         RowPlan(ops=(SINGLE_OPS["emphasis"], SINGLE_OPS["blend"])),
-        RowPlan(ops=(ScopedOp(SinkCalibration(beta=1.0)),), readout=ReadoutRequest(statistics=True)),
+        RowPlan(ops=(ScopedOp(SinkCalibration(beta=1.0)),), needs=ReadoutNeeds(statistics=True)),
     ]
     assert_matches_reference(batch, plans)
     _, readouts = run(batch, plans)
     assert readouts[0] is None and readouts[3] is None
-    assert readouts[2].row_heads == (3, 1) and readouts[2].attention_rows.shape == (2, 14 - 2)
+    assert readouts[2].statistics is None and readouts[2].last_query_rows.shape == (6, 14 - 2)
 
 
 @pytest.mark.parametrize("min_queries", [0, 3, 6])
 def test_act_min_queries_guard(min_queries):
     batch = make_batch(num_queries=12, num_keys=12, key_starts=(0, 2), seed=3)
     plans = [
-        RowPlan(ops=(ScopedOp(SinkCalibration(tau=0.1, min_queries=min_queries)),), readout=FULL_READOUT)
+        RowPlan(ops=(ScopedOp(SinkCalibration(tau=0.1, min_queries=min_queries)),), needs=FULL_NEEDS)
     ] * 2
     assert_matches_reference(batch, plans)
 
@@ -97,7 +97,7 @@ def test_identity_plans_are_bit_identical(scenario, heads_kv):
     plain = plain_sdpa(batch)
     for plans in (
         [RowPlan(ops=IDENTITY_OPS)] * 3,
-        [RowPlan(ops=IDENTITY_OPS, readout=FULL_READOUT), RowPlan(), RowPlan(readout=FULL_READOUT)],
+        [RowPlan(ops=IDENTITY_OPS, needs=FULL_NEEDS), RowPlan(), RowPlan(needs=FULL_NEEDS)],
         # Identity rows stay bit-identical next to an edited row.
         [RowPlan(ops=IDENTITY_OPS), RowPlan(ops=COMBINATION), RowPlan()],
     ):
@@ -157,11 +157,11 @@ def test_reference_comparison_detects_wrong_parameters(op, wrong):
 
 def test_statistics_see_the_interventions():
     batch = make_batch(num_queries=12, num_keys=12)
-    readout = ReadoutRequest(statistics=True)
-    _, (plain_readout, *_) = run(batch, [RowPlan(readout=readout)] * 3)
+    readout = ReadoutNeeds(statistics=True)
+    _, (plain_readout, *_) = run(batch, [RowPlan(needs=readout)] * 3)
     for op in (SinkCalibration(beta=0.0), IdentityBlend(0.5), KeyMask(), KeyEmphasis(0.01)):
         _, (edited, *_) = run(
-            batch, [RowPlan(ops=(ScopedOp(op, keys=KeySet(ranges=((0, 4),))),), readout=readout)] * 3
+            batch, [RowPlan(ops=(ScopedOp(op, keys=KeySet(ranges=((0, 4),))),), needs=readout)] * 3
         )
         assert edited.statistics.entropy != pytest.approx(plain_readout.statistics.entropy, abs=1e-3)
 
@@ -178,10 +178,10 @@ def test_mask_everything_leaves_each_query_its_own_value():
 def test_statistics_of_a_single_decode_query():
     """Decode: hidden sinks reduce to p_tj > 0.1 of the one query."""
     batch = make_batch(**SCENARIOS["decode"])
-    plans = [RowPlan(readout=ReadoutRequest(statistics=True, row_heads=()))] * 3
+    plans = [RowPlan(needs=ReadoutNeeds(statistics=True, last_query_rows=True))] * 3
     _, readouts = run(batch, plans)
     for readout in readouts:
-        rows = readout.attention_rows
+        rows = readout.last_query_rows
         expected = float((rows[:, 1:] > 0.1).sum(dim=1).float().mean())
         assert readout.statistics.query_count == 1
         assert readout.statistics.hidden_sinks == pytest.approx(expected)
@@ -191,7 +191,7 @@ def test_statistics_of_a_single_decode_query():
 def test_bfloat16_inputs():
     batch = make_batch(**SCENARIOS["prefill"])
     low = dataclasses.replace(batch, q=batch.q.bfloat16(), k=batch.k.bfloat16(), v=batch.v.bfloat16())
-    plans = [RowPlan(ops=COMBINATION, readout=FULL_READOUT), RowPlan(), RowPlan(ops=IDENTITY_OPS)]
+    plans = [RowPlan(ops=COMBINATION, needs=FULL_NEEDS), RowPlan(), RowPlan(ops=IDENTITY_OPS)]
     out, _ = run(low, plans)
     assert out.dtype == torch.bfloat16
     ref_out, _ = reference_attend(
@@ -206,7 +206,7 @@ def test_bfloat16_inputs():
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_cuda_matches_reference(scenario):
     batch = make_batch(**SCENARIOS[scenario]).to("cuda")
-    plans = [RowPlan(ops=COMBINATION, readout=FULL_READOUT), RowPlan(readout=FULL_READOUT), RowPlan()]
+    plans = [RowPlan(ops=COMBINATION, needs=FULL_NEEDS), RowPlan(needs=FULL_NEEDS), RowPlan()]
     assert_matches_reference(batch, plans, tolerance=1e-4)
 
 
@@ -216,9 +216,9 @@ def test_float64_matches_reference_tightly(scenario):
     batch = make_batch(**SCENARIOS[scenario])
     batch = dataclasses.replace(batch, q=batch.q.double(), k=batch.k.double(), v=batch.v.double())
     plans = [
-        RowPlan(ops=COMBINATION, readout=FULL_READOUT),
-        RowPlan(ops=tuple(SINGLE_OPS.values())[4:10], readout=FULL_READOUT),
-        RowPlan(readout=FULL_READOUT),
+        RowPlan(ops=COMBINATION, needs=FULL_NEEDS),
+        RowPlan(ops=tuple(SINGLE_OPS.values())[4:10], needs=FULL_NEEDS),
+        RowPlan(needs=FULL_NEEDS),
     ]
     assert_matches_reference(batch, plans, tolerance=1e-10)
 
@@ -227,7 +227,7 @@ def test_float64_matches_reference_tightly(scenario):
 def test_cuda_identity_plans_are_bit_identical():
     batch = make_batch(**SCENARIOS["prefill"]).to("cuda")
     plain = plain_sdpa(batch)
-    plans = [RowPlan(ops=IDENTITY_OPS, readout=FULL_READOUT), RowPlan(ops=COMBINATION), RowPlan()]
+    plans = [RowPlan(ops=IDENTITY_OPS, needs=FULL_NEEDS), RowPlan(ops=COMBINATION), RowPlan()]
     out, _ = run(batch, plans)
     for b in (0, 2):
         rows = batch.valid_queries(b)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from attnserve.attention.core import visibility_mask
 from attnserve.attention.layout import MaskKind, RowLayout
-from attnserve.attention.plan import IdentityBlend, KeyMask, KeySet, ReadoutRequest, RowPlan, ScopedOp
+from attnserve.attention.plan import IdentityBlend, KeyMask, KeySet, ReadoutNeeds, RowPlan, ScopedOp
 from harness import (
     ALL_KEYS,
     COMBINATION,
-    FULL_READOUT,
+    FULL_NEEDS,
     IDENTITY_OPS,
     SINGLE_OPS,
     assert_matches_reference,
@@ -59,7 +59,7 @@ def test_single_operation_matches_reference(name, layout):
     if layout in CROSS and name in NEEDS_OWN_KEY:
         pytest.skip("needs an own key")
     batch = make_batch(**LAYOUTS[layout])
-    plans = [RowPlan(ops=(SINGLE_OPS[name],), readout=FULL_READOUT)] * 3
+    plans = [RowPlan(ops=(SINGLE_OPS[name],), needs=FULL_NEEDS)] * 3
     assert_matches_reference(batch, plans)
 
 
@@ -68,7 +68,7 @@ def test_single_operation_matches_reference(name, layout):
 def test_combination_matches_reference(layout, heads_kv):
     num_heads, num_kv_heads = heads_kv
     batch = make_batch(num_heads=num_heads, num_kv_heads=num_kv_heads, **LAYOUTS[layout])
-    plans = [RowPlan(ops=applicable(COMBINATION, layout), readout=FULL_READOUT)] * 3
+    plans = [RowPlan(ops=applicable(COMBINATION, layout), needs=FULL_NEEDS)] * 3
     out = assert_matches_reference(batch, plans)
     for b in range(3):
         rows = batch.valid_queries(b)
@@ -80,9 +80,9 @@ def test_float64_matches_reference_tightly(layout):
     batch = make_batch(**LAYOUTS[layout])
     batch = dataclasses.replace(batch, q=batch.q.double(), k=batch.k.double(), v=batch.v.double())
     plans = [
-        RowPlan(ops=applicable(COMBINATION, layout), readout=FULL_READOUT),
-        RowPlan(ops=tuple(SINGLE_OPS.values())[4:10], readout=FULL_READOUT),
-        RowPlan(readout=FULL_READOUT),
+        RowPlan(ops=applicable(COMBINATION, layout), needs=FULL_NEEDS),
+        RowPlan(ops=tuple(SINGLE_OPS.values())[4:10], needs=FULL_NEEDS),
+        RowPlan(needs=FULL_NEEDS),
     ]
     assert_matches_reference(batch, plans, tolerance=1e-10)
 
@@ -95,7 +95,7 @@ def test_identity_plans_are_bit_identical(layout):
     combination = applicable(COMBINATION, layout)
     for plans in (
         [RowPlan(ops=identity)] * 3,
-        [RowPlan(ops=identity, readout=FULL_READOUT), RowPlan(), RowPlan(readout=FULL_READOUT)],
+        [RowPlan(ops=identity, needs=FULL_NEEDS), RowPlan(), RowPlan(needs=FULL_NEEDS)],
         [RowPlan(ops=identity), RowPlan(ops=combination), RowPlan()],
     ):
         out, _ = run(batch, plans)
@@ -114,7 +114,7 @@ def test_a_batch_of_mixed_layouts():
         dataclasses.replace(causal.layouts[2], mask=BLOCK, block_ids=(0, 0, 1, 1, 1, 2, 3)),
     ]
     batch = dataclasses.replace(causal, layouts=layouts)
-    assert_matches_reference(batch, [RowPlan(ops=COMBINATION, readout=FULL_READOUT), RowPlan(), RowPlan()])
+    assert_matches_reference(batch, [RowPlan(ops=COMBINATION, needs=FULL_NEEDS), RowPlan(), RowPlan()])
     out, _ = run(batch, [RowPlan()] * 3)
     assert torch.equal(out, plain_sdpa(batch))
 
@@ -154,7 +154,7 @@ def test_cross_attention_refuses_what_needs_an_own_key():
         ScopedOp(KeyMask(), heads=(2,), keys=KeySet(ranges=((0, 1),))),
         ScopedOp(KeyMask(), heads=(4,), keys=KeySet(ranges=((0, 1),), invert=True)),
     )
-    assert_matches_reference(batch, [RowPlan(ops=covering_different_heads, readout=FULL_READOUT)] * 3)
+    assert_matches_reference(batch, [RowPlan(ops=covering_different_heads, needs=FULL_NEEDS)] * 3)
 
 
 def test_bidirectional_mask_everything_leaves_each_query_its_own_value():
@@ -169,7 +169,7 @@ def test_bidirectional_mask_everything_leaves_each_query_its_own_value():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sink_statistics_only_where_they_apply(layout):
     batch = make_batch(**LAYOUTS[layout])
-    _, readouts = run(batch, [RowPlan(readout=ReadoutRequest(statistics=True))] * 3)
+    _, readouts = run(batch, [RowPlan(needs=ReadoutNeeds(statistics=True))] * 3)
     for readout in readouts:
         statistics = readout.statistics
         sinks = (statistics.sink_mass, statistics.sink_mass_first4, statistics.hidden_sinks)
@@ -201,8 +201,8 @@ def test_layout_validation():
 def test_cuda_matches_reference(layout):
     batch = make_batch(**LAYOUTS[layout]).to("cuda")
     plans = [
-        RowPlan(ops=applicable(COMBINATION, layout), readout=FULL_READOUT),
-        RowPlan(readout=FULL_READOUT),
+        RowPlan(ops=applicable(COMBINATION, layout), needs=FULL_NEEDS),
+        RowPlan(needs=FULL_NEEDS),
         RowPlan(),
     ]
     assert_matches_reference(batch, plans, tolerance=1e-4)

@@ -1,5 +1,5 @@
 """compile_plan: defaults, selector expansion, identity dropping, and every violation's field path.
-Also the per-call views of the compiled plan (RequestPlan.for_call, ReadoutPlan.for_call)."""
+Also the per-call views of the compiled plan (RequestPlan.for_call and the readouts' needs)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 from attnserve.attention import plan as P
-from attnserve.spec.compile import (
-    MAX_LAYER_NAME_PATTERN_LENGTH,
-    MAX_LAYER_NAME_PATTERNS,
-    SpecContext,
-    SpecLimits,
-    compile_plan,
-)
+from attnserve.readouts.attention_rows import AttentionRowsSettings
+from attnserve.readouts.layer_statistics import LayerStatisticsSettings
+from attnserve.readouts.summary import SummarySettings
+from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
 from attnserve.spec.errors import InvalidRequest, Unsupported
 from attnserve.spec.geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
+from attnserve.spec.selectors import MAX_LAYER_NAME_PATTERN_LENGTH, MAX_LAYER_NAME_PATTERNS
 from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import readout_pb2 as rpb
 
@@ -53,6 +51,11 @@ def compile_interventions(*interventions: ipb.Intervention, presets=(), context=
 
 def compile_readouts(readouts: rpb.ReadoutSpec, context=None) -> P.RequestPlan:
     return compile_plan(ipb.InterventionSpec(), readouts, context or make_context())
+
+
+def attention_rows_of(readouts: rpb.ReadoutSpec, context=None) -> AttentionRowsSettings:
+    (settings,) = compile_readouts(readouts, context).readouts
+    return settings
 
 
 def violation_fields(interventions=(), readouts=None, presets=(), context=None) -> list[str]:
@@ -585,8 +588,7 @@ def test_attention_rows_by_layer_name_with_heads_checked_per_layer():
     fields = [f for f, _ in mixed_violations(readouts=readouts)]
     assert fields == ["readouts.attention_rows.heads[0]"]
     readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[1], layer_names=["*.0.*"]))
-    plan = compile_readouts(readouts, context=make_context(geometry=MIXED))
-    assert plan.readout.row_layers == {0, 1}
+    assert attention_rows_of(readouts, context=make_context(geometry=MIXED)).layers == {0, 1}
     readouts = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layer_names=["vision.*"]))
     assert [f for f, _ in mixed_violations(readouts=readouts)] == ["readouts.attention_rows.layer_names[0]"]
 
@@ -614,26 +616,22 @@ def test_readouts_compile():
         attention_rows=rpb.AttentionRowsSpec(layers=[3, 1, 3], heads=[5, 2, 5], steps=[0, 4]),
         summary=True,
     )
-    readout = compile_readouts(readouts).readout
-    assert readout == P.ReadoutPlan(
-        statistics=True,
-        mass_ranges=((1, 4),),
-        row_layers=frozenset({1, 3}),
-        row_heads=(2, 5),
-        row_steps=frozenset({0, 4}),
-        summary=True,
+    assert compile_readouts(readouts).readouts == (
+        LayerStatisticsSettings(mass_ranges=((1, 4),)),
+        AttentionRowsSettings(layers=frozenset({1, 3}), heads=(2, 5), steps=frozenset({0, 4})),
+        SummarySettings(),
     )
 
 
 def test_attention_rows_steps_default_to_the_prefill():
-    readout = compile_readouts(rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0]))).readout
-    assert readout.row_steps == frozenset({0})
-    assert readout.row_heads == ()
+    rows = attention_rows_of(rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0])))
+    assert rows.steps == frozenset({0})
+    assert rows.heads == ()
 
 
 def test_no_readouts_compile_to_nothing():
     plan = compile_readouts(rpb.ReadoutSpec())
-    assert plan.readout == P.NO_READOUTS
+    assert plan.readouts == ()
     assert not plan.touches_attention
 
 
@@ -649,7 +647,7 @@ def test_attention_rows_head_out_of_range():
 
 def test_attention_rows_step_must_be_below_max_tokens():
     last = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[MAX_TOKENS - 1]))
-    assert compile_readouts(last).readout.row_steps == frozenset({MAX_TOKENS - 1})
+    assert attention_rows_of(last).steps == frozenset({MAX_TOKENS - 1})
     beyond = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[0, MAX_TOKENS]))
     assert violation_fields(readouts=beyond) == ["readouts.attention_rows.steps[1]"]
     negative = rpb.ReadoutSpec(attention_rows=rpb.AttentionRowsSpec(layers=[0], steps=[-1]))
@@ -660,7 +658,7 @@ def test_readout_size_limit():
     # 2 layers x 9 heads (all) x 3 steps x (12 + 16) keys = 1512 values.
     rows = rpb.AttentionRowsSpec(layers=[0, 1], steps=[0, 1, 2])
     at_limit = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=1512))
-    assert compile_readouts(rpb.ReadoutSpec(attention_rows=rows), at_limit).readout.row_layers == {0, 1}
+    assert attention_rows_of(rpb.ReadoutSpec(attention_rows=rows), at_limit).layers == {0, 1}
     over = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=1511))
     assert violation_fields(readouts=rpb.ReadoutSpec(attention_rows=rows), context=over) == [
         "readouts.attention_rows"
@@ -668,7 +666,7 @@ def test_readout_size_limit():
     # Naming 3 heads cuts it to 504.
     few_heads = rpb.AttentionRowsSpec(layers=[0, 1], heads=[0, 1, 2], steps=[0, 1, 2])
     small = make_context(limits=SpecLimits(max_interventions=6, max_readout_values=504))
-    assert compile_readouts(rpb.ReadoutSpec(attention_rows=few_heads), small).readout.row_heads == (0, 1, 2)
+    assert attention_rows_of(rpb.ReadoutSpec(attention_rows=few_heads), small).heads == (0, 1, 2)
 
 
 def test_mass_ranges_need_layer_statistics():
@@ -710,43 +708,44 @@ def test_request_plan_for_call_filters_ops_by_layer_and_step():
     assert op_types(5, 0) is None
     assert op_types(5, 9) == [P.Temperature]
     assert op_types(3, 1) is None
-    assert plan.for_call(2, 0).readout == P.NO_READOUT
+    assert plan.for_call(2, 0).needs == P.NO_NEEDS
 
 
-def test_readout_plan_rows_only_on_asked_layers_and_steps():
-    readout = P.ReadoutPlan(row_layers=frozenset({1, 4}), row_heads=(0, 3), row_steps=frozenset({0, 2}))
-    assert readout.for_call(1, 0, False).row_heads == (0, 3)
-    assert readout.for_call(4, 2, False).row_heads == (0, 3)
-    assert readout.for_call(1, 1, False) == P.NO_READOUT
-    assert readout.for_call(2, 0, False) == P.NO_READOUT
+ROWS = P.ReadoutNeeds(last_query_rows=True)
+
+
+def test_attention_rows_need_rows_only_on_asked_layers_and_steps():
+    rows = AttentionRowsSettings(layers=frozenset({1, 4}), heads=(0, 3), steps=frozenset({0, 2}))
+    assert rows.needs(1, 0) == ROWS
+    assert rows.needs(4, 2) == ROWS
+    assert rows.needs(1, 1) == P.NO_NEEDS
+    assert rows.needs(2, 0) == P.NO_NEEDS
     # () means every head, which is not "no rows".
-    every_head = P.ReadoutPlan(row_layers=frozenset({1}), row_steps=frozenset({0}))
-    request = every_head.for_call(1, 0, False)
-    assert request.row_heads == () and not request.is_empty
+    every_head = AttentionRowsSettings(layers=frozenset({1}), steps=frozenset({0}))
+    assert every_head.needs(1, 0) == ROWS
 
 
-def test_readout_plan_statistics_and_mass_ranges():
-    readout = P.ReadoutPlan(statistics=True, mass_ranges=((0, 3),))
-    request = readout.for_call(7, 5, False)
-    assert request.statistics and request.mass_ranges == ((0, 3),) and request.row_heads is None
+def test_layer_statistics_need_statistics_and_mass_ranges_on_every_call():
+    needs = LayerStatisticsSettings(mass_ranges=((0, 3),)).needs(7, 5)
+    assert needs.statistics and needs.mass_ranges == ((0, 3),) and not needs.last_query_rows
 
 
 def test_sampled_statistics_without_requested_statistics():
-    request = P.NO_READOUTS.for_call(0, 3, True)
-    assert request.statistics
-    assert request.mass_ranges == ()
-    assert request.row_heads is None
-    assert P.NO_READOUTS.for_call(0, 3, False) == P.NO_READOUT
+    rows_only = P.RequestPlan(readouts=(AttentionRowsSettings(layers=frozenset({0})),))
+    needs = rows_only.for_call(0, 0, sample_statistics=True).needs
+    assert needs == P.ReadoutNeeds(statistics=True, last_query_rows=True)
+    assert rows_only.for_call(0, 3, sample_statistics=False) is None
     # A plan with no work still gets a RowPlan when the step is sampled.
-    assert P.EMPTY_PLAN.for_call(0, 3, sample_statistics=True).readout.statistics
+    assert P.EMPTY_PLAN.for_call(0, 3, sample_statistics=True).needs == P.SAMPLED_STATISTICS
     assert P.EMPTY_PLAN.for_call(0, 3) is None
 
 
-def test_summary_asks_prompt_attention_on_decode_steps_only():
-    readout = P.ReadoutPlan(summary=True)
-    assert readout.for_call(0, 0, False).is_empty
-    request = readout.for_call(0, 1, False)
-    assert request.prompt_attention and not request.statistics
-    plan = P.RequestPlan(readout=readout)
+def test_sampled_statistics_keep_the_requests_mass_ranges():
+    plan = P.RequestPlan(readouts=(LayerStatisticsSettings(mass_ranges=((1, 2),)),))
+    assert plan.for_call(0, 3, sample_statistics=True).needs.mass_ranges == ((1, 2),)
+
+
+def test_summary_needs_rows_on_decode_steps_only():
+    plan = P.RequestPlan(readouts=(SummarySettings(),))
     assert plan.for_call(3, 0) is None
-    assert plan.for_call(3, 2).readout.prompt_attention
+    assert plan.for_call(3, 2).needs == ROWS

@@ -44,8 +44,8 @@ async def test_compiled_mode_applies_plans(compiled_engine, transformers_outputs
     )
     theirs = transformers_outputs["readouts"]
     assert tokens(ours) == tokens(theirs)
-    ours_rows = [r.weights for o in ours for r in o.attention_rows]
-    theirs_rows = [r.weights for o in theirs for r in o.attention_rows]
+    ours_rows = [r.weights for o in ours for r in o.step_readouts.get("attention_rows", [])]
+    theirs_rows = [r.weights for o in theirs for r in o.step_readouts.get("attention_rows", [])]
     assert len(ours_rows) == len(theirs_rows) == 18
     for a, b in zip(ours_rows, theirs_rows):
         assert a == pytest.approx(b, abs=1e-4)

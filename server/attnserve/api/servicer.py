@@ -10,23 +10,21 @@ import time
 import grpc
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
-from attnserve_client.v1 import readout_pb2
 
 from ..engines.base import (
     CandidateScoring,
     EngineDead,
     NonFiniteOutput,
-    RequestReadouts,
     TextGeneration,
     TokenOutput,
     served_rpcs,
 )
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
+from ..readouts import READOUTS, ResponseContext
 from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError, Unsupported
 from . import errors
 from .inputs import to_engine_request, to_score_request
-from .summary import attention_summary
 
 log = logging.getLogger("attnserve.api")
 
@@ -232,7 +230,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @staticmethod
     def _token_proto(out: TokenOutput, model: ServedModel) -> pb.GeneratedToken:
         tokenizer = model.engine.tokenizer
-        return pb.GeneratedToken(
+        token = pb.GeneratedToken(
             index=out.index,
             token_id=out.token_id,
             text=out.text,
@@ -241,23 +239,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 pb.TopLogprob(token_id=t, text=tokenizer.decode([t]), logprob=lp)
                 for t, lp in out.top_logprobs
             ],
-            attention_rows=[
-                readout_pb2.AttentionRow(
-                    layer=r.layer,
-                    head=r.head,
-                    step=r.step,
-                    query_position=r.query_position,
-                    weights=r.weights,
-                )
-                for r in out.attention_rows
-            ],
         )
+        for name, state in out.step_readouts.items():
+            READOUTS[name].write_token(token, state)
+        return token
 
     @staticmethod
     def _complete_proto(
         out: TokenOutput, text: str, engine_request, model: ServedModel
     ) -> pb.GenerateComplete:
-        readouts = out.readouts or RequestReadouts()
         complete = pb.GenerateComplete(
             finish_reason=FINISH_REASONS[out.finish_reason],
             usage=pb.Usage(
@@ -266,38 +256,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             text=text,
             interventions_applied=len(engine_request.plan.applied_operations),
         )
-        for layer, s in sorted(readouts.layer_statistics.items()):
-            n = max(s.query_count, 1)
-            sinks = {
-                name: value / n
-                for name, value in (
-                    ("sink_mass", s.sink_mass),
-                    ("sink_mass_first4", s.sink_mass_first4),
-                    ("hidden_sinks", s.hidden_sinks),
-                )
-                if value is not None  # bidirectional and cross-attention layers have no sinks
-            }
-            complete.layer_statistics.append(
-                readout_pb2.LayerStatistics(
-                    layer=layer,
-                    entropy=s.entropy / n,
-                    normalized_entropy=s.normalized_entropy / n,
-                    range_mass=[m / n for m in s.range_mass],
-                    query_count=s.query_count,
-                    **sinks,
-                )
-            )
-        if engine_request.plan.readout.summary:
-            if readouts.prompt_attention is not None:
-                complete.summary.CopyFrom(
-                    attention_summary(
-                        readouts.prompt_attention, engine_request.prompt_token_ids, model.engine.tokenizer
-                    )
-                )
-            else:
-                complete.summary.text = (
-                    "No token was generated after the prompt, so there is no attention to summarise."
-                )
+        results = out.readouts or {}
+        response = ResponseContext(engine_request.prompt_token_ids, model.engine.tokenizer)
+        for settings in engine_request.plan.readouts:
+            readout = READOUTS[settings.name]
+            if not readout.per_token:
+                readout.write_complete(complete, settings, results.get(settings.name), response)
         return complete
 
 

@@ -42,7 +42,6 @@ from attnserve.attention.statistics import (
     layer_statistics,
     mass_columns,
     materialised_pieces,
-    row_readout,
 )
 
 #: With statistics, rows with at most this many logits (heads x queries x keys: a decode step,
@@ -138,8 +137,7 @@ def attend_rows(
 
     readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
-        wants_readout = not plan.readout.is_empty
-        if not ops and not wants_readout:
+        if not ops and plan.needs.is_empty:
             continue
         row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
         row_output, readouts[b] = _attend_row(row, ops, plan)
@@ -151,14 +149,14 @@ def attend_rows(
 def _attend_row(
     row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan
 ) -> tuple[torch.Tensor, RowReadout | None]:
-    request = plan.readout
+    needs = plan.needs
     edited = edit_logits(row, ops)
 
     # ACT needs its heads' probabilities (column means for sink detection): materialised for
     # those heads only. Statistics read them too for heads whose bias depends on their logits,
     # and for every head when the row is small (a decode step), where that is cheapest.
     materialise = calibration_heads(row, ops)
-    if request.statistics:
+    if needs.statistics:
         small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
         materialise = materialise | edited.logit_heads | small
     materialised = materialise.nonzero().squeeze(1)
@@ -171,8 +169,8 @@ def _attend_row(
 
     # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
     # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).
-    fused_statistics = request.statistics and len(fused_heads) > 0
-    columns = mass_columns(row, request.mass_ranges, edited) if request.statistics else None
+    fused_statistics = needs.statistics and len(fused_heads) > 0
+    columns = mass_columns(row, needs.mass_ranges, edited) if needs.statistics else None
     head_dim = row.v.shape[-1]
     values = row.v
     if fused_statistics:
@@ -186,11 +184,11 @@ def _attend_row(
         out = fused[..., :head_dim]
 
     out, kept = edit_output(row, ops, out)
-    if request.is_empty:
+    if needs.is_empty:
         return out, None
 
-    statistics = None
-    if request.statistics:
+    readout = RowReadout(num_prompt_tokens=row.num_prompt_tokens)
+    if needs.statistics:
         parts = []
         if fused_statistics:
             key_mean = fused[fused_heads, :, head_dim : 2 * head_dim]
@@ -201,10 +199,9 @@ def _attend_row(
         if probs is not None:
             parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
         order = torch.cat([fused_heads, materialised])
-        statistics = layer_statistics(
-            row, HeadPieces.concat(parts), columns, kept[order], len(request.mass_ranges)
+        readout.statistics = layer_statistics(
+            row, HeadPieces.concat(parts), columns, kept[order], len(needs.mass_ranges)
         )
-    last_rows = None
-    if request.row_heads is not None or request.prompt_attention:
-        last_rows = last_query_rows(row, edited, probs, slot, kept)
-    return out, row_readout(row, request, statistics, last_rows)
+    if needs.last_query_rows:
+        readout.last_query_rows = last_query_rows(row, edited, probs, slot, kept).float()
+    return out, readout

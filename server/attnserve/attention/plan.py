@@ -1,14 +1,16 @@
 """Per-request attention plans: what to do to one request's rows in one attention call.
 
 Pure data, no torch. spec/ compiles a request's InterventionSpec and ReadoutSpec into a
-RequestPlan; an engine asks it, for each attention call, for the RowPlan of that layer and step
-and hands the rows and their RowPlans to attention.core.
+RequestPlan (each readout's settings come from its module in attnserve/readouts/); an engine
+asks it, for each attention call, for the RowPlan of that layer and step and hands the rows and
+their RowPlans to attention.core.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 # --- Operations -------------------------------------------------------------------------------
 
@@ -169,24 +171,44 @@ ALL_STEPS = StepRange()
 
 
 @dataclass(frozen=True)
-class ReadoutRequest:
-    """Readouts asked of one attention call for one row."""
+class ReadoutNeeds:
+    """What attention.core computes on one row's final (post-intervention) map in one call, for
+    the readouts that read it (attnserve/readouts/)."""
 
-    #: Per-layer statistics (entropy, sink masses, hidden sinks, mass on mass_ranges).
+    #: Per-layer statistics (attention/statistics.py), with the mass on each of mass_ranges.
     statistics: bool = False
-    #: Half-open prompt ranges whose attention mass is reported.
+    #: Half-open prompt ranges whose attention mass the statistics report.
     mass_ranges: tuple[tuple[int, int], ...] = ()
-    #: Heads whose last-query attention row is returned; None returns none, () every head.
-    row_heads: tuple[int, ...] | None = None
-    #: Head-mean attention of the last query over the prompt keys (for the summary).
-    prompt_attention: bool = False
+    #: The last query's attention over its keys, every head.
+    last_query_rows: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return not self.statistics and self.row_heads is None and not self.prompt_attention
+        return not self.statistics and not self.last_query_rows
+
+    def __or__(self, other: ReadoutNeeds) -> ReadoutNeeds:
+        # Only the layer_statistics readout names mass ranges; the metrics' sample names none.
+        return ReadoutNeeds(
+            statistics=self.statistics or other.statistics,
+            mass_ranges=self.mass_ranges or other.mass_ranges,
+            last_query_rows=self.last_query_rows or other.last_query_rows,
+        )
 
 
-NO_READOUT = ReadoutRequest()
+NO_NEEDS = ReadoutNeeds()
+#: What the attention-statistics metrics read from a sampled call.
+SAMPLED_STATISTICS = ReadoutNeeds(statistics=True)
+
+
+class ReadoutSettings(Protocol):
+    """One readout of a request, compiled (each module of attnserve/readouts/ defines its own)."""
+
+    #: The readout's name in attnserve.readouts.READOUTS.
+    name: ClassVar[str]
+
+    def needs(self, layer: int, step: int) -> ReadoutNeeds:
+        """What the readout reads from this attention call (NO_NEEDS for nothing)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -194,35 +216,7 @@ class RowPlan:
     """What attention.core does to one row in one attention call."""
 
     ops: tuple[ScopedOp, ...] = ()
-    readout: ReadoutRequest = NO_READOUT
-
-
-@dataclass(frozen=True)
-class ReadoutPlan:
-    """A request's readouts over the whole generation."""
-
-    statistics: bool = False
-    mass_ranges: tuple[tuple[int, int], ...] = ()
-    #: Attention rows: layers, heads (() = all) and steps.
-    row_layers: frozenset[int] = frozenset()
-    row_heads: tuple[int, ...] = ()
-    row_steps: frozenset[int] = frozenset()
-    summary: bool = False
-
-    def for_call(self, layer: int, step: int, sample_statistics: bool) -> ReadoutRequest:
-        rows = self.row_heads if (layer in self.row_layers and step in self.row_steps) else None
-        statistics = self.statistics or sample_statistics
-        if not statistics and rows is None and not self.summary:
-            return NO_READOUT
-        return ReadoutRequest(
-            statistics=statistics,
-            mass_ranges=self.mass_ranges if self.statistics else (),
-            row_heads=rows,
-            prompt_attention=self.summary and step > 0,
-        )
-
-
-NO_READOUTS = ReadoutPlan()
+    needs: ReadoutNeeds = NO_NEEDS
 
 
 @dataclass(frozen=True)
@@ -231,7 +225,8 @@ class RequestPlan:
 
     #: layer -> (steps, op) in application order; identity operations are already dropped.
     layer_ops: Mapping[int, tuple[tuple[StepRange, ScopedOp], ...]] = field(default_factory=dict)
-    readout: ReadoutPlan = NO_READOUTS
+    #: The request's readouts, in the order of attnserve.readouts.READOUTS.
+    readouts: tuple[ReadoutSettings, ...] = ()
     #: Operation name of each intervention that will run (presets expanded, identities dropped).
     applied_operations: tuple[str, ...] = ()
 
@@ -242,7 +237,7 @@ class RequestPlan:
     @property
     def touches_attention(self) -> bool:
         """Whether any attention call of this request has work (edits or readouts)."""
-        return bool(self.layer_ops) or self.readout != NO_READOUTS
+        return bool(self.layer_ops) or bool(self.readouts)
 
     def ops_for(self, layer: int, step: int) -> tuple[ScopedOp, ...]:
         return tuple(op for steps, op in self.layer_ops.get(layer, ()) if step in steps)
@@ -250,10 +245,12 @@ class RequestPlan:
     def for_call(self, layer: int, step: int, sample_statistics: bool = False) -> RowPlan | None:
         """The RowPlan of one attention call, or None when the row is left untouched."""
         ops = self.ops_for(layer, step)
-        readout = self.readout.for_call(layer, step, sample_statistics)
-        if not ops and readout.is_empty:
+        needs = SAMPLED_STATISTICS if sample_statistics else NO_NEEDS
+        for readout in self.readouts:
+            needs = needs | readout.needs(layer, step)
+        if not ops and needs.is_empty:
             return None
-        return RowPlan(ops=ops, readout=readout)
+        return RowPlan(ops=ops, needs=needs)
 
 
 EMPTY_PLAN = RequestPlan()

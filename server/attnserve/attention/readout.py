@@ -1,4 +1,4 @@
-"""What attention.core returns per row: its statistics and attention rows for one call."""
+"""What attention.core returns per row: its statistics and last query rows for one call."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class LayerStatistics:
     #: Keys after token 0 with mean attention > 0.1 over this call's queries, mean over heads,
     #: times query_count (so it averages like the others).
     hidden_sinks: float | None
-    #: Mass on each ReadoutRequest.mass_ranges entry.
+    #: Mass on each ReadoutNeeds.mass_ranges entry.
     range_mass: list[float]
 
     def add(self, other: LayerStatistics) -> None:
@@ -44,12 +44,11 @@ def _add(a: float | None, b: float | None) -> float | None:
 
 @dataclass
 class RowReadout:
-    """Readouts of one row in one attention call (fields are None when not asked for)."""
+    """What attention.core computed on one row's final map in one call, as its RowPlan's needs
+    asked (fields are None when not asked for); the readouts (attnserve/readouts/) read from it."""
 
     statistics: LayerStatistics | None = None
-    #: (len(row_heads), num_visible_keys) probabilities of the row's last query; head order as asked.
-    attention_rows: torch.Tensor | None = None
-    #: Query heads the attention_rows belong to.
-    row_heads: tuple[int, ...] = ()
-    #: (num_prompt_tokens,) head-mean probabilities of the last query over the prompt keys.
-    prompt_attention: torch.Tensor | None = None
+    #: (H, num_visible_keys) float32 probabilities of the row's last query, every head.
+    last_query_rows: torch.Tensor | None = None
+    #: The row's prompt length (keys at positions beyond it are generated tokens).
+    num_prompt_tokens: int = 0

@@ -19,14 +19,13 @@ import torch
 
 from attnserve.attention import kernels
 from attnserve.attention.interventions import EditedLogits
-from attnserve.attention.plan import ReadoutRequest
-from attnserve.attention.readout import LayerStatistics, RowReadout
+from attnserve.attention.readout import LayerStatistics
 from attnserve.attention.row_attention import RowAttention
 
 #: A key after token 0 is a hidden sink when its column mean exceeds this (sink statistics
 #: apply where RowLayout.has_sink_statistics).
 HIDDEN_SINK_THRESHOLD = 0.1
-#: Mass columns before the ReadoutRequest.mass_ranges ones: token 0, tokens 0..3.
+#: Mass columns before the ReadoutNeeds.mass_ranges ones: token 0, tokens 0..3.
 SINK_COLUMNS = 2
 
 
@@ -182,24 +181,3 @@ def last_query_rows(
         rows[materialised] = probs[slot[materialised], -1]
     kept_last = kept[:, -1:]
     return kept_last * rows + (1 - kept_last) * row.own_key[-1].to(row.dtype)
-
-
-def row_readout(
-    row: RowAttention,
-    request: ReadoutRequest,
-    statistics: LayerStatistics | None,
-    last_rows: torch.Tensor | None,
-) -> RowReadout:
-    """The RowReadout asked for; last_rows (H, n) from last_query_rows. Tensors are float32 on
-    the row's device; prompt positions the row has not reached yet read 0."""
-    readout = RowReadout(statistics=statistics)
-    if request.row_heads is not None:
-        heads = request.row_heads or tuple(range(row.num_heads))
-        readout.row_heads = heads
-        readout.attention_rows = last_rows[list(heads)].float()
-    if request.prompt_attention:
-        prompt = torch.zeros(row.num_prompt_tokens, device=row.device)
-        shown = min(row.num_prompt_tokens, row.num_keys)
-        prompt[:shown] = last_rows[:, :shown].mean(dim=0)
-        readout.prompt_attention = prompt
-    return readout

@@ -5,11 +5,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
-from ..attention.readout import LayerStatistics
 from ..spec.geometry import ModelGeometry
 
 
@@ -49,15 +47,6 @@ class ScoreRequest:
 
 
 @dataclass
-class AttentionRowOut:
-    layer: int
-    head: int
-    step: int
-    query_position: int
-    weights: list[float]
-
-
-@dataclass
 class TokenOutput:
     """One generated token; token i comes from step i (step 0 is the prefill)."""
 
@@ -68,23 +57,14 @@ class TokenOutput:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     #: New text since the previous token (held back while a stop string may still match).
     text: str = ""
-    attention_rows: list[AttentionRowOut] = field(default_factory=list)
+    #: Readout name -> this token's step's state, for the per-token readouts (attnserve/readouts/).
+    step_readouts: dict[str, Any] = field(default_factory=dict)
     #: Set on the request's last token: "eos", "length" or "stop_string".
     finish_reason: str | None = None
-    #: Set on the request's last token.
-    readouts: RequestReadouts | None = None
+    #: Set on the request's last token: readout name -> result, for the other readouts.
+    readouts: dict[str, Any] | None = None
     #: Set on the first token: seconds the request waited before its prefill.
     queue_seconds: float | None = None
-
-
-@dataclass
-class RequestReadouts:
-    """Readouts accumulated over a finished request's whole generation."""
-
-    #: layer -> statistics summed over steps (divide by query_count).
-    layer_statistics: dict[int, LayerStatistics] = field(default_factory=dict)
-    #: (num_prompt_tokens,) mean attention of generated tokens' queries over prompt keys.
-    prompt_attention: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -1,56 +1,43 @@
 """Collecting a request's readouts from its attention calls, shared by the engines.
 
-A StepReadouts gathers what one step (one forward) produced for one request, call by call; a
-RequestReadoutTotals adds steps up into what the request's last token carries. The vLLM engine
+A StepReadouts gathers what one step (one forward) produced for one request, call by call, into
+each asked readout's state (attnserve/readouts/); a RequestReadoutTotals adds steps up into what
+the request's last token carries. The vLLM engine
 builds StepReadouts in its worker process and ships them to the server, so both pickle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from ..attention.plan import ReadoutPlan
-from ..attention.readout import LayerStatistics, RowReadout
-from .base import AttentionRowOut, RequestReadouts
+from ..attention.plan import RequestPlan
+from ..attention.readout import RowReadout
+from ..readouts import READOUTS, CallSite
 
 
 @dataclass
 class StepReadouts:
-    """One request's readouts from the attention calls of one step."""
+    """One request's readouts from the attention calls of one step: readout name -> its state."""
 
-    layer_statistics: dict[int, LayerStatistics] = field(default_factory=dict)
-    attention_rows: list[AttentionRowOut] = field(default_factory=list)
-    #: Sum over calls of the last query's prompt attention, and the number of calls.
-    prompt_attention: torch.Tensor | None = None
-    prompt_attention_calls: int = 0
+    states: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, plan: ReadoutPlan, layer: int, step: int, query_position: int, readout: RowReadout) -> None:
-        """Add one attention call's readout (statistics kept only when the request asked)."""
-        if readout.statistics is not None and plan.statistics:
-            _add_statistics(self.layer_statistics, layer, readout.statistics)
-        if readout.attention_rows is not None:
-            for head, weights in zip(readout.row_heads, readout.attention_rows):
-                self.attention_rows.append(
-                    AttentionRowOut(layer, head, step, query_position, weights.tolist())
-                )
-        if readout.prompt_attention is not None:
-            self._add_prompt_attention(readout.prompt_attention, 1)
+    def add(self, plan: RequestPlan, call: CallSite, readout: RowReadout) -> None:
+        """Add one attention call's RowReadout to each readout the request asked for."""
+        for settings in plan.readouts:
+            kind = READOUTS[settings.name]
+            state = self.states.get(settings.name)
+            if state is None:
+                state = self.states[settings.name] = kind.new_state()
+            kind.record(state, settings, call, readout)
 
     def merge(self, other: StepReadouts) -> None:
-        """Add another part of the same step (e.g. an earlier chunk of a chunked prefill)."""
-        for layer, stats in other.layer_statistics.items():
-            _add_statistics(self.layer_statistics, layer, stats)
-        self.attention_rows.extend(other.attention_rows)
-        if other.prompt_attention is not None:
-            self._add_prompt_attention(other.prompt_attention, other.prompt_attention_calls)
-
-    def _add_prompt_attention(self, attention: torch.Tensor, calls: int) -> None:
-        self.prompt_attention = (
-            attention if self.prompt_attention is None else self.prompt_attention + attention
-        )
-        self.prompt_attention_calls += calls
+        """Add another part of the same step (e.g. an earlier chunk of a chunked prefill), or a step."""
+        for name, state in other.states.items():
+            if name in self.states:
+                READOUTS[name].merge(self.states[name], state)
+            else:
+                self.states[name] = state
 
 
 class RequestReadoutTotals:
@@ -59,26 +46,17 @@ class RequestReadoutTotals:
     def __init__(self) -> None:
         self._totals = StepReadouts()
 
-    def add_step(self, step: StepReadouts) -> list[AttentionRowOut]:
-        """Add a finished step; returns its attention rows (they go out with the step's token)."""
-        rows, step.attention_rows = step.attention_rows, []
-        self._totals.merge(step)
-        return rows
+    def add_step(self, step: StepReadouts) -> dict[str, Any]:
+        """Add a finished step; returns the states of its per-token readouts (they go out with
+        the step's token)."""
+        per_token = {name: state for name, state in step.states.items() if READOUTS[name].per_token}
+        rest = {name: state for name, state in step.states.items() if name not in per_token}
+        self._totals.merge(StepReadouts(rest))
+        return per_token
 
-    def finish(self) -> RequestReadouts:
-        totals = self._totals
-        prompt_attention = None
-        if totals.prompt_attention is not None:
-            prompt_attention = totals.prompt_attention / totals.prompt_attention_calls
-        return RequestReadouts(layer_statistics=totals.layer_statistics, prompt_attention=prompt_attention)
-
-
-def _add_statistics(into: dict[int, LayerStatistics], layer: int, stats: LayerStatistics) -> None:
-    total = into.get(layer)
-    if total is None:
-        into[layer] = LayerStatistics(**{**vars(stats), "range_mass": list(stats.range_mass)})
-    else:
-        total.add(stats)
+    def finish(self) -> dict[str, Any]:
+        """Readout name -> its result, for the readouts that are not per token."""
+        return {name: READOUTS[name].finish(state) for name, state in self._totals.states.items()}
 
 
 class StatisticsSampler:

@@ -8,17 +8,17 @@ names of GenerateRequest.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 from ..attention import plan as P
+from ..readouts import READOUTS
 from .errors import Unsupported, Violations, quoted
 from .geometry import AttentionKind, AttentionLayer, ModelGeometry
 from .ranges import ranged_value
+from .selectors import check_index, checked_heads, prompt_ranges, selected_layers
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class SpecContext:
     prompt_tokens: int
     max_tokens: int
     supported_operations: frozenset[str]
-    supported_readouts: frozenset[str] = frozenset({"layer_statistics", "attention_rows", "summary"})
+    supported_readouts: frozenset[str] = frozenset(READOUTS)
     #: Why the engine offers no interventions or readouts for this model, when it offers none.
     unsupported_reason: str | None = None
 
@@ -79,11 +79,11 @@ def compile_plan(
         for layer, heads in placements:
             layer_ops.setdefault(layer, []).append((steps, dataclasses.replace(scoped, heads=heads)))
 
-    readout = _compile_readouts(readouts, ctx, violations)
+    compiled_readouts = _compile_readouts(readouts, ctx, violations)
     violations.raise_if_any()
     return P.RequestPlan(
         layer_ops={layer: tuple(ops) for layer, ops in layer_ops.items()},
-        readout=readout,
+        readouts=compiled_readouts,
         applied_operations=tuple(applied),
     )
 
@@ -134,19 +134,19 @@ def _placements(
         out = []
         for i, lh in enumerate(sel.layer_heads):
             lh_field = f"{field}.layer_heads[{i}]"
-            if not _check_index(lh.layer, geo.num_layers, f"{lh_field}.layer", "layer", violations):
+            if not check_index(lh.layer, geo.num_layers, f"{lh_field}.layer", "layer", violations):
                 continue
             layer = geo.layers[lh.layer]
             _check_kinds([layer], kind, f"{field}.attention", violations)
-            out.append((lh.layer, _heads(lh.heads, f"{lh_field}.heads", [layer], violations)))
+            out.append((lh.layer, checked_heads(lh.heads, f"{lh_field}.heads", [layer], violations)))
         return out
     if sel.layers or sel.layer_names:
-        layers = _selected_layers(sel.layers, sel.layer_names, field, geo, violations)
+        layers = selected_layers(sel.layers, sel.layer_names, field, geo, violations)
         _check_kinds(layers, kind, f"{field}.attention", violations)
     else:
         layers = [layer for layer in geo.layers if kind in (None, layer.kind)]
     # With no valid layer selected, heads are still checked (against every layer).
-    heads = _heads(sel.heads, f"{field}.heads", layers or geo.layers, violations)
+    heads = checked_heads(sel.heads, f"{field}.heads", layers or geo.layers, violations)
     return [(layer.index, heads) for layer in layers]
 
 
@@ -192,85 +192,9 @@ def _kind_text(kind: AttentionKind) -> str:
     return f"{kind.value}-attention"
 
 
-def _selected_layers(
-    indices: Sequence[int], patterns: Sequence[str], field: str, geo: ModelGeometry, violations: Violations
-) -> list[AttentionLayer]:
-    """The layers named by index (field.layers) or by name pattern (field.layer_names), in index order."""
-    selected = {
-        index
-        for i, index in enumerate(indices)
-        if _check_index(index, geo.num_layers, f"{field}.layers[{i}]", "layer", violations)
-    }
-    selected |= _layers_named(patterns, f"{field}.layer_names", geo, violations)
-    return [geo.layers[index] for index in sorted(selected)]
-
-
-# Bounds that keep matching cheap (translating a glob takes time quadratic in its length).
-MAX_LAYER_NAME_PATTERNS = 16
-MAX_LAYER_NAME_PATTERN_LENGTH = 128
-
-
-def _layers_named(
-    patterns: Sequence[str], field: str, geo: ModelGeometry, violations: Violations
-) -> set[int]:
-    """Indices of the layers whose names match a glob pattern; each pattern must match one."""
-    if len(patterns) > MAX_LAYER_NAME_PATTERNS:
-        violations.add(field, f"{len(patterns)} patterns exceed the limit of {MAX_LAYER_NAME_PATTERNS}")
-        return set()
-    matched: set[int] = set()
-    for i, pattern in enumerate(patterns):
-        if len(pattern) > MAX_LAYER_NAME_PATTERN_LENGTH:
-            violations.add(
-                f"{field}[{i}]",
-                f"pattern {quoted(pattern)} is longer than {MAX_LAYER_NAME_PATTERN_LENGTH} characters",
-            )
-            continue
-        match = re.compile(fnmatch.translate(pattern)).match
-        hits = {layer.index for layer in geo.layers if match(layer.name)}
-        if not hits:
-            violations.add(
-                f"{field}[{i}]", f"pattern {quoted(pattern)} matches no layer; GetModel lists the layers"
-            )
-        matched |= hits
-    return matched
-
-
-def _heads(heads: Sequence[int], field: str, layers: Sequence[AttentionLayer], violations: Violations):
-    """heads (None for every head), each checked on every one of layers."""
-    for i, head in enumerate(heads):
-        lacking = next((layer for layer in layers if not 0 <= head < layer.num_heads), None)
-        if lacking is not None:
-            n = lacking.num_heads
-            violations.add(
-                f"{field}[{i}]",
-                f"head {head} is out of range on layer {lacking.index} ({quoted(lacking.name)}), "
-                f"which has {n} heads (0..{n - 1})",
-            )
-    return tuple(sorted(set(heads))) if heads else None
-
-
-def _check_index(value: int, size: int, field: str, what: str, violations: Violations) -> bool:
-    if 0 <= value < size:
-        return True
-    violations.add(field, f"{what} {value} is out of range: this model has {size} ({what} 0..{size - 1})")
-    return False
-
-
 def _key_set(keys: intervention_pb2.KeySelector, field: str, prompt_tokens: int, violations: Violations):
-    ranges = _ranges(keys.ranges, f"{field}.ranges", prompt_tokens, violations)
+    ranges = prompt_ranges(keys.ranges, f"{field}.ranges", prompt_tokens, violations)
     return P.KeySet(ranges=ranges, invert=keys.invert, include_generated=keys.include_generated)
-
-
-def _ranges(ranges, field: str, prompt_tokens: int, violations: Violations) -> tuple[tuple[int, int], ...]:
-    out = []
-    for i, r in enumerate(ranges):
-        if not 0 <= r.start < r.end <= prompt_tokens:
-            violations.add(
-                f"{field}[{i}]",
-                f"range [{r.start}, {r.end}) must satisfy 0 <= start < end <= {prompt_tokens} (prompt tokens)",
-            )
-        out.append((r.start, r.end))
-    return tuple(out)
 
 
 def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violations) -> P.StepRange:
@@ -342,56 +266,12 @@ assert set(_OPERATION_COMPILERS) == set(P.OPERATIONS)
 
 def _compile_readouts(
     spec: readout_pb2.ReadoutSpec, ctx: SpecContext, violations: Violations
-) -> P.ReadoutPlan:
-    geo = ctx.geometry
-    asked = {
-        "layer_statistics": spec.layer_statistics,
-        "attention_rows": spec.HasField("attention_rows"),
-        "summary": spec.summary,
-    }
-    missing = [kind for kind, wanted in asked.items() if wanted and kind not in ctx.supported_readouts]
+) -> tuple[P.ReadoutSettings, ...]:
+    asked = [readout for readout in READOUTS.values() if readout.asked(spec)]
+    missing = [readout.name for readout in asked if readout.name not in ctx.supported_readouts]
     if missing:
         raise Unsupported(_unsupported(f"readouts.{missing[0]}", ctx))
-    mass_ranges = _ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
-    if mass_ranges and not spec.layer_statistics:
-        violations.add("readouts.mass_ranges", "needs layer_statistics")
-    rows = spec.attention_rows
-    field = "readouts.attention_rows"
-    row_layers: frozenset[int] = frozenset()
-    row_heads: tuple[int, ...] = ()
-    row_steps: frozenset[int] = frozenset()
-    if spec.HasField("attention_rows"):
-        if not rows.layers and not rows.layer_names:
-            violations.add(f"{field}.layers", "name at least one layer (layers or layer_names)")
-        layers = _selected_layers(rows.layers, rows.layer_names, field, geo, violations)
-        _heads(rows.heads, f"{field}.heads", layers or geo.layers, violations)
-        steps = list(rows.steps) or [0]
-        for i, step in enumerate(steps):
-            if not 0 <= step < ctx.max_tokens:
-                violations.add(
-                    f"{field}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)"
-                )
-        row_layers = frozenset(layer.index for layer in layers)
-        row_heads, row_steps = tuple(rows.heads), frozenset(steps)
-        values = (
-            sum(len(set(row_heads)) or layer.num_heads for layer in layers)
-            * len(row_steps)
-            * (ctx.prompt_tokens + ctx.max_tokens)
-        )
-        if values > ctx.limits.max_readout_values:
-            violations.add(
-                field,
-                f"up to {values} attention weights exceed the limit of {ctx.limits.max_readout_values}; "
-                "ask for fewer layers, heads or steps",
-            )
-    return P.ReadoutPlan(
-        statistics=spec.layer_statistics,
-        mass_ranges=mass_ranges,
-        row_layers=row_layers,
-        row_heads=tuple(sorted(set(row_heads))),
-        row_steps=row_steps,
-        summary=spec.summary,
-    )
+    return tuple(readout.compile(spec, ctx, violations) for readout in asked)
 
 
 def _unsupported(what: str, ctx: SpecContext) -> str:

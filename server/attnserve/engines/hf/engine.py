@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...attention.plan import OPERATIONS
+from ...readouts import READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     CandidateScoring,
@@ -43,7 +44,6 @@ from .scheduler import Scheduler
 
 log = logging.getLogger("attnserve.engines.hf")
 
-READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +89,7 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
             geometry=model_geometry(model),
             max_context_length=model.config.max_position_embeddings,
             supported_operations=frozenset(OPERATIONS),
-            supported_readouts=READOUTS,
+            supported_readouts=frozenset(READOUTS),
         )
         self._scheduler = Scheduler(max_batch_size)
         self._runner = ModelRunner(

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...attention.readout import LayerStatistics, RowReadout
+from ...readouts import CallSite
 from ..base import ScoreRequest
 from ..readouts import StatisticsSampler
 from . import attention
@@ -132,4 +133,4 @@ class ModelRunner:
     def _record(self, row: RequestRow, layer: int, readout: RowReadout, sampled: bool) -> None:
         if sampled and readout.statistics is not None and self._on_statistics is not None:
             self._on_statistics(layer, readout.statistics)
-        row.step_readouts.add(row.request.plan.readout, layer, row.step, row.length - 1, readout)
+        row.step_readouts.add(row.request.plan, CallSite(layer, row.step, row.length - 1), readout)

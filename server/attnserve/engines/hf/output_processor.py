@@ -80,7 +80,7 @@ class OutputProcessor:
             logprob=float(logprobs[token]),
             top_logprobs=top,
             text=text,
-            attention_rows=row.readout_totals.add_step(row.step_readouts),
+            step_readouts=row.readout_totals.add_step(row.step_readouts),
             queue_seconds=row.queue_seconds if row.num_generated == 1 else None,
         )
         row.step_readouts = StepReadouts()

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from ...attention.plan import NO_READOUTS, OPERATIONS
+from ...attention.plan import OPERATIONS
 from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
+from ...readouts import READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     Engine,
@@ -39,7 +40,6 @@ from .worker import CHANNEL_KEY, CONFIG_KEY, PLAN_KEY
 
 log = logging.getLogger("attnserve.engines.vllm")
 
-READOUTS = frozenset({"layer_statistics", "attention_rows", "summary"})
 #: How long a token waits for its step's readouts before going out without them.
 READOUT_TIMEOUT_SECONDS = 30.0
 
@@ -71,7 +71,7 @@ class VllmEngine(Engine, TextGeneration):
             geometry=geometry,
             max_context_length=settings.max_model_len or config.max_position_embeddings,
             supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
-            supported_readouts=frozenset() if refusal else READOUTS,
+            supported_readouts=frozenset() if refusal else frozenset(READOUTS),
             unsupported_reason=refusal,
         )
         self._model_path = model_path
@@ -170,7 +170,7 @@ class VllmEngine(Engine, TextGeneration):
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         plan = request.plan
-        reports = plan.readout != NO_READOUTS
+        reports = bool(plan.readouts)
         inbox = self._channel.register(key) if reports else None
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         totals = RequestReadoutTotals()
@@ -201,7 +201,7 @@ class VllmEngine(Engine, TextGeneration):
                         logprob=logprob,
                         top_logprobs=_top_logprobs(logprobs, token, request.sampling.top_logprobs),
                         text=detokenizer.push(token),
-                        attention_rows=totals.add_step(step_readouts),
+                        step_readouts=totals.add_step(step_readouts),
                         queue_seconds=_queue_seconds(output) if index == 0 else None,
                     )
                     index += 1

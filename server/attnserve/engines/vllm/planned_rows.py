@@ -18,6 +18,7 @@ from vllm.v1.attention.backend import AttentionType
 
 from ...attention.core import attend_rows, effective_ops
 from ...attention.layout import RowLayout
+from ...readouts import CallSite
 from . import worker
 
 #: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
@@ -135,7 +136,7 @@ def apply_row_plans(
             step.sampled_statistics.append((layer_index, readout.statistics))
         if planned.reports:
             planned.readouts.add(
-                planned.plan.readout, layer_index, planned.step, planned.seq_len - 1, readout
+                planned.plan, CallSite(layer_index, planned.step, planned.seq_len - 1), readout
             )
 
 

@@ -17,7 +17,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 
-from ...attention.plan import EMPTY_PLAN, NO_READOUTS, RequestPlan
+from ...attention.plan import EMPTY_PLAN, RequestPlan
 from ...attention.readout import LayerStatistics
 from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
@@ -97,7 +97,7 @@ class StepPlanner:
             key, plan = self._plan_of(runner.requests[req_id])
             if plan.touches_attention or row == sampled_row:
                 state = runner.requests[req_id]
-                reports = plan.readout != NO_READOUTS
+                reports = bool(plan.readouts)
                 rows.append(PlannedRow(row, key, plan, state.num_prompt_tokens, row == sampled_row, reports))
         return StepContext(rows) if rows else None
 
