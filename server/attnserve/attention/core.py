@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.interventions import calibrate_sinks, calibration_heads, edit_logits, edit_output
+from attnserve.attention.interventions import edit_logits, edit_output, edit_probabilities, probability_heads
 from attnserve.attention.layout import MaskKind, RowLayout
-from attnserve.attention.plan import IdentityBlend, RowPlan, ScopedOp
+from attnserve.attention.plan import RowPlan, ScopedOp
 from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
@@ -105,8 +105,9 @@ def _check(
         if layout.cross_attention:
             if not 0 <= layout.query_start < num_queries:
                 raise ValueError(f"query_start {layout.query_start} outside 0..{num_queries - 1}")
-            if any(isinstance(scoped.op, IdentityBlend) for scoped in effective_ops(plan)):
-                raise ValueError("IdentityBlend needs each query's own key; cross-attention has none")
+            for scoped in effective_ops(plan):
+                if scoped.op.needs_own_key:
+                    raise ValueError(f"{scoped.op.name} needs each query's own key; cross-attention has none")
         elif num_queries > k.shape[2]:
             raise ValueError(f"more queries ({num_queries}) than keys ({k.shape[2]})")
 
@@ -152,10 +153,10 @@ def _attend_row(
     needs = plan.needs
     edited = edit_logits(row, ops)
 
-    # ACT needs its heads' probabilities (column means for sink detection): materialised for
-    # those heads only. Statistics read them too for heads whose bias depends on their logits,
+    # Probability edits (ACT: column means for sink detection) need their heads' probabilities:
+    # materialised for those heads only. Statistics read them too for heads whose bias depends on their logits,
     # and for every head when the row is small (a decode step), where that is cheapest.
-    materialise = calibration_heads(row, ops)
+    materialise = probability_heads(row, ops)
     if needs.statistics:
         small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
         materialise = materialise | edited.logit_heads | small
@@ -165,7 +166,7 @@ def _attend_row(
     slot[materialised] = torch.arange(len(materialised), device=row.device)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
-        calibrate_sinks(row, ops, edited, probs, slot)
+        edit_probabilities(row, ops, edited, probs, slot)
 
     # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
     # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).

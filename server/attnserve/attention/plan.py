@@ -1,9 +1,9 @@
 """Per-request attention plans: what to do to one request's rows in one attention call.
 
-Pure data, no torch. spec/ compiles a request's InterventionSpec and ReadoutSpec into a
-RequestPlan (each readout's settings come from its module in attnserve/readouts/); an engine
-asks it, for each attention call, for the RowPlan of that layer and step and hands the rows and
-their RowPlans to attention.core.
+Plain data; each operation's math lives in its module of attention/operations/. spec/ compiles
+a request's InterventionSpec and ReadoutSpec into a RequestPlan (each readout's settings come from
+its module in attnserve/readouts/); an engine asks it, for each attention call, for the RowPlan of
+that layer and step and hands the rows and their RowPlans to attention.core.
 """
 
 from __future__ import annotations
@@ -12,114 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-# --- Operations -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SinkCalibration:
-    """ACT: hidden sinks (token 0 excluded, on every layout) keep beta of their probability; the removed mass
-    goes back to the other keys in proportion. A key is a sink when its mean probability over
-    the queries that see it exceeds tau; keys seen by fewer than min_queries queries are never
-    sinks (0 keeps the authors' rule)."""
-
-    tau: float = 0.1
-    beta: float = 0.4
-    min_queries: int = 0
-
-    @property
-    def is_identity(self) -> bool:
-        return self.beta == 1.0
-
-
-@dataclass(frozen=True)
-class KeyEmphasis:
-    """PASTA: selected keys' probabilities times alpha, row renormalised (logit bias log alpha)."""
-
-    alpha: float = 0.01
-
-    @property
-    def is_identity(self) -> bool:
-        return self.alpha == 1.0
-
-
-@dataclass(frozen=True)
-class LogitRescale:
-    """PAINT: logits of selected keys s -> s + alpha * |s|."""
-
-    alpha: float = 0.7
-
-    @property
-    def is_identity(self) -> bool:
-        return self.alpha == 0.0
-
-
-@dataclass(frozen=True)
-class HeadOutputScale:
-    """Multiplies the head's attention output by scale."""
-
-    scale: float = 0.0
-
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0
-
-
-@dataclass(frozen=True)
-class IdentityBlend:
-    """SoftPAG: attention map (1 - weight) * A + weight * I, i.e. output (1-u) o_i + u v_i.
-    Self-attention only: I needs each query's own key."""
-
-    weight: float = 1.0
-
-    @property
-    def is_identity(self) -> bool:
-        return self.weight == 0.0
-
-
-@dataclass(frozen=True)
-class Temperature:
-    """Logits divided by temperature."""
-
-    temperature: float = 1.0
-
-    @property
-    def is_identity(self) -> bool:
-        return self.temperature == 1.0
-
-
-@dataclass(frozen=True)
-class KeyMask:
-    """Selected keys removed from attention; in self-attention a query always keeps its own key
-    (cross-attention has none: masking every key of a query is refused)."""
-
-    @property
-    def is_identity(self) -> bool:
-        return False
-
-
-Operation = (
-    SinkCalibration | KeyEmphasis | LogitRescale | HeadOutputScale | IdentityBlend | Temperature | KeyMask
+# The operations, importable from here with the rest of a plan's vocabulary.
+from attnserve.attention.operations import (  # noqa: F401
+    OPERATIONS,
+    HeadOutputScale,
+    IdentityBlend,
+    KeyEmphasis,
+    KeyMask,
+    LogitRescale,
+    Operation,
+    SinkCalibration,
+    Temperature,
 )
-
-#: Operation name (as in the API's OperationKind, lower case) -> class.
-OPERATIONS: Mapping[str, type] = {
-    "sink_calibration": SinkCalibration,
-    "key_emphasis": KeyEmphasis,
-    "logit_rescale": LogitRescale,
-    "head_output_scale": HeadOutputScale,
-    "identity_blend": IdentityBlend,
-    "temperature": Temperature,
-    "key_mask": KeyMask,
-}
-
-
-def operation_name(op: Operation) -> str:
-    """The API name of an operation ("key_emphasis", ...)."""
-    for name, cls in OPERATIONS.items():
-        if isinstance(op, cls):
-            return name
-    raise TypeError(f"not an operation: {op!r}")
-
 
 # --- Selection --------------------------------------------------------------------------------
 

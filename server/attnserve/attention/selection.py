@@ -7,10 +7,12 @@ modify them in place).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
-from attnserve.attention.plan import KeySet
+if TYPE_CHECKING:
+    from attnserve.attention.plan import KeySet
 
 
 @lru_cache(maxsize=4096)

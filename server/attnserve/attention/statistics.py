@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from attnserve.attention import kernels
-from attnserve.attention.interventions import EditedLogits
+from attnserve.attention.operations.base import EditedLogits
 from attnserve.attention.readout import LayerStatistics
 from attnserve.attention.row_attention import RowAttention
 

@@ -9,13 +9,16 @@ from http.server import HTTPServer
 
 import grpc
 import prometheus_client
+from attnserve_client.v1 import intervention_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from ..attention.plan import OPERATIONS
 from . import buckets
 
 FINISH_REASONS = ("eos", "length", "stop_string", "cancelled", "deadline", "error")
-INTERVENTION_OPERATIONS = tuple(OPERATIONS)
+#: The API's operations, in OperationKind order.
+INTERVENTION_OPERATIONS = tuple(
+    name.removeprefix("OPERATION_KIND_").lower() for name in intervention_pb2.OperationKind.keys()[1:]
+)
 
 _MODEL = ("model", "engine")
 

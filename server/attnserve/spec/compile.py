@@ -75,7 +75,7 @@ def compile_plan(
         if compiled is None or compiled[2].op.is_identity:
             continue
         placements, steps, scoped = compiled
-        applied.append(P.operation_name(scoped.op))
+        applied.append(scoped.op.name)
         for layer, heads in placements:
             layer_ops.setdefault(layer, []).append((steps, dataclasses.replace(scoped, heads=heads)))
 
@@ -103,7 +103,7 @@ def _compile_intervention(
         return None
     if kind not in ctx.supported_operations:
         raise Unsupported(_unsupported(f"{field}: operation {kind}", ctx))
-    op = _OPERATION_COMPILERS[kind](getattr(iv, kind), f"{field}.{kind}", violations)
+    op = _operation(kind, getattr(iv, kind), f"{field}.{kind}", violations)
 
     sel = iv.selector
     sfield = f"{field}.selector"
@@ -116,7 +116,7 @@ def _compile_intervention(
     else:  # a temperature acts on every logit; key operations default to the prompt's keys
         keys = _EVERY_KEY if kind == "temperature" else P.ALL_PROMPT_KEYS
     steps = _step_range(sel, sfield, violations)
-    if len(violations.items) > before or op is None:
+    if len(violations.items) > before:
         return None
     scoped = P.ScopedOp(op=op, keys=keys, last_query_only=sel.queries == intervention_pb2.QUERY_SCOPE_LAST)
     return placements, steps, scoped
@@ -212,53 +212,19 @@ def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violatio
 # --- Operation parameters ---------------------------------------------------------------------
 
 
-def _param(msg, name: str, default: float, field: str, violations: Violations) -> float:
-    operation = field.rsplit(".", 1)[-1]  # the field path ends in the operation's name
-    return ranged_value(msg, name, default, f"{operation}.{name}", field, violations)
-
-
-def _sink_calibration(msg, field, violations):
-    tau = _param(msg, "tau", 0.1, field, violations)
-    beta = _param(msg, "beta", 0.4, field, violations)
-    if msg.min_queries < 0:
-        violations.add(f"{field}.min_queries", f"must be >= 0 (got {msg.min_queries})")
-    return P.SinkCalibration(tau=tau, beta=beta, min_queries=msg.min_queries)
-
-
-def _key_emphasis(msg, field, violations):
-    return P.KeyEmphasis(_param(msg, "alpha", 0.01, field, violations))
-
-
-def _logit_rescale(msg, field, violations):
-    return P.LogitRescale(_param(msg, "alpha", 0.7, field, violations))
-
-
-def _head_output_scale(msg, field, violations):
-    return P.HeadOutputScale(_param(msg, "scale", 0.0, field, violations))
-
-
-def _identity_blend(msg, field, violations):
-    return P.IdentityBlend(_param(msg, "weight", 1.0, field, violations))
-
-
-def _temperature(msg, field, violations):
-    return P.Temperature(_param(msg, "temperature", 1.0, field, violations))
-
-
-def _key_mask(msg, field, violations):
-    return P.KeyMask()
-
-
-_OPERATION_COMPILERS = {
-    "sink_calibration": _sink_calibration,
-    "key_emphasis": _key_emphasis,
-    "logit_rescale": _logit_rescale,
-    "head_output_scale": _head_output_scale,
-    "identity_blend": _identity_blend,
-    "temperature": _temperature,
-    "key_mask": _key_mask,
-}
-assert set(_OPERATION_COMPILERS) == set(P.OPERATIONS)
+def _operation(kind: str, msg, field: str, violations: Violations) -> P.Operation:
+    """The operation's dataclass from its message: float parameters (unset: the dataclass
+    default) within their PARAMETER_RANGES entry "<kind>.<name>", integer ones >= 0."""
+    values = {}
+    for parameter in dataclasses.fields(P.OPERATIONS[kind]):
+        name = parameter.name
+        if parameter.type == "int":
+            values[name] = getattr(msg, name)
+            if values[name] < 0:
+                violations.add(f"{field}.{name}", f"must be >= 0 (got {values[name]})")
+        else:
+            values[name] = ranged_value(msg, name, parameter.default, f"{kind}.{name}", field, violations)
+    return P.OPERATIONS[kind](**values)
 
 
 # --- Readouts ---------------------------------------------------------------------------------

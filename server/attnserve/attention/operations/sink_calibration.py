@@ -1,0 +1,64 @@
+"""SinkCalibration (ACT): hidden attention sinks keep a share of their probability."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnserve.attention.operations.base import EditedLogits, Operation, Scope, Stage
+from attnserve.attention.row_attention import RowAttention
+
+
+@dataclass(frozen=True)
+class SinkCalibration(Operation):
+    """ACT: hidden sinks (token 0 excluded, on every layout) keep beta of their probability; the
+    removed mass goes back to the other keys in proportion. A key is a sink when its mean
+    probability over the queries that see it exceeds tau; keys seen by fewer than min_queries
+    queries are never sinks (0 keeps the authors' rule)."""
+
+    name = "sink_calibration"
+    stage = Stage.PROBABILITIES
+
+    tau: float = 0.1
+    beta: float = 0.4
+    min_queries: int = 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.beta == 1.0
+
+    def edit_probabilities(
+        self, edited: EditedLogits, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
+    ) -> None:
+        """Sinks (positions >= 1 in the scope's keys) have a mean probability > tau over the query
+        rows that see them. A row with sink mass m keeps beta * p on sinks and scales the other
+        keys by (1 - beta m) / (1 - m): a reweighting, so (docs/attention-math.md#identity-b)
+        exactly the logit bias log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then
+        gives the output; this avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose
+        subtraction loses float32 precision by a factor 1 / (1 - m) when the sinks hold almost
+        all the mass."""
+        heads = scope.head_indices(row.num_heads)
+        p = probs[slot[heads]]
+        seen_by = row.queries_per_key
+        column_mean = p.sum(dim=1) / seen_by.clamp(min=1)
+        eligible = scope.keys & (row.key_positions >= 1) & (seen_by > 0)
+        if self.min_queries > 0:
+            eligible &= seen_by >= self.min_queries
+        sinks = (column_mean > self.tau) & eligible[None, :]  # (h, n)
+        if not bool(sinks.any()):
+            return
+        mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)
+        # 1 - m summed directly: it would lose all precision to cancellation as m -> 1.
+        rest = (p * ~sinks[:, None, :]).sum(dim=-1)
+        # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
+        changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
+        hand_back = torch.where(changed, (1 - self.beta * mass) / rest, 1.0)
+        sink_factor = torch.where(changed, torch.full_like(mass, self.beta), 1.0)
+        probs[slot[heads]] = torch.where(
+            sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
+        )
+        sink_bias = torch.log(sink_factor / hand_back)  # 0 on unchanged rows, -inf when beta = 0
+        bias = edited.bias.expand(row.num_heads, -1, -1).clone()
+        bias[heads] = torch.where(sinks[:, None, :], bias[heads] + sink_bias[:, :, None], bias[heads])
+        edited.bias = bias
