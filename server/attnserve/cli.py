@@ -129,6 +129,20 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bootstrap.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 32,
     bootstrap_resamples: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help="k-fold cross-validation of the search with this many folds; 0: one held-out split. "
+            "Default: 5 folds for files of 10-199 examples without a split field, else one split."
+        ),
+    ] = None,
+    write_anyway: Annotated[
+        bool,
+        typer.Option(
+            help="Write the preset even when the held-out evidence does not support it (the provenance "
+            "records that it did not pass the gate)."
+        ),
+    ] = False,
 ) -> None:
     """Choose the layers and heads a method acts on from labelled examples; write a preset file."""
     from .calibration.command import CalibrationRequest, run_calibration
@@ -153,6 +167,8 @@ def calibrate(
         seed=seed,
         batch_size=batch_size,
         bootstrap_resamples=bootstrap_resamples,
+        write_anyway=write_anyway,
+        folds=folds,
     )
     raise typer.Exit(run_calibration(request))
 

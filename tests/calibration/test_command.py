@@ -6,6 +6,8 @@ import json
 
 import pytest
 import yaml
+from attnserve.calibration.command import AUTO_FOLDS, CalibrationRequest, UsageError, folds_of
+from attnserve.calibration.data import LabelledExample
 from attnserve.cli import app
 from typer.testing import CliRunner
 
@@ -44,3 +46,36 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, config, lines, options
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "p.yaml").exists()
+
+
+def examples(count: int, split: str | None = None) -> list[LabelledExample]:
+    return [LabelledExample(i + 1, "2 + 2 =", None, (" 4", " 5"), 0, split) for i in range(count)]
+
+
+def request(folds: int | None) -> CalibrationRequest:
+    fields = {name: None for name in CalibrationRequest.__dataclass_fields__}
+    return CalibrationRequest(**{**fields, "folds": folds})
+
+
+@pytest.mark.parametrize(
+    ("count", "split", "folds", "expected"),
+    [
+        (24, None, None, AUTO_FOLDS),  # small and unsplit: cross-validated by default
+        (9, None, None, 0),  # too few for 5 folds: one split
+        (200, None, None, 0),  # large: one split is enough
+        (24, "calibration", None, 0),  # the file's split is kept
+        (24, None, 0, 0),
+        (24, None, 3, 3),
+    ],
+)
+def test_folds_default_to_cross_validation_on_small_unsplit_data(count, split, folds, expected):
+    assert folds_of(request(folds), examples(count, split)) == expected
+
+
+@pytest.mark.parametrize(
+    ("split", "folds", "message"),
+    [(None, 1, "or 2 or more folds"), ("validation", 3, "split field fixes")],
+)
+def test_bad_folds(split, folds, message):
+    with pytest.raises(UsageError, match=message):
+        folds_of(request(folds), examples(24, split))

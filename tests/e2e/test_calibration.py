@@ -75,6 +75,8 @@ def test_preset_file_records_method_heads_and_effect(calibrated):
     ):
         assert provenance[key]
     assert float(provenance["calibration.margin_after"]) > float(provenance["calibration.margin_before"])
+    # Written without --write-anyway, so it passed the held-out gate (and says so).
+    assert provenance["validation.gate"].startswith("passed")
     assert "held-out margin" in preset["description"]
 
 

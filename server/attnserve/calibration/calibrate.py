@@ -1,8 +1,9 @@
-"""A calibration run: search on the calibration split, measure on both, say what changed.
+"""A calibration run: search, measure held out, say what changed.
 
 Method variants (e.g. sink calibration with and without the min_queries guard) are each searched;
-the variant whose chosen head set scores best on the calibration split wins, and the validation
-split, never seen by the search, gives the reported effect.
+the variant whose chosen head set scores best on the searched examples wins. The held-out effect
+comes from a validation split never seen by the search (calibrate), or from k-fold
+cross-validation of the whole search (cross_validate).
 """
 
 from __future__ import annotations
@@ -56,13 +57,17 @@ class VariantResult:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    #: Every method variant searched, in the order given.
+    #: Every method variant searched (on the calibration split, or on all data with folds).
     variants: tuple[VariantResult, ...]
     #: The winning variant.
     chosen: VariantResult
+    #: Held-out margins before and after: the validation split's, or with folds each example's
+    #: from the fold that held it out (every example once, in data order).
     validation_before: SplitMetrics
     validation_after: SplitMetrics
     change: Change
+    #: With k-fold cross-validation: the head set each fold's search chose, in fold order.
+    fold_head_sets: tuple[HeadSet, ...] = ()
 
     @property
     def head_set(self) -> HeadSet:
@@ -94,32 +99,108 @@ def calibrate(
     seed: int,
     on_progress: ProgressCallback | None = None,
 ) -> CalibrationResult:
+    """Search on the calibration split; the validation split, never seen by the search, gives
+    the held-out effect."""
     shortest_prompt = min(len(e.prompt_ids) for e in (*calibration, *validation))
-    units = (
-        layer_units(settings.layers)
-        if settings.unit == "layer"
-        else head_units(settings.layers, geometry.num_heads)
-    )
-    strategy = greedy if settings.strategy == "greedy" else sweep
-
-    variants = []
-    for method in methods:
-        compiler = PlanCompiler(method, geometry, shortest_prompt)
-        label = _method_label(method) if len(methods) > 1 else ""
-
-        def evaluate(description: str, head_sets: Sequence[HeadSet], compiler=compiler, label=label):
-            description = f"{label}{description}"
-            return scorer.evaluate(compiler.plans(head_sets), calibration, _round(on_progress, description))
-
-        variants.append(VariantResult(method, strategy(units, settings.budget, evaluate)))
-    chosen = max(variants, key=lambda v: v.search.chosen.metrics.objective)
-
-    plan = PlanCompiler(chosen.method, geometry, shortest_prompt).plan(chosen.search.chosen.head_set)
-    before, after = scorer.evaluate(
-        [EMPTY_PLAN, plan], validation, _round(on_progress, "validation: unmodified and chosen")
-    )
+    search = _Search(scorer, geometry, methods, settings, shortest_prompt, on_progress)
+    variants, chosen = search.run(calibration)
+    before, after = search.held_out(chosen, validation, "validation: unmodified and chosen")
     change = margin_change(before, after, resamples=bootstrap_resamples, seed=seed)
-    return CalibrationResult(tuple(variants), chosen, before, after, change)
+    return CalibrationResult(variants, chosen, before, after, change)
+
+
+def cross_validate(
+    scorer: Scorer,
+    geometry: ModelGeometry,
+    methods: Sequence[Method],
+    examples: Sequence[TokenizedExample],
+    folds: Sequence[Sequence[int]],
+    settings: SearchSettings,
+    *,
+    bootstrap_resamples: int,
+    seed: int,
+    on_progress: ProgressCallback | None = None,
+) -> CalibrationResult:
+    """k-fold cross-validation of the whole search: for each fold the search runs on the other
+    folds and the head set it chooses is measured on the held-out fold; the held-out margins are
+    pooled (each example once). The final head set is chosen by a search on all the data, and its
+    estimate is the pooled one: that of the procedure that chose it."""
+    shortest_prompt = min(len(e.prompt_ids) for e in examples)
+    search = _Search(scorer, geometry, methods, settings, shortest_prompt, on_progress)
+    before: list[float] = [0.0] * len(examples)
+    after: list[float] = [0.0] * len(examples)
+    fold_head_sets = []
+    for f, held in enumerate(folds):
+        label = f"fold {f + 1}/{len(folds)}: "
+        held_set = set(held)
+        _, chosen = search.run([e for i, e in enumerate(examples) if i not in held_set], label)
+        fold_head_sets.append(chosen.search.chosen.head_set)
+        fold_before, fold_after = search.held_out(
+            chosen, [examples[i] for i in held], f"{label}held out, unmodified and chosen"
+        )
+        for i, margin_before, margin_after in zip(held, fold_before.margins, fold_after.margins, strict=True):
+            before[i], after[i] = margin_before, margin_after
+    variants, chosen = search.run(examples, "all data: ")
+    pooled_before, pooled_after = SplitMetrics(tuple(before)), SplitMetrics(tuple(after))
+    change = margin_change(pooled_before, pooled_after, resamples=bootstrap_resamples, seed=seed)
+    return CalibrationResult(variants, chosen, pooled_before, pooled_after, change, tuple(fold_head_sets))
+
+
+class _Search:
+    """Runs the settings' search for every method variant on given examples, and measures a
+    chosen variant on held-out examples."""
+
+    def __init__(self, scorer, geometry, methods, settings, shortest_prompt, on_progress):
+        self._scorer = scorer
+        self._methods = methods
+        self._on_progress = on_progress
+        self._compilers = [PlanCompiler(method, geometry, shortest_prompt) for method in methods]
+        self._units = (
+            layer_units(settings.layers)
+            if settings.unit == "layer"
+            else head_units(settings.layers, geometry.num_heads)
+        )
+        self._strategy = greedy if settings.strategy == "greedy" else sweep
+        self._budget = settings.budget
+
+    def run(
+        self, examples: Sequence[TokenizedExample], label: str = ""
+    ) -> tuple[tuple[VariantResult, ...], VariantResult]:
+        """Every variant's search on the examples, and the variant whose choice scores best."""
+        variants = []
+        for method, compiler in zip(self._methods, self._compilers):
+            prefix = label + (_method_label(method) if len(self._methods) > 1 else "")
+
+            def evaluate(description: str, head_sets: Sequence[HeadSet], compiler=compiler, prefix=prefix):
+                progress = _round(self._on_progress, f"{prefix}{description}")
+                return self._scorer.evaluate(compiler.plans(head_sets), examples, progress)
+
+            variants.append(VariantResult(method, self._strategy(self._units, self._budget, evaluate)))
+        return tuple(variants), max(variants, key=lambda v: v.search.chosen.metrics.objective)
+
+    def held_out(
+        self, chosen: VariantResult, examples: Sequence[TokenizedExample], description: str
+    ) -> tuple[SplitMetrics, SplitMetrics]:
+        """The unmodified model's and the chosen head set's metrics on the examples."""
+        compiler = self._compilers[self._methods.index(chosen.method)]
+        plan = compiler.plan(chosen.search.chosen.head_set)
+        before, after = self._scorer.evaluate(
+            [EMPTY_PLAN, plan], examples, _round(self._on_progress, description)
+        )
+        return before, after
+
+
+def fold_agreement(result: CalibrationResult) -> str:
+    """How often the folds chose what the search on all data chose: the exact set, and each of
+    its layers (or heads)."""
+    folds = result.fold_head_sets
+    same = sum(head_set == result.head_set for head_set in folds)
+    units = sorted(result.head_set, key=lambda unit: (unit[0], -1 if unit[1] is None else unit[1]))
+    per_unit = ", ".join(
+        f"{describe_head_set(frozenset([unit]))} in {sum(unit in head_set for head_set in folds)}/{len(folds)}"
+        for unit in units
+    )
+    return f"{same}/{len(folds)} folds chose the same set" + (f"; {per_unit}" if per_unit else "")
 
 
 def _round(on_progress: ProgressCallback | None, description: str):
@@ -136,14 +217,17 @@ def summary(result: CalibrationResult) -> str:
     """One paragraph: what was chosen and the held-out effect, plainly."""
     change = result.change
     method = result.chosen.method
-    return (
+    text = (
         f"{method.operation} {json.dumps(dict(method.parameters))} on "
         f"{describe_head_set(result.head_set)}: held-out margin {result.validation_before.mean_margin:+.4f} -> "
         f"{result.validation_after.mean_margin:+.4f} (change {change.mean:+.4f}, 95% CI "
         f"[{change.low:+.4f}, {change.high:+.4f}]), accuracy {result.validation_before.accuracy:.3f} -> "
         f"{result.validation_after.accuracy:.3f}, {change.turned_wrong} turned wrong, "
-        f"{change.turned_right} turned right; {change.verdict}."
+        f"{change.turned_right} turned right; {change.verdict}; held-out gate {change.gate}."
     )
+    if result.fold_head_sets:
+        text += f" {len(result.fold_head_sets)}-fold cross-validation: {fold_agreement(result)}."
+    return text
 
 
 def provenance(result: CalibrationResult, context: dict[str, str]) -> dict[str, str]:
@@ -173,4 +257,8 @@ def provenance(result: CalibrationResult, context: dict[str, str]) -> dict[str, 
     out["validation.turned_wrong"] = str(change.turned_wrong)
     out["validation.turned_right"] = str(change.turned_right)
     out["validation.verdict"] = change.verdict
+    out["validation.gate"] = change.gate
+    if result.fold_head_sets:
+        out["folds.head_sets"] = "; ".join(describe_head_set(head_set) for head_set in result.fold_head_sets)
+        out["folds.agreement"] = fold_agreement(result)
     return out

@@ -1,7 +1,9 @@
 """`attnserve calibrate`: load the model and data, search with a progress display, write the preset.
 
-Exit status: 0 preset written, 1 no head set beat the unmodified model (nothing written),
-2 bad config, data or options.
+Exit status: 0 preset written; 1 nothing written, because no head set beat the unmodified model
+on the calibration split or because the held-out evidence does not support the chosen one (the
+gate, calibration/report.py Change.passes_gate; --write-anyway writes it all the same and
+records that it did not pass); 2 bad config, data or options.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +19,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..spec.errors import InvalidRequest
-from .calibrate import SearchSettings, calibrate, provenance, summary
-from .data import DataError, directory_sha256, file_sha256, load_examples, split_examples
+from .calibrate import SearchSettings, calibrate, cross_validate, provenance, summary
+from .data import (
+    DataError,
+    LabelledExample,
+    directory_sha256,
+    file_sha256,
+    fold_indices,
+    load_examples,
+    split_examples,
+)
 from .method import Method, describe_head_set
 from .objective import Scorer, tokenize
 from .report import write_preset
@@ -49,6 +60,18 @@ class CalibrationRequest:
     seed: int
     batch_size: int
     bootstrap_resamples: int
+    #: Write the preset even when it does not pass the held-out gate.
+    write_anyway: bool = False
+    #: k-fold cross-validation with this many folds; 0 one held-out split; None chooses
+    #: (AUTO_FOLDS for small files without a split field).
+    folds: int | None = None
+
+
+#: Without --folds, files of MIN..MAX examples and no split field are cross-validated with
+#: AUTO_FOLDS folds: a single split of a small set is a noisy judge, a large one is enough.
+AUTO_FOLDS = 5
+AUTO_FOLDS_MIN_EXAMPLES = 10
+AUTO_FOLDS_MAX_EXAMPLES = 200
 
 
 class UsageError(ValueError):
@@ -75,6 +98,21 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
                 )
             layers.add(layer)
     return tuple(sorted(layers))
+
+
+def folds_of(request: CalibrationRequest, examples: Sequence[LabelledExample]) -> int:
+    """The number of folds to cross-validate with; 0 for one held-out split."""
+    has_split = examples[0].split is not None
+    if request.folds is None:
+        small = AUTO_FOLDS_MIN_EXAMPLES <= len(examples) < AUTO_FOLDS_MAX_EXAMPLES
+        return AUTO_FOLDS if small and not has_split else 0
+    if request.folds == 1 or request.folds < 0:
+        raise UsageError("--folds: use 0 (one held-out split) or 2 or more folds")
+    if request.folds and has_split:
+        raise UsageError(
+            "--folds: the data file's split field fixes the held-out examples; remove it to cross-validate"
+        )
+    return request.folds
 
 
 def methods_of(request: CalibrationRequest) -> list[Method]:
@@ -129,7 +167,13 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         raise UsageError(f"config error: {err}") from None
     methods = methods_of(request)
     examples = load_examples(request.data)
-    split = split_examples(examples, request.validation_fraction, request.seed)
+    num_folds = folds_of(request, examples)
+    if num_folds:
+        folds = fold_indices(len(examples), num_folds, request.seed)
+        held_out = f"{num_folds}-fold cross-validation, seed {request.seed}"
+    else:
+        split = split_examples(examples, request.validation_fraction, request.seed)
+        held_out = split.description
 
     console.print(f"loading {name} from {model_path}")
     tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
@@ -140,13 +184,12 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         budget=request.budget,
         greedy_unit=request.greedy_unit,
     )
-    calibration_set = tokenize(split.calibration, tokenizer)
-    validation_set = tokenize(split.validation, tokenizer)
     scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
-    console.print(
-        f"{len(calibration_set)} calibration and {len(validation_set)} validation examples; "
-        f"search: {settings.describe()}; batch size {request.batch_size}"
-    )
+    if num_folds:
+        data = f"{len(examples)} examples, {held_out}"
+    else:
+        data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
+    console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
 
     started = time.monotonic()
     with Progress(
@@ -164,30 +207,44 @@ def _run(request: CalibrationRequest, console: Console) -> int:
                 tasks[description] = progress.add_task(description, total=total)
             progress.update(tasks[description], completed=done)
 
-        result = calibrate(
-            scorer,
-            geometry,
-            methods,
-            calibration_set,
-            validation_set,
-            settings,
-            bootstrap_resamples=request.bootstrap_resamples,
-            seed=request.seed,
-            on_progress=on_progress,
-        )
+        options = {
+            "bootstrap_resamples": request.bootstrap_resamples,
+            "seed": request.seed,
+            "on_progress": on_progress,
+        }
+        if num_folds:
+            result = cross_validate(
+                scorer, geometry, methods, tokenize(examples, tokenizer), folds, settings, **options
+            )
+        else:
+            calibration_set = tokenize(split.calibration, tokenizer)
+            validation_set = tokenize(split.validation, tokenizer)
+            result = calibrate(
+                scorer, geometry, methods, calibration_set, validation_set, settings, **options
+            )
     seconds = time.monotonic() - started
 
     for variant in result.variants:
         chosen = variant.search.chosen
         console.print(
-            f"{json.dumps(dict(variant.method.parameters))}: best on calibration "
+            f"{json.dumps(dict(variant.method.parameters))}: best on {'all data' if num_folds else 'calibration'} "
             f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
             f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
             highlight=False,
         )
     if not result.found:
         console.print(
-            "No head set beat the unmodified model on the calibration split; no preset written.",
+            "No head set beat the unmodified model on the examples searched; no preset written.",
+            highlight=False,
+        )
+        return 1
+
+    description = summary(result)
+    print(description)
+    if not result.change.passes_gate and not request.write_anyway:
+        console.print(
+            f"The held-out evidence does not support this head set ({result.change.gate}); no preset "
+            "written. More examples narrow the interval; --write-anyway writes it all the same.",
             highlight=False,
         )
         return 1
@@ -197,19 +254,18 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         "model_files_sha256": directory_sha256(model_path),
         "data_file": str(request.data),
         "data_sha256": file_sha256(request.data),
-        "split": split.description,
+        "split": held_out,
         "seed": str(request.seed),
         "search": settings.describe(),
         "batch_size": str(request.batch_size),
         "search_seconds": f"{seconds:.1f}",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    description = summary(result)
     method = result.chosen.method
-    write_preset(
-        request.output, description, [method.intervention(result.head_set)], provenance(result, context)
-    )
-    print(description)
+    recorded = provenance(result, context)
+    if not result.change.passes_gate:
+        recorded["validation.gate"] += " (written with --write-anyway)"
+    write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
     console.print(
         f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
         f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",

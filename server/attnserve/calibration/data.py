@@ -135,6 +135,15 @@ def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def fold_indices(num_examples: int, folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """k folds of example indices: a seeded shuffle dealt round-robin (sizes differ by at most 1)."""
+    if not 2 <= folds <= num_examples:
+        raise DataError(f"{folds}-fold cross-validation needs 2 <= folds <= examples ({num_examples})")
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)
+    return tuple(tuple(sorted(order[f::folds])) for f in range(folds))
+
+
 def split_examples(examples: Sequence[LabelledExample], validation_fraction: float, seed: int) -> Split:
     """The file's own split when its lines carry one; otherwise a seeded shuffle puts
     round(validation_fraction * n) examples in validation."""

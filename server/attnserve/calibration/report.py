@@ -30,6 +30,29 @@ class Change:
         return self.low <= 0.0 <= self.high
 
     @property
+    def passes_gate(self) -> bool:
+        """The held-out evidence supports the preset: the margin change's 95% interval lies above
+        0 and no more held-out items turned wrong than turned right."""
+        return self.low > 0.0 and self.turned_wrong <= self.turned_right
+
+    @property
+    def gate(self) -> str:
+        """Whether the change passes the gate, and why not when it does not."""
+        if self.passes_gate:
+            return (
+                "passed: the 95% interval of the held-out margin change lies above 0 and no more "
+                "items turned wrong than right"
+            )
+        reasons = []
+        if self.low <= 0.0:
+            reasons.append(f"the 95% interval of the held-out margin change reaches {self.low:+.4f}")
+        if self.turned_wrong > self.turned_right:
+            reasons.append(
+                f"{self.turned_wrong} held-out items turned wrong and only {self.turned_right} right"
+            )
+        return "not passed: " + "; ".join(reasons)
+
+    @property
     def verdict(self) -> str:
         if self.within_noise:
             return "within noise: the 95% interval of the held-out margin change contains 0"
