@@ -78,7 +78,7 @@ def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: Server
 
 #: Engine name in config -> what it serves and how it is built.
 ENGINES: dict[str, EngineEntry] = {
-    "transformers": EngineEntry(model_kinds=("llm",), build=_transformers_engine),
+    "transformers": EngineEntry(model_kinds=("llm", "vlm"), build=_transformers_engine),
     "vllm": EngineEntry(model_kinds=("llm",), build=_vllm_engine),
 }
 
