@@ -149,3 +149,45 @@ async def test_score_with_an_image_matches_a_plain_forward(served, tiny_llava_pa
         n = len(score_request.prompt_token_ids)
         expected = sum(float(logits[n - 1 + i, t]) for i, t in enumerate(candidate))
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+def paint_preset(alpha: float, beta: float):
+    """PAINT as a preset: the authors' rescale on local and summary image tokens, the last
+    query row, language model layers 2..N-1."""
+    from attnserve.models.registry import preset_proto
+
+    def rescale(part: str, value: float) -> dict:
+        return {
+            "layers": [2, 3],
+            "queries": "last",
+            "keys": {"image_tokens": {"tokens": part}},
+            "logit_rescale": {"alpha": value},
+        }
+
+    return preset_proto("paint", "PAINT", [rescale("paint_local", alpha), rescale("paint_summary", beta)], {})
+
+
+async def test_paint_with_the_authors_defaults_in_a_mixed_batch(served):
+    import dataclasses
+
+    painted = dataclasses.replace(served, presets={"paint": paint_preset(0.7, 0.3)})
+    spec = ipb.InterventionSpec(presets=["paint"])
+
+    async def run(model, question, colour, interventions=None):
+        request = pb.GenerateRequest(
+            model=model.name,
+            chat=chat(question, colour),
+            sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True),
+            interventions=interventions,
+        )
+        return [out.token_id async for out in model.engine.generate(to_engine_request(request, model))]
+
+    cases = [(q, c) for q in QUESTIONS for c in COLOURS]
+    solo_plain = [await run(served, q, c) for q, c in cases]
+    solo_painted = [await run(painted, q, c, spec) for q, c in cases]
+    mixed = await asyncio.gather(
+        *(run(served, q, c) for q, c in cases), *(run(painted, q, c, spec) for q, c in cases)
+    )
+    assert mixed[: len(cases)] == solo_plain  # plain rows beside painted ones are untouched
+    assert mixed[len(cases) :] == solo_painted
+    assert solo_painted != solo_plain
