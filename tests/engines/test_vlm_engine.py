@@ -191,3 +191,42 @@ async def test_paint_with_the_authors_defaults_in_a_mixed_batch(served):
     assert mixed[: len(cases)] == solo_plain  # plain rows beside painted ones are untouched
     assert mixed[len(cases) :] == solo_painted
     assert solo_painted != solo_plain
+
+
+async def test_image_attention_maps_are_the_rows_image_columns(served):
+    from attnserve.readouts import READOUTS
+    from attnserve_client.v1 import readout_pb2 as rpb
+
+    async def run(interventions=()):
+        request = pb.GenerateRequest(
+            model=served.name,
+            chat=chat(QUESTIONS[0], "red", "blue"),
+            sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+            interventions=ipb.InterventionSpec(interventions=list(interventions)),
+            readouts=rpb.ReadoutSpec(
+                image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True),
+                attention_rows=rpb.AttentionRowsSpec(layers=[1, 3], steps=[0, 1, 2]),
+            ),
+        )
+        engine_request = to_engine_request(request, served)
+        written = []
+        async for out in served.engine.generate(engine_request):
+            token = pb.GeneratedToken(index=out.index)
+            for name, state in out.step_readouts.items():
+                READOUTS[name].write_token(token, state)
+            written.append(token)
+        return engine_request.image_spans, written
+
+    spans, written = await run()
+    for token in written:
+        rows = {(r.layer, r.head): r.weights for r in token.attention_rows}
+        assert len(token.image_attention) == 2 * 2 * 2  # images x layers x heads
+        for m in token.image_attention:
+            start, end = spans[m.image]
+            assert m.grid_size == 8 and m.step == token.index
+            assert list(m.weights) == pytest.approx(list(rows[(m.layer, m.head)][start:end]), abs=1e-7)
+            assert sum(m.weights) > 0
+    # With the images' keys masked out, the maps read the final map: no attention on the images.
+    mask = ipb.Intervention(selector=ipb.Selector(keys=image_keys()), key_mask=ipb.KeyMask())
+    _, masked = await run([mask])
+    assert all(max(m.weights) == 0 for token in masked for m in token.image_attention)

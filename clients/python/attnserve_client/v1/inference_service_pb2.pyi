@@ -360,6 +360,7 @@ class GeneratedToken(_message.Message):
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     ATTENTION_ROWS_FIELD_NUMBER: _builtins.int
+    IMAGE_ATTENTION_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index among generated tokens (0-based); token i comes from step i (step 0 = prefill)."""
     token_id: _builtins.int
@@ -375,6 +376,10 @@ class GeneratedToken(_message.Message):
     def attention_rows(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.AttentionRow]:
         """Attention rows asked for in ReadoutSpec.attention_rows for the step that produced this token."""
 
+    @_builtins.property
+    def image_attention(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.ImageAttentionMap]:
+        """Image attention maps asked for in ReadoutSpec.image_attention for this token's step."""
+
     def __init__(
         self,
         *,
@@ -384,10 +389,11 @@ class GeneratedToken(_message.Message):
         logprob: _builtins.float = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
         attention_rows: _abc.Iterable[_readout_pb2.AttentionRow] | None = ...,
+        image_attention: _abc.Iterable[_readout_pb2.ImageAttentionMap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "index", b"index", "logprob", b"logprob", "text", b"text", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "index", b"index", "logprob", b"logprob", "text", b"text", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

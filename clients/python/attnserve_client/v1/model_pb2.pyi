@@ -76,6 +76,7 @@ class _ReadoutKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadoutKi
     READOUT_KIND_LAYER_STATISTICS: _ReadoutKind.ValueType  # 1
     READOUT_KIND_ATTENTION_ROWS: _ReadoutKind.ValueType  # 2
     READOUT_KIND_SUMMARY: _ReadoutKind.ValueType  # 3
+    READOUT_KIND_IMAGE_ATTENTION: _ReadoutKind.ValueType  # 4
 
 class ReadoutKind(_ReadoutKind, metaclass=_ReadoutKindEnumTypeWrapper):
     """Attention readouts a request may ask for."""
@@ -84,6 +85,7 @@ READOUT_KIND_UNSPECIFIED: ReadoutKind.ValueType  # 0
 READOUT_KIND_LAYER_STATISTICS: ReadoutKind.ValueType  # 1
 READOUT_KIND_ATTENTION_ROWS: ReadoutKind.ValueType  # 2
 READOUT_KIND_SUMMARY: ReadoutKind.ValueType  # 3
+READOUT_KIND_IMAGE_ATTENTION: ReadoutKind.ValueType  # 4
 Global___ReadoutKind: _TypeAlias = ReadoutKind  # noqa: Y015
 
 class _ModelComponent:
