@@ -5,6 +5,7 @@ images to."""
 
 from __future__ import annotations
 
+import base64
 import io
 import zlib
 
@@ -188,3 +189,26 @@ def test_every_bad_image_gets_its_violation_and_the_server_stays_healthy(server,
     tokens, _ = run(stub, image_chat(png))
     assert len(tokens) == 6
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_grpcurl_sends_an_image_as_base64_json(server, image_files):
+    from .test_grpcurl import grpcurl
+
+    request = {
+        "model": "tiny-llava",
+        "chat": {
+            "messages": [
+                {
+                    "role": "user",
+                    "parts": [
+                        {"image": base64.b64encode(image_files["png"].read_bytes()).decode()},
+                        {"text": "what is in the image?"},
+                    ],
+                }
+            ]
+        },
+        "sampling": {"maxTokens": 4, "ignoreEos": True},
+    }
+    out = grpcurl(server["target"], "attnserve.v1.InferenceService/Generate", data=request)
+    assert out.returncode == 0, out.stderr
+    assert '"complete"' in out.stdout and '"image_tokens"' in out.stdout
