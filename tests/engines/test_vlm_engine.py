@@ -230,3 +230,39 @@ async def test_image_attention_maps_are_the_rows_image_columns(served):
     mask = ipb.Intervention(selector=ipb.Selector(keys=image_keys()), key_mask=ipb.KeyMask())
     _, masked = await run([mask])
     assert all(max(m.weights) == 0 for token in masked for m in token.image_attention)
+
+
+async def test_layer_statistics_report_the_image_mass(served):
+    from attnserve.readouts import READOUTS, ResponseContext
+    from attnserve_client.v1 import readout_pb2 as rpb
+
+    async def statistics(interventions=(), mass_ranges=()):
+        request = pb.GenerateRequest(
+            model=served.name,
+            chat=chat(QUESTIONS[0], "red", "blue"),
+            sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+            interventions=ipb.InterventionSpec(interventions=list(interventions)),
+            readouts=rpb.ReadoutSpec(layer_statistics=True, mass_ranges=list(mass_ranges)),
+        )
+        engine_request = to_engine_request(request, served)
+        outs = [out async for out in served.engine.generate(engine_request)]
+        complete = pb.GenerateComplete()
+        (settings,) = engine_request.plan.readouts
+        response = ResponseContext(engine_request.prompt_token_ids, served.engine.tokenizer)
+        READOUTS["layer_statistics"].write_complete(
+            complete, settings, outs[-1].readouts["layer_statistics"], response
+        )
+        return engine_request.image_spans, complete.layer_statistics
+
+    spans, layers = await statistics()
+    # The image mass is the mass on the image spans, as asked explicitly through mass_ranges.
+    _, explicit = await statistics(mass_ranges=[ipb.TokenRange(start=s, end=e) for s, e in spans])
+    for plain, asked in zip(layers, explicit):
+        assert plain.HasField("image_mass") and list(plain.range_mass) == []
+        assert 0 < plain.image_mass < 1
+        assert plain.image_mass == pytest.approx(sum(asked.range_mass), abs=1e-6)
+        assert asked.image_mass == pytest.approx(plain.image_mass, abs=1e-6)
+    mask = ipb.Intervention(selector=ipb.Selector(keys=image_keys()), key_mask=ipb.KeyMask())
+    _, masked = await statistics([mask])
+    # Masked image keys keep only the image tokens' own keys (a query keeps its own key).
+    assert all(m.image_mass < p.image_mass for m, p in zip(masked, layers))

@@ -19,4 +19,9 @@ READOUTS: Mapping[str, Readout] = {
     for readout in (LayerStatisticsReadout(), AttentionRows(), Summary(), ImageAttention())
 }
 
-__all__ = ["READOUTS", "CallSite", "Readout", "ResponseContext"]
+#: Readouts that read images: only vision-language models list them.
+IMAGE_READOUTS = frozenset({ImageAttention.name})
+#: What a text-only model offers.
+TEXT_READOUTS = frozenset(READOUTS) - IMAGE_READOUTS
+
+__all__ = ["IMAGE_READOUTS", "READOUTS", "TEXT_READOUTS", "CallSite", "Readout", "ResponseContext"]

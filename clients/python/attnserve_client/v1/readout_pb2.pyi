@@ -216,6 +216,7 @@ class LayerStatistics(_message.Message):
     HIDDEN_SINKS_FIELD_NUMBER: _builtins.int
     RANGE_MASS_FIELD_NUMBER: _builtins.int
     QUERY_COUNT_FIELD_NUMBER: _builtins.int
+    IMAGE_MASS_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     entropy: _builtins.float
     """Mean attention entropy of a query row, in nats."""
@@ -231,6 +232,10 @@ class LayerStatistics(_message.Message):
     """Mean number of hidden sinks per head (keys after token 0 with mean attention > 0.1)."""
     query_count: _builtins.int
     """Number of query rows (summed over steps) the means cover."""
+    image_mass: _builtins.float
+    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens); set
+    when the request carries images. Query rows before the first image count with mass 0.
+    """
     @_builtins.property
     def range_mass(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Mean attention mass on each of ReadoutSpec.mass_ranges, in order."""
@@ -246,19 +251,24 @@ class LayerStatistics(_message.Message):
         hidden_sinks: _builtins.float | None = ...,
         range_mass: _abc.Iterable[_builtins.float] | None = ...,
         query_count: _builtins.int = ...,
+        image_mass: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hidden_sinks: _TypeAlias = _typing.Literal["hidden_sinks"]  # noqa: Y015
     _WhichOneofArgType__hidden_sinks: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks"]  # noqa: Y015
+    _WhichOneofReturnType__image_mass: _TypeAlias = _typing.Literal["image_mass"]  # noqa: Y015
+    _WhichOneofArgType__image_mass: _TypeAlias = _typing.Literal["_image_mass", b"_image_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass: _TypeAlias = _typing.Literal["sink_mass"]  # noqa: Y015
     _WhichOneofArgType__sink_mass: _TypeAlias = _typing.Literal["_sink_mass", b"_sink_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass_first4: _TypeAlias = _typing.Literal["sink_mass_first4"]  # noqa: Y015
     _WhichOneofArgType__sink_mass_first4: _TypeAlias = _typing.Literal["_sink_mass_first4", b"_sink_mass_first4"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_sinks) -> _WhichOneofReturnType__hidden_sinks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_mass) -> _WhichOneofReturnType__image_mass | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sink_mass) -> _WhichOneofReturnType__sink_mass | None: ...
     @_typing.overload

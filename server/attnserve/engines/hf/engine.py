@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...attention.plan import OPERATIONS
-from ...readouts import READOUTS
+from ...readouts import READOUTS, TEXT_READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     CandidateScoring,
@@ -102,7 +102,7 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
             geometry=geometry,
             max_context_length=text_config.max_position_embeddings,
             supported_operations=frozenset(OPERATIONS),
-            supported_readouts=frozenset(READOUTS),
+            supported_readouts=frozenset(READOUTS) if tower else TEXT_READOUTS,
             input_modalities=frozenset({"text", "image"} if tower else {"text"}),
             vision=tower.info if tower else None,
         )

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ...attention.plan import OPERATIONS
 from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
-from ...readouts import READOUTS
+from ...readouts import TEXT_READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     Engine,
@@ -71,7 +71,7 @@ class VllmEngine(Engine, TextGeneration):
             geometry=geometry,
             max_context_length=settings.max_model_len or config.max_position_embeddings,
             supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
-            supported_readouts=frozenset() if refusal else frozenset(READOUTS),
+            supported_readouts=frozenset() if refusal else TEXT_READOUTS,
             unsupported_reason=refusal,
         )
         self._model_path = model_path
