@@ -5,7 +5,8 @@ A CLIP vision tower (32 px images, 4 px patches: 64 patch tokens and a CLS token
 linear-GELU projector and a Llama language model (4 layers, 2 query heads, 1 KV head, head size
 32: vLLM's CPU attention kernel accepts no head size under 32), with a byte-level BPE tokenizer
 that has an `<image>` special token and a chat template that places one `<image>` per image
-part. The weights are drawn with a wide initialisation (std 0.2, not 0.02) so that attention is
+part, saved in the llava-hf layout that both transformers and vLLM load. The weights are drawn
+with a wide initialisation (std 0.2, not 0.02) so that attention is
 peaked rather than uniform and the answer depends on the image.
 """
 
@@ -118,3 +119,19 @@ def build_tiny_llava(out_dir: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    _vision_tower_keys_as_vllm_expects(out_dir / "model.safetensors")
+
+
+def _vision_tower_keys_as_vllm_expects(weights: Path) -> None:
+    """transformers 5 saves the CLIP tower as `vision_tower.embeddings...`; vLLM's LLaVA loader
+    wants the llava-hf layout `vision_tower.vision_model.embeddings...`, which transformers
+    loads too: one directory serves both engines."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    prefix = "vision_tower."
+    renamed = {
+        f"{prefix}vision_model.{key[len(prefix) :]}" if key.startswith(prefix) else key: value
+        for key, value in state.items()
+    }
+    save_file(renamed, weights, metadata={"format": "pt"})
