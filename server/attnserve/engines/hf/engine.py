@@ -92,7 +92,7 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
             )
             self.tokenizer = processor.tokenizer
             tower = vision.VisionTower(model, processor, torch.device(device))
-            geometry = vision.language_model_geometry(model)
+            geometry = vision.language_model_geometry(model.config)
             text_config = model.config.text_config
         else:
             self.tokenizer, model = load_causal_lm(model_path, dtype=dtype, device=device)

@@ -91,8 +91,8 @@ def load_vision_language_model(model_path: Path, *, dtype, device: str):
     return processor, model
 
 
-def vision_info(model, processor) -> VisionInfo:
-    config = model.config
+def vision_info(config) -> VisionInfo:
+    """From a LLaVA-family config (the "default" feature strategy: one token per patch)."""
     vision = config.vision_config
     grid = vision.image_size // vision.patch_size
     return VisionInfo(
@@ -106,9 +106,9 @@ def vision_info(model, processor) -> VisionInfo:
     )
 
 
-def language_model_geometry(model) -> ModelGeometry:
-    """The language model's layers, named as they sit in the model."""
-    geometry = ModelGeometry.of_config(model.config.text_config)
+def language_model_geometry(config) -> ModelGeometry:
+    """The language model's layers, named as they sit in transformers' model."""
+    geometry = ModelGeometry.of_config(config.text_config)
     return ModelGeometry(
         tuple(
             dataclasses.replace(layer, name=f"model.language_model.layers.{layer.index}.self_attn")
@@ -124,7 +124,7 @@ class VisionTower:
         self._model = model
         self._image_processor = processor.image_processor
         self._device = device
-        self.info = vision_info(model, processor)
+        self.info = vision_info(model.config)
         if model.config.vision_feature_select_strategy != "default":
             raise ValueError("only LLaVA's 'default' feature strategy (CLS dropped) is supported")
 
