@@ -1,8 +1,8 @@
 """tiny-llava on the vLLM engine against the transformers engine: images through vLLM's own
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
-image attention maps equal to 1e-4. PAINT's selectors are refused (vLLM's vision tower is not
-hooked yet)."""
+image attention maps equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
+vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from attnserve.engines.hf.engine import TransformersEngine
 from attnserve.engines.vllm.engine import VllmEngine
 from attnserve.models.config import Limits, VllmSettings
 from attnserve.models.registry import ServedModel
-from attnserve.spec.errors import Unsupported
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import readout_pb2 as rpb
@@ -152,14 +151,3 @@ async def test_image_maps_equal_across_engines(vllm_run, transformers_run):
             assert a.maps.keys() == b.maps.keys() and a.maps
             for key in a.maps:
                 assert a.maps[key] == pytest.approx(b.maps[key], abs=1e-4)
-
-
-async def test_paint_selectors_are_refused_on_vllm(vllm_run):
-    paint = op(
-        selector=ipb.Selector(
-            keys=ipb.KeySelector(image_tokens=ipb.ImageTokens(tokens=ipb.VISUAL_TOKENS_PAINT_LOCAL))
-        ),
-        logit_rescale=ipb.LogitRescale(),
-    )
-    with pytest.raises(Unsupported, match="PAINT's tokens"):
-        to_engine_request(request(*PROMPTS[0], paint), vllm_run["served"])

@@ -106,9 +106,6 @@ class EngineInfo:
     input_modalities: frozenset[str] = frozenset({"text"})
     #: Set for vision-language models.
     vision: VisionInfo | None = None
-    #: Whether the engine reads the vision tower's attention to choose image tokens (PAINT's
-    #: local and summary selectors).
-    chooses_visual_tokens: bool = True
 
 
 class EngineError(RuntimeError):

@@ -10,6 +10,7 @@ carries an `attnserve_vision` VisionCapture, the CLS->patch attention of the lay
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,16 +34,27 @@ VISION_ATTN_IMPLEMENTATION = "attnserve_vision"
 
 
 class VisionCapture:
-    """Collects, per vision encoder layer asked for, the head-mean CLS->patch attention of each
-    image: (images, patches) float32."""
+    """Collects the head-mean CLS->patch attention of each image, (images, patches) float32, in
+    the vision encoder layers PAINT reads (the first and the penultimate)."""
 
-    def __init__(self, layers: Sequence[int]):
-        self.layers = frozenset(layers)
+    def __init__(self, num_layers: int):
+        self.layers = paint_layers(num_layers)
         self.cls_rows: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         if layer in self.layers:
             self.cls_rows[layer] = cls_patch_attention(query, key, scale)
+
+    def resolve(
+        self, plan: RequestPlan, image_spans: Sequence[tuple[int, int]], first_image: int
+    ) -> RequestPlan:
+        """plan with PAINT's tokens chosen for its images, images first_image.. of the capture."""
+        first, penultimate = (self.cls_rows[layer] for layer in self.layers)
+        chosen = [
+            paint_tokens(first[i], penultimate[i]) for i in range(first_image, first_image + len(image_spans))
+        ]
+        tokens = {"paint_local": [c[0] for c in chosen], "paint_summary": [c[1] for c in chosen]}
+        return resolve_visual_keys(plan, image_spans, tokens)
 
 
 def vision_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -151,17 +163,63 @@ def encode_batch(
     if tower is None:
         raise ValueError("images sent to a model without a vision tower")
     painting = [needs_visual_keys(plan) for plan in plans]
-    layers = paint_layers(tower.info.num_layers)
-    capture = VisionCapture(layers) if any(painting) else None
+    capture = VisionCapture(tower.info.num_layers) if any(painting) else None
     features = tower.encode(images, capture)
     first = 0
     for b, (row_images, spans, plan) in enumerate(rows):
         if painting[b]:
-            chosen = [
-                paint_tokens(capture.cls_rows[layers[0]][i], capture.cls_rows[layers[1]][i])
-                for i in range(first, first + len(row_images))
-            ]
-            tokens = {"paint_local": [c[0] for c in chosen], "paint_summary": [c[1] for c in chosen]}
-            plans[b] = resolve_visual_keys(plan, spans, tokens)
+            plans[b] = capture.resolve(plan, spans, first)
         first += len(row_images)
     return {"image": features}, plans
+
+
+class PaintTokenChooser:
+    """PAINT's token choice for an engine whose own vision tower attnserve does not hook (vLLM
+    runs the tower in its worker, through its own attention op): the model's CLIP tower loaded
+    on its own in transformers (weights `vision_tower.vision_model.*`), on the CPU, on first use.
+    It runs once per PAINT request, before the request is submitted; the engine's tower then
+    computes the same attention for the language model."""
+
+    PREFIX = "vision_tower.vision_model."
+
+    def __init__(self, model_path: Path, dtype: str):
+        self._model_path = model_path
+        self._dtype = getattr(torch, dtype)
+        self._loaded = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load_tower()
+            return self._loaded
+
+    def _load_tower(self):
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
+
+        register()
+        config = AutoConfig.from_pretrained(self._model_path, local_files_only=True).vision_config
+        config._attn_implementation = VISION_ATTN_IMPLEMENTATION
+        tower = CLIPVisionModel(config).eval().to(self._dtype)
+        state = {}
+        for file in sorted(self._model_path.glob("*.safetensors")):
+            with safe_open(file, "pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.startswith(self.PREFIX):
+                        state[key[len(self.PREFIX) :]] = weights.get_tensor(key)
+        tower.load_state_dict(state, strict=True)
+        for i, layer in enumerate(tower.encoder.layers):
+            layer.self_attn.attnserve_vision_layer = i
+        processor = AutoImageProcessor.from_pretrained(self._model_path, local_files_only=True)
+        return tower, processor
+
+    @torch.inference_mode()
+    def resolve(
+        self, plan: RequestPlan, images: Sequence, image_spans: Sequence[tuple[int, int]]
+    ) -> RequestPlan:
+        tower, processor = self._load()
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(self._dtype)
+        capture = VisionCapture(tower.config.num_hidden_layers)
+        tower(pixel_values=pixels, attnserve_vision=capture)
+        return capture.resolve(plan, image_spans, 0)

@@ -9,6 +9,8 @@ token is released once its step's readouts have arrived.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
+from ...attention.paint import needs_visual_keys
 from ...attention.plan import OPERATIONS
 from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
@@ -64,10 +67,12 @@ class VllmEngine(Engine, TextGeneration):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         vision = None
+        self._paint = None
         if hasattr(config, "vision_config"):
-            from ..hf.vision import language_model_geometry, vision_info
+            from ..hf.vision import PaintTokenChooser, language_model_geometry, vision_info
 
             vision = vision_info(config)
+            self._paint = PaintTokenChooser(model_path, dtype)
             geometry = language_model_geometry(config)
             config = config.text_config
         else:
@@ -85,8 +90,6 @@ class VllmEngine(Engine, TextGeneration):
             unsupported_reason=refusal,
             input_modalities=frozenset({"text", "image"} if vision else {"text"}),
             vision=vision,
-            # vLLM's vision tower runs its own attention op, not hooked yet: no PAINT tokens.
-            chooses_visual_tokens=False,
         )
         self._max_images = max_images
         self._model_path = model_path
@@ -184,6 +187,11 @@ class VllmEngine(Engine, TextGeneration):
             raise EngineDead(self.failure or "the vLLM engine is not running")
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        if needs_visual_keys(request.plan):  # PAINT's tokens, chosen before vLLM sees the request
+            plan = await asyncio.to_thread(
+                self._paint.resolve, request.plan, request.images, request.image_spans
+            )
+            request = dataclasses.replace(request, plan=plan)
         plan = request.plan
         reports = bool(plan.readouts)
         inbox = self._channel.register(key) if reports else None
