@@ -160,6 +160,15 @@ def test_every_bad_image_gets_its_violation_and_the_server_stays_healthy(server,
         (image_chat(b"this is a text file, not an image\n"), field.format(0), "is not a PNG, JPEG or WebP"),
         (image_chat(png, png, png), field.format(2), "more than 2 images in one request"),
         (image_chat(png, model="smollm2"), field.format(0), "takes text only"),
+        (pb.GenerateRequest(model="tiny-llava", prompt="look: <image>"), "prompt", "holds the image token"),
+        (
+            pb.GenerateRequest(
+                model="tiny-llava",
+                chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="an <image> written as text")]),
+            ),
+            "chat",
+            "placed 1 image tokens for 0 images",
+        ),
         (
             pb.GenerateRequest(
                 model="tiny-llava",
@@ -177,12 +186,16 @@ def test_every_bad_image_gets_its_violation_and_the_server_stays_healthy(server,
         violations = field_violations(caught.value)
         assert expected_field in violations, (expected_field, violations)
         assert message in violations[expected_field]
-        score = pb.ScoreRequest(
-            model=request.model, chat=request.chat, candidates=["yes"], interventions=request.interventions
-        )
+        # Score takes the same input and answers the same violation.
+        score = pb.ScoreRequest(model=request.model, candidates=["yes"], interventions=request.interventions)
+        if request.HasField("prompt"):
+            score.prompt = request.prompt
+        else:
+            score.chat.CopyFrom(request.chat)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Score(score)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in field_violations(caught.value)[expected_field]
     with grpc.insecure_channel(server["target"]) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING

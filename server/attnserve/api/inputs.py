@@ -195,7 +195,12 @@ def _prompt(
         if len(request.prompt) > 32 * model.limits.max_prompt_tokens:
             violations.add("prompt", "is far longer than the prompt token limit")
             return _Prompt([])
-        return _Prompt(prompt_token_ids(tokenizer, request.prompt))
+        ids = prompt_token_ids(tokenizer, request.prompt)
+        vision = model.engine.info.vision
+        if vision is not None and vision.image_token_id in ids:
+            violations.add("prompt", "holds the image token; send images as image parts of chat messages")
+            return _Prompt([])
+        return _Prompt(ids)
     messages = request.chat.messages
     if not messages:
         violations.add("chat.messages", "must hold at least one message")
