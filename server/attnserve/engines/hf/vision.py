@@ -3,8 +3,10 @@ images, its encoder's attention hooked to read the CLS query's rows.
 
 The language model's layers use the "attnserve" attention (attention.py) like any causal LM; the
 vision encoder's layers use "attnserve_vision": the engine's own SDPA, plus, when a forward
-carries an `attnserve_vision` VisionCapture, the CLS->patch attention of the layers it asks for
-(PAINT's token selection reads the first and the penultimate layer's).
+carries an `attnserve_vision` VisionCapture, the CLS->patch attention of the layers PAINT's
+token selection reads (the first and the penultimate). The vLLM engine, whose tower runs inside
+vLLM's worker, chooses PAINT's tokens with PaintTokenChooser: the same capture on the CLIP tower
+loaded on its own.
 """
 
 from __future__ import annotations
