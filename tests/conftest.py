@@ -12,3 +12,12 @@ def smollm2_path() -> pathlib.Path:
     from attnserve.models.builtin import ensure_builtin
 
     return ensure_builtin("smollm2-135m-instruct", REPO_ROOT / ".cache" / "test-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path() -> pathlib.Path:
+    """The built-in tiny-llava (seeded random weights built in code), built once into
+    <repo>/.cache/test-models (a few seconds) and reused."""
+    from attnserve.models.builtin import ensure_builtin
+
+    return ensure_builtin("tiny-llava", REPO_ROOT / ".cache" / "test-models")

@@ -154,8 +154,8 @@ def test_packaged_default_config():
         ({"models": [minimal_model(engine="diffusers")]}, "models[0].engine: 'diffusers' is not one of"),
         # Kinds no engine of this build serves fail when parsed, not when the model loads.
         (
-            {"models": [minimal_model(kind="vlm")]},
-            "models[0].kind: no engine in this build serves 'vlm' models (transformers serves llm;",
+            {"models": [minimal_model(kind="vlm", engine="vllm")]},
+            "models[0].engine: 'vllm' is not one of transformers for kind 'vlm'",
         ),
         ({"models": [minimal_model(kind="diffusion", engine="diffusers")]}, "models[0].kind: no engine"),
         ({"models": [minimal_model(dtype="int8")]}, "models[0].dtype: 'int8' is not one of"),
@@ -197,6 +197,14 @@ def test_errors_name_the_key(tmp_path, data, message):
     error = config_error(tmp_path, data)
     assert message in error
     assert str(tmp_path / "bad.yaml") in error
+
+
+def test_a_vlm_on_the_transformers_engine(tmp_path):
+    path = write(
+        tmp_path, "vlm.yaml", json.dumps({"models": [minimal_model(kind="vlm", builtin="tiny-llava")]})
+    )
+    model = load_config(path).models["m"]
+    assert (model.kind, model.engine, model.builtin) == ("vlm", "transformers", "tiny-llava")
 
 
 def test_unreadable_files(tmp_path):

@@ -14,6 +14,7 @@ from attnserve.attention.readout import LayerStatistics, RowReadout
 from attnserve.engines.readouts import RequestReadoutTotals, StepReadouts
 from attnserve.readouts import READOUTS, CallSite, ResponseContext
 from attnserve.readouts.attention_rows import AttentionRowsSettings
+from attnserve.readouts.image_attention import ImageAttentionSettings
 from attnserve.readouts.layer_statistics import LayerStatisticsSettings
 from attnserve.readouts.summary import SummarySettings
 from attnserve_client.v1 import inference_service_pb2 as pb
@@ -50,7 +51,8 @@ def call(layer: int, step: int, num_keys: int, seed: int) -> RowReadout:
 def test_every_readout_is_a_readout_spec_field_with_its_settings_name():
     fields = set(readout_pb2.ReadoutSpec.DESCRIPTOR.fields_by_name)
     assert set(READOUTS) <= fields
-    assert [settings.name for settings in PLAN.readouts] == list(READOUTS)
+    names = [settings.name for settings in (*PLAN.readouts, ImageAttentionSettings())]
+    assert names == list(READOUTS)
 
 
 def test_a_generation_accumulates_per_readout():

@@ -749,3 +749,49 @@ def test_summary_needs_rows_on_decode_steps_only():
     plan = P.RequestPlan(readouts=(SummarySettings(),))
     assert plan.for_call(3, 0) is None
     assert plan.for_call(3, 2).needs == ROWS
+
+
+# --- Image tokens -----------------------------------------------------------------------------
+
+IMAGE_SPANS = ((2, 6), (7, 11))
+
+
+def image_keys(*images: int, tokens=ipb.VISUAL_TOKENS_UNSPECIFIED, **keys) -> ipb.Intervention:
+    selector = ipb.Selector(
+        layers=[1], keys=ipb.KeySelector(image_tokens=ipb.ImageTokens(images=images, tokens=tokens), **keys)
+    )
+    return ipb.Intervention(selector=selector, key_mask=ipb.KeyMask())
+
+
+def test_image_tokens_become_the_images_prompt_ranges():
+    context = make_context(image_spans=IMAGE_SPANS)
+    assert single_op(compile_interventions(image_keys(), context=context)).keys == P.KeySet(
+        ranges=IMAGE_SPANS
+    )
+    assert single_op(compile_interventions(image_keys(1), context=context)).keys == P.KeySet(
+        ranges=((7, 11),)
+    )
+    # Joined with explicit ranges, then inverted as a whole.
+    joined = image_keys(0, ranges=[ipb.TokenRange(start=0, end=1)], invert=True)
+    assert single_op(compile_interventions(joined, context=context)).keys == P.KeySet(
+        ranges=((0, 1), (2, 6)), invert=True
+    )
+
+
+def test_paint_tokens_are_left_for_the_engine_to_choose():
+    context = make_context(image_spans=IMAGE_SPANS)
+    keys = single_op(
+        compile_interventions(image_keys(tokens=ipb.VISUAL_TOKENS_PAINT_SUMMARY), context=context)
+    ).keys
+    assert keys == P.KeySet(visual=P.VisualKeys(images=(0, 1), part="paint_summary"))
+
+
+def test_image_token_violations_name_the_field():
+    field = "interventions.interventions[0].selector.keys.image_tokens"
+    assert violation_fields([image_keys()]) == [field]  # the request has no images
+    context = make_context(image_spans=IMAGE_SPANS)
+    assert violation_fields([image_keys(0, 2, -1)], context=context) == [
+        f"{field}.images[1]",
+        f"{field}.images[2]",
+    ]
+    assert violation_fields([image_keys(tokens=9)], context=context) == [f"{field}.tokens"]

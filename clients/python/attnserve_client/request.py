@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -12,8 +14,12 @@ from attnserve_client.v1 import intervention_pb2, readout_pb2
 if TYPE_CHECKING:
     from typing import Unpack  # typing.Unpack needs Python 3.11
 
-# A chat message as a proto, a {"role": ..., "content": ...} dict or a (role, content) pair.
-Message = service_pb2.ChatMessage | Mapping[str, str] | tuple[str, str]
+# One part of a message's content: text (str), an encoded PNG/JPEG/WebP image (bytes, or the path
+# of an image file), or a {"text": ...} / {"image": bytes or path} dict.
+Part = str | bytes | os.PathLike | Mapping[str, Any]
+# A chat message as a proto, a {"role": ..., "content": ...} dict or a (role, content) pair;
+# content is text or a list of parts (images for vision-language models).
+Message = service_pb2.ChatMessage | Mapping[str, Any] | tuple[str, str | Sequence[Part]]
 Interventions = (
     intervention_pb2.InterventionSpec | Mapping[str, Any] | Iterable[intervention_pb2.Intervention]
 )
@@ -122,9 +128,33 @@ def _chat_message(message: Message) -> service_pb2.ChatMessage:
     if isinstance(message, service_pb2.ChatMessage):
         return message
     if isinstance(message, Mapping):
-        return service_pb2.ChatMessage(role=message["role"], content=message["content"])
-    role, content = message
-    return service_pb2.ChatMessage(role=role, content=content)
+        role, content = message["role"], message["content"]
+    else:
+        role, content = message
+    if isinstance(content, str):
+        return service_pb2.ChatMessage(role=role, content=content)
+    return service_pb2.ChatMessage(role=role, parts=[_content_part(part) for part in content])
+
+
+def _content_part(part: Part) -> service_pb2.ContentPart:
+    if isinstance(part, Mapping):
+        if set(part) == {"text"}:
+            return service_pb2.ContentPart(text=part["text"])
+        if set(part) == {"image"}:
+            return service_pb2.ContentPart(image=_image_bytes(part["image"]))
+        raise ValueError(f"a content part dict has exactly one key, text or image (got {sorted(part)})")
+    if isinstance(part, str):
+        return service_pb2.ContentPart(text=part)
+    return service_pb2.ContentPart(image=_image_bytes(part))
+
+
+def _image_bytes(image: bytes | os.PathLike) -> bytes:
+    """Encoded image bytes as given, or read from an image file (the server decodes them)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    if isinstance(image, os.PathLike):
+        return pathlib.Path(image).read_bytes()
+    raise TypeError(f"an image is encoded bytes or a file path, not {type(image).__name__}")
 
 
 def _intervention_spec(interventions: Interventions | None) -> intervention_pb2.InterventionSpec:

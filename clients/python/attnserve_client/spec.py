@@ -14,6 +14,10 @@ values may be short lower-case names (`queries: last`). For example:
         keys: {ranges: [[0, 5]], invert: true}
         key_emphasis: {alpha: 0.01}
         steps: [0, 4]
+      - layers: [2, 3]                           # PAINT on a vision-language model
+        queries: last
+        keys: {image_tokens: {tokens: paint_local}}
+        logit_rescale: {alpha: 0.7}
     readouts:
       layer_statistics: true
       attention_rows: {layers: [5], heads: [0], steps: [0]}
@@ -122,7 +126,13 @@ def _normalize_selector(selector: dict[str, Any], where: str) -> dict[str, Any]:
         keys = {"ranges": keys}
     if isinstance(keys, Mapping) and "ranges" in keys:
         ranges = [_token_range(r, f"{where}.keys.ranges[{i}]") for i, r in enumerate(keys["ranges"])]
-        selector["keys"] = {**keys, "ranges": ranges}
+        keys = selector["keys"] = {**keys, "ranges": ranges}
+    image_tokens = keys.get("image_tokens") if isinstance(keys, Mapping) else None
+    if isinstance(image_tokens, Mapping) and isinstance(image_tokens.get("tokens"), str):
+        tokens = image_tokens["tokens"].upper()  # paint_local -> VISUAL_TOKENS_PAINT_LOCAL
+        if not tokens.startswith("VISUAL_TOKENS_"):
+            tokens = "VISUAL_TOKENS_" + tokens
+        selector["keys"] = {**keys, "image_tokens": {**image_tokens, "tokens": tokens}}
     steps = selector.get("steps")
     if isinstance(steps, (list, tuple)):
         selector["steps"] = _pair_to_range(steps, f"{where}.steps", allow_open_end=True)

@@ -10,6 +10,7 @@ import time
 import grpc
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
+from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import (
     CandidateScoring,
@@ -255,6 +256,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             ),
             text=text,
             interventions_applied=len(engine_request.plan.applied_operations),
+            image_tokens=[intervention_pb2.TokenRange(start=s, end=e) for s, e in engine_request.image_spans],
         )
         results = out.readouts or {}
         response = ResponseContext(engine_request.prompt_token_ids, model.engine.tokenizer)

@@ -29,6 +29,17 @@ from attnserve.attention.operations import (  # noqa: F401
 
 
 @dataclass(frozen=True)
+class VisualKeys:
+    """Image tokens chosen from the vision tower's attention, known only once it has run:
+    the engine resolves them into KeySet.ranges before the prefill (attention/paint.py)."""
+
+    #: Image indices, in prompt order.
+    images: tuple[int, ...]
+    #: "paint_local" or "paint_summary".
+    part: str
+
+
+@dataclass(frozen=True)
 class KeySet:
     """Keys an operation acts on, as token positions of the request's own sequence.
 
@@ -40,6 +51,8 @@ class KeySet:
     ranges: tuple[tuple[int, int], ...] = ()
     invert: bool = False
     include_generated: bool = False
+    #: Image tokens still to be chosen by the engine; their positions will join ranges.
+    visual: VisualKeys | None = None
 
 
 ALL_PROMPT_KEYS = KeySet()

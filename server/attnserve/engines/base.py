@@ -33,6 +33,10 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingConfig = SamplingConfig()
     plan: RequestPlan = EMPTY_PLAN
+    #: Decoded RGB images (PIL), in prompt order; each one's tokens are at image_spans[i].
+    images: tuple[Any, ...] = ()
+    #: Half-open prompt positions [start, end) of each image's tokens.
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class ScoreRequest:
     #: Each candidate's tokens, at least one each.
     candidate_token_ids: tuple[tuple[int, ...], ...]
     plan: RequestPlan = EMPTY_PLAN
+    images: tuple[Any, ...] = ()
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -68,6 +74,25 @@ class TokenOutput:
 
 
 @dataclass(frozen=True)
+class VisionInfo:
+    """A vision-language model's vision tower, as the API layer needs it."""
+
+    #: The token standing for one image in the chat template's output.
+    image_token_id: int
+    #: Tokens one image becomes in the language model's prompt (the patches of its grid).
+    tokens_per_image: int
+    image_size: int
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """What the API layer needs to know about a loaded model."""
 
@@ -79,6 +104,8 @@ class EngineInfo:
     unsupported_reason: str | None = None
     #: What a request may carry besides its parameters ("text"; "image" once VLMs land).
     input_modalities: frozenset[str] = frozenset({"text"})
+    #: Set for vision-language models.
+    vision: VisionInfo | None = None
 
 
 class EngineError(RuntimeError):

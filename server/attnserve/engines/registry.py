@@ -73,13 +73,14 @@ def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: Server
         on_kv_cache_usage=lambda ratio: metrics.kv_cache_usage(model.name, model.engine, ratio),
         settings=model.vllm,
         cache_dir=config.cache_dir,
+        max_images=model.limits.max_images,
     )
 
 
 #: Engine name in config -> what it serves and how it is built.
 ENGINES: dict[str, EngineEntry] = {
-    "transformers": EngineEntry(model_kinds=("llm",), build=_transformers_engine),
-    "vllm": EngineEntry(model_kinds=("llm",), build=_vllm_engine),
+    "transformers": EngineEntry(model_kinds=("llm", "vlm"), build=_transformers_engine),
+    "vllm": EngineEntry(model_kinds=("llm", "vlm"), build=_vllm_engine),
 }
 
 

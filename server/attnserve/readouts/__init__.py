@@ -9,12 +9,19 @@ from collections.abc import Mapping
 
 from .attention_rows import AttentionRows
 from .base import CallSite, Readout, ResponseContext
+from .image_attention import ImageAttention
 from .layer_statistics import LayerStatisticsReadout
 from .summary import Summary
 
 #: Name (the ReadoutSpec field) -> readout, in the order they are compiled and written.
 READOUTS: Mapping[str, Readout] = {
-    readout.name: readout for readout in (LayerStatisticsReadout(), AttentionRows(), Summary())
+    readout.name: readout
+    for readout in (LayerStatisticsReadout(), AttentionRows(), Summary(), ImageAttention())
 }
 
-__all__ = ["READOUTS", "CallSite", "Readout", "ResponseContext"]
+#: Readouts that read images: only vision-language models list them.
+IMAGE_READOUTS = frozenset({ImageAttention.name})
+#: What a text-only model offers.
+TEXT_READOUTS = frozenset(READOUTS) - IMAGE_READOUTS
+
+__all__ = ["IMAGE_READOUTS", "READOUTS", "TEXT_READOUTS", "CallSite", "Readout", "ResponseContext"]

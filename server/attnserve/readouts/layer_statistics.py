@@ -29,9 +29,11 @@ class LayerStatisticsSettings:
     name: ClassVar[str] = "layer_statistics"
     #: Half-open prompt ranges whose attention mass is reported.
     mass_ranges: tuple[tuple[int, int], ...] = ()
+    #: Each image's tokens: their mass is measured after mass_ranges and reported as image_mass.
+    image_spans: tuple[tuple[int, int], ...] = ()
 
     def needs(self, layer: int, step: int) -> ReadoutNeeds:
-        return ReadoutNeeds(statistics=True, mass_ranges=self.mass_ranges)
+        return ReadoutNeeds(statistics=True, mass_ranges=self.mass_ranges + self.image_spans)
 
 
 class LayerStatisticsReadout(Readout):
@@ -44,7 +46,7 @@ class LayerStatisticsReadout(Readout):
         mass_ranges = prompt_ranges(spec.mass_ranges, "readouts.mass_ranges", ctx.prompt_tokens, violations)
         if mass_ranges and not spec.layer_statistics:
             violations.add("readouts.mass_ranges", "needs layer_statistics")
-        return LayerStatisticsSettings(mass_ranges=mass_ranges)
+        return LayerStatisticsSettings(mass_ranges=mass_ranges, image_spans=tuple(ctx.image_spans))
 
     def new_state(self) -> Totals:
         return {}
@@ -60,8 +62,11 @@ class LayerStatisticsReadout(Readout):
     def write_complete(
         self, complete: pb.GenerateComplete, settings, result: Totals | None, response: ResponseContext
     ) -> None:
+        asked = len(settings.mass_ranges)
         for layer, s in sorted((result or {}).items()):
             n = max(s.query_count, 1)
+            # The image spans' masses follow the asked ranges': their sum is the image mass.
+            image_mass = {"image_mass": sum(s.range_mass[asked:]) / n} if settings.image_spans else {}
             sinks = {
                 name: value / n
                 for name, value in (
@@ -76,9 +81,10 @@ class LayerStatisticsReadout(Readout):
                     layer=layer,
                     entropy=s.entropy / n,
                     normalized_entropy=s.normalized_entropy / n,
-                    range_mass=[m / n for m in s.range_mass],
+                    range_mass=[m / n for m in s.range_mass[:asked]],
                     query_count=s.query_count,
                     **sinks,
+                    **image_mass,
                 )
             )
 

@@ -18,7 +18,7 @@ from ..readouts import READOUTS
 from .errors import Unsupported, Violations, quoted
 from .geometry import AttentionKind, AttentionLayer, ModelGeometry
 from .ranges import ranged_value
-from .selectors import check_index, checked_heads, prompt_ranges, selected_layers
+from .selectors import check_index, checked_heads, image_indices, prompt_ranges, selected_layers
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class SpecContext:
     supported_readouts: frozenset[str] = frozenset(READOUTS)
     #: Why the engine offers no interventions or readouts for this model, when it offers none.
     unsupported_reason: str | None = None
+    #: Half-open prompt positions of each image's tokens (vision-language models).
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 def compile_plan(
@@ -112,7 +114,7 @@ def _compile_intervention(
     if kind == "sink_calibration" and has_keys:
         violations.add(f"{sfield}.keys", "sink_calibration finds its own keys; leave keys unset")
     if has_keys:
-        keys = _key_set(sel.keys, f"{sfield}.keys", ctx.prompt_tokens, violations)
+        keys = _key_set(sel.keys, f"{sfield}.keys", ctx, violations)
     else:  # a temperature acts on every logit; key operations default to the prompt's keys
         keys = _EVERY_KEY if kind == "temperature" else P.ALL_PROMPT_KEYS
     steps = _step_range(sel, sfield, violations)
@@ -192,9 +194,29 @@ def _kind_text(kind: AttentionKind) -> str:
     return f"{kind.value}-attention"
 
 
-def _key_set(keys: intervention_pb2.KeySelector, field: str, prompt_tokens: int, violations: Violations):
-    ranges = prompt_ranges(keys.ranges, f"{field}.ranges", prompt_tokens, violations)
-    return P.KeySet(ranges=ranges, invert=keys.invert, include_generated=keys.include_generated)
+def _key_set(keys: intervention_pb2.KeySelector, field: str, ctx: SpecContext, violations: Violations):
+    ranges = prompt_ranges(keys.ranges, f"{field}.ranges", ctx.prompt_tokens, violations)
+    visual = None
+    if keys.HasField("image_tokens"):
+        images = image_indices(keys.image_tokens, f"{field}.image_tokens", ctx.image_spans, violations)
+        part = _VISUAL_PARTS.get(keys.image_tokens.tokens)
+        if part is None:
+            violations.add(f"{field}.image_tokens.tokens", f"unknown value {keys.image_tokens.tokens}")
+        elif part == "all":
+            ranges = tuple(ranges) + tuple(ctx.image_spans[i] for i in images)
+        else:
+            visual = P.VisualKeys(images=images, part=part)
+    return P.KeySet(
+        ranges=ranges, invert=keys.invert, include_generated=keys.include_generated, visual=visual
+    )
+
+
+_VISUAL_PARTS = {
+    intervention_pb2.VISUAL_TOKENS_UNSPECIFIED: "all",
+    intervention_pb2.VISUAL_TOKENS_ALL: "all",
+    intervention_pb2.VISUAL_TOKENS_PAINT_LOCAL: "paint_local",
+    intervention_pb2.VISUAL_TOKENS_PAINT_SUMMARY: "paint_summary",
+}
 
 
 def _step_range(sel: intervention_pb2.Selector, field: str, violations: Violations) -> P.StepRange:

@@ -85,3 +85,23 @@ def prompt_ranges(
             )
         out.append((r.start, r.end))
     return tuple(out)
+
+
+def image_indices(
+    image_tokens, field: str, image_spans: Sequence[tuple[int, int]], violations: Violations
+) -> tuple[int, ...]:
+    """The images an ImageTokens selector names (every image when it names none), checked."""
+    if not image_spans:
+        violations.add(field, "the request has no images (image parts of chat messages)")
+        return ()
+    before = len(violations.items)
+    for i, image in enumerate(image_tokens.images):
+        if not 0 <= image < len(image_spans):
+            violations.add(
+                f"{field}.images[{i}]",
+                f"image {image} is out of range: the request has {len(image_spans)} "
+                f"(images 0..{len(image_spans) - 1})",
+            )
+    if len(violations.items) > before:
+        return ()
+    return tuple(sorted(set(image_tokens.images))) or tuple(range(len(image_spans)))

@@ -129,22 +129,60 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user" or "assistant"."""
     content: _builtins.str
+    """Text only. Set content or parts, not both."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
+        """Text and images in order (images only for models whose input_modalities has "image"); an
+        image part becomes the model's image tokens (Model.vision.tokens_per_image of them).
+        """
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        parts: _abc.Iterable[Global___ContentPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "parts", b"parts", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ContentPart(_message.Message):
+    """One part of a chat message's content."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    image: _builtins.bytes
+    """An encoded image: PNG, JPEG or WebP bytes, at most ModelLimits.max_image_bytes, with at
+    most ModelLimits.max_image_pixels pixels. Decoded and converted to RGB by the server.
+    """
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
 
 @_typing.final
 class Chat(_message.Message):
@@ -322,6 +360,7 @@ class GeneratedToken(_message.Message):
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     ATTENTION_ROWS_FIELD_NUMBER: _builtins.int
+    IMAGE_ATTENTION_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index among generated tokens (0-based); token i comes from step i (step 0 = prefill)."""
     token_id: _builtins.int
@@ -337,6 +376,10 @@ class GeneratedToken(_message.Message):
     def attention_rows(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.AttentionRow]:
         """Attention rows asked for in ReadoutSpec.attention_rows for the step that produced this token."""
 
+    @_builtins.property
+    def image_attention(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.ImageAttentionMap]:
+        """Image attention maps asked for in ReadoutSpec.image_attention for this token's step."""
+
     def __init__(
         self,
         *,
@@ -346,10 +389,11 @@ class GeneratedToken(_message.Message):
         logprob: _builtins.float = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
         attention_rows: _abc.Iterable[_readout_pb2.AttentionRow] | None = ...,
+        image_attention: _abc.Iterable[_readout_pb2.ImageAttentionMap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "index", b"index", "logprob", b"logprob", "text", b"text", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "index", b"index", "logprob", b"logprob", "text", b"text", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +433,7 @@ class GenerateComplete(_message.Message):
     LAYER_STATISTICS_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     text: _builtins.str
     """The full generated text (stop string excluded)."""
@@ -400,6 +445,12 @@ class GenerateComplete(_message.Message):
     def layer_statistics(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.LayerStatistics]: ...
     @_builtins.property
     def summary(self) -> _readout_pb2.AttentionSummary: ...
+    @_builtins.property
+    def image_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_intervention_pb2.TokenRange]:
+        """The prompt positions of each image's tokens, in image order: attention rows and
+        statistics index keys by these positions.
+        """
+
     def __init__(
         self,
         *,
@@ -409,10 +460,11 @@ class GenerateComplete(_message.Message):
         layer_statistics: _abc.Iterable[_readout_pb2.LayerStatistics] | None = ...,
         summary: _readout_pb2.AttentionSummary | None = ...,
         interventions_applied: _builtins.int = ...,
+        image_tokens: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "summary", b"summary", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "summary", b"summary", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,6 +99,40 @@ token in each decode step (PAINT edits this row only).
 """
 Global___QueryScope: _TypeAlias = QueryScope  # noqa: Y015
 
+class _VisualTokens:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisualTokensEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VisualTokens.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISUAL_TOKENS_UNSPECIFIED: _VisualTokens.ValueType  # 0
+    """Every image token (the default)."""
+    VISUAL_TOKENS_ALL: _VisualTokens.ValueType  # 1
+    VISUAL_TOKENS_PAINT_LOCAL: _VisualTokens.ValueType  # 2
+    """PAINT's local tokens: the top quarter of the patches by CLS-to-patch attention in the
+    vision encoder's first layer, minus the summary tokens.
+    """
+    VISUAL_TOKENS_PAINT_SUMMARY: _VisualTokens.ValueType  # 3
+    """PAINT's summary tokens: the patches whose CLS-to-patch attention in the vision encoder's
+    penultimate layer is an outlier (above Q3 + 1.5 IQR).
+    """
+
+class VisualTokens(_VisualTokens, metaclass=_VisualTokensEnumTypeWrapper):
+    """Which of an image's tokens a KeySelector picks."""
+
+VISUAL_TOKENS_UNSPECIFIED: VisualTokens.ValueType  # 0
+"""Every image token (the default)."""
+VISUAL_TOKENS_ALL: VisualTokens.ValueType  # 1
+VISUAL_TOKENS_PAINT_LOCAL: VisualTokens.ValueType  # 2
+"""PAINT's local tokens: the top quarter of the patches by CLS-to-patch attention in the
+vision encoder's first layer, minus the summary tokens.
+"""
+VISUAL_TOKENS_PAINT_SUMMARY: VisualTokens.ValueType  # 3
+"""PAINT's summary tokens: the patches whose CLS-to-patch attention in the vision encoder's
+penultimate layer is an outlier (above Q3 + 1.5 IQR).
+"""
+Global___VisualTokens: _TypeAlias = VisualTokens  # noqa: Y015
+
 @_typing.final
 class InterventionSpec(_message.Message):
     """The attention-intervention spec of one request."""
@@ -187,6 +221,7 @@ class KeySelector(_message.Message):
     RANGES_FIELD_NUMBER: _builtins.int
     INVERT_FIELD_NUMBER: _builtins.int
     INCLUDE_GENERATED_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     invert: _builtins.bool
     """Select the prompt tokens outside the ranges instead (PASTA's "exclude" mode)."""
     include_generated: _builtins.bool
@@ -195,20 +230,52 @@ class KeySelector(_message.Message):
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenRange]:
         """Prompt token ranges. Empty selects every prompt token."""
 
+    @_builtins.property
+    def image_tokens(self) -> Global___ImageTokens:
+        """Also select image tokens (vision-language models): their prompt positions join the ranges."""
+
     def __init__(
         self,
         *,
         ranges: _abc.Iterable[Global___TokenRange] | None = ...,
         invert: _builtins.bool = ...,
         include_generated: _builtins.bool = ...,
+        image_tokens: Global___ImageTokens | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_generated", b"include_generated", "invert", b"invert", "ranges", b"ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens", "include_generated", b"include_generated", "invert", b"invert", "ranges", b"ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeySelector: _TypeAlias = KeySelector  # noqa: Y015
+
+@_typing.final
+class ImageTokens(_message.Message):
+    """The image tokens of a request's prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    tokens: Global___VisualTokens.ValueType
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Images by index (0-based, in prompt order); empty selects every image."""
+
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[_builtins.int] | None = ...,
+        tokens: Global___VisualTokens.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageTokens: _TypeAlias = ImageTokens  # noqa: Y015
 
 @_typing.final
 class StepRange(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import intervention_pb2 as attnserve_dot_v1_dot_intervention__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ttnserve/v1/model.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\"\xcb\x01\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x31\n\rinterventions\x18\x03 \x03(\x0b\x32\x1a.attnserve.v1.Intervention\x12\x38\n\nprovenance\x18\x04 \x03(\x0b\x32$.attnserve.v1.Preset.ProvenanceEntry\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x0bModelLimits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_interventions\x18\x03 \x01(\x05\x12\x1a\n\x12max_readout_values\x18\x04 \x01(\x03\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\"}\n\x0eParameterRange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0b\n\x03min\x18\x02 \x01(\x01\x12\x0b\n\x03max\x18\x03 \x01(\x01\x12\x15\n\rmin_exclusive\x18\x04 \x01(\x08\x12\x15\n\rmax_exclusive\x18\x05 \x01(\x08\x12\x14\n\x0czero_allowed\x18\x06 \x01(\x08\"\xd4\x01\n\x0e\x41ttentionLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.attnserve.v1.AttentionKind\x12\x0e\n\x06\x63\x61usal\x18\x04 \x01(\x08\x12/\n\tcomponent\x18\x05 \x01(\x0e\x32\x1c.attnserve.v1.ModelComponent\x12\x11\n\tnum_heads\x18\x06 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\x05\x12\x10\n\x08head_dim\x18\x08 \x01(\x05\"\xc9\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.attnserve.v1.ModelKind\x12(\n\x06\x65ngine\x18\x03 \x01(\x0e\x32\x18.attnserve.v1.EngineKind\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x08 \x01(\x05\x12\x39\n\x14supported_operations\x18\t \x03(\x0e\x32\x1b.attnserve.v1.OperationKind\x12\x35\n\x12supported_readouts\x18\n \x03(\x0e\x32\x19.attnserve.v1.ReadoutKind\x12%\n\x07presets\x18\x0b \x03(\x0b\x32\x14.attnserve.v1.Preset\x12)\n\x06limits\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ModelLimits\x12\x1a\n\x12unsupported_reason\x18\r \x01(\t\x12\x36\n\x10parameter_ranges\x18\x0e \x03(\x0b\x32\x1c.attnserve.v1.ParameterRange\x12,\n\x06layers\x18\x0f \x03(\x0b\x32\x1c.attnserve.v1.AttentionLayer\x12\x16\n\x0esupported_rpcs\x18\x10 \x03(\t\x12\x18\n\x10input_modalities\x18\x11 \x03(\t*i\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODEL_KIND_LLM\x10\x01\x12\x12\n\x0eMODEL_KIND_VLM\x10\x02\x12\x18\n\x14MODEL_KIND_DIFFUSION\x10\x03*x\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NGINE_KIND_TRANSFORMERS\x10\x01\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x02\x12\x19\n\x15\x45NGINE_KIND_DIFFUSERS\x10\x03*\x89\x01\n\x0bReadoutKind\x12\x1c\n\x18READOUT_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dREADOUT_KIND_LAYER_STATISTICS\x10\x01\x12\x1f\n\x1bREADOUT_KIND_ATTENTION_ROWS\x10\x02\x12\x18\n\x14READOUT_KIND_SUMMARY\x10\x03*\xb6\x01\n\x0eModelComponent\x12\x1f\n\x1bMODEL_COMPONENT_UNSPECIFIED\x10\x00\x12\"\n\x1eMODEL_COMPONENT_LANGUAGE_MODEL\x10\x01\x12 \n\x1cMODEL_COMPONENT_VISION_TOWER\x10\x02\x12\x1e\n\x1aMODEL_COMPONENT_UNET_BLOCK\x10\x03\x12\x1d\n\x19MODEL_COMPONENT_DIT_BLOCK\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ttnserve/v1/model.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\"\xcb\x01\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x31\n\rinterventions\x18\x03 \x03(\x0b\x32\x1a.attnserve.v1.Intervention\x12\x38\n\nprovenance\x18\x04 \x03(\x0b\x32$.attnserve.v1.Preset.ProvenanceEntry\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\x0bModelLimits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_interventions\x18\x03 \x01(\x05\x12\x1a\n\x12max_readout_values\x18\x04 \x01(\x03\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\x12\x12\n\nmax_images\x18\x06 \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\x07 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x08 \x01(\x03\"\xb6\x01\n\x0eVisionGeometry\x12\x18\n\x10tokens_per_image\x18\x01 \x01(\x05\x12\x12\n\nimage_size\x18\x02 \x01(\x05\x12\x12\n\npatch_size\x18\x03 \x01(\x05\x12\x11\n\tgrid_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x11\n\tnum_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x16\n\x0eimage_token_id\x18\x08 \x01(\x05\"}\n\x0eParameterRange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0b\n\x03min\x18\x02 \x01(\x01\x12\x0b\n\x03max\x18\x03 \x01(\x01\x12\x15\n\rmin_exclusive\x18\x04 \x01(\x08\x12\x15\n\rmax_exclusive\x18\x05 \x01(\x08\x12\x14\n\x0czero_allowed\x18\x06 \x01(\x08\"\xd4\x01\n\x0e\x41ttentionLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.attnserve.v1.AttentionKind\x12\x0e\n\x06\x63\x61usal\x18\x04 \x01(\x08\x12/\n\tcomponent\x18\x05 \x01(\x0e\x32\x1c.attnserve.v1.ModelComponent\x12\x11\n\tnum_heads\x18\x06 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\x05\x12\x10\n\x08head_dim\x18\x08 \x01(\x05\"\xf7\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.attnserve.v1.ModelKind\x12(\n\x06\x65ngine\x18\x03 \x01(\x0e\x32\x18.attnserve.v1.EngineKind\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x08 \x01(\x05\x12\x39\n\x14supported_operations\x18\t \x03(\x0e\x32\x1b.attnserve.v1.OperationKind\x12\x35\n\x12supported_readouts\x18\n \x03(\x0e\x32\x19.attnserve.v1.ReadoutKind\x12%\n\x07presets\x18\x0b \x03(\x0b\x32\x14.attnserve.v1.Preset\x12)\n\x06limits\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ModelLimits\x12\x1a\n\x12unsupported_reason\x18\r \x01(\t\x12\x36\n\x10parameter_ranges\x18\x0e \x03(\x0b\x32\x1c.attnserve.v1.ParameterRange\x12,\n\x06layers\x18\x0f \x03(\x0b\x32\x1c.attnserve.v1.AttentionLayer\x12\x16\n\x0esupported_rpcs\x18\x10 \x03(\t\x12\x18\n\x10input_modalities\x18\x11 \x03(\t\x12,\n\x06vision\x18\x12 \x01(\x0b\x32\x1c.attnserve.v1.VisionGeometry*i\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODEL_KIND_LLM\x10\x01\x12\x12\n\x0eMODEL_KIND_VLM\x10\x02\x12\x18\n\x14MODEL_KIND_DIFFUSION\x10\x03*x\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NGINE_KIND_TRANSFORMERS\x10\x01\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x02\x12\x19\n\x15\x45NGINE_KIND_DIFFUSERS\x10\x03*\xab\x01\n\x0bReadoutKind\x12\x1c\n\x18READOUT_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dREADOUT_KIND_LAYER_STATISTICS\x10\x01\x12\x1f\n\x1bREADOUT_KIND_ATTENTION_ROWS\x10\x02\x12\x18\n\x14READOUT_KIND_SUMMARY\x10\x03\x12 \n\x1cREADOUT_KIND_IMAGE_ATTENTION\x10\x04*\xb6\x01\n\x0eModelComponent\x12\x1f\n\x1bMODEL_COMPONENT_UNSPECIFIED\x10\x00\x12\"\n\x1eMODEL_COMPONENT_LANGUAGE_MODEL\x10\x01\x12 \n\x1cMODEL_COMPONENT_VISION_TOWER\x10\x02\x12\x1e\n\x1aMODEL_COMPONENT_UNET_BLOCK\x10\x03\x12\x1d\n\x19MODEL_COMPONENT_DIT_BLOCK\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PRESET_PROVENANCEENTRY']._loaded_options = None
   _globals['_PRESET_PROVENANCEENTRY']._serialized_options = b'8\001'
-  _globals['_MODELKIND']._serialized_start=1351
-  _globals['_MODELKIND']._serialized_end=1456
-  _globals['_ENGINEKIND']._serialized_start=1458
-  _globals['_ENGINEKIND']._serialized_end=1578
-  _globals['_READOUTKIND']._serialized_start=1581
-  _globals['_READOUTKIND']._serialized_end=1718
-  _globals['_MODELCOMPONENT']._serialized_start=1721
-  _globals['_MODELCOMPONENT']._serialized_end=1903
+  _globals['_MODELKIND']._serialized_start=1653
+  _globals['_MODELKIND']._serialized_end=1758
+  _globals['_ENGINEKIND']._serialized_start=1760
+  _globals['_ENGINEKIND']._serialized_end=1880
+  _globals['_READOUTKIND']._serialized_start=1883
+  _globals['_READOUTKIND']._serialized_end=2054
+  _globals['_MODELCOMPONENT']._serialized_start=2057
+  _globals['_MODELCOMPONENT']._serialized_end=2239
   _globals['_PRESET']._serialized_start=76
   _globals['_PRESET']._serialized_end=279
   _globals['_PRESET_PROVENANCEENTRY']._serialized_start=230
   _globals['_PRESET_PROVENANCEENTRY']._serialized_end=279
   _globals['_MODELLIMITS']._serialized_start=282
-  _globals['_MODELLIMITS']._serialized_end=419
-  _globals['_PARAMETERRANGE']._serialized_start=421
-  _globals['_PARAMETERRANGE']._serialized_end=546
-  _globals['_ATTENTIONLAYER']._serialized_start=549
-  _globals['_ATTENTIONLAYER']._serialized_end=761
-  _globals['_MODEL']._serialized_start=764
-  _globals['_MODEL']._serialized_end=1349
+  _globals['_MODELLIMITS']._serialized_end=490
+  _globals['_VISIONGEOMETRY']._serialized_start=493
+  _globals['_VISIONGEOMETRY']._serialized_end=675
+  _globals['_PARAMETERRANGE']._serialized_start=677
+  _globals['_PARAMETERRANGE']._serialized_end=802
+  _globals['_ATTENTIONLAYER']._serialized_start=805
+  _globals['_ATTENTIONLAYER']._serialized_end=1017
+  _globals['_MODEL']._serialized_start=1020
+  _globals['_MODEL']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

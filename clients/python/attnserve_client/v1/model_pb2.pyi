@@ -76,6 +76,7 @@ class _ReadoutKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadoutKi
     READOUT_KIND_LAYER_STATISTICS: _ReadoutKind.ValueType  # 1
     READOUT_KIND_ATTENTION_ROWS: _ReadoutKind.ValueType  # 2
     READOUT_KIND_SUMMARY: _ReadoutKind.ValueType  # 3
+    READOUT_KIND_IMAGE_ATTENTION: _ReadoutKind.ValueType  # 4
 
 class ReadoutKind(_ReadoutKind, metaclass=_ReadoutKindEnumTypeWrapper):
     """Attention readouts a request may ask for."""
@@ -84,6 +85,7 @@ READOUT_KIND_UNSPECIFIED: ReadoutKind.ValueType  # 0
 READOUT_KIND_LAYER_STATISTICS: ReadoutKind.ValueType  # 1
 READOUT_KIND_ATTENTION_ROWS: ReadoutKind.ValueType  # 2
 READOUT_KIND_SUMMARY: ReadoutKind.ValueType  # 3
+READOUT_KIND_IMAGE_ATTENTION: ReadoutKind.ValueType  # 4
 Global___ReadoutKind: _TypeAlias = ReadoutKind  # noqa: Y015
 
 class _ModelComponent:
@@ -173,12 +175,21 @@ class ModelLimits(_message.Message):
     MAX_INTERVENTIONS_FIELD_NUMBER: _builtins.int
     MAX_READOUT_VALUES_FIELD_NUMBER: _builtins.int
     MAX_LOGPROBS_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     max_prompt_tokens: _builtins.int
     max_tokens: _builtins.int
     max_interventions: _builtins.int
     max_readout_values: _builtins.int
     """Upper bound on the number of attention weights one request may read out."""
     max_logprobs: _builtins.int
+    max_images: _builtins.int
+    """Images one request may carry (vision-language models)."""
+    max_image_bytes: _builtins.int
+    """Encoded size of one image, in bytes."""
+    max_image_pixels: _builtins.int
+    """Width x height of one image, checked before it is decoded (decompression bombs)."""
     def __init__(
         self,
         *,
@@ -187,14 +198,66 @@ class ModelLimits(_message.Message):
         max_interventions: _builtins.int = ...,
         max_readout_values: _builtins.int = ...,
         max_logprobs: _builtins.int = ...,
+        max_images: _builtins.int = ...,
+        max_image_bytes: _builtins.int = ...,
+        max_image_pixels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_interventions", b"max_interventions", "max_logprobs", b"max_logprobs", "max_prompt_tokens", b"max_prompt_tokens", "max_readout_values", b"max_readout_values", "max_tokens", b"max_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_images", b"max_images", "max_interventions", b"max_interventions", "max_logprobs", b"max_logprobs", "max_prompt_tokens", b"max_prompt_tokens", "max_readout_values", b"max_readout_values", "max_tokens", b"max_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelLimits: _TypeAlias = ModelLimits  # noqa: Y015
+
+@_typing.final
+class VisionGeometry(_message.Message):
+    """The vision tower of a vision-language model, as requests see it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_PER_IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PATCH_SIZE_FIELD_NUMBER: _builtins.int
+    GRID_SIZE_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    NUM_HEADS_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    tokens_per_image: _builtins.int
+    """Tokens one image becomes in the language model's prompt."""
+    image_size: _builtins.int
+    """Images are resized and cropped to image_size x image_size pixels, cut into patches of
+    patch_size x patch_size: (image_size / patch_size)^2 patches in a grid, row by row.
+    """
+    patch_size: _builtins.int
+    grid_size: _builtins.int
+    """The patch grid's side: image token k of an image is patch (k / grid, k % grid)."""
+    num_layers: _builtins.int
+    """The vision encoder's attention layers (bidirectional), heads and head size."""
+    num_heads: _builtins.int
+    head_dim: _builtins.int
+    image_token_id: _builtins.int
+    """The token id that stands for an image in a prompt."""
+    def __init__(
+        self,
+        *,
+        tokens_per_image: _builtins.int = ...,
+        image_size: _builtins.int = ...,
+        patch_size: _builtins.int = ...,
+        grid_size: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        num_heads: _builtins.int = ...,
+        head_dim: _builtins.int = ...,
+        image_token_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grid_size", b"grid_size", "head_dim", b"head_dim", "image_size", b"image_size", "image_token_id", b"image_token_id", "num_heads", b"num_heads", "num_layers", b"num_layers", "patch_size", b"patch_size", "tokens_per_image", b"tokens_per_image"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisionGeometry: _TypeAlias = VisionGeometry  # noqa: Y015
 
 @_typing.final
 class ParameterRange(_message.Message):
@@ -308,6 +371,7 @@ class Model(_message.Message):
     LAYERS_FIELD_NUMBER: _builtins.int
     SUPPORTED_RPCS_FIELD_NUMBER: _builtins.int
     INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
@@ -350,6 +414,10 @@ class Model(_message.Message):
     def input_modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What a request may carry as input: "text" (and "image" for vision-language models)."""
 
+    @_builtins.property
+    def vision(self) -> Global___VisionGeometry:
+        """Set for vision-language models."""
+
     def __init__(
         self,
         *,
@@ -370,10 +438,11 @@ class Model(_message.Message):
         layers: _abc.Iterable[Global___AttentionLayer] | None = ...,
         supported_rpcs: _abc.Iterable[_builtins.str] | None = ...,
         input_modalities: _abc.Iterable[_builtins.str] | None = ...,
+        vision: Global___VisionGeometry | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "vision", b"vision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "layers", b"layers", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "layers", b"layers", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason", "vision", b"vision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,6 +29,7 @@ class ReadoutSpec(_message.Message):
     MASS_RANGES_FIELD_NUMBER: _builtins.int
     ATTENTION_ROWS_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    IMAGE_ATTENTION_FIELD_NUMBER: _builtins.int
     layer_statistics: _builtins.bool
     """Per-layer statistics, returned in the final response."""
     summary: _builtins.bool
@@ -41,6 +42,12 @@ class ReadoutSpec(_message.Message):
     def attention_rows(self) -> Global___AttentionRowsSpec:
         """Attention rows of chosen layers, heads and steps, returned with the step's token."""
 
+    @_builtins.property
+    def image_attention(self) -> Global___ImageAttentionSpec:
+        """Attention over each image's patches, as a grid, returned with each step's token
+        (vision-language models; the request must carry images).
+        """
+
     def __init__(
         self,
         *,
@@ -48,14 +55,110 @@ class ReadoutSpec(_message.Message):
         mass_ranges: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
         attention_rows: Global___AttentionRowsSpec | None = ...,
         summary: _builtins.bool = ...,
+        image_attention: Global___ImageAttentionSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "layer_statistics", b"layer_statistics", "mass_ranges", b"mass_ranges", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "layer_statistics", b"layer_statistics", "mass_ranges", b"mass_ranges", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadoutSpec: _TypeAlias = ReadoutSpec  # noqa: Y015
+
+@_typing.final
+class ImageAttentionSpec(_message.Message):
+    """Which image attention maps to return. The row read is the one that predicts the step's token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    LAYER_NAMES_FIELD_NUMBER: _builtins.int
+    PER_HEAD_FIELD_NUMBER: _builtins.int
+    per_head: _builtins.bool
+    """One map per layer and head instead of their mean."""
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Layer indices (Model.layers[i].index); with layer_names the union is read."""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Query heads; empty means every head. Each must exist on every layer read."""
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Generation steps (0 = prefill); empty means every step."""
+
+    @_builtins.property
+    def layer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns matched against layer names, as Selector.layer_names."""
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[_builtins.int] | None = ...,
+        heads: _abc.Iterable[_builtins.int] | None = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        layer_names: _abc.Iterable[_builtins.str] | None = ...,
+        per_head: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "per_head", b"per_head", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageAttentionSpec: _TypeAlias = ImageAttentionSpec  # noqa: Y015
+
+@_typing.final
+class ImageAttentionMap(_message.Message):
+    """One image's attention over its patches at one step: the attention probability of each patch
+    token (a share of the whole row, not renormalised over the image), row by row of the grid.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    GRID_SIZE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    image: _builtins.int
+    """Index of the image in the request (prompt order)."""
+    step: _builtins.int
+    layer: _builtins.int
+    """Set with per_head; unset for the mean over the chosen layers and heads."""
+    head: _builtins.int
+    grid_size: _builtins.int
+    """The patch grid is grid_size x grid_size; weights has grid_size^2 values, row-major."""
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        image: _builtins.int = ...,
+        step: _builtins.int = ...,
+        layer: _builtins.int | None = ...,
+        head: _builtins.int | None = ...,
+        grid_size: _builtins.int = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_head", b"_head", "_layer", b"_layer", "head", b"head", "layer", b"layer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head", b"_head", "_layer", b"_layer", "grid_size", b"grid_size", "head", b"head", "image", b"image", "layer", b"layer", "step", b"step", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__head: _TypeAlias = _typing.Literal["head"]  # noqa: Y015
+    _WhichOneofArgType__head: _TypeAlias = _typing.Literal["_head", b"_head"]  # noqa: Y015
+    _WhichOneofReturnType__layer: _TypeAlias = _typing.Literal["layer"]  # noqa: Y015
+    _WhichOneofArgType__layer: _TypeAlias = _typing.Literal["_layer", b"_layer"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__head) -> _WhichOneofReturnType__head | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__layer) -> _WhichOneofReturnType__layer | None: ...
+
+Global___ImageAttentionMap: _TypeAlias = ImageAttentionMap  # noqa: Y015
 
 @_typing.final
 class AttentionRowsSpec(_message.Message):
@@ -113,6 +216,7 @@ class LayerStatistics(_message.Message):
     HIDDEN_SINKS_FIELD_NUMBER: _builtins.int
     RANGE_MASS_FIELD_NUMBER: _builtins.int
     QUERY_COUNT_FIELD_NUMBER: _builtins.int
+    IMAGE_MASS_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     entropy: _builtins.float
     """Mean attention entropy of a query row, in nats."""
@@ -128,6 +232,10 @@ class LayerStatistics(_message.Message):
     """Mean number of hidden sinks per head (keys after token 0 with mean attention > 0.1)."""
     query_count: _builtins.int
     """Number of query rows (summed over steps) the means cover."""
+    image_mass: _builtins.float
+    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens); set
+    when the request carries images. Query rows before the first image count with mass 0.
+    """
     @_builtins.property
     def range_mass(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Mean attention mass on each of ReadoutSpec.mass_ranges, in order."""
@@ -143,19 +251,24 @@ class LayerStatistics(_message.Message):
         hidden_sinks: _builtins.float | None = ...,
         range_mass: _abc.Iterable[_builtins.float] | None = ...,
         query_count: _builtins.int = ...,
+        image_mass: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hidden_sinks: _TypeAlias = _typing.Literal["hidden_sinks"]  # noqa: Y015
     _WhichOneofArgType__hidden_sinks: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks"]  # noqa: Y015
+    _WhichOneofReturnType__image_mass: _TypeAlias = _typing.Literal["image_mass"]  # noqa: Y015
+    _WhichOneofArgType__image_mass: _TypeAlias = _typing.Literal["_image_mass", b"_image_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass: _TypeAlias = _typing.Literal["sink_mass"]  # noqa: Y015
     _WhichOneofArgType__sink_mass: _TypeAlias = _typing.Literal["_sink_mass", b"_sink_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass_first4: _TypeAlias = _typing.Literal["sink_mass_first4"]  # noqa: Y015
     _WhichOneofArgType__sink_mass_first4: _TypeAlias = _typing.Literal["_sink_mass_first4", b"_sink_mass_first4"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_sinks) -> _WhichOneofReturnType__hidden_sinks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_mass) -> _WhichOneofReturnType__image_mass | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sink_mass) -> _WhichOneofReturnType__sink_mass | None: ...
     @_typing.overload

@@ -1,4 +1,5 @@
-"""The transformers engine: continuous batching of causal-LM requests over one KV cache.
+"""The transformers engine: continuous batching of causal-LM requests over one KV cache (and of
+LLaVA-family vision-language models: their images through the vision tower at prefill, vision.py).
 
 One thread owns the model and wires three stages together each iteration: the scheduler
 (scheduler.py) picks what runs, the model runner (model_runner.py) runs the forward with every
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...attention.plan import OPERATIONS
-from ...readouts import READOUTS
+from ...readouts import READOUTS, TEXT_READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     CandidateScoring,
@@ -35,7 +36,7 @@ from ..base import (
 )
 from ..detokenizer import IncrementalDetokenizer
 from ..prompts import pad_token_id
-from . import attention
+from . import attention, vision
 from .model_runner import ModelRunner, StatisticsSink
 from .output_processor import OutputProcessor, eos_token_ids
 from .requests import Emit, RequestRow, ScoreJob
@@ -84,12 +85,26 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
         statistics_sample_rate: float = 0.0,
         on_statistics: StatisticsSink | None = None,
     ):
-        self.tokenizer, model = load_causal_lm(model_path, dtype=dtype, device=device)
+        tower = None
+        if vision.is_vision_language(model_path):
+            processor, model = vision.load_vision_language_model(
+                model_path, dtype=_DTYPES[dtype], device=device
+            )
+            self.tokenizer = processor.tokenizer
+            tower = vision.VisionTower(model, processor, torch.device(device))
+            geometry = vision.language_model_geometry(model.config)
+            text_config = model.config.text_config
+        else:
+            self.tokenizer, model = load_causal_lm(model_path, dtype=dtype, device=device)
+            geometry = model_geometry(model)
+            text_config = model.config
         self.info = EngineInfo(
-            geometry=model_geometry(model),
-            max_context_length=model.config.max_position_embeddings,
+            geometry=geometry,
+            max_context_length=text_config.max_position_embeddings,
             supported_operations=frozenset(OPERATIONS),
-            supported_readouts=frozenset(READOUTS),
+            supported_readouts=frozenset(READOUTS) if tower else TEXT_READOUTS,
+            input_modalities=frozenset({"text", "image"} if tower else {"text"}),
+            vision=tower.info if tower else None,
         )
         self._scheduler = Scheduler(max_batch_size)
         self._runner = ModelRunner(
@@ -99,6 +114,7 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
             max_batch_size=max_batch_size,
             statistics_sample_rate=statistics_sample_rate,
             on_statistics=on_statistics,
+            vision_tower=tower,
         )
         self._outputs = OutputProcessor(eos_token_ids(self.tokenizer, model))
         self._thread = threading.Thread(target=self._serve, name="attnserve-hf-engine", daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from . import attention
 from .kv_batch import KVBatch
 from .requests import RequestRow
 from .scoring import AnswerQuery, score_answers
+from .vision import VisionTower, encode_batch
 
 #: (layer, statistics of one row in one call): feeds the attention-statistics metrics.
 StatisticsSink = Callable[[int, LayerStatistics], None]
@@ -38,8 +40,10 @@ class ModelRunner:
         max_batch_size: int,
         statistics_sample_rate: float,
         on_statistics: StatisticsSink | None,
+        vision_tower: VisionTower | None = None,
     ):
         self.model = model
+        self._vision_tower = vision_tower
         self._device = device
         self._pad_id = pad_id
         self._max_batch_size = max_batch_size
@@ -61,7 +65,13 @@ class ModelRunner:
         cache = DynamicCache(config=self.model.config)
         for row, n in zip(rows, lengths):
             row.length = n
-        logits = self._forward(rows, input_ids, mask, positions, cache, width)
+        images, plans = encode_batch(
+            self._vision_tower, [(r.request.images, r.request.image_spans, r.request.plan) for r in rows]
+        )
+        for row, plan in zip(rows, plans):  # PAINT's keys are chosen once, at prefill
+            if plan is not row.request.plan:
+                row.request = dataclasses.replace(row.request, plan=plan)
+        logits = self._forward(rows, input_ids, mask, positions, cache, width, images)
         new = KVBatch(cache, mask)
         if self._kv is None:
             self._kv = new
@@ -92,13 +102,23 @@ class ModelRunner:
     def score(self, request: ScoreRequest) -> list[float]:
         """Each candidate's summed log-probability, in forwards of their own (no KV cache)."""
         queries = [
-            AnswerQuery(request.prompt_token_ids, candidate, request.plan)
+            AnswerQuery(
+                request.prompt_token_ids, candidate, request.plan, request.images, request.image_spans
+            )
             for candidate in request.candidate_token_ids
         ]
-        return score_answers(self.model, queries, pad_id=self._pad_id, batch_size=self._max_batch_size)
+        return score_answers(
+            self.model,
+            queries,
+            pad_id=self._pad_id,
+            batch_size=self._max_batch_size,
+            vision_tower=self._vision_tower,
+        )
 
-    def _forward(self, rows, input_ids, mask, positions, cache, key_length) -> torch.Tensor:
+    def _forward(self, rows, input_ids, mask, positions, cache, key_length, images=None) -> torch.Tensor:
         batch = self._batch_attention(rows, key_length)
+        # A text-only model's forward takes no mm_encoder_outputs (its kwargs reach attention).
+        extra = {} if images is None else {"mm_encoder_outputs": images}
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -107,6 +127,7 @@ class ModelRunner:
             use_cache=True,
             logits_to_keep=1,
             attnserve_batch=batch,
+            **extra,
         )
         return out.logits[:, -1].float().cpu()  # sampling runs on the CPU with per-request generators
 

@@ -11,6 +11,7 @@ so a preset's measured effect is what the API returns.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 from ...attention.layout import RowLayout
 from ...attention.plan import RequestPlan
 from . import attention
+from .vision import VisionTower, encode_batch
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class AnswerQuery:
     #: At least one token.
     answer_ids: tuple[int, ...]
     plan: RequestPlan
+    #: The prompt's images (PIL, in order) and their tokens' positions (vision-language models).
+    images: tuple = ()
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class _Row:
     input_ids: tuple[int, ...]
     num_prompt_tokens: int
     plan: RequestPlan
+    images: tuple = ()
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 def _ignore_readouts(layer, rows, readouts) -> None:
@@ -50,21 +57,24 @@ def score_answers(
     pad_id: int,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    vision_tower: VisionTower | None = None,
 ) -> list[float]:
     """The summed log-probability of each query's answer tokens (float64 sums of float32
     log-softmax values). on_batch(n) is called after each forward with the number of queries it
     scored."""
-    rows: dict[tuple[int, tuple[int, ...]], int] = {}  # (id(plan), input ids) -> row index
+    rows: dict[tuple[int, int, tuple[int, ...]], int] = {}  # (id(plan), id(images), input ids) -> row
     row_list: list[_Row] = []
     query_rows: list[int] = []
     for query in queries:
         if not query.answer_ids:
             raise ValueError("an answer needs at least one token")
         input_ids = query.prompt_ids + query.answer_ids[:-1]
-        key = (id(query.plan), input_ids)
+        key = (id(query.plan), id(query.images), input_ids)
         if key not in rows:
             rows[key] = len(row_list)
-            row_list.append(_Row(input_ids, len(query.prompt_ids), query.plan))
+            row_list.append(
+                _Row(input_ids, len(query.prompt_ids), query.plan, query.images, query.image_spans)
+            )
         query_rows.append(rows[key])
 
     # Each row's log-probabilities of the answers scored from it, by answer.
@@ -77,7 +87,7 @@ def score_answers(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         longest_answer = max(len(queries[q].answer_ids) for r in chunk for q in answers_of_row[r])
-        logprobs = _forward(model, [row_list[r] for r in chunk], pad_id, longest_answer)
+        logprobs = _forward(model, [row_list[r] for r in chunk], pad_id, longest_answer, vision_tower)
         for i, r in enumerate(chunk):
             for q in answers_of_row[r]:
                 answer = queries[q].answer_ids
@@ -90,9 +100,15 @@ def score_answers(
     return scores
 
 
-def _forward(model, rows: Sequence[_Row], pad_id: int, positions_kept: int) -> torch.Tensor:
+def _forward(
+    model, rows: Sequence[_Row], pad_id: int, positions_kept: int, vision_tower: VisionTower | None
+) -> torch.Tensor:
     """(rows, positions_kept, vocab) log-probabilities at each row's last positions_kept positions."""
     device = model.device
+    images, plans = encode_batch(vision_tower, [(r.images, r.image_spans, r.plan) for r in rows])
+    rows = [dataclasses.replace(r, plan=plan) for r, plan in zip(rows, plans)]
+    # A text-only model's forward takes no mm_encoder_outputs (its kwargs reach attention).
+    extra = {} if images is None else {"mm_encoder_outputs": images}
     lengths = [len(r.input_ids) for r in rows]
     width = max(lengths)
     input_ids = torch.tensor([[pad_id] * (width - n) + list(r.input_ids) for r, n in zip(rows, lengths)])
@@ -113,5 +129,6 @@ def _forward(model, rows: Sequence[_Row], pad_id: int, positions_kept: int) -> t
         use_cache=False,
         logits_to_keep=positions_kept,
         attnserve_batch=batch,
+        **extra,
     )
     return torch.log_softmax(out.logits.float(), dim=-1)

@@ -1,4 +1,5 @@
-"""The vLLM engine: causal LMs on vLLM's AsyncLLM, with per-request attention plans.
+"""The vLLM engine: causal LMs (and LLaVA-family vision-language models) on vLLM's AsyncLLM,
+with per-request attention plans.
 
 A request's compiled plan travels with it in SamplingParams.extra_args; in vLLM's worker the
 attnserve attention backend (plugin.py, worker.py) applies it to that request's rows of the
@@ -8,6 +9,8 @@ token is released once its step's readouts have arrived.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -19,10 +22,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
+from ...attention.paint import needs_visual_keys
 from ...attention.plan import OPERATIONS
 from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
-from ...readouts import READOUTS
+from ...readouts import READOUTS, TEXT_READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
     Engine,
@@ -57,11 +61,22 @@ class VllmEngine(Engine, TextGeneration):
         on_kv_cache_usage: Callable[[float], None] | None = None,
         settings: VllmSettings | None = None,
         cache_dir: Path | None = None,
+        max_images: int = 4,
     ):
         settings = settings or VllmSettings()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-        geometry = ModelGeometry.of_config(config)
+        vision = None
+        self._paint = None
+        if hasattr(config, "vision_config"):
+            from ..hf.vision import PaintTokenChooser, language_model_geometry, vision_info
+
+            vision = vision_info(config)
+            self._paint = PaintTokenChooser(model_path, dtype)
+            geometry = language_model_geometry(config)
+            config = config.text_config
+        else:
+            geometry = ModelGeometry.of_config(config)
         refusal = _why_no_interventions(config, settings) or (
             _why_no_cpu_kv_reader(dtype, geometry.head_dim) if device == "cpu" else None
         )
@@ -71,9 +86,12 @@ class VllmEngine(Engine, TextGeneration):
             geometry=geometry,
             max_context_length=settings.max_model_len or config.max_position_embeddings,
             supported_operations=frozenset() if refusal else frozenset(OPERATIONS),
-            supported_readouts=frozenset() if refusal else frozenset(READOUTS),
+            supported_readouts=frozenset() if refusal else (frozenset(READOUTS) if vision else TEXT_READOUTS),
             unsupported_reason=refusal,
+            input_modalities=frozenset({"text", "image"} if vision else {"text"}),
+            vision=vision,
         )
+        self._max_images = max_images
         self._model_path = model_path
         self._dtype = dtype
         self._device = device
@@ -117,6 +135,7 @@ class VllmEngine(Engine, TextGeneration):
                 }
             },
             **self._cuda_graph_args(),
+            **({"limit_mm_per_prompt": {"image": self._max_images}} if self.info.vision else {}),
         )
         loggers = [_kv_cache_usage_logger(self._on_kv_cache_usage)] if self._on_kv_cache_usage else None
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
@@ -162,23 +181,23 @@ class VllmEngine(Engine, TextGeneration):
         return self._waiting
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
-        from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._llm is None or self.failure:
             raise EngineDead(self.failure or "the vLLM engine is not running")
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        if needs_visual_keys(request.plan):  # PAINT's tokens, chosen before vLLM sees the request
+            plan = await asyncio.to_thread(
+                self._paint.resolve, request.plan, request.images, request.image_spans
+            )
+            request = dataclasses.replace(request, plan=plan)
         plan = request.plan
         reports = bool(plan.readouts)
         inbox = self._channel.register(key) if reports else None
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         totals = RequestReadoutTotals()
-        stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
-            self._sampling_params(request, key),
-            key,
-        )
+        stream = self._llm.generate(self._prompt(request), self._sampling_params(request, key), key)
         index = 0
         self._waiting += 1
         started = False
@@ -224,6 +243,18 @@ class VllmEngine(Engine, TextGeneration):
             if inbox is not None:
                 self._channel.unregister(key)
             await stream.aclose()
+
+    def _prompt(self, request: EngineRequest):
+        from vllm.inputs import TokensPrompt
+
+        if not request.images:
+            return TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        # vLLM's multimodal processor expands each image token itself: hand it one per image
+        # (it lands the image's tokens on the same positions, image_spans).
+        ids = list(request.prompt_token_ids)
+        for start, end in reversed(request.image_spans):
+            del ids[start + 1 : end]
+        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": list(request.images)})
 
     async def _step_readouts(self, inbox, step: int) -> StepReadouts:
         readouts = await inbox.take(step, READOUT_TIMEOUT_SECONDS)

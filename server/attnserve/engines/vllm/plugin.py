@@ -1,7 +1,9 @@
 """attnserve's vLLM general plugin (entry point group `vllm.general_plugins`).
 
-vLLM loads it in every one of its processes; it only swaps the platform's attention backend
-for the attnserve subclass, which installs the runner hook when the worker builds it. Requests
+vLLM loads it in every one of its processes; it swaps the platform's attention backend for the
+attnserve subclass, which installs the runner hook when the worker builds it, and, where
+torchvision is missing, redirects transformers' torchvision image processors to their PIL
+siblings (pil_processors.py) so that vLLM's LLaVA module imports. Requests
 without a plan then pay one global read per attention call. `VLLM_PLUGINS` (an allow-list)
 turns it off, e.g. to measure raw vLLM.
 """
@@ -12,6 +14,9 @@ PACKAGE = "attnserve.engines.vllm"
 
 
 def register() -> None:
+    from .pil_processors import install
+
+    install()
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 

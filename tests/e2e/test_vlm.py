@@ -1,0 +1,227 @@
+"""tiny-llava end to end: a real server subprocess on a real socket, real PNG and JPEG files sent
+as image parts through the client SDK and raw stubs; every bad image gets its field violation
+and the server stays healthy. The server also serves a text-only model (SmolLM2) to refuse
+images to."""
+
+from __future__ import annotations
+
+import base64
+import io
+import zlib
+
+import grpc
+import pytest
+import yaml
+from attnserve_client import Client
+from attnserve_client.spec import readout_spec_from_dict
+from attnserve_client.v1 import inference_service_pb2 as pb
+from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
+from attnserve_client.v1 import intervention_pb2 as ipb
+from attnserve_client.v1 import model_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from .conftest import running_server
+from .helpers import field_violations, run
+
+MAX_PIXELS = 200_000
+PAINT = [
+    {
+        "layers": [2, 3],
+        "queries": "last",
+        "keys": {"image_tokens": {"tokens": part}},
+        "logit_rescale": {"alpha": a},
+    }
+    for part, a in (("paint_local", 0.7), ("paint_summary", 0.3))
+]
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """Real image files: a PNG and a JPEG of a drawn scene."""
+    folder = tmp_path_factory.mktemp("images")
+    image = Image.new("RGB", (64, 48), "navy")
+    image.paste((240, 200, 0), (10, 8, 30, 28))
+    image.save(folder / "scene.png")
+    image.save(folder / "scene.jpg", quality=90)
+    return {"png": folder / "scene.png", "jpeg": folder / "scene.jpg"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llava_path, smollm2_path):
+    config = {
+        "limits": {"max_tokens": 32, "max_images": 2, "max_image_pixels": MAX_PIXELS},
+        "models": [
+            {
+                "name": "tiny-llava",
+                "kind": "vlm",
+                "engine": "transformers",
+                "path": str(tiny_llava_path),
+                "presets": [{"name": "paint", "description": "PAINT", "interventions": PAINT}],
+            },
+            {"name": "smollm2", "kind": "llm", "engine": "transformers", "path": str(smollm2_path)},
+        ],
+    }
+    folder = tmp_path_factory.mktemp("vlm-server")
+    (folder / "attnserve.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "attnserve.yaml", folder / "server.log") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server["target"]) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+def image_chat(*images: bytes, model: str = "tiny-llava", text: str = "what is in the image?", **kwargs):
+    parts = [pb.ContentPart(image=data) for data in images] + [pb.ContentPart(text=text)]
+    return pb.GenerateRequest(
+        model=model,
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)]),
+        sampling=pb.SamplingParams(max_tokens=6, ignore_eos=True),
+        **kwargs,
+    )
+
+
+def test_get_model_describes_the_vision_side(stub):
+    model = stub.GetModel(pb.GetModelRequest(name="tiny-llava")).model
+    assert model.kind == model_pb2.MODEL_KIND_VLM
+    assert list(model.input_modalities) == ["image", "text"]
+    vision = model.vision
+    assert (vision.tokens_per_image, vision.grid_size, vision.image_size, vision.patch_size) == (64, 8, 32, 4)
+    assert (vision.num_layers, vision.num_heads, vision.head_dim) == (3, 2, 16)
+    assert (model.limits.max_images, model.limits.max_image_pixels) == (2, MAX_PIXELS)
+    assert model.limits.max_image_bytes == 8 * 1024 * 1024
+    assert model_pb2.READOUT_KIND_IMAGE_ATTENTION in model.supported_readouts
+    text_only = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
+    assert list(text_only.input_modalities) == ["text"] and not text_only.HasField("vision")
+
+
+def test_png_and_jpeg_files_through_the_client_sdk(server, image_files):
+    with Client(server["target"]) as client:
+        answers = {}
+        for kind, path in image_files.items():
+            messages = [{"role": "user", "content": [path, "what is in the image?"]}]
+            answers[kind] = client.complete("tiny-llava", messages=messages, max_tokens=6, ignore_eos=True)
+            scores = client.score("tiny-llava", ["yes", "no"], messages=messages)
+            assert len(scores.scores) == 2 and all(s.logprob < 0 for s in scores.scores)
+    assert all(answers.values())
+
+
+def test_paint_and_image_attention_over_the_wire(stub, image_files):
+    data = image_files["png"].read_bytes()
+    _, plain = run(stub, image_chat(data, data))
+    assert [(r.start, r.end) for r in plain.image_tokens] == [(5, 69), (69, 133)]
+    readouts = {"image_attention": {"layers": [3]}}
+
+    tokens, complete = run(
+        stub,
+        image_chat(
+            data,
+            data,
+            interventions=ipb.InterventionSpec(presets=["paint"]),
+            readouts=readout_spec_from_dict(readouts),
+        ),
+    )
+    assert complete.interventions_applied == 2  # PAINT's two rescales (local, summary)
+    for token in tokens:
+        assert [(m.image, m.grid_size, len(m.weights)) for m in token.image_attention] == [
+            (0, 8, 64),
+            (1, 8, 64),
+        ]
+
+
+def png_bomb(side: int) -> bytes:
+    row = b"\x00" * (side + 1)
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+        )
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_every_bad_image_gets_its_violation_and_the_server_stays_healthy(server, stub, image_files):
+    png = image_files["png"].read_bytes()
+    jpeg = image_files["jpeg"].read_bytes()
+    big = io.BytesIO()
+    Image.new("RGB", (500, 500), "red").save(big, "PNG")
+    field = "chat.messages[0].parts[{}].image"
+    cases = [
+        (image_chat(png_bomb(4000)), field.format(0), "pixels exceed the limit"),
+        (image_chat(big.getvalue()), field.format(0), "250000 pixels exceed the limit of 200000"),
+        (image_chat(png[: len(png) // 2]), field.format(0), "truncated or corrupt"),
+        (image_chat(jpeg[: len(jpeg) // 2]), field.format(0), "truncated or corrupt"),
+        (image_chat(b"this is a text file, not an image\n"), field.format(0), "is not a PNG, JPEG or WebP"),
+        (image_chat(png, png, png), field.format(2), "more than 2 images in one request"),
+        (image_chat(png, model="smollm2"), field.format(0), "takes text only"),
+        (pb.GenerateRequest(model="tiny-llava", prompt="look: <image>"), "prompt", "holds the image token"),
+        (
+            pb.GenerateRequest(
+                model="tiny-llava",
+                chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="an <image> written as text")]),
+            ),
+            "chat",
+            "placed 1 image tokens for 0 images",
+        ),
+        (
+            pb.GenerateRequest(
+                model="tiny-llava",
+                chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="no image here")]),
+                interventions=ipb.InterventionSpec(presets=["paint"]),
+            ),
+            "interventions.presets[0].selector.keys.image_tokens",
+            "the request has no images",
+        ),
+    ]
+    for request, expected_field, message in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            run(stub, request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        violations = field_violations(caught.value)
+        assert expected_field in violations, (expected_field, violations)
+        assert message in violations[expected_field]
+        # Score takes the same input and answers the same violation.
+        score = pb.ScoreRequest(model=request.model, candidates=["yes"], interventions=request.interventions)
+        if request.HasField("prompt"):
+            score.prompt = request.prompt
+        else:
+            score.chat.CopyFrom(request.chat)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Score(score)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in field_violations(caught.value)[expected_field]
+    with grpc.insecure_channel(server["target"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    tokens, _ = run(stub, image_chat(png))
+    assert len(tokens) == 6
+    assert "Traceback" not in server["log"].read_text()
+
+
+def test_grpcurl_sends_an_image_as_base64_json(server, image_files):
+    from .test_grpcurl import grpcurl
+
+    request = {
+        "model": "tiny-llava",
+        "chat": {
+            "messages": [
+                {
+                    "role": "user",
+                    "parts": [
+                        {"image": base64.b64encode(image_files["png"].read_bytes()).decode()},
+                        {"text": "what is in the image?"},
+                    ],
+                }
+            ]
+        },
+        "sampling": {"maxTokens": 4, "ignoreEos": True},
+    }
+    out = grpcurl(server["target"], "attnserve.v1.InferenceService/Generate", data=request)
+    assert out.returncode == 0, out.stderr
+    assert '"complete"' in out.stdout and '"image_tokens"' in out.stdout
