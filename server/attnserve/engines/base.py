@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..attention.plan import EMPTY_PLAN, RequestPlan
+from ..attention.plan import EMPTY_PLAN, RequestPlan, ScopedOp
 from ..spec.geometry import ModelGeometry
 
 
@@ -44,6 +44,63 @@ class ScoreRequest:
     #: Each candidate's tokens, at least one each.
     candidate_token_ids: tuple[tuple[int, ...], ...]
     plan: RequestPlan = EMPTY_PLAN
+
+
+@dataclass(frozen=True)
+class PerturbedGuidance:
+    """PAG or SoftPAG: a perturbed conditional branch whose attention is (partly) the identity.
+
+    eps = eps_u + w (eps_c - eps_u) + s(t) (eps_c - eps_ptb), s(t) = max(0, scale -
+    adaptive_scale (1000 - t)) (docs/attention-math.md#perturbed-attention-guidance).
+    """
+
+    scale: float
+    adaptive_scale: float
+    #: Layer index -> the perturbed branch's operations there (IdentityBlend: weight 1 on whole
+    #: layers for PAG, weight u on chosen heads for SoftPAG).
+    layer_ops: Mapping[int, tuple[ScopedOp, ...]]
+
+    def scale_at(self, timestep: float) -> float:
+        return max(0.0, self.scale - self.adaptive_scale * (1000 - timestep))
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A validated GenerateImage request, its prompts tokenized for the text encoder."""
+
+    request_id: str
+    #: The prompt's and the negative prompt's token ids (start and end tokens included, no padding).
+    prompt_token_ids: tuple[int, ...]
+    negative_token_ids: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    #: Classifier-free guidance scale w; 1 runs no unconditional branch.
+    guidance_scale: float
+    seed: int | None
+    num_images: int
+    #: Interventions on the conditional (and perturbed) branch; selector steps are denoising steps.
+    plan: RequestPlan = EMPTY_PLAN
+    perturbed: PerturbedGuidance | None = None
+
+
+@dataclass(frozen=True)
+class DenoisingProgress:
+    """One denoising step of a request done."""
+
+    step: int
+    timestep: int
+    #: Seconds since the request's denoising started.
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    """A request's images, as PNG bytes, in order; the last event of its stream."""
+
+    png: tuple[bytes, ...]
+    #: Seconds the request waited before its first step.
+    queue_seconds: float
 
 
 @dataclass
@@ -150,8 +207,25 @@ class CandidateScoring(abc.ABC):
         forward with the request's plan (engines/hf/scoring.py defines the computation)."""
 
 
+class ImageGeneration(abc.ABC):
+    """Capability: GenerateImage. Text-to-image denoising with per-request attention plans."""
+
+    tokenizer: object
+    #: The text encoder's sequence length (prompts longer than this are refused).
+    max_text_tokens: int
+
+    @abc.abstractmethod
+    def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:
+        """Stream one DenoisingProgress per step, then the GeneratedImages. Closing the iterator
+        early (cancel, deadline) drops the request from its batch before the next step."""
+
+
 #: RPC -> the capability an engine needs to serve it.
-RPC_CAPABILITIES: dict[str, type] = {"Generate": TextGeneration, "Score": CandidateScoring}
+RPC_CAPABILITIES: dict[str, type] = {
+    "Generate": TextGeneration,
+    "Score": CandidateScoring,
+    "GenerateImage": ImageGeneration,
+}
 
 
 def served_rpcs(engine: Engine) -> tuple[str, ...]:
