@@ -81,9 +81,7 @@ class PlannedAttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
+        batch_size = hidden_states.shape[0]
         if attention_mask is not None:
             # Text-to-image UNets pass none; a mask would need a layout of its own.
             raise ValueError("attention masks are not supported by attnserve's UNet attention")
