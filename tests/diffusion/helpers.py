@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from attnserve.attention.plan import IdentityBlend, ScopedOp
-from attnserve.engines.base import ImageRequest, PerturbedGuidance
+from attnserve.engines.base import ImageRequest
+from attnserve.spec.guidance import PerturbedGuidance
 
 PROMPT = "a photo of a cat"
 SIZE = 32

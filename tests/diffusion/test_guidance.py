@@ -4,8 +4,8 @@ formula, and rows of a mixed batch against themselves alone."""
 import numpy as np
 import pytest
 import torch
-from attnserve.engines.base import PerturbedGuidance
 from attnserve.engines.diffusers.denoise import Branch, DenoisingJob, _guide, guider_of
+from attnserve.spec.guidance import PerturbedGuidance
 
 from .helpers import GUIDANCE, generate, image_request, pag, reference_images, soft_pag
 

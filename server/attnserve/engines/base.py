@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..attention.plan import EMPTY_PLAN, RequestPlan, ScopedOp
+from ..attention.plan import EMPTY_PLAN, RequestPlan
 from ..spec.geometry import ModelGeometry
+from ..spec.guidance import PerturbedGuidance
 
 
 @dataclass(frozen=True)
@@ -44,24 +45,6 @@ class ScoreRequest:
     #: Each candidate's tokens, at least one each.
     candidate_token_ids: tuple[tuple[int, ...], ...]
     plan: RequestPlan = EMPTY_PLAN
-
-
-@dataclass(frozen=True)
-class PerturbedGuidance:
-    """PAG or SoftPAG: a perturbed conditional branch whose attention is (partly) the identity.
-
-    eps = eps_u + w (eps_c - eps_u) + s(t) (eps_c - eps_ptb), s(t) = max(0, scale -
-    adaptive_scale (1000 - t)) (docs/attention-math.md#perturbed-attention-guidance).
-    """
-
-    scale: float
-    adaptive_scale: float
-    #: Layer index -> the perturbed branch's operations there (IdentityBlend: weight 1 on whole
-    #: layers for PAG, weight u on chosen heads for SoftPAG).
-    layer_ops: Mapping[int, tuple[ScopedOp, ...]]
-
-    def scale_at(self, timestep: float) -> float:
-        return max(0.0, self.scale - self.adaptive_scale * (1000 - timestep))
 
 
 @dataclass(frozen=True)
@@ -213,6 +196,8 @@ class ImageGeneration(abc.ABC):
     tokenizer: object
     #: The text encoder's sequence length (prompts longer than this are refused).
     max_text_tokens: int
+    #: (height, width) in pixels when a request leaves them unset.
+    default_size: tuple[int, int]
 
     @abc.abstractmethod
     def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:

@@ -84,8 +84,6 @@ def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: S
         dtype=model.dtype,
         device=model.device,
         max_batch_size=model.limits.max_batch_size,
-        metrics=metrics,
-        model_name=model.name,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
@@ -39,8 +39,6 @@ class DenoisingJob:
     latents: torch.Tensor
     generator: torch.Generator | None
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
-    cancelled: bool = False
-    failure: BaseException | None = field(default=None)
 
     @property
     def num_rows(self) -> int:
@@ -117,13 +115,14 @@ class Denoiser:
         jobs: Sequence[DenoisingJob],
         steps: int,
         on_step: Callable[[DenoisingJob, int, int], None],
+        cancelled: Callable[[DenoisingJob], bool] = lambda job: False,
     ) -> None:
         """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each.
-        Jobs whose `cancelled` is set (by another thread) leave the batch before the next step."""
+        A job that is cancelled (set by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         for step, t in enumerate(scheduler.timesteps):
-            active = [job for job in jobs if not job.cancelled]
+            active = [job for job in jobs if not cancelled(job)]
             if not active:
                 return
             latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
