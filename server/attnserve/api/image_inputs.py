@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 from attnserve_client.v1 import image_generation_pb2 as pb
+from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import ImageGeneration, ImageRequest
 from ..models.registry import ServedModel
@@ -45,6 +46,7 @@ def to_image_request(
     allowed = PARAMETER_RANGES["guidance_scale"]
     if guidance_scale not in allowed:
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
+    _check_key_selectors(request, violations)
     geometry = engine.info.geometry
     perturbed = (
         compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
@@ -78,6 +80,18 @@ def to_image_request(
         plan=plan,
         perturbed=perturbed,
     )
+
+
+def _check_key_selectors(request: pb.GenerateImageRequest, violations: Violations) -> None:
+    """Key ranges are text-token positions: only cross-attention has text keys."""
+    for i, intervention in enumerate(request.interventions.interventions):
+        selector = intervention.selector
+        if selector.HasField("keys") and selector.attention != intervention_pb2.ATTENTION_KIND_CROSS:
+            violations.add(
+                f"interventions.interventions[{i}].selector.attention",
+                "keys select prompt tokens, which only cross-attention layers attend to: set "
+                "attention to ATTENTION_KIND_CROSS",
+            )
 
 
 def _text_token_ids(text: str, field: str, engine: ImageGeneration, violations: Violations) -> list[int]:

@@ -207,7 +207,9 @@ class DiffusersEngine(Engine, ImageGeneration):
             ticket.emit(DenoisingProgress(step=step, timestep=timestep, elapsed=time.monotonic() - started))
 
         try:
-            self._denoiser.run(denoising, steps, on_step, cancelled=lambda job: jobs[id(job)].cancelled)
+            self._denoiser.run(
+                denoising, steps, on_step, cancelled=lambda job: self._stopping or jobs[id(job)].cancelled
+            )
             for job in denoising:
                 if jobs[id(job)].cancelled:
                     continue
