@@ -230,3 +230,17 @@ def test_client_sdk_generate_image(image_server):
         with pytest.raises(AttnserveError) as err:
             list(client.generate_image(MODEL, "a red house", width=17))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metrics_count_steps_and_images(stub, image_server):
+    import urllib.request
+
+    collect(stub, request(steps=2, num_images=3, request_id="metrics"))
+    text = urllib.request.urlopen(image_server["metrics_url"], timeout=10).read().decode()
+    labels = f'{{engine="diffusers",model="{MODEL}"}}'
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if labels in line
+    }
+    assert values[f"attnserve_diffusion_images_generated_total{labels}"] >= 3
+    assert values[f"attnserve_diffusion_step_latency_seconds_count{labels}"] >= 2
+    assert values[f"attnserve_diffusion_step_latency_seconds_sum{labels}"] > 0

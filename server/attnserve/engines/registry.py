@@ -84,6 +84,8 @@ def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: S
         dtype=model.dtype,
         device=model.device,
         max_batch_size=model.limits.max_batch_size,
+        on_step_seconds=lambda seconds: metrics.denoising_step(model.name, model.engine, seconds),
+        on_images=lambda count: metrics.images_generated(model.name, model.engine, count),
     )
 
 

@@ -10,6 +10,7 @@ StableDiffusionPipeline and StableDiffusionPAGPipeline, so a request alone gives
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -116,12 +117,15 @@ class Denoiser:
         steps: int,
         on_step: Callable[[DenoisingJob, int, int], None],
         cancelled: Callable[[DenoisingJob], bool] = lambda job: False,
+        on_step_seconds: Callable[[float], None] = lambda seconds: None,
     ) -> None:
-        """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each.
-        A job that is cancelled (set by another thread) leaves the batch before the next step."""
+        """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each,
+        on_step_seconds(seconds) once per step with the step's time. A job that is cancelled (set
+        by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         for step, t in enumerate(scheduler.timesteps):
+            started = time.monotonic()
             active = [job for job in jobs if not cancelled(job)]
             if not active:
                 return
@@ -144,6 +148,7 @@ class Denoiser:
             stepped = scheduler.step(
                 torch.cat(guided), t, torch.cat([job.latents for job in active]), return_dict=False
             )[0]
+            on_step_seconds(time.monotonic() - started)
             for job, latents in zip(active, stepped.split([job.request.num_images for job in active])):
                 job.latents = latents
                 on_step(job, step, int(t))

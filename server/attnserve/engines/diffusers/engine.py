@@ -14,7 +14,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,8 @@ class DiffusersEngine(Engine, ImageGeneration):
         dtype: str = "float32",
         device: str = "cpu",
         max_batch_size: int = 16,
+        on_step_seconds: Callable[[float], None] = lambda seconds: None,
+        on_images: Callable[[int], None] = lambda count: None,
     ):
         # Guiders warn on every construction that they are experimental: once per request.
         diffusers_logging.get_logger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
@@ -99,6 +101,8 @@ class DiffusersEngine(Engine, ImageGeneration):
             unsupported_reason="the diffusers engine offers no readouts yet",
         )
         self._max_batch_size = max_batch_size
+        self._on_step_seconds = on_step_seconds
+        self._on_images = on_images
         self._waiting: list[_Ticket] = []
         self._running = 0
         self._stopping = False
@@ -194,27 +198,34 @@ class DiffusersEngine(Engine, ImageGeneration):
 
     def _run(self, batch: list[_Ticket]) -> None:
         started = time.monotonic()
-        jobs: dict[int, _Ticket] = {}
+        jobs: dict[int, _Ticket] = {}  # id(job) -> its request's ticket
         denoising: list[DenoisingJob] = []
-        for ticket in batch:
-            job = self._denoiser.start(ticket.request)
-            jobs[id(job)] = ticket
-            denoising.append(job)
-        steps = batch[0].request.steps
 
         def on_step(job: DenoisingJob, step: int, timestep: int) -> None:
             ticket = jobs[id(job)]
             ticket.emit(DenoisingProgress(step=step, timestep=timestep, elapsed=time.monotonic() - started))
 
+        def cancelled(job: DenoisingJob) -> bool:
+            return self._stopping or jobs[id(job)].cancelled
+
         try:
+            for ticket in batch:
+                job = self._denoiser.start(ticket.request)
+                jobs[id(job)] = ticket
+                denoising.append(job)
             self._denoiser.run(
-                denoising, steps, on_step, cancelled=lambda job: self._stopping or jobs[id(job)].cancelled
+                denoising,
+                batch[0].request.steps,
+                on_step,
+                cancelled=cancelled,
+                on_step_seconds=self._on_step_seconds,
             )
             for job in denoising:
-                if jobs[id(job)].cancelled:
+                if cancelled(job):
                     continue
                 ticket = jobs[id(job)]
                 images = self._denoiser.decode(job)
+                self._on_images(len(images))
                 ticket.emit(
                     GeneratedImages(
                         png=tuple(_png(image) for image in images), queue_seconds=started - ticket.submitted
