@@ -31,4 +31,4 @@ def served(tiny_sd_path):
     """(Denoiser, geometry) over a pipeline whose attention runs through attnserve's processors."""
     pipe = _load(StableDiffusionPipeline, tiny_sd_path)
     geometry, call = install_processors(pipe.unet)
-    return Denoiser(pipe, call), geometry
+    return Denoiser(pipe, call, geometry), geometry

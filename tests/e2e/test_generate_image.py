@@ -128,6 +128,17 @@ def _cross_identity_blend() -> intervention_pb2.InterventionSpec:
     )
 
 
+def _cross_temperature() -> intervention_pb2.InterventionSpec:
+    return intervention_pb2.InterventionSpec(
+        interventions=[
+            intervention_pb2.Intervention(
+                selector=intervention_pb2.Selector(attention=intervention_pb2.ATTENTION_KIND_CROSS),
+                temperature=intervention_pb2.Temperature(temperature=2.0),
+            )
+        ]
+    )
+
+
 BAD_REQUESTS = {
     "prompt": request(prompt="  "),
     "width": request(width=30),
@@ -163,6 +174,10 @@ BAD_REQUESTS = {
                 )
             ]
         )
+    ),
+    "word_heatmaps.words[0]": request(word_heatmaps=ipb.WordHeatmapsSpec(words=["dog"])),
+    "word_heatmaps": request(
+        word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_temperature()
     ),
     "interventions.interventions[0].selector.layer_names[0]": request(
         interventions=intervention_pb2.InterventionSpec(
@@ -223,10 +238,19 @@ def test_client_sdk_generate_image(image_server):
                 steps=2,
                 seed=3,
                 pag={"soft": {"heads": [{"layer": 6, "heads": [0, 1]}], "u": 0.5}},
+                word_heatmaps=["red", "house"],
             )
         )
         assert [r.step.step for r in responses[:-1]] == [0, 1]
-        assert decoded(responses[-1].complete.images[0]).size == (16, 16)
+        complete = responses[-1].complete
+        assert decoded(complete.images[0]).size == (16, 16)
+        assert [(h.word, h.image, list(h.token_positions)) for h in complete.word_heatmaps] == [
+            ("red", 0, [2]),
+            ("house", 0, [3]),
+        ]
+        for heatmap in complete.word_heatmaps:
+            values = np.array(heatmap.values).reshape(heatmap.height, heatmap.width)
+            assert values.shape == (16, 16) and values.min() == 0 and abs(values.max() - 1) < 1e-6
         with pytest.raises(AttnserveError) as err:
             list(client.generate_image(MODEL, "a red house", width=17))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -109,6 +109,8 @@ class ImageOptions(TypedDict, total=False):
     #: A PerturbedAttentionGuidance or its dict, e.g. {"scale": 3.0, "layers": ["mid"]} (PAG)
     #: or {"soft": {"heads": [{"layer": 6, "heads": [0, 1]}], "u": 0.5}} (SoftPAG).
     pag: image_generation_pb2.PerturbedAttentionGuidance | Mapping[str, Any]
+    #: Prompt words whose DAAM heatmaps come back with the images.
+    word_heatmaps: Sequence[str]
     request_id: str
 
 
@@ -135,6 +137,7 @@ def image_request(
     spec.presets.extend(options.get("presets", ()))
     if spec.presets or spec.interventions:
         request.interventions.CopyFrom(spec)
+    request.word_heatmaps.words.extend(options.get("word_heatmaps", ()))
     pag = options.get("pag")
     if isinstance(pag, image_generation_pb2.PerturbedAttentionGuidance):
         request.pag.CopyFrom(pag)

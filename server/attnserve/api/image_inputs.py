@@ -11,8 +11,10 @@ from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import ImageGeneration, ImageRequest
 from ..models.registry import ServedModel
+from ..readouts.word_heatmaps import compile_words
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
-from ..spec.errors import Violations
+from ..spec.errors import FieldViolation, InvalidRequest, Violations
+from ..spec.geometry import AttentionKind
 from ..spec.guidance import compile_guidance
 from ..spec.ranges import PARAMETER_RANGES
 from .inputs import MAX_REQUEST_ID_LENGTH
@@ -51,6 +53,14 @@ def to_image_request(
     perturbed = (
         compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
     )
+    words = compile_words(
+        request.word_heatmaps,
+        prompt_ids,
+        engine.tokenizer,
+        num_images * width * height,
+        limits.max_readout_values,
+        violations,
+    )
     violations.raise_if_any()
 
     plan = compile_plan(
@@ -67,6 +77,16 @@ def to_image_request(
             unsupported_reason=engine.info.unsupported_reason,
         ),
     )
+    if words and any(geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops):
+        raise InvalidRequest(
+            [
+                FieldViolation(
+                    "word_heatmaps",
+                    "heatmaps read the unedited cross-attention: not with interventions on "
+                    "cross-attention layers",
+                )
+            ]
+        )
     return ImageRequest(
         request_id=request.request_id or uuid.uuid4().hex,
         prompt_token_ids=tuple(prompt_ids),
@@ -79,6 +99,7 @@ def to_image_request(
         num_images=num_images,
         plan=plan,
         perturbed=perturbed,
+        heatmap_words=words,
     )
 
 

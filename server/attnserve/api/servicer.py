@@ -25,7 +25,7 @@ from ..engines.base import (
 )
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
-from ..readouts import READOUTS, ResponseContext
+from ..readouts import READOUTS, ResponseContext, word_heatmaps
 from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError, Unsupported
 from . import errors
 from .image_inputs import to_image_request
@@ -261,12 +261,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         )
                         for png in event.png
                     ]
-                    yield image_pb.GenerateImageResponse(
-                        complete=image_pb.GenerateImageComplete(
-                            images=images,
-                            interventions_applied=len(image_request.plan.applied_operations),
-                        )
+                    complete = image_pb.GenerateImageComplete(
+                        images=images, interventions_applied=len(image_request.plan.applied_operations)
                     )
+                    word_heatmaps.write(complete, image_request.heatmap_words, event.heatmaps)
+                    yield image_pb.GenerateImageResponse(complete=complete)
         except EngineDead as exc:
             log.error("generate_image failed request_id=%s: %s", image_request.request_id, exc)
             self._engine_dead(model, exc)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
+from ..readouts.word_heatmaps import HeatmapWord
 from ..spec.geometry import ModelGeometry
 from ..spec.guidance import PerturbedGuidance
 
@@ -65,6 +66,8 @@ class ImageRequest:
     #: Interventions on the conditional (and perturbed) branch; selector steps are denoising steps.
     plan: RequestPlan = EMPTY_PLAN
     perturbed: PerturbedGuidance | None = None
+    #: Prompt words whose DAAM heatmaps the request reads out.
+    heatmap_words: tuple[HeatmapWord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class GeneratedImages:
     png: tuple[bytes, ...]
     #: Seconds the request waited before its first step.
     queue_seconds: float
+    #: Per image, each of ImageRequest.heatmap_words' (height, width) heatmap.
+    heatmaps: tuple[tuple[Any, ...], ...] = ()
 
 
 @dataclass

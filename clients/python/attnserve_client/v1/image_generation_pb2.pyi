@@ -39,6 +39,7 @@ class GenerateImageRequest(_message.Message):
     PAG_FIELD_NUMBER: _builtins.int
     READOUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served diffusion model."""
     prompt: _builtins.str
@@ -72,6 +73,10 @@ class GenerateImageRequest(_message.Message):
     def readouts(self) -> _readout_pb2.ReadoutSpec:
         """Readouts; none are offered by the diffusers engine yet (GetModel lists what is)."""
 
+    @_builtins.property
+    def word_heatmaps(self) -> Global___WordHeatmapsSpec:
+        """DAAM cross-attention heatmaps of prompt words, returned with the images."""
+
     def __init__(
         self,
         *,
@@ -88,10 +93,11 @@ class GenerateImageRequest(_message.Message):
         pag: Global___PerturbedAttentionGuidance | None = ...,
         readouts: _readout_pb2.ReadoutSpec | None = ...,
         request_id: _builtins.str = ...,
+        word_heatmaps: Global___WordHeatmapsSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "interventions", b"interventions", "pag", b"pag", "readouts", b"readouts", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "interventions", b"interventions", "pag", b"pag", "readouts", b"readouts", "seed", b"seed", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -103,6 +109,79 @@ class GenerateImageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateImageRequest: _TypeAlias = GenerateImageRequest  # noqa: Y015
+
+@_typing.final
+class WordHeatmapsSpec(_message.Message):
+    """Which prompt words get a heatmap (DAAM: cross-attention of the conditional branch in the UNet's
+    down and up blocks, summed over steps, averaged over layers and heads; a word's map is the mean
+    over its tokens, at the image size, min-max normalised). Not with interventions on
+    cross-attention layers: the maps are read before them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Words (or phrases) of the prompt, each tokenized alone and found in the prompt's tokens (every
+        occurrence counts). At most 16; words x images x pixels are bounded by max_readout_values.
+        """
+
+    def __init__(
+        self,
+        *,
+        words: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["words", b"words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WordHeatmapsSpec: _TypeAlias = WordHeatmapsSpec  # noqa: Y015
+
+@_typing.final
+class WordHeatmap(_message.Message):
+    """One word's heatmap over one image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORD_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    TOKEN_POSITIONS_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    word: _builtins.str
+    image: _builtins.int
+    """Index of the image (GenerateImageComplete.images) it belongs to."""
+    width: _builtins.int
+    height: _builtins.int
+    @_builtins.property
+    def token_positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The word's positions among the prompt's text-encoder tokens (start token at 0)."""
+
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """height x width values in [0, 1], row by row."""
+
+    def __init__(
+        self,
+        *,
+        word: _builtins.str = ...,
+        image: _builtins.int = ...,
+        token_positions: _abc.Iterable[_builtins.int] | None = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "image", b"image", "token_positions", b"token_positions", "values", b"values", "width", b"width", "word", b"word"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WordHeatmap: _TypeAlias = WordHeatmap  # noqa: Y015
 
 @_typing.final
 class PerturbedAttentionGuidance(_message.Message):
@@ -252,21 +331,27 @@ class GenerateImageComplete(_message.Message):
 
     IMAGES_FIELD_NUMBER: _builtins.int
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
+    WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
     interventions_applied: _builtins.int
     """Interventions that ran, after presets were expanded."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
         """num_images images, in order."""
 
+    @_builtins.property
+    def word_heatmaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordHeatmap]:
+        """The heatmaps asked for in word_heatmaps, word by word for each image."""
+
     def __init__(
         self,
         *,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         interventions_applied: _builtins.int = ...,
+        word_heatmaps: _abc.Iterable[Global___WordHeatmap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "interventions_applied", b"interventions_applied"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "interventions_applied", b"interventions_applied", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,7 @@ text keys (attention/layout.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ...attention.core import attend_rows
+from ...attention.heatmaps import cross_attention_probabilities
 from ...attention.layout import MaskKind, RowLayout
 from ...attention.plan import RowPlan
 from ...spec.geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
 
 #: layer index -> the RowPlan of each batch row in this call (None: the row is left untouched).
 RowPlans = Callable[[int], Sequence[RowPlan | None]]
+#: layer index -> batch row -> what reads that row's unedited cross-attention probabilities.
+Readers = Callable[[int], Mapping[int, Callable[[torch.Tensor], None]]]
 
 
 def attention_modules(unet: torch.nn.Module) -> list[tuple[str, Attention]]:
@@ -57,6 +60,7 @@ class UNetCall:
 
     def __init__(self) -> None:
         self.row_plans: RowPlans | None = None
+        self.readers: Readers | None = None
 
 
 @dataclass
@@ -105,6 +109,9 @@ class PlannedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if self.call.readers is not None:
+            for row, read in self.call.readers(self.layer.index).items():
+                read(cross_attention_probabilities(query[row], key[row], attn.scale))
         plans = self.call.row_plans(self.layer.index) if self.call.row_plans is not None else None
         if plans is None or all(plan is None for plan in plans):
             # diffusers' own call (scale left to SDPA's default, as AttnProcessor2_0 does).

@@ -12,13 +12,15 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...attention.plan import RowPlan
+from ...readouts.word_heatmaps import HeatmapAccumulator
+from ...spec.geometry import AttentionKind, ModelGeometry
 from ..base import ImageRequest
 from .attention import UNetCall
 
@@ -40,6 +42,8 @@ class DenoisingJob:
     latents: torch.Tensor
     generator: torch.Generator | None
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
+    #: One per image when the request reads heatmaps out.
+    heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -74,9 +78,15 @@ def guider_of(request: ImageRequest) -> ClassifierFreeGuidance | PerturbedAttent
 class Denoiser:
     """Runs the denoising of batches of DenoisingJobs on one pipeline's components."""
 
-    def __init__(self, pipe, call: UNetCall):
+    def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry):
         self.pipe = pipe
         self.call = call
+        # DAAM reads the cross-attention of the down and up blocks.
+        self.heatmap_layers = frozenset(
+            layer.index
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
+        )
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
 
@@ -99,8 +109,14 @@ class Denoiser:
             torch.Generator(self.device).manual_seed(request.seed) if request.seed is not None else None
         )
         scale = self.pipe.vae_scale_factor
-        shape = (n, self.pipe.unet.config.in_channels, request.height // scale, request.width // scale)
+        latent = (request.height // scale, request.width // scale)
+        shape = (n, self.pipe.unet.config.in_channels, *latent)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        heatmaps = (
+            [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
+            if request.heatmap_words
+            else []
+        )
         return DenoisingJob(
             request=request,
             branches=branches,
@@ -108,6 +124,7 @@ class Denoiser:
             latents=latents * self.pipe.scheduler.init_noise_sigma,
             generator=generator,
             guider=guider_of(request),
+            heatmaps=heatmaps,
         )
 
     @torch.inference_mode()
@@ -132,6 +149,7 @@ class Denoiser:
             latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
             latents = scheduler.scale_model_input(latents, t)
             self.call.row_plans = _row_plans(active, step)
+            self.call.readers = _heatmap_readers(active, self.heatmap_layers)
             try:
                 noise = self.pipe.unet(
                     latents,
@@ -141,6 +159,7 @@ class Denoiser:
                 )[0]
             finally:
                 self.call.row_plans = None
+                self.call.readers = None
             guided = []
             for job, rows in zip(active, noise.split([job.num_rows for job in active])):
                 guided.append(_guide(job, rows, step, t))
@@ -205,6 +224,23 @@ def _row_plans(jobs: Sequence[DenoisingJob], step: int) -> Callable[[int], list[
         return out
 
     return plans
+
+
+def _heatmap_readers(jobs: Sequence[DenoisingJob], layers: frozenset[int]):
+    """layer -> {batch row: its image's heatmap accumulator}: each heatmap request's conditional
+    rows, in the heatmap layers."""
+    readers = {}
+    start = 0
+    for job in jobs:
+        if job.heatmaps:
+            first = start + job.branches.index(Branch.CONDITIONAL) * job.request.num_images
+            readers |= {first + image: heatmap.record for image, heatmap in enumerate(job.heatmaps)}
+        start += job.num_rows
+
+    def of_layer(layer: int):
+        return readers if layer in layers else {}
+
+    return of_layer
 
 
 def _with_ops(plan: RowPlan | None, ops) -> RowPlan | None:

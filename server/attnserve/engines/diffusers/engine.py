@@ -88,7 +88,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         diffusers_logging.get_logger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
-        self._denoiser = Denoiser(self.pipe, call)
+        self._denoiser = Denoiser(self.pipe, call, geometry)
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -226,9 +226,16 @@ class DiffusersEngine(Engine, ImageGeneration):
                 ticket = jobs[id(job)]
                 images = self._denoiser.decode(job)
                 self._on_images(len(images))
+                request = ticket.request
+                heatmaps = tuple(
+                    tuple(heatmap.heatmaps(request.heatmap_words, (request.height, request.width)))
+                    for heatmap in job.heatmaps
+                )
                 ticket.emit(
                     GeneratedImages(
-                        png=tuple(_png(image) for image in images), queue_seconds=started - ticket.submitted
+                        png=tuple(_png(image) for image in images),
+                        queue_seconds=started - ticket.submitted,
+                        heatmaps=heatmaps,
                     )
                 )
         except Exception as exc:  # this batch fails; the engine goes on
