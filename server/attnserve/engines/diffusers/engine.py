@@ -46,7 +46,7 @@ def load_pipeline(
     """A local Stable Diffusion pipeline directory (safetensors), without a safety checker."""
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path,
-        torch_dtype=_DTYPES[dtype],
+        dtype=_DTYPES[dtype],
         local_files_only=True,
         use_safetensors=True,
         safety_checker=None,
