@@ -10,6 +10,7 @@ StableDiffusionPipeline and StableDiffusionPAGPipeline, so a request alone gives
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from ...readouts.word_heatmaps import HeatmapAccumulator
 from ...spec.geometry import AttentionKind, ModelGeometry
 from ..base import ImageRequest
 from .attention import UNetCall
+
+# Guiders warn on every construction that they are experimental: once per request here.
+logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
 
 
 class Branch(enum.Enum):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 
 from ...attention.plan import OPERATIONS
 from ..base import (
@@ -62,7 +61,8 @@ class _Ticket:
     """A request from submission to its images."""
 
     request: ImageRequest
-    emit: object
+    #: Hands a DenoisingProgress, the GeneratedImages or an exception to the request's stream.
+    emit: Callable[[object], None]
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -84,8 +84,6 @@ class DiffusersEngine(Engine, ImageGeneration):
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
         on_images: Callable[[int], None] = lambda count: None,
     ):
-        # Guiders warn on every construction that they are experimental: once per request.
-        diffusers_logging.get_logger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
         self._denoiser = Denoiser(self.pipe, call, geometry)
