@@ -21,3 +21,12 @@ def tiny_llava_path() -> pathlib.Path:
     from attnserve.models.builtin import ensure_builtin
 
     return ensure_builtin("tiny-llava", REPO_ROOT / ".cache" / "test-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path() -> pathlib.Path:
+    """The built-in tiny Stable-Diffusion pipeline (built in code, seeded), built once into the
+    git-ignored <repo>/.cache/test-models and reused by later sessions."""
+    from attnserve.models.builtin import ensure_builtin
+
+    return ensure_builtin("tiny-sd", REPO_ROOT / ".cache" / "test-models")

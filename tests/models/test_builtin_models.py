@@ -112,3 +112,39 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("ATTNSERVE_CACHE_DIR")
     assert default_cache_dir() == pathlib.Path.home() / ".cache" / "attnserve"
+
+
+def test_tiny_sd_reloads_as_a_stable_diffusion_pipeline(tiny_sd_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True, use_safetensors=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.unet.config.block_out_channels == [32, 64] and pipe.unet.config.cross_attention_dim == 32
+    assert pipe.tokenizer.model_max_length == 77
+    assert sorted(p.name for p in (tiny_sd_path / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    image = pipe(
+        "a photo of a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert image.shape == (1, 32, 32, 3) and 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_tiny_sd_is_the_same_on_every_build(tmp_path):
+    from attnserve.models.tiny_diffusion import build_tiny_sd
+    from safetensors.torch import load_file
+
+    build_tiny_sd(tmp_path / "a")
+    build_tiny_sd(tmp_path / "b")
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
+        a, b = (
+            load_file(tmp_path / "a" / f"{part}.safetensors"),
+            load_file(tmp_path / "b" / f"{part}.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -157,7 +157,15 @@ def test_packaged_default_config():
             {"models": [minimal_model(kind="vlm", engine="vllm")]},
             "models[0].engine: 'vllm' is not one of transformers for kind 'vlm'",
         ),
-        ({"models": [minimal_model(kind="diffusion", engine="diffusers")]}, "models[0].kind: no engine"),
+        (
+            {"models": [minimal_model(kind="diffusion", engine="transformers", builtin="tiny-sd")]},
+            "models[0].engine: 'transformers' is not one of diffusers for kind 'diffusion'",
+        ),
+        (
+            {"models": [minimal_model(kind="diffusion", engine="diffusers")]},
+            "models[0].builtin: 'smollm2-135m-instruct' is a llm model, not diffusion",
+        ),
+        ({"models": [minimal_model(builtin="tiny-sd")]}, "models[0].builtin: 'tiny-sd' is a diffusion model"),
         ({"models": [minimal_model(dtype="int8")]}, "models[0].dtype: 'int8' is not one of"),
         ({"models": [minimal_model(builtin="gpt-5")]}, "models[0].builtin: 'gpt-5' is not one of"),
         ({"models": [minimal_model(path="/models/x")]}, "models[0]: set exactly one of builtin and path"),

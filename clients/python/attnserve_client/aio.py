@@ -14,14 +14,16 @@ from attnserve_client.errors import AttnserveError
 from attnserve_client.request import (
     CHANNEL_OPTIONS,
     GenerateOptions,
+    ImageOptions,
     Interventions,
     Message,
     generate_request,
+    image_request,
     score_request,
 )
+from attnserve_client.v1 import image_generation_pb2, model_pb2
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
-from attnserve_client.v1 import model_pb2
 
 if TYPE_CHECKING:
     from typing import Self, Unpack  # both need Python 3.11
@@ -126,6 +128,21 @@ class AsyncClient:
         async for response in self.generate(model, prompt, messages, **options):
             builder.add(response)
         return builder.build()
+
+    async def generate_image(
+        self, model: str, prompt: str, **options: Unpack[ImageOptions]
+    ) -> AsyncIterator[image_generation_pb2.GenerateImageResponse]:
+        """Stream one response per denoising step, then the images (see Client.generate_image)."""
+        call = self._stub.GenerateImage(
+            image_request(model, prompt, **options), timeout=self.timeout, metadata=self._metadata
+        )
+        try:
+            async for response in call:
+                yield response
+        except aio.AioRpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     async def _stream(
         self, request: service_pb2.GenerateRequest

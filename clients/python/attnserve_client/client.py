@@ -12,14 +12,16 @@ from attnserve_client.errors import AttnserveError
 from attnserve_client.request import (
     CHANNEL_OPTIONS,
     GenerateOptions,
+    ImageOptions,
     Interventions,
     Message,
     generate_request,
+    image_request,
     score_request,
 )
+from attnserve_client.v1 import image_generation_pb2, model_pb2
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import inference_service_pb2_grpc as service_grpc
-from attnserve_client.v1 import model_pb2
 
 if TYPE_CHECKING:
     from typing import Self, Unpack  # both need Python 3.11
@@ -136,6 +138,21 @@ class Client:
         for response in self.generate(model, prompt, messages, **options):
             builder.add(response)
         return builder.build()
+
+    def generate_image(
+        self, model: str, prompt: str, **options: Unpack[ImageOptions]
+    ) -> Iterator[image_generation_pb2.GenerateImageResponse]:
+        """Stream one response per denoising step (`step`), then the images (`complete`, PNG
+        bytes). Leaving the loop early cancels the call."""
+        call = self._stub.GenerateImage(
+            image_request(model, prompt, **options), timeout=self.timeout, metadata=self._metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise AttnserveError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     def _stream(self, request: service_pb2.GenerateRequest) -> Iterator[service_pb2.GenerateResponse]:
         call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)

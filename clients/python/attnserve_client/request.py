@@ -1,4 +1,5 @@
-"""GenerateRequest and ScoreRequest construction shared by the sync and asyncio clients."""
+"""GenerateRequest, ScoreRequest and GenerateImageRequest construction shared by the sync and
+asyncio clients."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from google.protobuf import json_format
+
 from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
+from attnserve_client.v1 import image_generation_pb2, intervention_pb2, readout_pb2
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
-from attnserve_client.v1 import intervention_pb2, readout_pb2
 
 if TYPE_CHECKING:
     from typing import Unpack  # typing.Unpack needs Python 3.11
@@ -94,6 +97,58 @@ def generate_request(
         request.readouts.CopyFrom(
             readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts)
         )
+    return request
+
+
+class ImageOptions(TypedDict, total=False):
+    """The keyword options of a GenerateImage call; unset fields take the server's defaults."""
+
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    interventions: Interventions
+    presets: Sequence[str]
+    #: A PerturbedAttentionGuidance or its dict, e.g. {"scale": 3.0, "layers": ["mid"]} (PAG)
+    #: or {"soft": {"heads": [{"layer": 6, "heads": [0, 1]}], "u": 0.5}} (SoftPAG).
+    pag: image_generation_pb2.PerturbedAttentionGuidance | Mapping[str, Any]
+    #: Prompt words whose DAAM heatmaps come back with the images.
+    word_heatmaps: Sequence[str]
+    request_id: str
+
+
+def image_request(
+    model: str, prompt: str, **options: Unpack[ImageOptions]
+) -> image_generation_pb2.GenerateImageRequest:
+    """Build a GenerateImageRequest."""
+    unknown = options.keys() - ImageOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"unknown generate_image option(s): {', '.join(sorted(unknown))}")
+    request = image_generation_pb2.GenerateImageRequest(
+        model=model,
+        prompt=prompt,
+        negative_prompt=options.get("negative_prompt", ""),
+        width=options.get("width", 0),
+        height=options.get("height", 0),
+        steps=options.get("steps", 0),
+        guidance_scale=options.get("guidance_scale"),
+        seed=options.get("seed"),
+        num_images=options.get("num_images", 0),
+        request_id=options.get("request_id", ""),
+    )
+    spec = _intervention_spec(options.get("interventions"))
+    spec.presets.extend(options.get("presets", ()))
+    if spec.presets or spec.interventions:
+        request.interventions.CopyFrom(spec)
+    request.word_heatmaps.words.extend(options.get("word_heatmaps", ()))
+    pag = options.get("pag")
+    if isinstance(pag, image_generation_pb2.PerturbedAttentionGuidance):
+        request.pag.CopyFrom(pag)
+    elif pag is not None:
+        json_format.ParseDict(pag, request.pag)
     return request
 
 

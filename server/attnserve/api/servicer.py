@@ -8,13 +8,17 @@ import logging
 import time
 
 import grpc
+from attnserve_client.v1 import image_generation_pb2 as image_pb
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import (
     CandidateScoring,
+    DenoisingProgress,
     EngineDead,
+    GeneratedImages,
+    ImageGeneration,
     NonFiniteOutput,
     TextGeneration,
     TokenOutput,
@@ -22,9 +26,10 @@ from ..engines.base import (
 )
 from ..metrics import ServerMetrics
 from ..models.registry import ModelRegistry, ServedModel
-from ..readouts import READOUTS, ResponseContext
+from ..readouts import READOUTS, ResponseContext, word_heatmaps
 from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestError, Unsupported
 from . import errors
+from .image_inputs import to_image_request
 from .inputs import to_engine_request, to_score_request
 
 log = logging.getLogger("attnserve.api")
@@ -91,6 +96,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._call(context):
             return await self._score(request, context)
 
+    async def GenerateImage(self, request, context):
+        async with self._call(context):
+            async for response in self._generate_image(request, context):
+                yield response
+
     async def _get_model(self, request, context):
         try:
             if not request.name:
@@ -104,8 +114,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
-            engine_request = to_engine_request(request, model)
             engine = capable_engine(model, TextGeneration, "Generate")
+            engine_request = to_engine_request(request, model)
             _admit(model)
         except RequestError as exc:
             await self._refuse(context, exc, model)
@@ -177,8 +187,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
-            score_request = to_score_request(request, model)
             engine = capable_engine(model, CandidateScoring, "Score")
+            score_request = to_score_request(request, model)
             _admit(model)
             log.info(
                 "score request_id=%s model=%s prompt_tokens=%d candidates=%d interventions=%d",
@@ -210,6 +220,62 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             usage=pb.Usage(prompt_tokens=len(score_request.prompt_token_ids)),
             interventions_applied=len(score_request.plan.applied_operations),
         )
+
+    async def _generate_image(self, request, context):
+        model = None
+        try:
+            model = self._model(request.model)
+            engine = capable_engine(model, ImageGeneration, "GenerateImage")
+            image_request = to_image_request(request, model, engine)
+            _admit(model)
+        except RequestError as exc:
+            await self._refuse(context, exc, model)
+            return
+        for operation in image_request.plan.applied_operations:
+            self._metrics.interventions_applied(model.name, model.engine_name, operation)
+        log.info(
+            "generate_image request_id=%s model=%s size=%dx%d steps=%d images=%d pag=%s interventions=%d",
+            image_request.request_id,
+            model.name,
+            image_request.width,
+            image_request.height,
+            image_request.steps,
+            image_request.num_images,
+            image_request.perturbed is not None,
+            len(image_request.plan.applied_operations),
+        )
+        try:
+            async for event in engine.generate_image(image_request):
+                if isinstance(event, DenoisingProgress):
+                    yield image_pb.GenerateImageResponse(
+                        step=image_pb.DenoisingStep(
+                            step=event.step,
+                            timestep=event.timestep,
+                            elapsed_seconds=event.elapsed,
+                            num_steps=image_request.steps,
+                        )
+                    )
+                elif isinstance(event, GeneratedImages):
+                    images = [
+                        image_pb.GeneratedImage(
+                            png=png, width=image_request.width, height=image_request.height
+                        )
+                        for png in event.png
+                    ]
+                    complete = image_pb.GenerateImageComplete(
+                        images=images, interventions_applied=len(image_request.plan.applied_operations)
+                    )
+                    word_heatmaps.write(complete, image_request.heatmap_words, event.heatmaps)
+                    yield image_pb.GenerateImageResponse(complete=complete)
+        except EngineDead as exc:
+            log.error("generate_image failed request_id=%s: %s", image_request.request_id, exc)
+            self._engine_dead(model, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, retry")
+        except Exception:
+            log.exception("generate_image failed request_id=%s", image_request.request_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "the engine failed while generating images; see server logs"
+            )
 
     def _model(self, name: str) -> ServedModel:
         if not name:

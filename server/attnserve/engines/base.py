@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
+from ..readouts.word_heatmaps import HeatmapWord
 from ..spec.geometry import ModelGeometry
+from ..spec.guidance import PerturbedGuidance
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,49 @@ class ScoreRequest:
     plan: RequestPlan = EMPTY_PLAN
     images: tuple[Any, ...] = ()
     image_spans: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A validated GenerateImage request, its prompts tokenized for the text encoder."""
+
+    request_id: str
+    #: The prompt's and the negative prompt's token ids (start and end tokens included, no padding).
+    prompt_token_ids: tuple[int, ...]
+    negative_token_ids: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    #: Classifier-free guidance scale w; 1 runs no unconditional branch.
+    guidance_scale: float
+    seed: int | None
+    num_images: int
+    #: Interventions on the conditional (and perturbed) branch; selector steps are denoising steps.
+    plan: RequestPlan = EMPTY_PLAN
+    perturbed: PerturbedGuidance | None = None
+    #: Prompt words whose DAAM heatmaps the request reads out.
+    heatmap_words: tuple[HeatmapWord, ...] = ()
+
+
+@dataclass(frozen=True)
+class DenoisingProgress:
+    """One denoising step of a request done."""
+
+    step: int
+    timestep: int
+    #: Seconds since the request's denoising started.
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    """A request's images, as PNG bytes, in order; the last event of its stream."""
+
+    png: tuple[bytes, ...]
+    #: Seconds the request waited before its first step.
+    queue_seconds: float
+    #: Per image, each of ImageRequest.heatmap_words' (height, width) heatmap.
+    heatmaps: tuple[tuple[Any, ...], ...] = ()
 
 
 @dataclass
@@ -177,8 +222,27 @@ class CandidateScoring(abc.ABC):
         forward with the request's plan (engines/hf/scoring.py defines the computation)."""
 
 
+class ImageGeneration(abc.ABC):
+    """Capability: GenerateImage. Text-to-image denoising with per-request attention plans."""
+
+    tokenizer: object
+    #: The text encoder's sequence length (prompts longer than this are refused).
+    max_text_tokens: int
+    #: (height, width) in pixels when a request leaves them unset.
+    default_size: tuple[int, int]
+
+    @abc.abstractmethod
+    def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:
+        """Stream one DenoisingProgress per step, then the GeneratedImages. Closing the iterator
+        early (cancel, deadline) drops the request from its batch before the next step."""
+
+
 #: RPC -> the capability an engine needs to serve it.
-RPC_CAPABILITIES: dict[str, type] = {"Generate": TextGeneration, "Score": CandidateScoring}
+RPC_CAPABILITIES: dict[str, type] = {
+    "Generate": TextGeneration,
+    "Score": CandidateScoring,
+    "GenerateImage": ImageGeneration,
+}
 
 
 def served_rpcs(engine: Engine) -> tuple[str, ...]:

@@ -77,10 +77,24 @@ def _vllm_engine(path, model: ModelConfig, config: ServerConfig, metrics: Server
     )
 
 
+def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: ServerMetrics) -> Engine:
+    from .diffusers.engine import DiffusersEngine  # torch and diffusers load here
+
+    return DiffusersEngine(
+        path,
+        dtype=model.dtype,
+        device=model.device,
+        max_batch_size=model.limits.max_batch_size,
+        on_step_seconds=lambda seconds: metrics.denoising_step(model.name, model.engine, seconds),
+        on_images=lambda count: metrics.images_generated(model.name, model.engine, count),
+    )
+
+
 #: Engine name in config -> what it serves and how it is built.
 ENGINES: dict[str, EngineEntry] = {
     "transformers": EngineEntry(model_kinds=("llm", "vlm"), build=_transformers_engine),
     "vllm": EngineEntry(model_kinds=("llm", "vlm"), build=_vllm_engine),
+    "diffusers": EngineEntry(model_kinds=("diffusion",), build=_diffusers_engine),
 }
 
 

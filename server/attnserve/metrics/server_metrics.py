@@ -159,6 +159,13 @@ class ServerMetrics:
             ("operation",),
         )
 
+        self._denoising_step = histogram(
+            "attnserve_diffusion_step_latency_seconds",
+            "Time of one denoising step of a batch of image requests (one UNet call for all their rows).",
+            buckets.DENOISING_STEP_SECONDS,
+        )
+        self._images_generated = counter("attnserve_diffusion_images_generated_total", "Images generated.")
+
         Info("attnserve_server", "attnserve server build.", registry=registry).info(
             {"version": version or _installed_version()}
         )
@@ -249,6 +256,14 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
     # Children cache ---------------------------------------------------------------------------
+
+    # Diffusion ---------------------------------------------------------------------------------
+
+    def denoising_step(self, model: str, engine: str, seconds: float) -> None:
+        self._denoising_step.labels(model=model, engine=engine).observe(seconds)
+
+    def images_generated(self, model: str, engine: str, count: int) -> None:
+        self._images_generated.labels(model=model, engine=engine).inc(count)
 
     def _series(self, model: str, engine: str) -> _ModelSeries:
         series = self._model_series.get((model, engine))

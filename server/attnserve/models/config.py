@@ -51,6 +51,10 @@ class Limits:
     #: Rows decoded together in one batch.
     max_batch_size: int = 16
     max_waiting_requests: int = 256
+    #: GenerateImage: pixels per side, denoising steps and images per request.
+    max_image_size: int = 1024
+    max_denoising_steps: int = 200
+    max_images: int = 4
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,10 @@ def _parse_model(data: Any, server_limits: Limits, base_dir: Path, where: str) -
     path: Path | None = None
     if "builtin" in data:
         builtin = _choice(data, "builtin", tuple(BUILTINS), where)
+        if BUILTINS[builtin].kind != kind:
+            raise ConfigError(
+                f"{_join(where, 'builtin')}: {builtin!r} is a {BUILTINS[builtin].kind} model, not {kind}"
+            )
     else:
         path = _path(data["path"], _join(where, "path"), base_dir)
 

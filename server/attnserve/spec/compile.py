@@ -117,6 +117,8 @@ def _compile_intervention(
         keys = _key_set(sel.keys, f"{sfield}.keys", ctx, violations)
     else:  # a temperature acts on every logit; key operations default to the prompt's keys
         keys = _EVERY_KEY if kind == "temperature" else P.ALL_PROMPT_KEYS
+    if kind == "identity_blend":
+        _check_own_keys(placements, sfield, ctx.geometry, violations)
     steps = _step_range(sel, sfield, violations)
     if len(violations.items) > before:
         return None
@@ -187,6 +189,18 @@ def _check_kinds(
             field,
             f"{len(others)} selected layer(s) are not {_kind_text(kind)}, e.g. layer {first.index} "
             f"({quoted(first.name)}, {_kind_text(first.kind)})",
+        )
+
+
+def _check_own_keys(placements, field: str, geo: ModelGeometry, violations: Violations) -> None:
+    """identity_blend needs each query's own key: no cross-attention layer (attention.core)."""
+    cross = [geo.layers[layer] for layer, _ in placements if geo.layers[layer].kind is AttentionKind.CROSS]
+    if cross:
+        violations.add(
+            f"{field}.attention",
+            f"identity_blend needs self-attention (each query's own key), but {len(cross)} selected "
+            f"layer(s) are cross-attention, e.g. layer {cross[0].index} ({quoted(cross[0].name)}); "
+            "set attention to ATTENTION_KIND_SELF",
         )
 
 

@@ -56,6 +56,11 @@ PARAMETER_RANGES: dict[str, NumberRange] = {
     "head_output_scale.scale": NumberRange(-100.0, 100.0),
     "identity_blend.weight": NumberRange(0.0, 1.0),
     "temperature.temperature": NumberRange(0.01, 100.0),
+    # GenerateImage (relative to GenerateImageRequest).
+    "guidance_scale": NumberRange(1.0, 30.0),
+    "pag.scale": NumberRange(0.0, 100.0),
+    "pag.adaptive_scale": NumberRange(0.0, 1.0),
+    "pag.soft.u": NumberRange(0.0, 1.0),
 }
 
 

@@ -22,54 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import image_generation_pb2 as attnserve_dot_v1_dot_image__generation__pb2
 from . import intervention_pb2 as attnserve_dot_v1_dot_intervention__pb2
 from . import model_pb2 as attnserve_dot_v1_dot_model__pb2
 from . import readout_pb2 as attnserve_dot_v1_dot_readout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$attnserve/v1/inference_service.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x18\x61ttnserve/v1/model.proto\x1a\x1a\x61ttnserve/v1/readout.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.attnserve.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.attnserve.v1.Model\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.ChatMessage\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8d\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12.\n\x08sampling\x18\n \x01(\x0b\x32\x1c.attnserve.v1.SamplingParams\x12\x35\n\rinterventions\x18\x0b \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\tB\x07\n\x05inputJ\x04\x08\x04\x10\n\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xee\x01\n\x0eGeneratedToken\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.attnserve.v1.TopLogprob\x12\x32\n\x0e\x61ttention_rows\x18\x06 \x03(\x0b\x32\x1a.attnserve.v1.AttentionRow\x12\x38\n\x0fimage_attention\x18\x07 \x03(\x0b\x32\x1f.attnserve.v1.ImageAttentionMap\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb0\x02\n\x10GenerateComplete\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\x10layer_statistics\x18\x04 \x03(\x0b\x32\x1d.attnserve.v1.LayerStatistics\x12/\n\x07summary\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.AttentionSummary\x12\x1d\n\x15interventions_applied\x18\x06 \x01(\x05\x12.\n\x0cimage_tokens\x18\x07 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\"~\n\x10GenerateResponse\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.attnserve.v1.GeneratedTokenH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.attnserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\x35\n\rinterventions\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"H\n\x0e\x43\x61ndidateScore\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\x80\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.CandidateScore\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x1d\n\x15interventions_applied\x18\x03 \x01(\x05*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\xbd\x02\n\x10InferenceService\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x1e.attnserve.v1.GetModelResponse\x12K\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.attnserve.v1.ScoreRequest\x1a\x1b.attnserve.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$attnserve/v1/inference_service.proto\x12\x0c\x61ttnserve.v1\x1a#attnserve/v1/image_generation.proto\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x18\x61ttnserve/v1/model.proto\x1a\x1a\x61ttnserve/v1/readout.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.attnserve.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.attnserve.v1.Model\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.ChatMessage\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8d\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12.\n\x08sampling\x18\n \x01(\x0b\x32\x1c.attnserve.v1.SamplingParams\x12\x35\n\rinterventions\x18\x0b \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\tB\x07\n\x05inputJ\x04\x08\x04\x10\n\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xee\x01\n\x0eGeneratedToken\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.attnserve.v1.TopLogprob\x12\x32\n\x0e\x61ttention_rows\x18\x06 \x03(\x0b\x32\x1a.attnserve.v1.AttentionRow\x12\x38\n\x0fimage_attention\x18\x07 \x03(\x0b\x32\x1f.attnserve.v1.ImageAttentionMap\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb0\x02\n\x10GenerateComplete\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\x10layer_statistics\x18\x04 \x03(\x0b\x32\x1d.attnserve.v1.LayerStatistics\x12/\n\x07summary\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.AttentionSummary\x12\x1d\n\x15interventions_applied\x18\x06 \x01(\x05\x12.\n\x0cimage_tokens\x18\x07 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\"~\n\x10GenerateResponse\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.attnserve.v1.GeneratedTokenH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.attnserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\x35\n\rinterventions\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"H\n\x0e\x43\x61ndidateScore\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\x80\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.CandidateScore\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x1d\n\x15interventions_applied\x18\x03 \x01(\x05*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\x99\x03\n\x10InferenceService\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x1e.attnserve.v1.GetModelResponse\x12K\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.attnserve.v1.ScoreRequest\x1a\x1b.attnserve.v1.ScoreResponse\x12Z\n\rGenerateImage\x12\".attnserve.v1.GenerateImageRequest\x1a#.attnserve.v1.GenerateImageResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2217
-  _globals['_FINISHREASON']._serialized_end=2342
-  _globals['_LISTMODELSREQUEST']._serialized_start=141
-  _globals['_LISTMODELSREQUEST']._serialized_end=160
-  _globals['_LISTMODELSRESPONSE']._serialized_start=162
-  _globals['_LISTMODELSRESPONSE']._serialized_end=219
-  _globals['_GETMODELREQUEST']._serialized_start=221
-  _globals['_GETMODELREQUEST']._serialized_end=252
-  _globals['_GETMODELRESPONSE']._serialized_start=254
-  _globals['_GETMODELRESPONSE']._serialized_end=308
-  _globals['_CHATMESSAGE']._serialized_start=310
-  _globals['_CHATMESSAGE']._serialized_end=396
-  _globals['_CONTENTPART']._serialized_start=398
-  _globals['_CONTENTPART']._serialized_end=452
-  _globals['_CHAT']._serialized_start=454
-  _globals['_CHAT']._serialized_end=505
-  _globals['_SAMPLINGPARAMS']._serialized_start=508
-  _globals['_SAMPLINGPARAMS']._serialized_end=750
-  _globals['_GENERATEREQUEST']._serialized_start=753
-  _globals['_GENERATEREQUEST']._serialized_end=1022
-  _globals['_TOPLOGPROB']._serialized_start=1024
-  _globals['_TOPLOGPROB']._serialized_end=1085
-  _globals['_GENERATEDTOKEN']._serialized_start=1088
-  _globals['_GENERATEDTOKEN']._serialized_end=1326
-  _globals['_USAGE']._serialized_start=1328
-  _globals['_USAGE']._serialized_end=1385
-  _globals['_GENERATECOMPLETE']._serialized_start=1388
-  _globals['_GENERATECOMPLETE']._serialized_end=1692
-  _globals['_GENERATERESPONSE']._serialized_start=1694
-  _globals['_GENERATERESPONSE']._serialized_end=1820
-  _globals['_SCOREREQUEST']._serialized_start=1823
-  _globals['_SCOREREQUEST']._serialized_end=2010
-  _globals['_CANDIDATESCORE']._serialized_start=2012
-  _globals['_CANDIDATESCORE']._serialized_end=2084
-  _globals['_SCORERESPONSE']._serialized_start=2087
-  _globals['_SCORERESPONSE']._serialized_end=2215
-  _globals['_INFERENCESERVICE']._serialized_start=2345
-  _globals['_INFERENCESERVICE']._serialized_end=2662
+  _globals['_FINISHREASON']._serialized_start=2254
+  _globals['_FINISHREASON']._serialized_end=2379
+  _globals['_LISTMODELSREQUEST']._serialized_start=178
+  _globals['_LISTMODELSREQUEST']._serialized_end=197
+  _globals['_LISTMODELSRESPONSE']._serialized_start=199
+  _globals['_LISTMODELSRESPONSE']._serialized_end=256
+  _globals['_GETMODELREQUEST']._serialized_start=258
+  _globals['_GETMODELREQUEST']._serialized_end=289
+  _globals['_GETMODELRESPONSE']._serialized_start=291
+  _globals['_GETMODELRESPONSE']._serialized_end=345
+  _globals['_CHATMESSAGE']._serialized_start=347
+  _globals['_CHATMESSAGE']._serialized_end=433
+  _globals['_CONTENTPART']._serialized_start=435
+  _globals['_CONTENTPART']._serialized_end=489
+  _globals['_CHAT']._serialized_start=491
+  _globals['_CHAT']._serialized_end=542
+  _globals['_SAMPLINGPARAMS']._serialized_start=545
+  _globals['_SAMPLINGPARAMS']._serialized_end=787
+  _globals['_GENERATEREQUEST']._serialized_start=790
+  _globals['_GENERATEREQUEST']._serialized_end=1059
+  _globals['_TOPLOGPROB']._serialized_start=1061
+  _globals['_TOPLOGPROB']._serialized_end=1122
+  _globals['_GENERATEDTOKEN']._serialized_start=1125
+  _globals['_GENERATEDTOKEN']._serialized_end=1363
+  _globals['_USAGE']._serialized_start=1365
+  _globals['_USAGE']._serialized_end=1422
+  _globals['_GENERATECOMPLETE']._serialized_start=1425
+  _globals['_GENERATECOMPLETE']._serialized_end=1729
+  _globals['_GENERATERESPONSE']._serialized_start=1731
+  _globals['_GENERATERESPONSE']._serialized_end=1857
+  _globals['_SCOREREQUEST']._serialized_start=1860
+  _globals['_SCOREREQUEST']._serialized_end=2047
+  _globals['_CANDIDATESCORE']._serialized_start=2049
+  _globals['_CANDIDATESCORE']._serialized_end=2121
+  _globals['_SCORERESPONSE']._serialized_start=2124
+  _globals['_SCORERESPONSE']._serialized_end=2252
+  _globals['_INFERENCESERVICE']._serialized_start=2382
+  _globals['_INFERENCESERVICE']._serialized_end=2791
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from . import image_generation_pb2 as attnserve_dot_v1_dot_image__generation__pb2
 from . import inference_service_pb2 as attnserve_dot_v1_dot_inference__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -56,6 +57,11 @@ class InferenceServiceStub:
                 request_serializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.GenerateImage = channel.unary_stream(
+                '/attnserve.v1.InferenceService/GenerateImage',
+                request_serializer=attnserve_dot_v1_dot_image__generation__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=attnserve_dot_v1_dot_image__generation__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -93,6 +99,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateImage(self, request, context):
+        """Generates images on a diffusion model, streaming one response per denoising step and a
+        final one with the images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +129,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.FromString,
                     response_serializer=attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=attnserve_dot_v1_dot_image__generation__pb2.GenerateImageRequest.FromString,
+                    response_serializer=attnserve_dot_v1_dot_image__generation__pb2.GenerateImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +246,33 @@ class InferenceService:
             '/attnserve.v1.InferenceService/Score',
             attnserve_dot_v1_dot_inference__service__pb2.ScoreRequest.SerializeToString,
             attnserve_dot_v1_dot_inference__service__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/attnserve.v1.InferenceService/GenerateImage',
+            attnserve_dot_v1_dot_image__generation__pb2.GenerateImageRequest.SerializeToString,
+            attnserve_dot_v1_dot_image__generation__pb2.GenerateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from . import image_generation_pb2 as _image_generation_pb2
 from . import inference_service_pb2 as _inference_service_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
@@ -46,6 +47,10 @@ class InferenceServiceStub:
     teacher-forced in one forward (prompt and answer together, as step 0) with the request's
     interventions applied. Calibration uses the same computation to measure presets.
     """
+    GenerateImage: _grpc.UnaryStreamMultiCallable[_image_generation_pb2.GenerateImageRequest, _image_generation_pb2.GenerateImageResponse]
+    """Generates images on a diffusion model, streaming one response per denoising step and a
+    final one with the images.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -64,6 +69,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Scores candidate answers to one prompt: each candidate's summed token log-probability,
     teacher-forced in one forward (prompt and answer together, as step 0) with the request's
     interventions applied. Calibration uses the same computation to measure presets.
+    """
+    GenerateImage: _aio.UnaryStreamMultiCallable[_image_generation_pb2.GenerateImageRequest, _image_generation_pb2.GenerateImageResponse]  # type: ignore[assignment]
+    """Generates images on a diffusion model, streaming one response per denoising step and a
+    final one with the images.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -104,6 +113,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Scores candidate answers to one prompt: each candidate's summed token log-probability,
         teacher-forced in one forward (prompt and answer together, as step 0) with the request's
         interventions applied. Calibration uses the same computation to measure presets.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateImage(
+        self,
+        request: _image_generation_pb2.GenerateImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_image_generation_pb2.GenerateImageResponse], _abc.AsyncIterator[_image_generation_pb2.GenerateImageResponse]]:
+        """Generates images on a diffusion model, streaming one response per denoising step and a
+        final one with the images.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,150 @@
+"""attnserve's diffusion path beside diffusers' own pipelines, in one run on one model.
+
+Side by side, same prompt, seed, size and steps (median seconds of --repeats runs each):
+- diffusers' StableDiffusionPipeline vs attnserve's denoiser with no plans (the processors' cost);
+- diffusers' StableDiffusionPAGPipeline (layers "mid") vs attnserve's PAG (goal <= 1.0x);
+- attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
+- --batch requests denoised as one batch vs one at a time.
+Any local Stable Diffusion directory works (--model); the default is the built-in tiny-sd, whose
+ratios say little about a real model's (its UNet is tiny).
+
+    python bench/bench_diffusion.py [--model DIR] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from attnserve.attention.plan import IdentityBlend, ScopedOp
+from attnserve.engines.base import ImageRequest
+from attnserve.engines.diffusers.attention import install_processors
+from attnserve.engines.diffusers.denoise import Denoiser
+from attnserve.engines.diffusers.engine import load_pipeline
+from attnserve.models.builtin import default_cache_dir, ensure_builtin
+from attnserve.readouts.word_heatmaps import compile_words
+from attnserve.spec.errors import Violations
+from attnserve.spec.guidance import PerturbedGuidance, pag_layers
+from attnserve_client.v1 import image_generation_pb2 as gpb
+from diffusers import StableDiffusionPAGPipeline
+
+PROMPT = "a photo of a cat"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="local Stable Diffusion directory")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    path = args.model or ensure_builtin("tiny-sd", default_cache_dir())
+
+    plain_pipe = load_pipeline(path, device=args.device)
+    pag_pipe = StableDiffusionPAGPipeline.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, pag_applied_layers=["mid"], safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).to(args.device)  # fmt: skip
+    pag_pipe.set_progress_bar_config(disable=True)
+    served = load_pipeline(path, device=args.device)
+    geometry, call = install_processors(served.unet)
+    denoiser = Denoiser(served, call, geometry)
+
+    tokenizer = served.tokenizer
+    request = ImageRequest(
+        request_id="bench",
+        prompt_token_ids=tuple(tokenizer(PROMPT).input_ids),
+        negative_token_ids=tuple(tokenizer("").input_ids),
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        guidance_scale=7.5,
+        seed=0,
+        num_images=1,
+    )
+    violations = Violations()
+    mid = pag_layers(("mid",), "pag.layers", geometry, violations)
+    pag = PerturbedGuidance(3.0, 0.0, {layer.index: (ScopedOp(IdentityBlend(1.0)),) for layer in mid})
+    words = compile_words(
+        gpb.WordHeatmapsSpec(words=["cat"]),
+        request.prompt_token_ids,
+        tokenizer,
+        args.size**2,
+        10**9,
+        violations,
+    )
+    assert not violations.items, violations.items
+
+    def ours(*requests):
+        jobs = [denoiser.start(r) for r in requests]
+        denoiser.run(jobs, args.steps, lambda job, step, timestep: None)
+        for job in jobs:
+            denoiser.images(job, "np")
+            for heatmap in job.heatmaps:
+                heatmap.heatmaps(job.request.heatmap_words, (args.size, args.size))
+
+    def theirs(pipe, **kwargs):
+        pipe(
+            PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+            generator=torch.Generator(args.device).manual_seed(0), output_type="np", **kwargs,
+        )  # fmt: skip
+
+    batch = [dataclasses.replace(request, seed=i) for i in range(args.batch)]
+    times = {
+        "diffusers_plain": median_seconds(lambda: theirs(plain_pipe), args.repeats),
+        "attnserve_plain": median_seconds(lambda: ours(request), args.repeats),
+        "diffusers_pag": median_seconds(lambda: theirs(pag_pipe, pag_scale=3.0), args.repeats),
+        "attnserve_pag": median_seconds(
+            lambda: ours(dataclasses.replace(request, perturbed=pag)), args.repeats
+        ),
+        "attnserve_heatmaps": median_seconds(
+            lambda: ours(dataclasses.replace(request, heatmap_words=words)), args.repeats
+        ),
+        f"attnserve_{args.batch}_batched": median_seconds(lambda: ours(*batch), args.repeats),
+        f"attnserve_{args.batch}_one_at_a_time": median_seconds(
+            lambda: [ours(r) for r in batch], args.repeats
+        ),
+    }
+    result = {
+        "model": str(path),
+        "size": args.size,
+        "steps": args.steps,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "seconds": times,
+        "ratios": {
+            "plain: attnserve / diffusers": times["attnserve_plain"] / times["diffusers_plain"],
+            "pag: attnserve / diffusers (goal <= 1.0)": times["attnserve_pag"] / times["diffusers_pag"],
+            "heatmaps on / off (goal <= 1.10)": times["attnserve_heatmaps"] / times["attnserve_plain"],
+            "batched / one at a time": times[f"attnserve_{args.batch}_batched"]
+            / times[f"attnserve_{args.batch}_one_at_a_time"],
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

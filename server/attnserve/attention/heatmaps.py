@@ -1,0 +1,54 @@
+"""DAAM's cross-attention heatmaps per prompt word (Tang et al., "What the DAAM", castorini/daam).
+
+For one image: every cross-attention call of the UNet's down and up blocks in the conditional
+branch gives per head a map over the image tokens for each text token. Each map is upsampled
+bicubically to the latent grid and clamped at 0; the maps are averaged over heads and layers
+and summed over steps. A word's map is the mean over its tokens' maps, upsampled to the image
+size and min-max normalised to [0, 1] (docs/attention-math.md#word-heatmaps-daam). Pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, Lq, Lk) probabilities of one row's unedited cross-attention, in float32.
+    q (H, Lq, D), k (H, Lk, D)."""
+    return torch.softmax(scale * q.float() @ k.float().transpose(-1, -2), dim=-1)
+
+
+def token_maps(probs: torch.Tensor, grid: tuple[int, int], latent: tuple[int, int]) -> torch.Tensor:
+    """(Lk, *latent): one call's maps per text token, each head's map over the (rows, cols) grid
+    of image tokens upsampled bicubically to the latent grid and clamped at 0, then averaged over
+    heads."""
+    heads, num_queries, num_keys = probs.shape
+    rows, cols = grid
+    if rows * cols != num_queries:
+        raise ValueError(f"{num_queries} image tokens do not fill a {rows} x {cols} grid")
+    maps = probs.transpose(1, 2).reshape(heads, num_keys, rows, cols)
+    upsampled = F.interpolate(maps, size=latent, mode="bicubic", align_corners=False).clamp_min(0)
+    return upsampled.mean(dim=0)
+
+
+def query_grid(num_queries: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, cols) grid of a layer's image tokens: the latent grid downsampled by a power of 2."""
+    rows, cols = latent
+    factor = 1
+    while (rows // factor) * (cols // factor) > num_queries and factor <= max(rows, cols):
+        factor *= 2
+    if (rows // factor) * (cols // factor) != num_queries:
+        raise ValueError(f"{num_queries} image tokens fit no downsampling of the {rows} x {cols} latent grid")
+    return rows // factor, cols // factor
+
+
+def word_heatmap(summed: torch.Tensor, positions: Sequence[int], image: tuple[int, int]) -> torch.Tensor:
+    """(height, width) in [0, 1]: the mean of the token maps at positions (summed (Lk, *latent),
+    already averaged over layers), upsampled bicubically to the image size, min-max normalised."""
+    word = summed[list(positions)].mean(dim=0)
+    upsampled = F.interpolate(word[None, None], size=image, mode="bicubic", align_corners=False)[0, 0]
+    low, high = upsampled.min(), upsampled.max()
+    return (upsampled - low) / (high - low).clamp_min(torch.finfo(upsampled.dtype).tiny)

@@ -1,0 +1,255 @@
+"""Batched denoising of several requests that share a size and a step count.
+
+Each request contributes one batch row per image and branch: the unconditional branch (with
+classifier-free guidance), the conditional branch, and the perturbed branch (PAG, SoftPAG).
+One UNet call per step runs every row; each row's attention gets its own RowPlan (attention.py);
+diffusers' guiders combine each request's branches. The steps mirror diffusers'
+StableDiffusionPipeline and StableDiffusionPAGPipeline, so a request alone gives what they give.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...attention.plan import RowPlan
+from ...readouts.word_heatmaps import HeatmapAccumulator
+from ...spec.geometry import AttentionKind, ModelGeometry
+from ..base import ImageRequest
+from .attention import UNetCall
+
+# Guiders warn on every construction that they are experimental: once per request here.
+logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
+
+
+class Branch(enum.Enum):
+    UNCONDITIONAL = "unconditional"
+    CONDITIONAL = "conditional"
+    PERTURBED = "perturbed"
+
+
+@dataclass
+class DenoisingJob:
+    """One request's state across the steps."""
+
+    request: ImageRequest
+    branches: tuple[Branch, ...]
+    #: (branch, image) text embeddings: (len(branches) * num_images, T, D), branch-major.
+    text_embeddings: torch.Tensor
+    latents: torch.Tensor
+    generator: torch.Generator | None
+    guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
+    #: One per image when the request reads heatmaps out.
+    heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.branches) * self.request.num_images
+
+
+def branches_of(request: ImageRequest) -> tuple[Branch, ...]:
+    """In the order of diffusers' PAG pipeline: unconditional, conditional, perturbed."""
+    branches = (Branch.UNCONDITIONAL,) if request.guidance_scale > 1.0 else ()
+    branches += (Branch.CONDITIONAL,)
+    if request.perturbed is not None and request.perturbed.scale > 0:
+        branches += (Branch.PERTURBED,)
+    return branches
+
+
+def guider_of(request: ImageRequest) -> ClassifierFreeGuidance | PerturbedAttentionGuidance:
+    """The diffusers guider that combines the request's branches each step.
+
+    Only its combination is used (forward): the perturbation itself is each row's plan, because
+    the guider's own layer hooks would perturb every row of the shared batch, not one request's.
+    """
+    if request.perturbed is None or request.perturbed.scale <= 0:
+        return ClassifierFreeGuidance(guidance_scale=request.guidance_scale)
+    # The layers argument names the hooks' layers, which are never installed (see above).
+    return PerturbedAttentionGuidance(
+        guidance_scale=request.guidance_scale,
+        perturbed_guidance_scale=request.perturbed.scale,
+        perturbed_guidance_layers=[0],
+    )
+
+
+class Denoiser:
+    """Runs the denoising of batches of DenoisingJobs on one pipeline's components."""
+
+    def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry):
+        self.pipe = pipe
+        self.call = call
+        # DAAM reads the cross-attention of the down and up blocks.
+        self.heatmap_layers = frozenset(
+            layer.index
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
+        )
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+
+    @torch.inference_mode()
+    def encode(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """(1, T, D) text embeddings of ids padded to the text encoder's length, as diffusers'
+        encode_prompt pads them."""
+        tokenizer = self.pipe.tokenizer
+        padded = list(token_ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(token_ids))
+        ids = torch.tensor([padded], device=self.device)
+        return self.pipe.text_encoder(ids)[0].to(self.dtype)
+
+    def start(self, request: ImageRequest) -> DenoisingJob:
+        branches = branches_of(request)
+        n = request.num_images
+        cond = self.encode(request.prompt_token_ids).repeat(n, 1, 1)
+        uncond = self.encode(request.negative_token_ids).repeat(n, 1, 1)
+        by_branch = {Branch.UNCONDITIONAL: uncond, Branch.CONDITIONAL: cond, Branch.PERTURBED: cond}
+        generator = (
+            torch.Generator(self.device).manual_seed(request.seed) if request.seed is not None else None
+        )
+        scale = self.pipe.vae_scale_factor
+        latent = (request.height // scale, request.width // scale)
+        shape = (n, self.pipe.unet.config.in_channels, *latent)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        heatmaps = (
+            [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
+            if request.heatmap_words
+            else []
+        )
+        return DenoisingJob(
+            request=request,
+            branches=branches,
+            text_embeddings=torch.cat([by_branch[b] for b in branches]),
+            latents=latents * self.pipe.scheduler.init_noise_sigma,
+            generator=generator,
+            guider=guider_of(request),
+            heatmaps=heatmaps,
+        )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        jobs: Sequence[DenoisingJob],
+        steps: int,
+        on_step: Callable[[DenoisingJob, int, int], None],
+        cancelled: Callable[[DenoisingJob], bool] = lambda job: False,
+        on_step_seconds: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each,
+        on_step_seconds(seconds) once per step with the step's time. A job that is cancelled (set
+        by another thread) leaves the batch before the next step."""
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(steps, device=self.device)
+        for step, t in enumerate(scheduler.timesteps):
+            started = time.monotonic()
+            active = [job for job in jobs if not cancelled(job)]
+            if not active:
+                return
+            latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
+            latents = scheduler.scale_model_input(latents, t)
+            self.call.row_plans = _row_plans(active, step)
+            self.call.readers = _heatmap_readers(active, self.heatmap_layers)
+            try:
+                noise = self.pipe.unet(
+                    latents,
+                    t,
+                    encoder_hidden_states=torch.cat([job.text_embeddings for job in active]),
+                    return_dict=False,
+                )[0]
+            finally:
+                self.call.row_plans = None
+                self.call.readers = None
+            guided = []
+            for job, rows in zip(active, noise.split([job.num_rows for job in active])):
+                guided.append(_guide(job, rows, step, t))
+            # One scheduler step for the whole batch: some schedulers count their steps.
+            stepped = scheduler.step(
+                torch.cat(guided), t, torch.cat([job.latents for job in active]), return_dict=False
+            )[0]
+            on_step_seconds(time.monotonic() - started)
+            for job, latents in zip(active, stepped.split([job.request.num_images for job in active])):
+                job.latents = latents
+                on_step(job, step, int(t))
+
+    @torch.inference_mode()
+    def decode(self, job: DenoisingJob):
+        """The job's images as PIL images, as the pipelines postprocess them."""
+        return self.images(job, "pil")
+
+    @torch.inference_mode()
+    def images(self, job: DenoisingJob, output_type: str):
+        vae = self.pipe.vae
+        image = vae.decode(
+            job.latents / vae.config.scaling_factor, return_dict=False, generator=job.generator
+        )[0]
+        return self.pipe.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=[True] * image.shape[0]
+        )
+
+
+def _guide(job: DenoisingJob, rows: torch.Tensor, step: int, t: torch.Tensor) -> torch.Tensor:
+    """eps of each image from its branches' predictions, by the request's guider."""
+    by_branch = dict(zip(job.branches, rows.chunk(len(job.branches))))
+    guider = job.guider
+    # No step count: the guider applies its guidance at every step, as diffusers' PAG pipelines do
+    # (its own start/stop window would skip step 0).
+    guider.set_state(step, None, t)
+    if isinstance(guider, PerturbedAttentionGuidance):
+        guider.skip_layer_guidance_scale = job.request.perturbed.scale_at(float(t))
+        return guider.forward(
+            by_branch[Branch.CONDITIONAL], by_branch.get(Branch.UNCONDITIONAL), by_branch[Branch.PERTURBED]
+        ).pred
+    return guider.forward(by_branch[Branch.CONDITIONAL], by_branch.get(Branch.UNCONDITIONAL)).pred
+
+
+def _row_plans(jobs: Sequence[DenoisingJob], step: int) -> Callable[[int], list[RowPlan | None]]:
+    """layer -> each batch row's plan in this step: the unconditional branch is left untouched,
+    the conditional branch gets the request's interventions, the perturbed branch those and the
+    guidance's identity blends."""
+
+    def plans(layer: int) -> list[RowPlan | None]:
+        out: list[RowPlan | None] = []
+        for job in jobs:
+            request = job.request
+            conditional = request.plan.for_call(layer, step)
+            for branch in job.branches:
+                if branch is Branch.UNCONDITIONAL:
+                    plan = None
+                elif branch is Branch.CONDITIONAL:
+                    plan = conditional
+                else:
+                    plan = _with_ops(conditional, request.perturbed.layer_ops.get(layer, ()))
+                out.extend([plan] * request.num_images)
+        return out
+
+    return plans
+
+
+def _heatmap_readers(jobs: Sequence[DenoisingJob], layers: frozenset[int]):
+    """layer -> {batch row: its image's heatmap accumulator}: each heatmap request's conditional
+    rows, in the heatmap layers."""
+    readers = {}
+    start = 0
+    for job in jobs:
+        if job.heatmaps:
+            first = start + job.branches.index(Branch.CONDITIONAL) * job.request.num_images
+            readers |= {first + image: heatmap.record for image, heatmap in enumerate(job.heatmaps)}
+        start += job.num_rows
+
+    def of_layer(layer: int):
+        return readers if layer in layers else {}
+
+    return of_layer
+
+
+def _with_ops(plan: RowPlan | None, ops) -> RowPlan | None:
+    if not ops:
+        return plan
+    if plan is None:
+        return RowPlan(ops=tuple(ops))
+    return RowPlan(ops=plan.ops + tuple(ops), needs=plan.needs)

@@ -1,0 +1,250 @@
+"""The diffusers engine: text-to-image requests on one local Stable Diffusion (UNet) pipeline.
+
+One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
+request of the same size and step count (up to max_batch_size), denoises them together
+(denoise.py: one UNet call per step for all their rows, each row with its own attention plan),
+then decodes each request's images into PNG. A request whose stream is closed (cancel,
+deadline) leaves its batch before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ...attention.plan import OPERATIONS
+from ..base import (
+    DenoisingProgress,
+    Engine,
+    EngineDead,
+    EngineInfo,
+    GeneratedImages,
+    ImageGeneration,
+    ImageRequest,
+)
+from .attention import install_processors
+from .denoise import Denoiser, DenoisingJob
+
+log = logging.getLogger("attnserve.engines.diffusers")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(
+    model_path: Path, *, dtype: str = "float32", device: str = "cpu"
+) -> StableDiffusionPipeline:
+    """A local Stable Diffusion pipeline directory (safetensors), without a safety checker."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path,
+        dtype=_DTYPES[dtype],
+        local_files_only=True,
+        use_safetensors=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A request from submission to its images."""
+
+    request: ImageRequest
+    #: Hands a DenoisingProgress, the GeneratedImages or an exception to the request's stream.
+    emit: Callable[[object], None]
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def batch_key(self) -> tuple[int, int, int]:
+        return (self.request.width, self.request.height, self.request.steps)
+
+
+class DiffusersEngine(Engine, ImageGeneration):
+    """Serve GenerateImage requests of one local UNet pipeline from one worker thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch_size: int = 16,
+        on_step_seconds: Callable[[float], None] = lambda seconds: None,
+        on_images: Callable[[int], None] = lambda count: None,
+    ):
+        self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
+        geometry, call = install_processors(self.pipe.unet)
+        self._denoiser = Denoiser(self.pipe, call, geometry)
+        self.tokenizer = self.pipe.tokenizer
+        self.max_text_tokens = self.pipe.tokenizer.model_max_length
+        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.default_size = (side, side)
+        self.info = EngineInfo(
+            geometry=geometry,
+            max_context_length=self.max_text_tokens,
+            supported_operations=frozenset(OPERATIONS),
+            supported_readouts=frozenset(),
+            unsupported_reason="the diffusers engine offers no readouts yet",
+        )
+        self._max_batch_size = max_batch_size
+        self._on_step_seconds = on_step_seconds
+        self._on_images = on_images
+        self._waiting: list[_Ticket] = []
+        self._running = 0
+        self._stopping = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="attnserve-diffusers-engine", daemon=True)
+        self._failure: str | None = None
+
+    # --- API side (event loop thread) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    async def generate_image(
+        self, request: ImageRequest
+    ) -> AsyncIterator[DenoisingProgress | GeneratedImages]:
+        if self._failure:
+            raise EngineDead(self._failure)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop closed (server stopping): nobody is listening
+                pass
+
+        ticket = _Ticket(request, emit)
+        with self._wake:
+            self._waiting.append(ticket)
+            self._wake.notify()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GeneratedImages):
+                    return
+        finally:
+            with self._wake:
+                ticket.cancelled = True
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+
+    # --- Worker thread ------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except BaseException as exc:  # the engine can serve no more: fail everyone
+            log.exception("diffusers engine failed")
+            self._failure = f"the diffusers engine failed: {exc!r}"
+            with self._wake:
+                waiting, self._waiting = self._waiting, []
+            for ticket in waiting:
+                ticket.emit(EngineDead(self._failure))
+
+    def _next_batch(self) -> list[_Ticket] | None:
+        """The oldest waiting request and the others of its size and step count; None to stop."""
+        with self._wake:
+            while not self._waiting and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            key = self._waiting[0].batch_key
+            batch = [ticket for ticket in self._waiting if ticket.batch_key == key][: self._max_batch_size]
+            for ticket in batch:
+                self._waiting.remove(ticket)
+            self._running = len(batch)
+            return batch
+
+    def _run(self, batch: list[_Ticket]) -> None:
+        started = time.monotonic()
+        jobs: dict[int, _Ticket] = {}  # id(job) -> its request's ticket
+        denoising: list[DenoisingJob] = []
+
+        def on_step(job: DenoisingJob, step: int, timestep: int) -> None:
+            ticket = jobs[id(job)]
+            ticket.emit(DenoisingProgress(step=step, timestep=timestep, elapsed=time.monotonic() - started))
+
+        def cancelled(job: DenoisingJob) -> bool:
+            return self._stopping or jobs[id(job)].cancelled
+
+        try:
+            for ticket in batch:
+                job = self._denoiser.start(ticket.request)
+                jobs[id(job)] = ticket
+                denoising.append(job)
+            self._denoiser.run(
+                denoising,
+                batch[0].request.steps,
+                on_step,
+                cancelled=cancelled,
+                on_step_seconds=self._on_step_seconds,
+            )
+            for job in denoising:
+                if cancelled(job):
+                    continue
+                ticket = jobs[id(job)]
+                images = self._denoiser.decode(job)
+                self._on_images(len(images))
+                request = ticket.request
+                heatmaps = tuple(
+                    tuple(heatmap.heatmaps(request.heatmap_words, (request.height, request.width)))
+                    for heatmap in job.heatmaps
+                )
+                ticket.emit(
+                    GeneratedImages(
+                        png=tuple(_png(image) for image in images),
+                        queue_seconds=started - ticket.submitted,
+                        heatmaps=heatmaps,
+                    )
+                )
+        except Exception as exc:  # this batch fails; the engine goes on
+            log.exception("denoising failed")
+            for ticket in batch:
+                ticket.emit(exc)
+        finally:
+            self._running = 0
+
+
+def _png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -1,0 +1,270 @@
+"""GenerateImage end to end: a real server serving the tiny Stable-Diffusion pipeline on a real
+socket, called through raw stubs and through the client SDK."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import yaml
+from attnserve_client import AttnserveError, Client
+from attnserve_client.v1 import image_generation_pb2 as ipb
+from attnserve_client.v1 import inference_service_pb2 as pb
+from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
+from attnserve_client.v1 import intervention_pb2
+from PIL import Image
+
+from .conftest import running_server
+from .helpers import field_violations
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory, tiny_sd_path):
+    config = {
+        "limits": {"max_image_size": 256, "max_denoising_steps": 400},
+        "models": [{"name": MODEL, "kind": "diffusion", "engine": "diffusers", "path": str(tiny_sd_path)}],
+    }
+    folder = tmp_path_factory.mktemp("diffusion-server")
+    (folder / "attnserve.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "attnserve.yaml", folder / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(image_server):
+    with grpc.insecure_channel(image_server["target"]) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+def request(**fields) -> ipb.GenerateImageRequest:
+    defaults = {
+        "model": MODEL,
+        "prompt": "a photo of a cat",
+        "width": 32,
+        "height": 32,
+        "steps": 3,
+        "seed": 0,
+    }
+    return ipb.GenerateImageRequest(**(defaults | fields))
+
+
+def collect(stub, req, timeout=120):
+    steps, complete = [], None
+    for response in stub.GenerateImage(req, timeout=timeout):
+        if response.HasField("step"):
+            steps.append(response.step)
+        else:
+            complete = response.complete
+    return steps, complete
+
+
+def decoded(image: ipb.GeneratedImage) -> Image.Image:
+    picture = Image.open(io.BytesIO(image.png))
+    assert picture.format == "PNG"
+    return picture
+
+
+def test_get_model_describes_the_unet_and_its_rpc(stub):
+    model = stub.GetModel(pb.GetModelRequest(name=MODEL)).model
+    assert list(model.supported_rpcs) == ["GenerateImage"]
+    assert len(model.layers) == 8
+    assert model.layers[6].name == "mid_block.attentions.0.transformer_blocks.0.attn1"
+    assert model.layers[7].kind == intervention_pb2.ATTENTION_KIND_CROSS
+
+
+def test_images_decode_as_png_of_the_asked_size_after_one_event_per_step(stub):
+    steps, complete = collect(stub, request(width=40, height=24, steps=4, num_images=2))
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert all(s.num_steps == 4 for s in steps)
+    timesteps = [s.timestep for s in steps]
+    assert timesteps == sorted(timesteps, reverse=True) and 0 <= timesteps[-1] < timesteps[0] < 1000
+    elapsed = [s.elapsed_seconds for s in steps]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert len(complete.images) == 2
+    for image in complete.images:
+        picture = decoded(image)
+        assert picture.size == (40, 24) and picture.mode == "RGB"
+        assert (image.width, image.height) == (40, 24)
+
+
+def test_pag_over_the_socket_is_diffusers_pag_pipeline(stub, tiny_sd_path):
+    from diffusers import StableDiffusionPAGPipeline
+
+    _, complete = collect(stub, request(pag=ipb.PerturbedAttentionGuidance(scale=3.0), seed=7))
+    pipe = StableDiffusionPAGPipeline.from_pretrained(
+        tiny_sd_path, local_files_only=True, pag_applied_layers=["mid"]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    [theirs] = pipe(
+        "a photo of a cat",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        pag_scale=3.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pil",
+    ).images
+    ours = np.asarray(decoded(complete.images[0])).astype(int)
+    # Equal to 1e-5 before quantisation: at most one level apart after it.
+    assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 1
+
+
+def _cross_identity_blend() -> intervention_pb2.InterventionSpec:
+    return intervention_pb2.InterventionSpec(
+        interventions=[
+            intervention_pb2.Intervention(
+                selector=intervention_pb2.Selector(layers=[1]),
+                identity_blend=intervention_pb2.IdentityBlend(),
+            )
+        ]
+    )
+
+
+def _cross_temperature() -> intervention_pb2.InterventionSpec:
+    return intervention_pb2.InterventionSpec(
+        interventions=[
+            intervention_pb2.Intervention(
+                selector=intervention_pb2.Selector(attention=intervention_pb2.ATTENTION_KIND_CROSS),
+                temperature=intervention_pb2.Temperature(temperature=2.0),
+            )
+        ]
+    )
+
+
+BAD_REQUESTS = {
+    "prompt": request(prompt="  "),
+    "width": request(width=30),
+    "height": request(height=1024),
+    "steps": request(steps=401),
+    "num_images": request(num_images=9),
+    "guidance_scale": request(guidance_scale=0.5),
+    "negative_prompt": request(negative_prompt="cat " * 100),
+    "pag.layers[0]": request(pag=ipb.PerturbedAttentionGuidance(layers=["no_such_block"])),
+    "pag.scale": request(pag=ipb.PerturbedAttentionGuidance(scale=-1)),
+    "pag.soft.heads[0].layer": request(
+        pag=ipb.PerturbedAttentionGuidance(
+            soft=ipb.SoftPerturbation(heads=[intervention_pb2.LayerHeads(layer=7)])
+        )
+    ),
+    "pag.soft.heads[0].heads[0]": request(
+        pag=ipb.PerturbedAttentionGuidance(
+            soft=ipb.SoftPerturbation(heads=[intervention_pb2.LayerHeads(layer=6, heads=[8])])
+        )
+    ),
+    "interventions.interventions[0].selector.attention": request(interventions=_cross_identity_blend()),
+    "interventions.interventions[0].selector.attention ": request(
+        interventions=intervention_pb2.InterventionSpec(
+            interventions=[
+                intervention_pb2.Intervention(
+                    selector=intervention_pb2.Selector(
+                        layers=[0],
+                        keys=intervention_pb2.KeySelector(
+                            ranges=[intervention_pb2.TokenRange(start=1, end=3)]
+                        ),
+                    ),
+                    key_emphasis=intervention_pb2.KeyEmphasis(alpha=5.0),
+                )
+            ]
+        )
+    ),
+    "word_heatmaps.words[0]": request(word_heatmaps=ipb.WordHeatmapsSpec(words=["dog"])),
+    "word_heatmaps": request(
+        word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_temperature()
+    ),
+    "interventions.interventions[0].selector.layer_names[0]": request(
+        interventions=intervention_pb2.InterventionSpec(
+            interventions=[
+                intervention_pb2.Intervention(
+                    selector=intervention_pb2.Selector(layer_names=["model.layers.*"]),
+                    temperature=intervention_pb2.Temperature(temperature=2.0),
+                )
+            ]
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_REQUESTS))
+def test_bad_field_gets_its_violation(stub, field):
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub, BAD_REQUESTS[field])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A trailing space tells apart two cases of one field.
+    assert field.strip() in field_violations(err.value), field_violations(err.value)
+
+
+def test_prompt_longer_than_the_text_encoder_is_refused(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub, request(prompt="a photo of a cat " * 30))
+    assert "exceed the text encoder's 77" in field_violations(err.value)["prompt"]
+
+
+def test_generate_on_a_diffusion_model_names_the_rpc_it_serves(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hi"), timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "GenerateImage" in err.value.details()
+
+
+def test_cancelled_request_frees_its_slot(stub):
+    """A long request cancelled after two steps stops there: a short request sent next finishes
+    long before the long one could have (400 steps of 64 x 64 take minutes here)."""
+    call = stub.GenerateImage(request(width=64, height=64, steps=400), timeout=600)
+    for response, _ in zip(call, range(2)):
+        assert response.HasField("step")
+    call.cancel()
+    started = time.monotonic()
+    steps, complete = collect(stub, request(steps=2))
+    assert len(steps) == 2 and len(complete.images) == 1
+    assert time.monotonic() - started < 30
+
+
+def test_client_sdk_generate_image(image_server):
+    with Client(image_server["target"], timeout=120) as client:
+        responses = list(
+            client.generate_image(
+                MODEL,
+                "a red house",
+                width=16,
+                height=16,
+                steps=2,
+                seed=3,
+                pag={"soft": {"heads": [{"layer": 6, "heads": [0, 1]}], "u": 0.5}},
+                word_heatmaps=["red", "house"],
+            )
+        )
+        assert [r.step.step for r in responses[:-1]] == [0, 1]
+        complete = responses[-1].complete
+        assert decoded(complete.images[0]).size == (16, 16)
+        assert [(h.word, h.image, list(h.token_positions)) for h in complete.word_heatmaps] == [
+            ("red", 0, [2]),
+            ("house", 0, [3]),
+        ]
+        for heatmap in complete.word_heatmaps:
+            values = np.array(heatmap.values).reshape(heatmap.height, heatmap.width)
+            assert values.shape == (16, 16) and values.min() == 0 and abs(values.max() - 1) < 1e-6
+        with pytest.raises(AttnserveError) as err:
+            list(client.generate_image(MODEL, "a red house", width=17))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metrics_count_steps_and_images(stub, image_server):
+    import urllib.request
+
+    collect(stub, request(steps=2, num_images=3, request_id="metrics"))
+    text = urllib.request.urlopen(image_server["metrics_url"], timeout=10).read().decode()
+    labels = f'{{engine="diffusers",model="{MODEL}"}}'
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if labels in line
+    }
+    assert values[f"attnserve_diffusion_images_generated_total{labels}"] >= 3
+    assert values[f"attnserve_diffusion_step_latency_seconds_count{labels}"] >= 2
+    assert values[f"attnserve_diffusion_step_latency_seconds_sum{labels}"] > 0
