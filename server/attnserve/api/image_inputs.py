@@ -42,8 +42,8 @@ def to_image_request(
     if not 1 <= steps <= limits.max_denoising_steps:
         violations.add("steps", f"must be in [1, {limits.max_denoising_steps}] (got {steps})")
     num_images = request.num_images or 1
-    if not 1 <= num_images <= limits.max_images:
-        violations.add("num_images", f"must be in [1, {limits.max_images}] (got {num_images})")
+    if not 1 <= num_images <= limits.max_generated_images:
+        violations.add("num_images", f"must be in [1, {limits.max_generated_images}] (got {num_images})")
     guidance_scale = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE_SCALE
     allowed = PARAMETER_RANGES["guidance_scale"]
     if guidance_scale not in allowed:

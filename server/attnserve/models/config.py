@@ -51,10 +51,10 @@ class Limits:
     #: Rows decoded together in one batch.
     max_batch_size: int = 16
     max_waiting_requests: int = 256
-    #: GenerateImage: pixels per side, denoising steps and images per request.
+    #: GenerateImage: pixels per side, denoising steps and images generated per request.
     max_image_size: int = 1024
     max_denoising_steps: int = 200
-    max_images: int = 4
+    max_generated_images: int = 4
 
 
 @dataclass(frozen=True)

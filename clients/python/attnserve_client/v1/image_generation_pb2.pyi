@@ -56,7 +56,7 @@ class GenerateImageRequest(_message.Message):
     seed: _builtins.int
     """Seed of the initial noise; unset uses a random seed."""
     num_images: _builtins.int
-    """Images for the prompt, 1 to the server's max_images; 0 takes 1."""
+    """Images for the prompt, 1 to the server's max_generated_images; 0 takes 1."""
     request_id: _builtins.str
     """Optional client-chosen id, echoed in logs."""
     @_builtins.property
