@@ -150,12 +150,15 @@ def test_packaged_default_config():
         ({"statistics": {"sample_rate": 2}, "models": [minimal_model()]}, "statistics.sample_rate: expected"),
         ({"models": []}, "models: at least one model"),
         ({"models": [minimal_model(), minimal_model()]}, "models[1].name: duplicate model name 'm'"),
-        ({"models": [minimal_model(kind="audio")]}, "models[0].kind: 'audio' is not one of llm, vlm"),
+        (
+            {"models": [minimal_model(kind="audio")]},
+            "models[0].kind: 'audio' is not one of llm, vlm, diffusion",
+        ),
         ({"models": [minimal_model(engine="diffusers")]}, "models[0].engine: 'diffusers' is not one of"),
         # Kinds no engine of this build serves fail when parsed, not when the model loads.
         (
-            {"models": [minimal_model(kind="vlm", engine="vllm")]},
-            "models[0].engine: 'vllm' is not one of transformers for kind 'vlm'",
+            {"models": [minimal_model(kind="vlm", engine="diffusers")]},
+            "models[0].engine: 'diffusers' is not one of transformers, vllm for kind 'vlm'",
         ),
         (
             {"models": [minimal_model(kind="diffusion", engine="transformers", builtin="tiny-sd")]},
