@@ -154,8 +154,11 @@ def test_packaged_default_config():
         ({"models": [minimal_model(engine="diffusers")]}, "models[0].engine: 'diffusers' is not one of"),
         # Kinds no engine of this build serves fail when parsed, not when the model loads.
         (
-            {"models": [minimal_model(kind="vlm", engine="vllm")]},
-            "models[0].engine: 'vllm' is not one of transformers for kind 'vlm'",
+            {"models": [minimal_model(kind="diffusion")]},
+            (
+                "models[0].kind: no engine in this build serves 'diffusion' models "
+                "(transformers serves llm, vlm; vllm serves llm, vlm)"
+            ),
         ),
         ({"models": [minimal_model(kind="diffusion", engine="diffusers")]}, "models[0].kind: no engine"),
         ({"models": [minimal_model(dtype="int8")]}, "models[0].dtype: 'int8' is not one of"),
