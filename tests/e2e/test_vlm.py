@@ -225,3 +225,24 @@ def test_grpcurl_sends_an_image_as_base64_json(server, image_files):
     out = grpcurl(server["target"], "attnserve.v1.InferenceService/Generate", data=request)
     assert out.returncode == 0, out.stderr
     assert '"complete"' in out.stdout and '"image_tokens"' in out.stdout
+
+
+def test_cli_sends_images_and_draws_the_map(server, image_files, tmp_path):
+    from attnserve_client.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    common = ["--model", "tiny-llava", "--target", server["target"], "--timeout", "120"]
+    out = tmp_path / "map.png"
+    result = runner.invoke(
+        app,
+        ["generate", "what is in the image?", "--image", str(image_files["png"]), "--image", str(image_files["jpeg"]),
+         "--image-map", str(out), "--max-tokens", "3", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    maps = [tmp_path / "map-0.png", tmp_path / "map-1.png"]
+    assert all(Image.open(path).size == (384, 384) for path in maps)
+    result = runner.invoke(
+        app, ["score", "is it yellow?", "-c", "yes", "-c", "no", "--image", str(image_files["jpeg"]), *common]
+    )
+    assert result.exit_code == 0, result.output

@@ -266,3 +266,33 @@ async def test_layer_statistics_report_the_image_mass(served):
     _, masked = await statistics([mask])
     # Masked image keys keep only the image tokens' own keys (a query keeps its own key).
     assert all(m.image_mass < p.image_mass for m, p in zip(masked, layers))
+
+
+async def test_scanpath_follows_the_mean_image_map(served):
+    from attnserve.readouts import READOUTS, ResponseContext
+    from attnserve_client.v1 import readout_pb2 as rpb
+
+    request = pb.GenerateRequest(
+        model=served.name,
+        chat=chat(QUESTIONS[1], "green", "red"),
+        sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True),
+        readouts=rpb.ReadoutSpec(
+            scanpath=rpb.ScanpathSpec(layers=[1, 2]), image_attention=rpb.ImageAttentionSpec(layers=[1, 2])
+        ),
+    )
+    engine_request = to_engine_request(request, served)
+    outs = [out async for out in served.engine.generate(engine_request)]
+    complete = pb.GenerateComplete()
+    settings = next(s for s in engine_request.plan.readouts if s.name == "scanpath")
+    response = ResponseContext(engine_request.prompt_token_ids, served.engine.tokenizer)
+    READOUTS["scanpath"].write_complete(complete, settings, outs[-1].readouts["scanpath"], response)
+    assert [p.step for p in complete.scanpath] == [0, 1, 2, 3]
+    for out, point in zip(outs, complete.scanpath):
+        token = pb.GeneratedToken(index=out.index)
+        READOUTS["image_attention"].write_token(token, out.step_readouts["image_attention"])
+        best = max(
+            ((m.image, k, w) for m in token.image_attention for k, w in enumerate(m.weights)),
+            key=lambda x: x[2],
+        )
+        assert (point.image, point.row * 8 + point.column) == best[:2]
+        assert point.weight == pytest.approx(best[2], abs=1e-6)

@@ -16,6 +16,7 @@ from attnserve.readouts import READOUTS, CallSite, ResponseContext
 from attnserve.readouts.attention_rows import AttentionRowsSettings
 from attnserve.readouts.image_attention import ImageAttentionSettings
 from attnserve.readouts.layer_statistics import LayerStatisticsSettings
+from attnserve.readouts.scanpath import ScanpathSettings
 from attnserve.readouts.summary import SummarySettings
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import readout_pb2
@@ -51,7 +52,7 @@ def call(layer: int, step: int, num_keys: int, seed: int) -> RowReadout:
 def test_every_readout_is_a_readout_spec_field_with_its_settings_name():
     fields = set(readout_pb2.ReadoutSpec.DESCRIPTOR.fields_by_name)
     assert set(READOUTS) <= fields
-    names = [settings.name for settings in (*PLAN.readouts, ImageAttentionSettings())]
+    names = [settings.name for settings in (*PLAN.readouts, ImageAttentionSettings(), ScanpathSettings())]
     assert names == list(READOUTS)
 
 

@@ -17,6 +17,7 @@ from attnserve_client.client import DEFAULT_TARGET, Client
 from attnserve_client.errors import AttnserveError
 from attnserve_client.flags import specs_from_flags
 from attnserve_client.heatmap import write_heatmap
+from attnserve_client.image_map import write_image_maps
 from attnserve_client.spec import SpecError, load_spec_file, specs_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
@@ -39,6 +40,15 @@ Chat = Annotated[
     bool, typer.Option("--chat/--raw", help="Send the prompt as a user chat message, or as raw text.")
 ]
 System = Annotated[str | None, typer.Option(help="A system message before the prompt (chat only).")]
+Images = Annotated[
+    list[pathlib.Path] | None,
+    typer.Option(
+        "--image",
+        exists=True,
+        dir_okay=False,
+        help="A PNG, JPEG or WebP file placed before the prompt (repeatable; vision-language models, chat only).",
+    ),
+]
 Presets = Annotated[
     list[str] | None, typer.Option(help="Server preset (repeatable).", rich_help_panel=INTERVENTIONS)
 ]
@@ -173,17 +183,30 @@ def generate(
         pathlib.Path | None,
         typer.Option(help="Write the attention rows as a PNG heatmap.", rich_help_panel=READOUTS),
     ] = None,
+    image: Images = None,
+    image_map: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Draw where the model looked in each --image (mean over every layer, head and step) "
+            "as a PNG over it (PATH-<k>.png for several images).",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
     target: Target = DEFAULT_TARGET,
     timeout: Timeout = None,
 ) -> None:
     """Generate text, streaming it as it arrives."""
-    inputs = _inputs(prompt, chat, system)
+    inputs = _inputs(prompt, chat, system, image)
     with _errors_reported():
         interventions, readouts = _specs(
             spec, preset, sink_calibration, tau, beta, emphasize, alpha, stats, summary, attention_rows
         )
         if heatmap is not None and not readouts.attention_rows.layers:
             raise SpecError("--heatmap needs attention rows: add --attention-rows LAYER:HEAD[:STEP]")
+        if image_map is not None:
+            if not image:
+                raise SpecError("--image-map needs an --image")
+            readouts.image_attention.layer_names.append("*")
         with _client(context, target, timeout) as client:
             stream = client.generate(
                 model, **inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -204,6 +227,12 @@ def generate(
             _fail("the server returned no attention rows; no heatmap written")
         width, height = write_heatmap(rows, heatmap)
         typer.echo(f"wrote {heatmap} ({len(rows)} rows, {width}x{height} px)", err=True)
+    if image_map is not None:
+        maps = [m for t in tokens for m in t.image_attention]
+        if not maps:
+            _fail("the server returned no image attention maps; no image map written")
+        for path in write_image_maps([p.read_bytes() for p in image], maps, image_map):
+            typer.echo(f"wrote {path}", err=True)
     typer.echo(formatting.completion_footer(complete), err=True)
 
 
@@ -225,11 +254,12 @@ def score(
         pathlib.Path | None,
         typer.Option(help="JSON or YAML spec file (presets, interventions).", rich_help_panel=INTERVENTIONS),
     ] = None,
+    image: Images = None,
     target: Target = DEFAULT_TARGET,
     timeout: Timeout = None,
 ) -> None:
     """Score candidate answers: each one's summed token log-probability after the prompt."""
-    inputs = _inputs(prompt, chat, system)
+    inputs = _inputs(prompt, chat, system, image)
     with _errors_reported():
         interventions, readouts = _specs(
             spec, preset, sink_calibration, tau, beta, None, None, False, False, None
@@ -243,14 +273,17 @@ def score(
                f"{response.interventions_applied} intervention(s) applied", err=True)  # fmt: skip
 
 
-def _inputs(prompt: str, chat: bool, system: str | None) -> dict:
-    """The request's input keywords: chat messages or a raw prompt (- reads it from stdin)."""
+def _inputs(prompt: str, chat: bool, system: str | None, images: list[pathlib.Path] | None) -> dict:
+    """The request's input keywords: chat messages or a raw prompt (- reads it from stdin);
+    images go before the prompt in the user message."""
     if prompt == "-":
         prompt = sys.stdin.read()
     if not chat:
+        if images:
+            _fail("--image needs a chat (drop --no-chat)", code=2)
         return {"prompt": prompt}
     messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "user", "content": [*images, prompt] if images else prompt})
     return {"messages": messages}
 
 

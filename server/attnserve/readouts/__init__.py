@@ -11,16 +11,17 @@ from .attention_rows import AttentionRows
 from .base import CallSite, Readout, ResponseContext
 from .image_attention import ImageAttention
 from .layer_statistics import LayerStatisticsReadout
+from .scanpath import Scanpath
 from .summary import Summary
 
 #: Name (the ReadoutSpec field) -> readout, in the order they are compiled and written.
 READOUTS: Mapping[str, Readout] = {
     readout.name: readout
-    for readout in (LayerStatisticsReadout(), AttentionRows(), Summary(), ImageAttention())
+    for readout in (LayerStatisticsReadout(), AttentionRows(), Summary(), ImageAttention(), Scanpath())
 }
 
 #: Readouts that read images: only vision-language models list them.
-IMAGE_READOUTS = frozenset({ImageAttention.name})
+IMAGE_READOUTS = frozenset({ImageAttention.name, Scanpath.name})
 #: What a text-only model offers.
 TEXT_READOUTS = frozenset(READOUTS) - IMAGE_READOUTS
 

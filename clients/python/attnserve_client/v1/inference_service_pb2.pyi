@@ -434,6 +434,7 @@ class GenerateComplete(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
     IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    SCANPATH_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     text: _builtins.str
     """The full generated text (stop string excluded)."""
@@ -451,6 +452,10 @@ class GenerateComplete(_message.Message):
         statistics index keys by these positions.
         """
 
+    @_builtins.property
+    def scanpath(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.ScanpathPoint]:
+        """The scanpath asked for in ReadoutSpec.scanpath: one point per generation step."""
+
     def __init__(
         self,
         *,
@@ -461,10 +466,11 @@ class GenerateComplete(_message.Message):
         summary: _readout_pb2.AttentionSummary | None = ...,
         interventions_applied: _builtins.int = ...,
         image_tokens: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
+        scanpath: _abc.Iterable[_readout_pb2.ScanpathPoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "summary", b"summary", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "scanpath", b"scanpath", "summary", b"summary", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,6 +77,7 @@ class _ReadoutKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadoutKi
     READOUT_KIND_ATTENTION_ROWS: _ReadoutKind.ValueType  # 2
     READOUT_KIND_SUMMARY: _ReadoutKind.ValueType  # 3
     READOUT_KIND_IMAGE_ATTENTION: _ReadoutKind.ValueType  # 4
+    READOUT_KIND_SCANPATH: _ReadoutKind.ValueType  # 5
 
 class ReadoutKind(_ReadoutKind, metaclass=_ReadoutKindEnumTypeWrapper):
     """Attention readouts a request may ask for."""
@@ -86,6 +87,7 @@ READOUT_KIND_LAYER_STATISTICS: ReadoutKind.ValueType  # 1
 READOUT_KIND_ATTENTION_ROWS: ReadoutKind.ValueType  # 2
 READOUT_KIND_SUMMARY: ReadoutKind.ValueType  # 3
 READOUT_KIND_IMAGE_ATTENTION: ReadoutKind.ValueType  # 4
+READOUT_KIND_SCANPATH: ReadoutKind.ValueType  # 5
 Global___ReadoutKind: _TypeAlias = ReadoutKind  # noqa: Y015
 
 class _ModelComponent:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import intervention_pb2 as attnserve_dot_v1_dot_intervention__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ttnserve/v1/readout.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\"\xdb\x01\n\x0bReadoutSpec\x12\x18\n\x10layer_statistics\x18\x01 \x01(\x08\x12-\n\x0bmass_ranges\x18\x02 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x37\n\x0e\x61ttention_rows\x18\x03 \x01(\x0b\x32\x1f.attnserve.v1.AttentionRowsSpec\x12\x0f\n\x07summary\x18\x04 \x01(\x08\x12\x39\n\x0fimage_attention\x18\x05 \x01(\x0b\x32 .attnserve.v1.ImageAttentionSpec\"i\n\x12ImageAttentionSpec\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\x12\x13\n\x0blayer_names\x18\x04 \x03(\t\x12\x10\n\x08per_head\x18\x05 \x01(\x08\"\x8e\x01\n\x11ImageAttentionMap\x12\r\n\x05image\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x12\n\x05layer\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04head\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tgrid_size\x18\x05 \x01(\x05\x12\x0f\n\x07weights\x18\x06 \x03(\x02\x42\x08\n\x06_layerB\x07\n\x05_head\"V\n\x11\x41ttentionRowsSpec\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\x12\x13\n\x0blayer_names\x18\x04 \x03(\t\"\xa4\x02\n\x0fLayerStatistics\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x1a\n\x12normalized_entropy\x18\x03 \x01(\x02\x12\x16\n\tsink_mass\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1d\n\x10sink_mass_first4\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x0chidden_sinks\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nrange_mass\x18\x07 \x03(\x02\x12\x13\n\x0bquery_count\x18\x08 \x01(\x03\x12\x17\n\nimage_mass\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x0c\n\n_sink_massB\x13\n\x11_sink_mass_first4B\x0f\n\r_hidden_sinksB\r\n\x0b_image_mass\"b\n\x0c\x41ttentionRow\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04head\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x16\n\x0equery_position\x18\x04 \x01(\x05\x12\x0f\n\x07weights\x18\x05 \x03(\x02\"S\n\x0c\x41ttendedSpan\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04mass\x18\x03 \x01(\x02\"K\n\x10\x41ttentionSummary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x05spans\x18\x02 \x03(\x0b\x32\x1a.attnserve.v1.AttendedSpanb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ttnserve/v1/readout.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\"\x89\x02\n\x0bReadoutSpec\x12\x18\n\x10layer_statistics\x18\x01 \x01(\x08\x12-\n\x0bmass_ranges\x18\x02 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x37\n\x0e\x61ttention_rows\x18\x03 \x01(\x0b\x32\x1f.attnserve.v1.AttentionRowsSpec\x12\x0f\n\x07summary\x18\x04 \x01(\x08\x12\x39\n\x0fimage_attention\x18\x05 \x01(\x0b\x32 .attnserve.v1.ImageAttentionSpec\x12,\n\x08scanpath\x18\x06 \x01(\x0b\x32\x1a.attnserve.v1.ScanpathSpec\"B\n\x0cScanpathSpec\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12\x13\n\x0blayer_names\x18\x03 \x03(\t\"Y\n\rScanpathPoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05image\x18\x02 \x01(\x05\x12\x0b\n\x03row\x18\x03 \x01(\x05\x12\x0e\n\x06\x63olumn\x18\x04 \x01(\x05\x12\x0e\n\x06weight\x18\x05 \x01(\x02\"i\n\x12ImageAttentionSpec\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\x12\x13\n\x0blayer_names\x18\x04 \x03(\t\x12\x10\n\x08per_head\x18\x05 \x01(\x08\"\x8e\x01\n\x11ImageAttentionMap\x12\r\n\x05image\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x12\n\x05layer\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04head\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tgrid_size\x18\x05 \x01(\x05\x12\x0f\n\x07weights\x18\x06 \x03(\x02\x42\x08\n\x06_layerB\x07\n\x05_head\"V\n\x11\x41ttentionRowsSpec\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12\r\n\x05steps\x18\x03 \x03(\x05\x12\x13\n\x0blayer_names\x18\x04 \x03(\t\"\xa4\x02\n\x0fLayerStatistics\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x02\x12\x1a\n\x12normalized_entropy\x18\x03 \x01(\x02\x12\x16\n\tsink_mass\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1d\n\x10sink_mass_first4\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x0chidden_sinks\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nrange_mass\x18\x07 \x03(\x02\x12\x13\n\x0bquery_count\x18\x08 \x01(\x03\x12\x17\n\nimage_mass\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x0c\n\n_sink_massB\x13\n\x11_sink_mass_first4B\x0f\n\r_hidden_sinksB\r\n\x0b_image_mass\"b\n\x0c\x41ttentionRow\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04head\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x16\n\x0equery_position\x18\x04 \x01(\x05\x12\x0f\n\x07weights\x18\x05 \x03(\x02\"S\n\x0c\x41ttendedSpan\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04mass\x18\x03 \x01(\x02\"K\n\x10\x41ttentionSummary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x05spans\x18\x02 \x03(\x0b\x32\x1a.attnserve.v1.AttendedSpanb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.readout_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_READOUTSPEC']._serialized_start=78
-  _globals['_READOUTSPEC']._serialized_end=297
-  _globals['_IMAGEATTENTIONSPEC']._serialized_start=299
-  _globals['_IMAGEATTENTIONSPEC']._serialized_end=404
-  _globals['_IMAGEATTENTIONMAP']._serialized_start=407
-  _globals['_IMAGEATTENTIONMAP']._serialized_end=549
-  _globals['_ATTENTIONROWSSPEC']._serialized_start=551
-  _globals['_ATTENTIONROWSSPEC']._serialized_end=637
-  _globals['_LAYERSTATISTICS']._serialized_start=640
-  _globals['_LAYERSTATISTICS']._serialized_end=932
-  _globals['_ATTENTIONROW']._serialized_start=934
-  _globals['_ATTENTIONROW']._serialized_end=1032
-  _globals['_ATTENDEDSPAN']._serialized_start=1034
-  _globals['_ATTENDEDSPAN']._serialized_end=1117
-  _globals['_ATTENTIONSUMMARY']._serialized_start=1119
-  _globals['_ATTENTIONSUMMARY']._serialized_end=1194
+  _globals['_READOUTSPEC']._serialized_end=343
+  _globals['_SCANPATHSPEC']._serialized_start=345
+  _globals['_SCANPATHSPEC']._serialized_end=411
+  _globals['_SCANPATHPOINT']._serialized_start=413
+  _globals['_SCANPATHPOINT']._serialized_end=502
+  _globals['_IMAGEATTENTIONSPEC']._serialized_start=504
+  _globals['_IMAGEATTENTIONSPEC']._serialized_end=609
+  _globals['_IMAGEATTENTIONMAP']._serialized_start=612
+  _globals['_IMAGEATTENTIONMAP']._serialized_end=754
+  _globals['_ATTENTIONROWSSPEC']._serialized_start=756
+  _globals['_ATTENTIONROWSSPEC']._serialized_end=842
+  _globals['_LAYERSTATISTICS']._serialized_start=845
+  _globals['_LAYERSTATISTICS']._serialized_end=1137
+  _globals['_ATTENTIONROW']._serialized_start=1139
+  _globals['_ATTENTIONROW']._serialized_end=1237
+  _globals['_ATTENDEDSPAN']._serialized_start=1239
+  _globals['_ATTENDEDSPAN']._serialized_end=1322
+  _globals['_ATTENTIONSUMMARY']._serialized_start=1324
+  _globals['_ATTENTIONSUMMARY']._serialized_end=1399
 # @@protoc_insertion_point(module_scope)

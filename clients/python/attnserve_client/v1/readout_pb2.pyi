@@ -30,6 +30,7 @@ class ReadoutSpec(_message.Message):
     ATTENTION_ROWS_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     IMAGE_ATTENTION_FIELD_NUMBER: _builtins.int
+    SCANPATH_FIELD_NUMBER: _builtins.int
     layer_statistics: _builtins.bool
     """Per-layer statistics, returned in the final response."""
     summary: _builtins.bool
@@ -48,6 +49,12 @@ class ReadoutSpec(_message.Message):
         (vision-language models; the request must carry images).
         """
 
+    @_builtins.property
+    def scanpath(self) -> Global___ScanpathSpec:
+        """Where the model looked at each step: the most attended image patch (vision-language
+        models; the request must carry images), in the final response.
+        """
+
     def __init__(
         self,
         *,
@@ -56,14 +63,89 @@ class ReadoutSpec(_message.Message):
         attention_rows: Global___AttentionRowsSpec | None = ...,
         summary: _builtins.bool = ...,
         image_attention: Global___ImageAttentionSpec | None = ...,
+        scanpath: Global___ScanpathSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "scanpath", b"scanpath"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "layer_statistics", b"layer_statistics", "mass_ranges", b"mass_ranges", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_rows", b"attention_rows", "image_attention", b"image_attention", "layer_statistics", b"layer_statistics", "mass_ranges", b"mass_ranges", "scanpath", b"scanpath", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadoutSpec: _TypeAlias = ReadoutSpec  # noqa: Y015
+
+@_typing.final
+class ScanpathSpec(_message.Message):
+    """Which attention a scanpath follows: the mean over these layers and heads of the row that
+    predicts each step's token, over every image's patches.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    LAYER_NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Layer indices (Model.layers[i].index); with layer_names the union is read."""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Query heads; empty means every head. Each must exist on every layer read."""
+
+    @_builtins.property
+    def layer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns matched against layer names, as Selector.layer_names."""
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[_builtins.int] | None = ...,
+        heads: _abc.Iterable[_builtins.int] | None = ...,
+        layer_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScanpathSpec: _TypeAlias = ScanpathSpec  # noqa: Y015
+
+@_typing.final
+class ScanpathPoint(_message.Message):
+    """One fixation of a scanpath: the patch with the most attention at one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    ROW_FIELD_NUMBER: _builtins.int
+    COLUMN_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    image: _builtins.int
+    """The image, its patch row and column (the grid of VisionGeometry), and the patch's mean
+    attention probability.
+    """
+    row: _builtins.int
+    column: _builtins.int
+    weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        image: _builtins.int = ...,
+        row: _builtins.int = ...,
+        column: _builtins.int = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "image", b"image", "row", b"row", "step", b"step", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScanpathPoint: _TypeAlias = ScanpathPoint  # noqa: Y015
 
 @_typing.final
 class ImageAttentionSpec(_message.Message):
