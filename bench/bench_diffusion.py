@@ -1,6 +1,7 @@
 """attnserve's diffusion path beside diffusers' own pipelines, in one run on one model.
 
-Side by side, same prompt, seed, size and steps (median seconds of --repeats runs each):
+Side by side, same prompt, seed, size and steps (median seconds of --repeats rounds, each
+running every configuration once, in turn):
 - diffusers' StableDiffusionPipeline vs attnserve's denoiser with no plans (the processors' cost);
 - diffusers' StableDiffusionPAGPipeline (layers "mid") vs attnserve's PAG (goal <= 1.0x);
 - attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -37,14 +39,18 @@ from diffusers import StableDiffusionPAGPipeline
 PROMPT = "a photo of a cat"
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each run; every round runs each once, in turn, so the machine's noise
+    hits them alike."""
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -109,21 +115,18 @@ def main() -> None:
         )  # fmt: skip
 
     batch = [dataclasses.replace(request, seed=i) for i in range(args.batch)]
-    times = {
-        "diffusers_plain": median_seconds(lambda: theirs(plain_pipe), args.repeats),
-        "attnserve_plain": median_seconds(lambda: ours(request), args.repeats),
-        "diffusers_pag": median_seconds(lambda: theirs(pag_pipe, pag_scale=3.0), args.repeats),
-        "attnserve_pag": median_seconds(
-            lambda: ours(dataclasses.replace(request, perturbed=pag)), args.repeats
-        ),
-        "attnserve_heatmaps": median_seconds(
-            lambda: ours(dataclasses.replace(request, heatmap_words=words)), args.repeats
-        ),
-        f"attnserve_{args.batch}_batched": median_seconds(lambda: ours(*batch), args.repeats),
-        f"attnserve_{args.batch}_one_at_a_time": median_seconds(
-            lambda: [ours(r) for r in batch], args.repeats
-        ),
-    }
+    times = median_seconds(
+        {
+            "diffusers_plain": lambda: theirs(plain_pipe),
+            "attnserve_plain": lambda: ours(request),
+            "diffusers_pag": lambda: theirs(pag_pipe, pag_scale=3.0),
+            "attnserve_pag": lambda: ours(dataclasses.replace(request, perturbed=pag)),
+            "attnserve_heatmaps": lambda: ours(dataclasses.replace(request, heatmap_words=words)),
+            f"attnserve_{args.batch}_batched": lambda: ours(*batch),
+            f"attnserve_{args.batch}_one_at_a_time": lambda: [ours(r) for r in batch],
+        },
+        args.repeats,
+    )
     result = {
         "model": str(path),
         "size": args.size,
@@ -131,6 +134,7 @@ def main() -> None:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
         "seconds": times,
         "ratios": {
             "plain: attnserve / diffusers": times["attnserve_plain"] / times["diffusers_plain"],
