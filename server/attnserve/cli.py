@@ -34,6 +34,12 @@ class SearchStrategy(str, Enum):
     greedy = "greedy"
 
 
+class CalibrationObjective(str, Enum):
+    margin = "margin"
+    accuracy = "accuracy"
+    log_likelihood = "log-likelihood"
+
+
 class GreedyUnit(str, Enum):
     layer = "layer"
     head = "head"
@@ -129,6 +135,12 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bootstrap.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 32,
     bootstrap_resamples: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
+    objective: Annotated[CalibrationObjective, typer.Option(help="What the search maximises.")] = (
+        CalibrationObjective.margin
+    ),
+    no_new_errors: Annotated[
+        bool, typer.Option(help="Constraint: no calibration example may turn from right to wrong.")
+    ] = False,
     folds: Annotated[
         int | None,
         typer.Option(
@@ -169,6 +181,8 @@ def calibrate(
         bootstrap_resamples=bootstrap_resamples,
         write_anyway=write_anyway,
         folds=folds,
+        objective=objective.value,
+        no_new_errors=no_new_errors,
     )
     raise typer.Exit(run_calibration(request))
 

@@ -8,6 +8,7 @@ cross-validation of the whole search (cross_validate).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from ..attention.plan import EMPTY_PLAN
 from ..spec.geometry import ModelGeometry
 from .method import HeadSet, Method, PlanCompiler, describe_head_set
-from .objective import Scorer, SplitMetrics, TokenizedExample
+from .objective import OBJECTIVES, Scorer, SplitMetrics, TokenizedExample
 from .report import Change, margin_change, metrics_provenance
-from .search import STRATEGIES, SearchResult, greedy, head_units, layer_units, sweep
+from .search import EMPTY, STRATEGIES, SearchResult, greedy, head_units, layer_units, sweep
 
 #: on_progress(round description, answers scored, answers in the round)
 ProgressCallback = Callable[[str, int, int], None]
@@ -33,12 +34,18 @@ class SearchSettings:
     budget: int
     #: greedy only: "layer" (whole layers) or "head".
     greedy_unit: str = "layer"
+    #: What the search maximises: a key of objective.OBJECTIVES.
+    objective: str = "margin"
+    #: Constraint: no searched example may turn from right to wrong.
+    no_new_errors: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"search {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.greedy_unit not in ("layer", "head"):
             raise ValueError(f"greedy unit {self.greedy_unit!r} is not layer or head")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
     @property
     def unit(self) -> str:
@@ -46,7 +53,11 @@ class SearchSettings:
 
     def describe(self) -> str:
         layers = ",".join(map(str, self.layers))
-        return f"{self.strategy}, unit {self.unit}, budget {self.budget}, layers {layers}"
+        constraint = ", no new errors" if self.no_new_errors else ""
+        return (
+            f"{self.strategy}, unit {self.unit}, budget {self.budget}, layers {layers}, "
+            f"objective {self.objective}{constraint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -161,7 +172,7 @@ class _Search:
             else head_units(settings.layers, geometry.num_heads)
         )
         self._strategy = greedy if settings.strategy == "greedy" else sweep
-        self._budget = settings.budget
+        self._settings = settings
 
     def run(
         self, examples: Sequence[TokenizedExample], label: str = ""
@@ -170,12 +181,10 @@ class _Search:
         variants = []
         for method, compiler in zip(self._methods, self._compilers):
             prefix = label + (_method_label(method) if len(self._methods) > 1 else "")
-
-            def evaluate(description: str, head_sets: Sequence[HeadSet], compiler=compiler, prefix=prefix):
-                progress = _round(self._on_progress, f"{prefix}{description}")
-                return self._scorer.evaluate(compiler.plans(head_sets), examples, progress)
-
-            variants.append(VariantResult(method, self._strategy(self._units, self._budget, evaluate)))
+            evaluate = _Judge(self._scorer, compiler, examples, self._settings, self._on_progress, prefix)
+            variants.append(
+                VariantResult(method, self._strategy(self._units, self._settings.budget, evaluate))
+            )
         return tuple(variants), max(variants, key=lambda v: v.search.chosen.metrics.objective)
 
     def held_out(
@@ -188,6 +197,32 @@ class _Search:
             [EMPTY_PLAN, plan], examples, _round(self._on_progress, description)
         )
         return before, after
+
+
+class _Judge:
+    """The evaluate() of one variant's search: scores head sets on the examples and returns their
+    metrics as the search compares them, by the settings' objective, inadmissible when they break
+    the constraint (judged against the unmodified model, which the first round scores)."""
+
+    def __init__(self, scorer, compiler, examples, settings, on_progress, prefix):
+        self._scorer = scorer
+        self._compiler = compiler
+        self._examples = examples
+        self._settings = settings
+        self._on_progress = on_progress
+        self._prefix = prefix
+        self._baseline: SplitMetrics | None = None
+
+    def __call__(self, description: str, head_sets: Sequence[HeadSet]) -> list[SplitMetrics]:
+        progress = _round(self._on_progress, f"{self._prefix}{description}")
+        scored = self._scorer.evaluate(self._compiler.plans(head_sets), self._examples, progress)
+        if self._baseline is None:
+            self._baseline = scored[head_sets.index(EMPTY)]
+        return [self._judged(metrics) for metrics in scored]
+
+    def _judged(self, metrics: SplitMetrics) -> SplitMetrics:
+        admissible = not (self._settings.no_new_errors and metrics.turned_wrong(self._baseline))
+        return dataclasses.replace(metrics, objective_name=self._settings.objective, admissible=admissible)
 
 
 def fold_agreement(result: CalibrationResult) -> str:
@@ -241,7 +276,7 @@ def provenance(result: CalibrationResult, context: dict[str, str]) -> dict[str, 
     if method.keys is not None:
         out["keys"] = json.dumps(dict(method.keys))
     out["heads"] = describe_head_set(result.head_set)
-    out["objective"] = "mean margin of the correct answer's summed log-probability over the best wrong one"
+    out["objective"] = OBJECTIVES[result.calibration_after.objective_name]
     if len(result.variants) > 1:
         for i, variant in enumerate(result.variants):
             out[f"variants[{i}]"] = (

@@ -60,6 +60,10 @@ class CalibrationRequest:
     seed: int
     batch_size: int
     bootstrap_resamples: int
+    #: A key of objective.OBJECTIVES.
+    objective: str = "margin"
+    #: Constraint: no calibration example may turn from right to wrong.
+    no_new_errors: bool = False
     #: Write the preset even when it does not pass the held-out gate.
     write_anyway: bool = False
     #: k-fold cross-validation with this many folds; 0 one held-out split; None chooses
@@ -183,6 +187,8 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         layers=parse_layers(request.layers, geometry.num_layers),
         budget=request.budget,
         greedy_unit=request.greedy_unit,
+        objective=request.objective,
+        no_new_errors=request.no_new_errors,
     )
     scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
     if num_folds:

@@ -1,9 +1,10 @@
-"""The objective: how well a plan ranks the correct answer first.
+"""The objectives: how well a plan ranks the correct answer first.
 
 Per example, the margin is the correct answer's summed token log-probability minus the best wrong
-answer's; an example is right when its margin is positive. A split's objective is the mean margin
-(accuracy alongside). Every plan x example x candidate is one query to engines/hf/scoring, so all
-candidate plans of a search round share forwards.
+answer's; an example is right when its margin is positive. A split's objective (OBJECTIVES) is the
+mean margin (default), the accuracy or the mean log-likelihood of the correct answer, with the
+accuracy or margin breaking ties. Every plan x example x candidate is one query to
+engines/hf/scoring, so all candidate plans of a search round share forwards.
 """
 
 from __future__ import annotations
@@ -50,12 +51,26 @@ def margin(logprobs: Sequence[float], answer: int) -> float:
     return logprobs[answer] - max(lp for i, lp in enumerate(logprobs) if i != answer)
 
 
+#: Objective name -> what it says it maximises.
+OBJECTIVES = {
+    "margin": "mean margin of the correct answer's summed log-probability over the best wrong one",
+    "accuracy": "accuracy (the mean margin breaking ties)",
+    "log-likelihood": "mean summed log-probability of the correct answer",
+}
+
+
 @dataclass(frozen=True)
 class SplitMetrics:
     """A plan's result on one split."""
 
     #: Per example, in split order.
     margins: tuple[float, ...]
+    #: Per example, the correct answer's summed log-probability (empty when not recorded).
+    correct_logprobs: tuple[float, ...] = ()
+    #: What `objective` maximises: a key of OBJECTIVES.
+    objective_name: str = "margin"
+    #: False when the plan breaks the search's constraint: it is then never chosen.
+    admissible: bool = True
 
     @property
     def mean_margin(self) -> float:
@@ -66,9 +81,24 @@ class SplitMetrics:
         return sum(m > 0 for m in self.margins) / len(self.margins)
 
     @property
+    def mean_log_likelihood(self) -> float:
+        return sum(self.correct_logprobs) / len(self.correct_logprobs)
+
+    @property
     def objective(self) -> tuple[float, float]:
-        """What the search maximises: mean margin, then accuracy."""
+        """What the search maximises (objective_name), then its tie-breaker; -inf when not
+        admissible."""
+        if not self.admissible:
+            return (float("-inf"), float("-inf"))
+        if self.objective_name == "accuracy":
+            return (self.accuracy, self.mean_margin)
+        if self.objective_name == "log-likelihood":
+            return (self.mean_log_likelihood, self.accuracy)
         return (self.mean_margin, self.accuracy)
+
+    def turned_wrong(self, baseline: SplitMetrics) -> int:
+        """Examples right under baseline and wrong here."""
+        return sum(before > 0 >= after for after, before in zip(self.margins, baseline.margins, strict=True))
 
 
 class Scorer:
@@ -107,9 +137,10 @@ class Scorer:
         )
         results = []
         for _ in plans:
-            margins = []
+            margins, correct = [], []
             for example in examples:
                 scores = [next(logprobs) for _ in example.candidate_ids]
                 margins.append(margin(scores, example.answer))
-            results.append(SplitMetrics(tuple(margins)))
+                correct.append(scores[example.answer])
+            results.append(SplitMetrics(tuple(margins), tuple(correct)))
         return results
