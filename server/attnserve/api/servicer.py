@@ -187,8 +187,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = None
         try:
             model = self._model(request.model)
-            engine = capable_engine(model, CandidateScoring, "Score")
+            # The fields are checked with the model's tokenizer before whether its engine scores,
+            # so a bad field is INVALID_ARGUMENT on every text engine; a model without a text
+            # engine (diffusion) has no tokenizer and is refused first.
+            capable_engine(model, TextGeneration, "Score")
             score_request = to_score_request(request, model)
+            engine = capable_engine(model, CandidateScoring, "Score")
             _admit(model)
             log.info(
                 "score request_id=%s model=%s prompt_tokens=%d candidates=%d interventions=%d",
