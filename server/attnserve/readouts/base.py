@@ -26,6 +26,8 @@ from attnserve_client.v1 import readout_pb2
 from ..attention.plan import ReadoutSettings
 from ..attention.readout import RowReadout
 from ..spec.errors import Violations
+from ..spec.geometry import AttentionLayer
+from ..spec.selectors import checked_heads, selected_layers
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,15 @@ class Readout(ABC):
         response: ResponseContext,
     ) -> None:
         """Write the finished result (None when no call produced a value) into the last message."""
+
+
+def image_readout_layers(selector, field: str, ctx, violations: Violations) -> list[AttentionLayer]:
+    """The layers a readout over image patches reads (selector: its message, with layers,
+    layer_names and heads), its heads checked against them; the request must carry images."""
+    if not ctx.image_spans:
+        violations.add(field, "the request has no images (image parts of chat messages)")
+    if not selector.layers and not selector.layer_names:
+        violations.add(f"{field}.layers", "name at least one layer (layers or layer_names)")
+    layers = selected_layers(selector.layers, selector.layer_names, field, ctx.geometry, violations)
+    checked_heads(selector.heads, f"{field}.heads", layers or ctx.geometry.layers, violations)
+    return layers

@@ -21,8 +21,7 @@ from attnserve_client.v1 import readout_pb2
 from ..attention.plan import NO_NEEDS, ReadoutNeeds
 from ..attention.readout import RowReadout
 from ..spec.errors import Violations
-from ..spec.selectors import checked_heads, selected_layers
-from .base import CallSite, Readout
+from .base import CallSite, Readout, image_readout_layers
 
 FIELD = "readouts.image_attention"
 ROWS = ReadoutNeeds(last_query_rows=True)
@@ -62,13 +61,8 @@ class ImageAttention(Readout):
         return spec.HasField("image_attention")
 
     def compile(self, spec, ctx, violations: Violations) -> ImageAttentionSettings:
-        maps, geo = spec.image_attention, ctx.geometry
-        if not ctx.image_spans:
-            violations.add(FIELD, "the request has no images (image parts of chat messages)")
-        if not maps.layers and not maps.layer_names:
-            violations.add(f"{FIELD}.layers", "name at least one layer (layers or layer_names)")
-        layers = selected_layers(maps.layers, maps.layer_names, FIELD, geo, violations)
-        checked_heads(maps.heads, f"{FIELD}.heads", layers or geo.layers, violations)
+        maps = spec.image_attention
+        layers = image_readout_layers(maps, FIELD, ctx, violations)
         for i, step in enumerate(maps.steps):
             if not 0 <= step < ctx.max_tokens:
                 violations.add(

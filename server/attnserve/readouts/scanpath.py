@@ -19,8 +19,7 @@ from attnserve_client.v1 import readout_pb2
 from ..attention.plan import NO_NEEDS, ReadoutNeeds
 from ..attention.readout import RowReadout
 from ..spec.errors import Violations
-from ..spec.selectors import checked_heads, selected_layers
-from .base import CallSite, Readout, ResponseContext
+from .base import CallSite, Readout, ResponseContext, image_readout_layers
 
 FIELD = "readouts.scanpath"
 ROWS = ReadoutNeeds(last_query_rows=True)
@@ -57,13 +56,8 @@ class Scanpath(Readout):
         return spec.HasField("scanpath")
 
     def compile(self, spec, ctx, violations: Violations) -> ScanpathSettings:
-        path, geo = spec.scanpath, ctx.geometry
-        if not ctx.image_spans:
-            violations.add(FIELD, "the request has no images (image parts of chat messages)")
-        if not path.layers and not path.layer_names:
-            violations.add(f"{FIELD}.layers", "name at least one layer (layers or layer_names)")
-        layers = selected_layers(path.layers, path.layer_names, FIELD, geo, violations)
-        checked_heads(path.heads, f"{FIELD}.heads", layers or geo.layers, violations)
+        path = spec.scanpath
+        layers = image_readout_layers(path, FIELD, ctx, violations)
         return ScanpathSettings(
             layers=frozenset(layer.index for layer in layers),
             heads=tuple(sorted(set(path.heads))),
