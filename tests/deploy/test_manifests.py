@@ -167,4 +167,3 @@ def test_yamllint_deploy():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-
