@@ -140,6 +140,7 @@ def test_gpu_overlays_request_the_gpus_the_config_uses(overlay, tmp_path):
     assert main["resources"]["requests"]["nvidia.com/gpu"] == gpus
     (model,) = served_config(documents, tmp_path).models.values()
     assert model.vllm.tensor_parallel_size == gpus
+    assert model.device == "cuda"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     # The model comes from the shared claim, under the mount the config names.
@@ -160,7 +161,14 @@ def test_tensor_parallel_replica_has_shared_memory():
 
 def test_yamllint_deploy():
     result = subprocess.run(
-        [dev_tool("yamllint"), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(DEPLOY)],
+        [
+            dev_tool("yamllint"),
+            "--strict",
+            "-c",
+            str(ROOT / ".yamllint.yaml"),
+            str(DEPLOY),
+            str(ROOT / "tests" / "deploy" / "promtool"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
