@@ -36,7 +36,7 @@ protos: venv
 
 lint: venv
 	cd proto && ../$(BIN)/buf lint
-	$(BIN)/ruff check server clients tests bench
+	$(BIN)/ruff check server clients tests bench deploy
 	$(BIN)/hadolint Dockerfile
 
 bench: venv
