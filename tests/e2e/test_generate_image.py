@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 from attnserve_client import AttnserveError, Client
+from attnserve_client.cli import app
 from attnserve_client.v1 import image_generation_pb2 as ipb
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import intervention_pb2
 from PIL import Image
+from typer.testing import CliRunner
 
 from .conftest import running_server
 from .helpers import field_violations
@@ -254,6 +256,32 @@ def test_client_sdk_generate_image(image_server):
         with pytest.raises(AttnserveError) as err:
             list(client.generate_image(MODEL, "a red house", width=17))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_saves_the_images_and_word_heatmap_overlays(image_server, tmp_path):
+    """attnserve-cli generate-image writes the server's PNGs as they are and each word's heatmap
+    over its image."""
+    args = ["--width", "16", "--height", "16", "--steps", "2", "--seed", "3", "--num-images", "2"]
+    result = CliRunner().invoke(
+        app,
+        ["generate-image", "a red house", "--model", MODEL, "--out", str(tmp_path), *args]
+        + ["--pag-scale", "2", "--word", "house", "--target", image_server["target"], "--timeout", "120"],
+    )
+    assert result.exit_code == 0, result.output
+    with Client(image_server["target"], timeout=120) as client:
+        [*_, last] = client.generate_image(
+            MODEL, "a red house", width=16, height=16, steps=2, seed=3, num_images=2, pag={"scale": 2}
+        )
+    for k, image in enumerate(last.complete.images):
+        assert (tmp_path / f"image-{k}.png").read_bytes() == image.png
+        overlay = Image.open(tmp_path / f"image-{k}-house.png")
+        assert overlay.format == "PNG" and overlay.size == (384, 384)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "image-0-house.png",
+        "image-0.png",
+        "image-1-house.png",
+        "image-1.png",
+    ]
 
 
 def test_metrics_count_steps_and_images(stub, image_server):

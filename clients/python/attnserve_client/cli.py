@@ -21,6 +21,7 @@ from attnserve_client.image_map import write_image_maps
 from attnserve_client.spec import SpecError, load_spec_file, specs_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
+from attnserve_client.word_heatmap import write_images
 
 app = typer.Typer(
     help="Command-line client of attnserve.", no_args_is_help=True, pretty_exceptions_show_locals=False
@@ -234,6 +235,80 @@ def generate(
         for path in write_image_maps([p.read_bytes() for p in image], maps, image_map):
             typer.echo(f"wrote {path}", err=True)
     typer.echo(formatting.completion_footer(complete), err=True)
+
+
+@app.command("generate-image")
+def generate_image(
+    context: typer.Context,
+    prompt: Prompt,
+    model: Annotated[str, typer.Option("--model", "-m", help="A diffusion model the server serves.")],
+    out: Annotated[
+        pathlib.Path, typer.Option(help="Directory for image-<k>.png and image-<k>-<word>.png.")
+    ] = pathlib.Path("."),
+    negative_prompt: Annotated[str, typer.Option(help="What the image should not show.")] = "",
+    width: Annotated[int | None, typer.Option(min=8, help="Pixels; default the model's.")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Pixels; default the model's.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps; default 50.")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance; default 7.5.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0)] = None,
+    num_images: Annotated[int | None, typer.Option(min=1)] = None,
+    pag_scale: Annotated[
+        float | None,
+        typer.Option(help="Perturbed-attention guidance with this scale.", rich_help_panel=INTERVENTIONS),
+    ] = None,
+    pag_layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PAG layer id (repeatable, e.g. mid); default the server's.", rich_help_panel=INTERVENTIONS
+        ),
+    ] = None,
+    preset: Presets = None,
+    word: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Prompt word whose heatmap to draw over the images (repeatable).", rich_help_panel=READOUTS
+        ),
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = None,
+) -> None:
+    """Generate images, showing a progress bar over the denoising steps; save them as PNG files."""
+    options = {
+        name: value
+        for name, value in {
+            "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
+            "guidance_scale": guidance_scale, "seed": seed, "num_images": num_images,
+            "presets": preset or (), "word_heatmaps": word or (),
+        }.items()
+        if value is not None
+    }  # fmt: skip
+    if pag_scale is not None or pag_layer:
+        options["pag"] = {"layers": pag_layer or []} | ({"scale": pag_scale} if pag_scale is not None else {})
+    complete = None
+    with _errors_reported(), _client(context, target, timeout) as client:
+        progress = None
+        try:
+            for response in client.generate_image(
+                model, sys.stdin.read() if prompt == "-" else prompt, **options
+            ):
+                if response.HasField("step"):
+                    step = response.step
+                    if progress is None:
+                        progress = typer.progressbar(
+                            length=step.num_steps, label="denoising", file=sys.stderr
+                        )
+                    progress.update(1)
+                else:
+                    complete = response.complete
+        finally:
+            if progress is not None:
+                progress.render_finish()
+    if complete is None:
+        _fail("the server closed the stream without images")
+    for path in write_images(complete, out):
+        typer.echo(f"wrote {path}", err=True)
 
 
 @app.command()

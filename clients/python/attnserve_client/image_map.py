@@ -40,12 +40,18 @@ def overlay(
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return heat_over(square, grid, grid, weights)
+
+
+def heat_over(image: Image.Image, width: int, height: int, weights: Sequence[float]) -> Image.Image:
+    """A width x height grid of weights (row-major), min-max normalised, in the heatmap's colour
+    map, blended over image (an RGB image of any size; the grid is stretched to it)."""
     low, high = min(weights), max(weights)
     span = high - low or 1.0
-    cells = Image.new("RGB", (grid, grid))
+    cells = Image.new("RGB", (width, height))
     cells.putdata([colour((w - low) / span) for w in weights])
-    heat = cells.resize((size, size), Image.Resampling.NEAREST)
-    return Image.blend(square, heat, OPACITY)
+    heat = cells.resize(image.size, Image.Resampling.NEAREST)
+    return Image.blend(image, heat, OPACITY)
 
 
 def write_image_maps(
