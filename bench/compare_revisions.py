@@ -32,7 +32,12 @@ def checkout(revision: str, into: Path) -> Path:
 def run_benchmark(tree: Path, script: str, args: list[str], out: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=f"{tree / 'server'}{os.pathsep}{tree / 'clients' / 'python'}")
     command = [sys.executable, str(tree / script), *args, "--out", str(out)]
-    subprocess.run(command, check=True, env=env, cwd=tree)
+    status = subprocess.run(command, check=False, env=env, cwd=tree).returncode
+    if status != 0:
+        if not out.is_file():
+            raise RuntimeError(f"{' '.join(command)} failed with exit status {status}")
+        # Seen once: an abort in a native thread's teardown after the results were written.
+        print(f"warning: the benchmark exited with status {status} after writing its results", flush=True)
     return json.loads(out.read_text())["median_tokens_per_s"]
 
 
