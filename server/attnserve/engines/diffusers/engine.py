@@ -36,8 +36,6 @@ from .denoise import Denoiser, DenoisingJob
 
 log = logging.getLogger("attnserve.engines.diffusers")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_pipeline(
     model_path: Path, *, dtype: str = "float32", device: str = "cpu"
@@ -45,7 +43,7 @@ def load_pipeline(
     """A local Stable Diffusion pipeline directory (safetensors), without a safety checker."""
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path,
-        dtype=_DTYPES[dtype],
+        dtype=getattr(torch, dtype),
         local_files_only=True,
         use_safetensors=True,
         safety_checker=None,

@@ -46,9 +46,6 @@ from .scheduler import Scheduler
 log = logging.getLogger("attnserve.engines.hf")
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_causal_lm(model_path: Path, *, dtype: str = "float32", device: str = "cpu"):
     """(tokenizer, model) of a local causal LM, in eval mode, with the "attnserve" attention."""
     attention.register()
@@ -56,7 +53,7 @@ def load_causal_lm(model_path: Path, *, dtype: str = "float32", device: str = "c
     model = (
         AutoModelForCausalLM.from_pretrained(
             model_path,
-            dtype=_DTYPES[dtype],
+            dtype=getattr(torch, dtype),
             attn_implementation=attention.ATTN_IMPLEMENTATION,
             local_files_only=True,
             use_safetensors=True,
@@ -88,7 +85,7 @@ class TransformersEngine(Engine, TextGeneration, CandidateScoring):
         tower = None
         if vision.is_vision_language(model_path):
             processor, model = vision.load_vision_language_model(
-                model_path, dtype=_DTYPES[dtype], device=device
+                model_path, dtype=getattr(torch, dtype), device=device
             )
             self.tokenizer = processor.tokenizer
             tower = vision.VisionTower(model, processor, torch.device(device))
