@@ -126,6 +126,13 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
     build = ENGINES[model.engine].build  # the config parser checked the name
     engine = await asyncio.to_thread(build, path, model, config, metrics)
     await engine.start()
+    # The engines sample statistics on causal self-attention layers (diffusion models have none).
+    sampled = config.statistics.sample_rate > 0
+    metrics.model_loaded(
+        model.name,
+        model.engine,
+        statistics_layers=[layer.index for layer in engine.info.geometry.layers if sampled and layer.causal],
+    )
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)
         for name, p in model.presets.items()

@@ -42,10 +42,13 @@ def serve_traffic(target: str, api: str) -> None:
     requests += [chat_request(max_tokens=6, interventions=ipb.InterventionSpec(presets=["act-l5"]))]
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        # A model's series appear, at 0, on its first request; rate() sees only what is counted
+        # A model's series appear, at 0, when it is loaded; rate() sees only what is counted
         # after Prometheus has scraped them once.
-        run(stub, chat_request(max_tokens=2))
-        assert wait_for_data(api, [f'attnserve_intervention_applied_total{{model="{MODEL}"}}'])
+        loaded = [
+            f'attnserve_intervention_applied_total{{model="{MODEL}"}}',
+            f'attnserve_attention_sink_mass_ratio_count{{model="{MODEL}", layer="29"}}',
+        ]
+        assert all(wait_for_data(api, loaded).values()), "the model's series were not scraped at zero"
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             for _, complete in pool.map(lambda request: run(stub, request), requests):
                 assert complete is not None

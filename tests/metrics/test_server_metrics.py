@@ -89,6 +89,21 @@ def test_attention_statistics_per_layer(metrics):
     assert value(metrics, "attnserve_attention_samples_total", **MODEL) == 2
 
 
+def test_a_loaded_model_has_its_series_at_zero_before_any_request():
+    metrics = ServerMetrics()
+    metrics.model_loaded(MODEL["model"], MODEL["engine"], statistics_layers=[0, 1, 2])
+    for layer in ("0", "1", "2"):
+        for name in (
+            "attnserve_attention_sink_mass_ratio_count",
+            "attnserve_attention_normalized_entropy_ratio_count",
+            "attnserve_attention_hidden_sinks_per_head_count",
+        ):
+            assert value(metrics, name, layer=layer, **MODEL) == 0, (name, layer)
+    assert value(metrics, "attnserve_attention_sink_mass_ratio_count", layer="3", **MODEL) is None
+    assert value(metrics, "attnserve_request_finished_total", finish_reason="eos", **MODEL) == 0
+    assert value(metrics, "attnserve_intervention_applied_total", operation="key_mask", **MODEL) == 0
+
+
 def test_interventions_by_operation(metrics):
     assert INTERVENTION_OPERATIONS == (
         "sink_calibration",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import threading
+from collections.abc import Iterable
 from http.server import HTTPServer
 
 import grpc
@@ -54,8 +55,10 @@ class ServerMetrics:
     """All metrics one server exports, and the small calls that record them.
 
     Series of a (model, engine) pair, including every finish reason and intervention
-    operation at zero, appear on its first use, so rate() and absent() work from the start.
-    Unknown finish reasons and operations raise KeyError rather than grow label sets.
+    operation and every sampled layer's statistics at zero, appear when the model is loaded,
+    so rate() and absent() work from the first scrape: a series that appeared at its first
+    observation would hide that observation from rate(). Unknown finish reasons and
+    operations raise KeyError rather than grow label sets.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, version: str | None = None):
@@ -169,6 +172,13 @@ class ServerMetrics:
         Info("attnserve_server", "attnserve server build.", registry=registry).info(
             {"version": version or _installed_version()}
         )
+
+    def model_loaded(self, model: str, engine: str, statistics_layers: Iterable[int]) -> None:
+        """Creates the model's series at zero, with the attention statistics of the layers
+        whose statistics are sampled."""
+        self._series(model, engine)
+        for layer in statistics_layers:
+            self._layer(model, engine, layer)
 
     # Scheduling -------------------------------------------------------------------------------
 
