@@ -1,8 +1,8 @@
 """`attnserve calibrate`: load the model and data, search with a progress display, write the preset.
 
 Exit status: 0 preset written; 1 nothing written, because no head set beat the unmodified model
-on the calibration split or because the held-out evidence does not support the chosen one (the
-gate, calibration/report.py Change.passes_gate; --write-anyway writes it all the same and
+on the calibration split or because the held-out evidence does not support the chosen one, on
+all examples or on one task (the gate, calibration/calibrate.py CalibrationResult.passes_gate; --write-anyway writes it all the same and
 records that it did not pass); 2 bad config, data or options.
 """
 
@@ -26,8 +26,9 @@ from .data import (
     directory_sha256,
     file_sha256,
     fold_indices,
-    load_examples,
+    load_tasks,
     split_examples,
+    tasks_of,
 )
 from .method import Method, describe_head_set
 from .objective import Scorer, tokenize
@@ -38,7 +39,8 @@ from .report import write_preset
 class CalibrationRequest:
     """The command line's options (see cli.calibrate)."""
 
-    data: Path
+    #: One JSONL file per task; with several, every task must pass the held-out gate.
+    data: tuple[Path, ...]
     output: Path
     config: Path | None
     model: str | None
@@ -106,7 +108,7 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
 
 def folds_of(request: CalibrationRequest, examples: Sequence[LabelledExample]) -> int:
     """The number of folds to cross-validate with; 0 for one held-out split."""
-    has_split = examples[0].split is not None
+    has_split = any(e.split is not None for e in examples)
     if request.folds is None:
         small = AUTO_FOLDS_MIN_EXAMPLES <= len(examples) < AUTO_FOLDS_MAX_EXAMPLES
         return AUTO_FOLDS if small and not has_split else 0
@@ -114,7 +116,7 @@ def folds_of(request: CalibrationRequest, examples: Sequence[LabelledExample]) -
         raise UsageError("--folds: use 0 (one held-out split) or 2 or more folds")
     if request.folds and has_split:
         raise UsageError(
-            "--folds: the data file's split field fixes the held-out examples; remove it to cross-validate"
+            "--folds: a data file's split field fixes the held-out examples; remove it to cross-validate"
         )
     return request.folds
 
@@ -170,10 +172,10 @@ def _run(request: CalibrationRequest, console: Console) -> int:
     except ConfigError as err:
         raise UsageError(f"config error: {err}") from None
     methods = methods_of(request)
-    examples = load_examples(request.data)
+    examples = load_tasks(request.data)
     num_folds = folds_of(request, examples)
     if num_folds:
-        folds = fold_indices(len(examples), num_folds, request.seed)
+        folds = fold_indices(examples, num_folds, request.seed)
         held_out = f"{num_folds}-fold cross-validation, seed {request.seed}"
     else:
         split = split_examples(examples, request.validation_fraction, request.seed)
@@ -195,6 +197,9 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         data = f"{len(examples)} examples, {held_out}"
     else:
         data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
+    tasks = tasks_of(examples)
+    if len(tasks) > 1:
+        data += f" of {len(tasks)} tasks ({', '.join(tasks)}), each gated on its own"
     console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
 
     started = time.monotonic()
@@ -247,9 +252,9 @@ def _run(request: CalibrationRequest, console: Console) -> int:
 
     description = summary(result)
     print(description)
-    if not result.change.passes_gate and not request.write_anyway:
+    if not result.passes_gate and not request.write_anyway:
         console.print(
-            f"The held-out evidence does not support this head set ({result.change.gate}); no preset "
+            f"The held-out evidence does not support this head set ({result.gate}); no preset "
             "written. More examples narrow the interval; --write-anyway writes it all the same.",
             highlight=False,
         )
@@ -258,8 +263,8 @@ def _run(request: CalibrationRequest, console: Console) -> int:
     context = {
         "model": name,
         "model_files_sha256": directory_sha256(model_path),
-        "data_file": str(request.data),
-        "data_sha256": file_sha256(request.data),
+        "data_file": ", ".join(map(str, request.data)),
+        "data_sha256": ", ".join(file_sha256(path) for path in request.data),
         "split": held_out,
         "seed": str(request.seed),
         "search": settings.describe(),
@@ -269,7 +274,7 @@ def _run(request: CalibrationRequest, console: Console) -> int:
     }
     method = result.chosen.method
     recorded = provenance(result, context)
-    if not result.change.passes_gate:
+    if not result.passes_gate:
         recorded["validation.gate"] += " (written with --write-anyway)"
     write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
     console.print(

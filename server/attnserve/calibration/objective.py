@@ -9,6 +9,7 @@ engines/hf/scoring, so all candidate plans of a search round share forwards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ class TokenizedExample:
     candidate_ids: tuple[tuple[int, ...], ...]
     #: Index of the correct candidate.
     answer: int
+    #: The example's task (data/LabelledExample.task).
+    task: str = ""
 
 
 def tokenize(examples: Sequence[LabelledExample], tokenizer) -> list[TokenizedExample]:
@@ -42,7 +45,7 @@ def tokenize(examples: Sequence[LabelledExample], tokenizer) -> list[TokenizedEx
             if not ids:
                 raise DataError(f"line {example.line}: candidates[{i}]: tokenizes to no tokens")
             candidates.append(ids)
-        out.append(TokenizedExample(tuple(prompt), tuple(candidates), example.answer))
+        out.append(TokenizedExample(tuple(prompt), tuple(candidates), example.answer, example.task))
     return out
 
 
@@ -95,6 +98,14 @@ class SplitMetrics:
         if self.objective_name == "log-likelihood":
             return (self.mean_log_likelihood, self.accuracy)
         return (self.mean_margin, self.accuracy)
+
+    def subset(self, rows: Sequence[int]) -> SplitMetrics:
+        """These metrics on the given examples only (by position in the split)."""
+        return dataclasses.replace(
+            self,
+            margins=tuple(self.margins[i] for i in rows),
+            correct_logprobs=tuple(self.correct_logprobs[i] for i in rows) if self.correct_logprobs else (),
+        )
 
     def turned_wrong(self, baseline: SplitMetrics) -> int:
         """Examples right under baseline and wrong here."""
