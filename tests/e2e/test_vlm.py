@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import urllib.request
 import zlib
 
 import grpc
@@ -20,6 +21,7 @@ from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import model_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import running_server
 from .helpers import field_violations, run
@@ -51,6 +53,7 @@ def image_files(tmp_path_factory):
 def server(tmp_path_factory, tiny_llava_path, smollm2_path):
     config = {
         "limits": {"max_tokens": 32, "max_images": 2, "max_image_pixels": MAX_PIXELS},
+        "statistics": {"sample_rate": 1.0},  # every step: the visual metrics are checked
         "models": [
             {
                 "name": "tiny-llava",
@@ -130,6 +133,29 @@ def test_paint_and_image_attention_over_the_wire(stub, image_files):
             (0, 8, 64),
             (1, 8, 64),
         ]
+
+
+def test_visual_statistics_in_the_readout_and_the_metrics(server, stub, image_files):
+    data = image_files["png"].read_bytes()
+    _, complete = run(stub, image_chat(data, readouts=readout_spec_from_dict({"layer_statistics": True})))
+    for layer in complete.layer_statistics:
+        assert 0 < layer.image_mass < 1 and 0 < layer.image_entropy <= 1
+        assert layer.image_query_count > 0
+    with urllib.request.urlopen(server["metrics_url"], timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+    def samples(family: str, suffix: str, model: str) -> dict[str, float]:
+        return {
+            s.labels["layer"]: s.value
+            for s in families[family].samples
+            if s.name == family + suffix and s.labels["model"] == model
+        }
+
+    for family in ("attnserve_attention_visual_share_ratio", "attnserve_attention_visual_entropy_ratio"):
+        counts, sums = samples(family, "_count", "tiny-llava"), samples(family, "_sum", "tiny-llava")
+        assert sorted(counts) == ["0", "1", "2", "3"] and all(c > 0 for c in counts.values()), family
+        assert all(0 < sums[layer] / counts[layer] <= 1 for layer in counts), family
+        assert samples(family, "_count", "smollm2") == {}, "a text-only model has no visual series"
 
 
 def png_bomb(side: int) -> bytes:

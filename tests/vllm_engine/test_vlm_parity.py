@@ -1,7 +1,7 @@
 """tiny-llava on the vLLM engine against the transformers engine: images through vLLM's own
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
-image attention maps equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
+image attention maps and image statistics equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
 vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ OPERATIONS = {
         selector=ipb.Selector(layers=[1, 2]), sink_calibration=ipb.SinkCalibration(tau=0.05)
     ),
 }
-READOUTS = rpb.ReadoutSpec(image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True))
+READOUTS = rpb.ReadoutSpec(
+    image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True), layer_statistics=True
+)
 
 
 def request(question, colours, interventions, readouts=None) -> pb.GenerateRequest:
@@ -151,3 +153,15 @@ async def test_image_maps_equal_across_engines(vllm_run, transformers_run):
             assert a.maps.keys() == b.maps.keys() and a.maps
             for key in a.maps:
                 assert a.maps[key] == pytest.approx(b.maps[key], abs=1e-4)
+
+
+async def test_image_statistics_equal_across_engines(vllm_run, transformers_run):
+    for ours, theirs in zip(vllm_run["maps"], transformers_run["maps"]):
+        a, b = ours[-1].readouts["layer_statistics"], theirs[-1].readouts["layer_statistics"]
+        assert a.keys() == b.keys() == {0, 1, 2, 3}
+        for layer in a:
+            assert a[layer].image_query_count == b[layer].image_query_count > 0
+            for name in ("image_mass", "image_entropy"):
+                mine, reference = (getattr(s[layer], name) / s[layer].image_query_count for s in (a, b))
+                assert 0 < reference <= 1
+                assert mine == pytest.approx(reference, abs=1e-4), (layer, name)

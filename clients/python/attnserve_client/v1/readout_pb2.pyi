@@ -299,6 +299,8 @@ class LayerStatistics(_message.Message):
     RANGE_MASS_FIELD_NUMBER: _builtins.int
     QUERY_COUNT_FIELD_NUMBER: _builtins.int
     IMAGE_MASS_FIELD_NUMBER: _builtins.int
+    IMAGE_ENTROPY_FIELD_NUMBER: _builtins.int
+    IMAGE_QUERY_COUNT_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     entropy: _builtins.float
     """Mean attention entropy of a query row, in nats."""
@@ -315,9 +317,15 @@ class LayerStatistics(_message.Message):
     query_count: _builtins.int
     """Number of query rows (summed over steps) the means cover."""
     image_mass: _builtins.float
-    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens); set
-    when the request carries images. Query rows before the first image count with mass 0.
+    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens), over the
+    query rows that see an image token (image_query_count); set when the request carries images.
     """
+    image_entropy: _builtins.float
+    """Mean entropy of the attention over the image tokens, renormalised to sum to 1 over them and
+    divided by log(number of image tokens the query row sees), over the same query rows.
+    """
+    image_query_count: _builtins.int
+    """Number of query rows (summed over steps) that see an image token."""
     @_builtins.property
     def range_mass(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Mean attention mass on each of ReadoutSpec.mass_ranges, in order."""
@@ -334,13 +342,17 @@ class LayerStatistics(_message.Message):
         range_mass: _abc.Iterable[_builtins.float] | None = ...,
         query_count: _builtins.int = ...,
         image_mass: _builtins.float | None = ...,
+        image_entropy: _builtins.float | None = ...,
+        image_query_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_entropy", b"_image_entropy", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_entropy", b"image_entropy", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_entropy", b"_image_entropy", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_entropy", b"image_entropy", "image_mass", b"image_mass", "image_query_count", b"image_query_count", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hidden_sinks: _TypeAlias = _typing.Literal["hidden_sinks"]  # noqa: Y015
     _WhichOneofArgType__hidden_sinks: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks"]  # noqa: Y015
+    _WhichOneofReturnType__image_entropy: _TypeAlias = _typing.Literal["image_entropy"]  # noqa: Y015
+    _WhichOneofArgType__image_entropy: _TypeAlias = _typing.Literal["_image_entropy", b"_image_entropy"]  # noqa: Y015
     _WhichOneofReturnType__image_mass: _TypeAlias = _typing.Literal["image_mass"]  # noqa: Y015
     _WhichOneofArgType__image_mass: _TypeAlias = _typing.Literal["_image_mass", b"_image_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass: _TypeAlias = _typing.Literal["sink_mass"]  # noqa: Y015
@@ -349,6 +361,8 @@ class LayerStatistics(_message.Message):
     _WhichOneofArgType__sink_mass_first4: _TypeAlias = _typing.Literal["_sink_mass_first4", b"_sink_mass_first4"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_sinks) -> _WhichOneofReturnType__hidden_sinks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_entropy) -> _WhichOneofReturnType__image_entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__image_mass) -> _WhichOneofReturnType__image_mass | None: ...
     @_typing.overload
