@@ -8,6 +8,13 @@ scored, rows and forwards, rows/s, the chosen layers and the margins; also the p
 rows/s at the same batch size (what the searches would cost without interventions).
 
     python bench/bench_calibration.py [--examples 20] [--batch-size 32] [--out bench/results/calibration-cpu.json]
+
+With `--folds K`, instead: K-fold cross-validation of a per-layer sweep (layers 12-16, budget 2)
+on all the examples, as `attnserve calibrate` runs it on a small file without a split field.
+Reported: wall and process CPU seconds, each fold's chosen layers, the folds' agreement, the
+pooled held-out margins, accuracy and change with its interval, and the gate's decision.
+
+    python bench/bench_calibration.py --folds 5 [--out bench/results/calibration-folds-cpu.json]
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ from pathlib import Path
 
 import torch
 from attnserve.attention.plan import RequestPlan
-from attnserve.calibration.calibrate import SearchSettings, calibrate
-from attnserve.calibration.data import load_examples
+from attnserve.calibration.calibrate import SearchSettings, calibrate, cross_validate, fold_agreement
+from attnserve.calibration.data import fold_indices, load_examples
 from attnserve.calibration.method import Method, describe_head_set
 from attnserve.calibration.objective import Scorer, tokenize
 from attnserve.engines.hf.engine import load_causal_lm, model_geometry
@@ -33,6 +40,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sentiment.jsonl
 ACT = Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})
 LAYERS = tuple(range(2, 30))
 BUDGET = 3
+FOLD_LAYERS = tuple(range(12, 17))
+FOLD_BUDGET = 2
 
 
 def run_search(strategy: str, scorer: Scorer, geometry, calibration, validation) -> dict:
@@ -73,6 +82,41 @@ def run_search(strategy: str, scorer: Scorer, geometry, calibration, validation)
     return summary
 
 
+def run_folds(folds: int, scorer: Scorer, geometry, examples) -> dict:
+    settings = SearchSettings(strategy="layer-sweep", layers=FOLD_LAYERS, budget=FOLD_BUDGET)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = cross_validate(
+        scorer,
+        geometry,
+        [ACT],
+        examples,
+        fold_indices(examples, folds, seed=0),
+        settings,
+        bootstrap_resamples=2000,
+        seed=0,
+    )
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    before, after, change = result.validation_before, result.validation_after, result.change
+    summary = {
+        "search": settings.describe(),
+        "folds": folds,
+        "wall_seconds": round(wall, 1),
+        "process_cpu_seconds": round(cpu, 1),
+        "fold_chosen": [describe_head_set(head_set) for head_set in result.fold_head_sets],
+        "chosen": describe_head_set(result.head_set),
+        "agreement": fold_agreement(result),
+        "held_out_margin": [before.mean_margin, after.mean_margin],
+        "held_out_accuracy": [before.accuracy, after.accuracy],
+        "held_out_change": change.mean,
+        "held_out_change_ci95": [change.low, change.high],
+        "turned_wrong": change.turned_wrong,
+        "turned_right": change.turned_right,
+        "gate": change.gate,
+    }
+    print(f"{folds}-fold: {json.dumps(summary)}", flush=True)
+    return summary
+
+
 def plain_rows_per_s(scorer: Scorer, examples) -> float:
     plans = [RequestPlan() for _ in range(3)]  # three distinct empty plans: no row is shared
     started = time.perf_counter()
@@ -87,10 +131,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: the built-in SmolLM2)")
     parser.add_argument("--examples", type=int, default=20, help="calibration examples (the rest validate)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "calibration-cpu.json"
-    )
+    parser.add_argument("--folds", type=int, default=0, help="cross-validate with this many folds instead")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    out = args.out or results / ("calibration-folds-cpu.json" if args.folds else "calibration-cpu.json")
 
     model_path = args.model or ensure_builtin("smollm2-135m-instruct", default_cache_dir())
     tokenizer, model = load_causal_lm(model_path)
@@ -102,13 +147,26 @@ def main() -> None:
     )
     scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=args.batch_size)
 
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.folds:
+        result = {
+            "machine": machine,
+            "model": str(model_path),
+            "method": {"operation": ACT.operation, **ACT.parameters},
+            "batch_size": args.batch_size,
+            "examples": len(examples),
+            "cross_validation": run_folds(args.folds, scorer, geometry, examples),
+        }
+        write(out, result)
+        return
+
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine,
         "model": str(model_path),
         "method": {"operation": ACT.operation, **ACT.parameters},
         "layers": f"{LAYERS[0]}-{LAYERS[-1]}",
@@ -121,9 +179,13 @@ def main() -> None:
     print(f"plain forward: {result['plain_forward_rows_per_s']} rows/s", flush=True)
     for strategy in ("layer-sweep", "greedy"):
         result[strategy] = run_search(strategy, scorer, geometry, calibration, validation)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(out, result)
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
