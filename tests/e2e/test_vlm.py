@@ -319,3 +319,19 @@ def test_bad_recipe_fields_get_their_violation(stub, image_files):
         violations = field_violations(caught.value)
         assert expected_field in violations, (expected_field, violations)
         assert message in violations[expected_field], violations
+
+
+def test_cli_runs_carve_and_saves_the_mask_and_crop(server, image_files, tmp_path):
+    from attnserve_client.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(
+        app,
+        ["generate", "what is in the image?", "--image", str(image_files["png"]), "--recipe", "carve",
+         "--recipe-out", str(tmp_path), "--max-tokens", "3", "--model", "tiny-llava",
+         "--target", server["target"], "--timeout", "120"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "recipe: 3 passes" in result.output
+    assert Image.open(tmp_path / "mask.png").size == (64, 48)
+    assert Image.open(tmp_path / "crop-0.png").width >= 64
