@@ -94,17 +94,24 @@ class VisualRecipe:
     outcome: RecipeOutcome = field(default_factory=RecipeOutcome)
 
     async def generate(self, engine) -> AsyncIterator[TokenOutput]:
-        # 1. The reading passes, submitted together so that they share batches.
+        # 1. The reading passes, submitted together so that they share batches; one failing (or
+        # the call cancelled) cancels the other.
         readings = [self.question] + ([self.general] if self.general else [])
-        answers = await asyncio.gather(*(_collect(engine, r) for r in readings))
+        tasks = [asyncio.ensure_future(_collect(engine, r)) for r in readings]
+        try:
+            answers = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
         self.outcome.passes = len(readings) + 1
         self.outcome.first_answer = "".join(out.text for out in answers[0])
         layers = self.settings.layers
-        # 2. The crops, from the passes' attention.
+        # 2. The crops, from the passes' attention, off the event loop (pixel work).
         if isinstance(self.settings, CarveSettings):
-            crops = self._carve(_layer_maps(answers[0], layers), _layer_maps(answers[1], layers))
+            maps = (_layer_maps(answers[0], layers), _layer_maps(answers[1], layers))
+            crops = await asyncio.to_thread(self._carve, *maps)
         else:
-            crops = self._funnel(_layer_maps(answers[0], layers))
+            crops = await asyncio.to_thread(self._funnel, _layer_maps(answers[0], layers))
         # 3. The final pass: the question about the image and its crops.
         self.final_request = dataclasses.replace(self.final_request, images=(self.image, *crops))
         async for out in engine.generate(self.final_request):
