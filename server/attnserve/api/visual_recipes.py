@@ -274,7 +274,10 @@ def _funnel_settings(spec, layers, num_layers: int, violations: Violations) -> F
             f"{field_name}.largest_crop", f"must be at least smallest_crop ({largest:g} < {smallest:g})"
         )
     return FunnelSettings(
-        layers=layers or tuple(range(num_layers)), crops=crops, smallest_crop=smallest, largest_crop=largest
+        layers=layers or tuple(carve.default_layers(num_layers)),
+        crops=crops,
+        smallest_crop=smallest,
+        largest_crop=largest,
     )
 
 
