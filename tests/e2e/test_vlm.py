@@ -335,3 +335,20 @@ def test_cli_runs_carve_and_saves_the_mask_and_crop(server, image_files, tmp_pat
     assert "recipe: 3 passes" in result.output
     assert Image.open(tmp_path / "mask.png").size == (64, 48)
     assert Image.open(tmp_path / "crop-0.png").width >= 64
+
+
+def test_a_recipe_cancelled_during_its_passes_leaves_the_server_serving(server, stub, image_files):
+    import time
+
+    data = image_files["png"].read_bytes()
+    for delay in (0.02, 0.1, 0.3):  # in the reading passes, between them and the final pass, or later
+        call = stub.Generate(image_chat(data, carve=vpb.CarveRecipe()), timeout=120)
+        time.sleep(delay)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+    tokens, complete = run(stub, image_chat(data, carve=vpb.CarveRecipe(pass_max_tokens=2)))
+    assert len(tokens) == 6 and complete.visual_recipe.passes == 3
+    log = server["log"].read_text()
+    assert "Traceback" not in log and "never retrieved" not in log
