@@ -158,8 +158,13 @@ class ImageAttentionSpec(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAYER_NAMES_FIELD_NUMBER: _builtins.int
     PER_HEAD_FIELD_NUMBER: _builtins.int
+    PER_LAYER_FIELD_NUMBER: _builtins.int
     per_head: _builtins.bool
     """One map per layer and head instead of their mean."""
+    per_layer: _builtins.bool
+    """One map per layer, the mean over its heads, instead of the mean over layers too (not with
+    per_head).
+    """
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Layer indices (Model.layers[i].index); with layer_names the union is read."""
@@ -184,10 +189,11 @@ class ImageAttentionSpec(_message.Message):
         steps: _abc.Iterable[_builtins.int] | None = ...,
         layer_names: _abc.Iterable[_builtins.str] | None = ...,
         per_head: _builtins.bool = ...,
+        per_layer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "per_head", b"per_head", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "per_head", b"per_head", "per_layer", b"per_layer", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,8 +217,9 @@ class ImageAttentionMap(_message.Message):
     """Index of the image in the request (prompt order)."""
     step: _builtins.int
     layer: _builtins.int
-    """Set with per_head; unset for the mean over the chosen layers and heads."""
+    """Set with per_head and per_layer; unset for the mean over the chosen layers."""
     head: _builtins.int
+    """Set with per_head; unset for the mean over the chosen heads."""
     grid_size: _builtins.int
     """The patch grid is grid_size x grid_size; weights has grid_size^2 values, row-major."""
     @_builtins.property
