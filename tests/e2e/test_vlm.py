@@ -270,6 +270,14 @@ def test_cli_sends_images_and_draws_the_map(server, image_files, tmp_path):
     assert result.exit_code == 0, result.output
     maps = [tmp_path / "map-0.png", tmp_path / "map-1.png"]
     assert all(Image.open(path).size == (384, 384) for path in maps)
+    scanpath = tmp_path / "scanpath.png"
+    result = runner.invoke(
+        app,
+        ["generate", "what is in the image?", "--image", str(image_files["png"]), "--scanpath", str(scanpath),
+         "--max-tokens", "3", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(scanpath).size == (384, 384)
     result = runner.invoke(
         app, ["score", "is it yellow?", "-c", "yes", "-c", "no", "--image", str(image_files["jpeg"]), *common]
     )

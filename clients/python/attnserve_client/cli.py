@@ -18,7 +18,7 @@ from attnserve_client.client import DEFAULT_TARGET, Client
 from attnserve_client.errors import AttnserveError
 from attnserve_client.flags import specs_from_flags
 from attnserve_client.heatmap import write_heatmap
-from attnserve_client.image_map import write_image_maps
+from attnserve_client.image_map import write_image_maps, write_scanpaths
 from attnserve_client.spec import SpecError, load_spec_file, specs_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
@@ -202,6 +202,14 @@ def generate(
             rich_help_panel=READOUTS,
         ),
     ] = None,
+    scanpath: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Draw the scanpath (the most attended image patch of each step, mean over every layer "
+            "and head) over each --image as numbered points (PATH-<k>.png for several images).",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
     recipe: Annotated[
         Recipe | None,
         typer.Option(
@@ -231,6 +239,10 @@ def generate(
             if not image:
                 raise SpecError("--image-map needs an --image")
             readouts.image_attention.layer_names.append("*")
+        if scanpath is not None:
+            if not image:
+                raise SpecError("--scanpath needs an --image")
+            readouts.scanpath.layer_names.append("*")
         if recipe_out is not None and recipe is None:
             raise SpecError("--recipe-out needs a --recipe")
         recipes = {recipe.value: {}} if recipe else {}
@@ -241,6 +253,7 @@ def generate(
                 readouts=readouts if readouts.ByteSize() else None, **recipes,
             )  # fmt: skip
             tokens, complete = _print_stream(stream)
+            grid_size = client.get_model(model).vision.grid_size if scanpath is not None else 0
 
     if logprobs:
         typer.echo("\n" + formatting.top_logprobs_table(tokens))
@@ -252,13 +265,19 @@ def generate(
         rows = [row for t in tokens for row in t.attention_rows]
         if not rows:
             _fail("the server returned no attention rows; no heatmap written")
-        width, height = write_heatmap(rows, heatmap)
+        key_tokens = [*complete.prompt_token_texts, *(t.text for t in tokens)]
+        width, height = write_heatmap(rows, heatmap, key_tokens=key_tokens)
         typer.echo(f"wrote {heatmap} ({len(rows)} rows, {width}x{height} px)", err=True)
     if image_map is not None:
         maps = [m for t in tokens for m in t.image_attention]
         if not maps:
             _fail("the server returned no image attention maps; no image map written")
         for path in write_image_maps([p.read_bytes() for p in image], maps, image_map):
+            typer.echo(f"wrote {path}", err=True)
+    if scanpath is not None:
+        if not complete.scanpath:
+            _fail("the server returned no scanpath; none drawn")
+        for path in write_scanpaths([p.read_bytes() for p in image], complete.scanpath, grid_size, scanpath):
             typer.echo(f"wrote {path}", err=True)
     if complete.HasField("visual_recipe"):
         _report_recipe(complete.visual_recipe, recipe_out)

@@ -337,9 +337,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         results = out.readouts or {}
         response = ResponseContext(engine_request.prompt_token_ids, model.engine.tokenizer)
         for settings in engine_request.plan.readouts:
-            readout = READOUTS[settings.name]
-            if not readout.per_token:
-                readout.write_complete(complete, settings, results.get(settings.name), response)
+            READOUTS[settings.name].write_complete(complete, settings, results.get(settings.name), response)
         return complete
 
 

@@ -450,6 +450,7 @@ class GenerateComplete(_message.Message):
     IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     SCANPATH_FIELD_NUMBER: _builtins.int
     VISUAL_RECIPE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_TEXTS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     text: _builtins.str
     """The full generated text (stop string excluded)."""
@@ -475,6 +476,12 @@ class GenerateComplete(_message.Message):
     def visual_recipe(self) -> _visual_recipe_pb2.VisualRecipeResult:
         """Set when the request ran a visual recipe; the fields above describe its final pass."""
 
+    @_builtins.property
+    def prompt_token_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set when attention rows were read: each prompt token decoded on its own, in order, to label
+        the rows' key axis (keys after the prompt are the generated tokens).
+        """
+
     def __init__(
         self,
         *,
@@ -487,10 +494,11 @@ class GenerateComplete(_message.Message):
         image_tokens: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
         scanpath: _abc.Iterable[_readout_pb2.ScanpathPoint] | None = ...,
         visual_recipe: _visual_recipe_pb2.VisualRecipeResult | None = ...,
+        prompt_token_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "usage", b"usage", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "scanpath", b"scanpath", "summary", b"summary", "text", b"text", "usage", b"usage", "visual_recipe", b"visual_recipe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "prompt_token_texts", b"prompt_token_texts", "scanpath", b"scanpath", "summary", b"summary", "text", b"text", "usage", b"usage", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
