@@ -5,7 +5,8 @@ attnserve subclass, which installs the runner hook when the worker builds it, an
 torchvision is missing, redirects transformers' torchvision image processors to their PIL
 siblings (pil_processors.py) so that vLLM's LLaVA module imports. Requests
 without a plan then pay one global read per attention call. `VLLM_PLUGINS` (an allow-list)
-turns it off, e.g. to measure raw vLLM.
+turns it off, e.g. to measure raw vLLM; the redirect alone is the `attnserve-pil-processors`
+plugin (VLLM_PLUGINS=attnserve-pil-processors: raw vLLM serving a LLaVA without torchvision).
 """
 
 from __future__ import annotations
