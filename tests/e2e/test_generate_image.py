@@ -288,6 +288,7 @@ def test_metrics_count_steps_and_images(stub, image_server):
     import urllib.request
 
     collect(stub, request(steps=2, num_images=3, request_id="metrics"))
+    collect(stub, request(steps=2, request_id="metrics-pag", pag=ipb.PerturbedAttentionGuidance(scale=3.0)))
     text = urllib.request.urlopen(image_server["metrics_url"], timeout=10).read().decode()
     labels = f'{{engine="diffusers",model="{MODEL}"}}'
     values = {
@@ -296,3 +297,7 @@ def test_metrics_count_steps_and_images(stub, image_server):
     assert values[f"attnserve_diffusion_images_generated_total{labels}"] >= 3
     assert values[f"attnserve_diffusion_step_latency_seconds_count{labels}"] >= 2
     assert values[f"attnserve_diffusion_step_latency_seconds_sum{labels}"] > 0
+    # PAG's guidance norm: one per image and step of each PAG request.
+    guided = values[f"attnserve_diffusion_perturbed_guidance_norm_count{labels}"]
+    assert guided >= 2
+    assert values[f"attnserve_diffusion_perturbed_guidance_norm_sum{labels}"] > 0

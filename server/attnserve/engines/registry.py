@@ -89,6 +89,7 @@ def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: S
         max_batch_size=model.limits.max_batch_size,
         on_step_seconds=lambda seconds: metrics.denoising_step(model.name, model.engine, seconds),
         on_images=lambda count: metrics.images_generated(model.name, model.engine, count),
+        on_guidance_norm=lambda norm: metrics.perturbed_guidance_norm(model.name, model.engine, norm),
     )
 
 

@@ -49,3 +49,6 @@ REQUEST_TOKENS: tuple[float, ...] = one_two_five(200_000)
 RATIO: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 HIDDEN_SINKS_PER_HEAD: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+#: eps predictions are about unit-variance noise, so their differences' RMS sits in (0, ~2].
+GUIDANCE_NORM: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

@@ -190,6 +190,11 @@ class ServerMetrics:
             buckets.DENOISING_STEP_SECONDS,
         )
         self._images_generated = counter("attnserve_diffusion_images_generated_total", "Images generated.")
+        self._guidance_norm = histogram(
+            "attnserve_diffusion_perturbed_guidance_norm",
+            "Root mean square of eps_c - eps_ptb, per image and step of perturbed-attention guidance.",
+            buckets.GUIDANCE_NORM,
+        )
 
         Info("attnserve_server", "attnserve server build.", registry=registry).info(
             {"version": version or _installed_version()}
@@ -307,6 +312,9 @@ class ServerMetrics:
 
     def images_generated(self, model: str, engine: str, count: int) -> None:
         self._images_generated.labels(model=model, engine=engine).inc(count)
+
+    def perturbed_guidance_norm(self, model: str, engine: str, norm: float) -> None:
+        self._guidance_norm.labels(model=model, engine=engine).observe(norm)
 
     def _series(self, model: str, engine: str) -> _ModelSeries:
         series = self._model_series.get((model, engine))

@@ -139,10 +139,12 @@ class Denoiser:
         on_step: Callable[[DenoisingJob, int, int], None],
         cancelled: Callable[[DenoisingJob], bool] = lambda job: False,
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
+        on_guidance_norm: Callable[[float], None] = lambda norm: None,
     ) -> None:
         """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each,
-        on_step_seconds(seconds) once per step with the step's time. A job that is cancelled (set
-        by another thread) leaves the batch before the next step."""
+        on_step_seconds(seconds) once per step with the step's time, on_guidance_norm(norm) for
+        each image under perturbed-attention guidance at each step (perturbed_guidance_norm). A
+        job that is cancelled (set by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         for step, t in enumerate(scheduler.timesteps):
@@ -166,7 +168,7 @@ class Denoiser:
                 self.call.readers = None
             guided = []
             for job, rows in zip(active, noise.split([job.num_rows for job in active])):
-                guided.append(_guide(job, rows, step, t))
+                guided.append(_guide(job, rows, step, t, on_guidance_norm))
             # One scheduler step for the whole batch: some schedulers count their steps.
             stepped = scheduler.step(
                 torch.cat(guided), t, torch.cat([job.latents for job in active]), return_dict=False
@@ -192,7 +194,19 @@ class Denoiser:
         )
 
 
-def _guide(job: DenoisingJob, rows: torch.Tensor, step: int, t: torch.Tensor) -> torch.Tensor:
+def perturbed_guidance_norm(conditional: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """Per image, the root mean square of eps_c - eps_ptb, the direction PAG pushes along (a
+    mean over elements, so that sizes compare)."""
+    return (conditional - perturbed).double().pow(2).flatten(1).mean(dim=1).sqrt()
+
+
+def _guide(
+    job: DenoisingJob,
+    rows: torch.Tensor,
+    step: int,
+    t: torch.Tensor,
+    on_guidance_norm: Callable[[float], None],
+) -> torch.Tensor:
     """eps of each image from its branches' predictions, by the request's guider."""
     by_branch = dict(zip(job.branches, rows.chunk(len(job.branches))))
     guider = job.guider
@@ -201,6 +215,8 @@ def _guide(job: DenoisingJob, rows: torch.Tensor, step: int, t: torch.Tensor) ->
     guider.set_state(step, None, t)
     if isinstance(guider, PerturbedAttentionGuidance):
         guider.skip_layer_guidance_scale = job.request.perturbed.scale_at(float(t))
+        for norm in perturbed_guidance_norm(by_branch[Branch.CONDITIONAL], by_branch[Branch.PERTURBED]):
+            on_guidance_norm(float(norm))
         return guider.forward(
             by_branch[Branch.CONDITIONAL], by_branch.get(Branch.UNCONDITIONAL), by_branch[Branch.PERTURBED]
         ).pred

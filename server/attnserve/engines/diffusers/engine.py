@@ -81,6 +81,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         max_batch_size: int = 16,
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
         on_images: Callable[[int], None] = lambda count: None,
+        on_guidance_norm: Callable[[float], None] = lambda norm: None,
     ):
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
@@ -99,6 +100,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         self._max_batch_size = max_batch_size
         self._on_step_seconds = on_step_seconds
         self._on_images = on_images
+        self._on_guidance_norm = on_guidance_norm
         self._waiting: list[_Ticket] = []
         self._running = 0
         self._stopping = False
@@ -215,6 +217,7 @@ class DiffusersEngine(Engine, ImageGeneration):
                 on_step,
                 cancelled=cancelled,
                 on_step_seconds=self._on_step_seconds,
+                on_guidance_norm=self._on_guidance_norm,
             )
             for job in denoising:
                 if cancelled(job):
