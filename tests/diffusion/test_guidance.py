@@ -1,6 +1,8 @@
 """PAG and SoftPAG per request: against diffusers' own PAG pipeline, each other, the paper's
 formula, and rows of a mixed batch against themselves alone."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -64,5 +66,13 @@ def test_guidance_combination_is_the_papers_formula(served):
         )
         s = max(0.0, 3.0 - adaptive * (1000 - t))
         expected = eps_u + GUIDANCE * (eps_c - eps_u) + s * (eps_c - eps_p)
-        got = _guide(job, torch.cat([eps_u, eps_c, eps_p]), 0, torch.tensor(t))
+        norms = []
+        got = _guide(job, torch.cat([eps_u, eps_c, eps_p]), 0, torch.tensor(t), norms.append)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # The guidance norm metric: per image, sqrt(mean((eps_c - eps_ptb)^2)).
+        for image, norm in enumerate(norms):
+            difference = (eps_c[image] - eps_p[image]).flatten().tolist()
+            assert norm == pytest.approx(
+                math.sqrt(sum(d * d for d in difference) / len(difference)), rel=1e-6
+            )
+        assert len(norms) == 2

@@ -205,7 +205,7 @@ def _guide(
     rows: torch.Tensor,
     step: int,
     t: torch.Tensor,
-    on_guidance_norm: Callable[[float], None],
+    on_guidance_norm: Callable[[float], None] = lambda norm: None,
 ) -> torch.Tensor:
     """eps of each image from its branches' predictions, by the request's guider."""
     by_branch = dict(zip(job.branches, rows.chunk(len(job.branches))))
