@@ -24,7 +24,7 @@ from attnserve.attention.plan import RequestPlan
 from attnserve.calibration.calibrate import SearchSettings, calibrate
 from attnserve.calibration.data import load_examples
 from attnserve.calibration.method import Method, describe_head_set
-from attnserve.calibration.objective import Scorer, tokenize
+from attnserve.calibration.objective import Scorer, TransformersScorer, tokenize
 from attnserve.engines.hf.engine import load_causal_lm, model_geometry
 from attnserve.engines.prompts import pad_token_id
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
@@ -100,7 +100,7 @@ def main() -> None:
     assert all(len(c) == 1 for e in examples for c in e.candidate_ids), (
         "the row counts assume one-token answers"
     )
-    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=args.batch_size)
+    scorer = TransformersScorer(model, pad_id=pad_token_id(tokenizer), batch_size=args.batch_size)
 
     result = {
         "machine": {

@@ -8,10 +8,11 @@ records that it did not pass); 2 bad config, data or options.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..spec.errors import InvalidRequest
+from ..spec.geometry import ModelGeometry
 from .calibrate import SearchSettings, calibrate, cross_validate, provenance, summary
 from .data import (
     DataError,
@@ -30,7 +32,7 @@ from .data import (
     split_examples,
 )
 from .method import Method, describe_head_set
-from .objective import Scorer, tokenize
+from .objective import Scorer, TransformersScorer, tokenize
 from .report import write_preset
 
 
@@ -69,6 +71,9 @@ class CalibrationRequest:
     #: k-fold cross-validation with this many folds; 0 one held-out split; None chooses
     #: (AUTO_FOLDS for small files without a split field).
     folds: int | None = None
+    #: The engine that scores: "transformers" (the model loaded here) or "vllm" (the vLLM
+    #: engine started here with the model's vllm settings).
+    engine: str = "transformers"
 
 
 #: Without --folds, files of MIN..MAX examples and no split field are cross-validated with
@@ -151,8 +156,6 @@ def run_calibration(request: CalibrationRequest) -> int:
 
 
 def _run(request: CalibrationRequest, console: Console) -> int:
-    from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
-    from ..engines.prompts import pad_token_id
     from ..models.config import ConfigError, load_config
 
     try:
@@ -167,6 +170,8 @@ def _run(request: CalibrationRequest, console: Console) -> int:
                 f"--model: {name!r} is a {model_config.kind} model; calibration scores text answers"
             )
         model_path = model_config.resolve_path(server_config.cache_dir)
+        if request.engine not in ("transformers", "vllm"):
+            raise UsageError(f"--engine: {request.engine!r} is not transformers or vllm")
     except ConfigError as err:
         raise UsageError(f"config error: {err}") from None
     methods = methods_of(request)
@@ -179,102 +184,135 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         split = split_examples(examples, request.validation_fraction, request.seed)
         held_out = split.description
 
-    console.print(f"loading {name} from {model_path}")
-    tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
-    geometry = model_geometry(model)
-    settings = SearchSettings(
-        strategy=request.strategy,
-        layers=parse_layers(request.layers, geometry.num_layers),
-        budget=request.budget,
-        greedy_unit=request.greedy_unit,
-        objective=request.objective,
-        no_new_errors=request.no_new_errors,
-    )
-    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
-    if num_folds:
-        data = f"{len(examples)} examples, {held_out}"
-    else:
-        data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
-    console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
-
-    started = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("answers"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(description: str, done: int, total: int) -> None:
-            if description not in tasks:
-                tasks[description] = progress.add_task(description, total=total)
-            progress.update(tasks[description], completed=done)
-
-        options = {
-            "bootstrap_resamples": request.bootstrap_resamples,
-            "seed": request.seed,
-            "on_progress": on_progress,
-        }
+    console.print(f"loading {name} from {model_path} on the {request.engine} engine")
+    with _scorer(request, model_config, model_path, server_config.cache_dir) as (scorer, tokenizer, geometry):
+        settings = SearchSettings(
+            strategy=request.strategy,
+            layers=parse_layers(request.layers, geometry.num_layers),
+            budget=request.budget,
+            greedy_unit=request.greedy_unit,
+            objective=request.objective,
+            no_new_errors=request.no_new_errors,
+        )
         if num_folds:
-            result = cross_validate(
-                scorer, geometry, methods, tokenize(examples, tokenizer), folds, settings, **options
-            )
+            data = f"{len(examples)} examples, {held_out}"
         else:
-            calibration_set = tokenize(split.calibration, tokenizer)
-            validation_set = tokenize(split.validation, tokenizer)
-            result = calibrate(
-                scorer, geometry, methods, calibration_set, validation_set, settings, **options
+            data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
+        console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
+
+        started = time.monotonic()
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("answers"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(description: str, done: int, total: int) -> None:
+                if description not in tasks:
+                    tasks[description] = progress.add_task(description, total=total)
+                progress.update(tasks[description], completed=done)
+
+            options = {
+                "bootstrap_resamples": request.bootstrap_resamples,
+                "seed": request.seed,
+                "on_progress": on_progress,
+            }
+            if num_folds:
+                result = cross_validate(
+                    scorer, geometry, methods, tokenize(examples, tokenizer), folds, settings, **options
+                )
+            else:
+                calibration_set = tokenize(split.calibration, tokenizer)
+                validation_set = tokenize(split.validation, tokenizer)
+                result = calibrate(
+                    scorer, geometry, methods, calibration_set, validation_set, settings, **options
+                )
+        seconds = time.monotonic() - started
+
+        for variant in result.variants:
+            chosen = variant.search.chosen
+            console.print(
+                f"{json.dumps(dict(variant.method.parameters))}: best on {'all data' if num_folds else 'calibration'} "
+                f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
+                f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
+                highlight=False,
             )
-    seconds = time.monotonic() - started
+        if not result.found:
+            console.print(
+                "No head set beat the unmodified model on the examples searched; no preset written.",
+                highlight=False,
+            )
+            return 1
 
-    for variant in result.variants:
-        chosen = variant.search.chosen
+        description = summary(result)
+        print(description)
+        if not result.change.passes_gate and not request.write_anyway:
+            console.print(
+                f"The held-out evidence does not support this head set ({result.change.gate}); no preset "
+                "written. More examples narrow the interval; --write-anyway writes it all the same.",
+                highlight=False,
+            )
+            return 1
+
+        context = {
+            "model": name,
+            "model_files_sha256": directory_sha256(model_path),
+            "data_file": str(request.data),
+            "data_sha256": file_sha256(request.data),
+            "split": held_out,
+            "seed": str(request.seed),
+            "search": settings.describe(),
+            "engine": request.engine,
+            "batch_size": str(request.batch_size),
+            "search_seconds": f"{seconds:.1f}",
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        method = result.chosen.method
+        recorded = provenance(result, context)
+        if not result.change.passes_gate:
+            recorded["validation.gate"] += " (written with --write-anyway)"
+        write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
         console.print(
-            f"{json.dumps(dict(variant.method.parameters))}: best on {'all data' if num_folds else 'calibration'} "
-            f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
-            f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
+            f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
+            f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",
             highlight=False,
         )
-    if not result.found:
-        console.print(
-            "No head set beat the unmodified model on the examples searched; no preset written.",
-            highlight=False,
-        )
-        return 1
+        return 0
 
-    description = summary(result)
-    print(description)
-    if not result.change.passes_gate and not request.write_anyway:
-        console.print(
-            f"The held-out evidence does not support this head set ({result.change.gate}); no preset "
-            "written. More examples narrow the interval; --write-anyway writes it all the same.",
-            highlight=False,
-        )
-        return 1
 
-    context = {
-        "model": name,
-        "model_files_sha256": directory_sha256(model_path),
-        "data_file": str(request.data),
-        "data_sha256": file_sha256(request.data),
-        "split": held_out,
-        "seed": str(request.seed),
-        "search": settings.describe(),
-        "batch_size": str(request.batch_size),
-        "search_seconds": f"{seconds:.1f}",
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    method = result.chosen.method
-    recorded = provenance(result, context)
-    if not result.change.passes_gate:
-        recorded["validation.gate"] += " (written with --write-anyway)"
-    write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
-    console.print(
-        f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
-        f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",
-        highlight=False,
+@contextlib.contextmanager
+def _scorer(
+    request: CalibrationRequest, model_config, model_path: Path, cache_dir: Path
+) -> Iterator[tuple[Scorer, object, ModelGeometry]]:
+    """(scorer, tokenizer, geometry) of the model on the requested engine."""
+    if request.engine == "vllm":
+        from .vllm_scorer import vllm_scorer  # vLLM loads here
+
+        with vllm_scorer(
+            model_path,
+            dtype=model_config.dtype,
+            device=model_config.device,
+            batch_size=request.batch_size,
+            settings=model_config.vllm,
+            cache_dir=cache_dir,
+        ) as scorer:
+            info = scorer.engine.info
+            if info.unsupported_reason:
+                raise UsageError(
+                    f"--engine vllm: this model takes no interventions there: {info.unsupported_reason}"
+                )
+            yield scorer, scorer.engine.tokenizer, info.geometry
+        return
+    from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
+    from ..engines.prompts import pad_token_id
+
+    tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
+    yield (
+        TransformersScorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size),
+        tokenizer,
+        model_geometry(model),
     )
-    return 0
