@@ -1,12 +1,14 @@
 """Calibration on the vLLM engine (`attnserve calibrate --engine vllm`): the serving engine class,
-started in this process on an event loop of its own, scores each search round's answers as the
-Score RPC does on it (VllmEngine.score_answers: every row of the round submitted at once, vLLM
-batching up to batch_size of them per step)."""
+started in this process, scores each search round's answers as the Score RPC does on it
+(VllmEngine.score_answers: every row of the round submitted at once, vLLM batching up to
+batch_size of them per step). The search is synchronous; the engine lives on an event loop in
+another thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from .objective import Scorer
 
 
 class VllmScorer(Scorer):
-    """Scores on a started VllmEngine; the engine's tokenizer and geometry are the model's."""
+    """Scores on a started VllmEngine whose event loop runs in another thread (on_scored is
+    called there); the engine's tokenizer and geometry are the model's."""
 
     def __init__(self, engine: VllmEngine, loop: asyncio.AbstractEventLoop, batch_size: int):
         self.engine = engine
@@ -25,7 +28,9 @@ class VllmScorer(Scorer):
         self.batch_size = batch_size
 
     def score(self, queries: Sequence[AnswerQuery], on_scored: Callable[[int], None]) -> list[float]:
-        return self._loop.run_until_complete(self.engine.score_answers(queries, on_scored))
+        return asyncio.run_coroutine_threadsafe(
+            self.engine.score_answers(queries, on_scored), self._loop
+        ).result()
 
 
 @contextlib.contextmanager
@@ -40,6 +45,12 @@ def vllm_scorer(
 ) -> Iterator[VllmScorer]:
     """A VllmScorer on an engine started for the block (vLLM's own processes end with it)."""
     loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="vllm-scorer-loop", daemon=True)
+    thread.start()
+
+    def wait(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
     engine = VllmEngine(
         model_path,
         dtype=dtype,
@@ -49,8 +60,10 @@ def vllm_scorer(
         cache_dir=cache_dir,
     )
     try:
-        loop.run_until_complete(engine.start())
+        wait(engine.start())
         yield VllmScorer(engine, loop, batch_size)
     finally:
-        loop.run_until_complete(engine.shutdown())
+        wait(engine.shutdown())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
         loop.close()
