@@ -1,7 +1,7 @@
 """tiny-llava on the vLLM engine against the transformers engine: images through vLLM's own
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
-image attention maps equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
+image attention maps and Score's candidate log-probabilities equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
 vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import io
 
 import pytest
 import pytest_asyncio
-from attnserve.api.inputs import to_engine_request
+from attnserve.api.inputs import to_engine_request, to_score_request
 from attnserve.engines.hf.engine import TransformersEngine
 from attnserve.engines.vllm.engine import VllmEngine
 from attnserve.models.config import Limits, VllmSettings
@@ -70,11 +70,24 @@ OPERATIONS = {
 READOUTS = rpb.ReadoutSpec(image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True))
 
 
-def request(question, colours, interventions, readouts=None) -> pb.GenerateRequest:
+def chat(question, colours) -> pb.Chat:
     parts = [pb.ContentPart(image=encoded(c)) for c in colours] + [pb.ContentPart(text=question)]
+    return pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)])
+
+
+def score_request(question, colours, interventions) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        model="tiny-llava",
+        chat=chat(question, colours),
+        candidates=["red", "a blue square"],
+        interventions=ipb.InterventionSpec(interventions=interventions),
+    )
+
+
+def request(question, colours, interventions, readouts=None) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model="tiny-llava",
-        chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)]),
+        chat=chat(question, colours),
         sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
         interventions=ipb.InterventionSpec(interventions=interventions),
         readouts=readouts,
@@ -94,9 +107,16 @@ async def run_all(engine) -> dict:
         *(one(request(*PROMPTS[i], OPERATIONS[name])) for name, i in cases),
         *(one(request(*prompt, [], READOUTS)) for prompt in PROMPTS),
     )
+    scores = await asyncio.gather(
+        *(
+            engine.score(to_score_request(score_request(*PROMPTS[i], OPERATIONS[name]), served))
+            for name, i in cases
+        )
+    )
     solo_plain = [await one(request(*prompt, [])) for prompt in PROMPTS]
     return {
         "cases": dict(zip(cases, (r[0] for r in results))),
+        "scores": dict(zip(cases, scores)),
         "maps": [r[1] for r in results[len(cases) :]],
         "solo_plain": [r[0] for r in solo_plain],
         "served": served,
@@ -151,3 +171,16 @@ async def test_image_maps_equal_across_engines(vllm_run, transformers_run):
             assert a.maps.keys() == b.maps.keys() and a.maps
             for key in a.maps:
                 assert a.maps[key] == pytest.approx(b.maps[key], abs=1e-4)
+
+
+async def test_scores_equal_across_engines(vllm_run, transformers_run):
+    ours, theirs = vllm_run["scores"], transformers_run["scores"]
+    for case in ours:
+        assert ours[case] == pytest.approx(theirs[case], abs=1e-4), case
+    for name in OPERATIONS:  # each operation moved some score
+        if name != "plain":
+            assert any(
+                abs(a - b) > 1e-4
+                for i in range(len(PROMPTS))
+                for a, b in zip(ours[(name, i)], ours[("plain", i)])
+            ), name
