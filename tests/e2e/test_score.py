@@ -53,8 +53,8 @@ def test_score_applies_interventions(stub):
 
 
 def test_score_between_decode_steps_changes_nothing(stub):
-    """Score requests run on the engine's scheduler thread between the steps of a running
-    generation: both give what they give alone."""
+    """Score requests run between (transformers: on the scheduler thread) or beside (vLLM: in
+    the same batches) the steps of a running generation: both give what they give alone."""
     score_request = pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=["Paris", "Lyon"])
     solo_score = stub.Score(score_request, timeout=60)
     solo_tokens, solo_complete = run(stub, chat_request(max_tokens=12))

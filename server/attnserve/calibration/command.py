@@ -170,8 +170,6 @@ def _run(request: CalibrationRequest, console: Console) -> int:
                 f"--model: {name!r} is a {model_config.kind} model; calibration scores text answers"
             )
         model_path = model_config.resolve_path(server_config.cache_dir)
-        if request.engine not in ("transformers", "vllm"):
-            raise UsageError(f"--engine: {request.engine!r} is not transformers or vllm")
     except ConfigError as err:
         raise UsageError(f"config error: {err}") from None
     methods = methods_of(request)
