@@ -12,6 +12,13 @@ forward's rows/s at the same batch size (what the searches would cost without in
     python bench/bench_calibration.py [--engine transformers] [--examples 20] [--batch-size 32] \
         [--layers 2-29] [--budget 3] [--strategies layer-sweep greedy] [--repeats 1] \
         [--out bench/results/calibration-cpu.json]
+
+With `--folds K`, instead: K-fold cross-validation of a per-layer sweep (layers 12-16, budget 2)
+on all the examples, as `attnserve calibrate` runs it on a small file without a split field.
+Reported: wall and process CPU seconds, each fold's chosen layers, the folds' agreement, the
+pooled held-out margins, accuracy and change with its interval, and the gate's decision.
+
+    python bench/bench_calibration.py --folds 5 [--out bench/results/calibration-folds-cpu.json]
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from pathlib import Path
 
 import torch
 from attnserve.attention.plan import RequestPlan
-from attnserve.calibration.calibrate import SearchSettings, calibrate
+from attnserve.calibration.calibrate import SearchSettings, calibrate, cross_validate, fold_agreement
 from attnserve.calibration.command import parse_layers
-from attnserve.calibration.data import load_examples
+from attnserve.calibration.data import fold_indices, load_examples
 from attnserve.calibration.method import Method, describe_head_set
 from attnserve.calibration.objective import Scorer, TransformersScorer, tokenize
 from attnserve.engines.hf.engine import load_causal_lm, model_geometry
@@ -38,6 +45,8 @@ from attnserve.models.builtin import default_cache_dir, ensure_builtin
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sentiment.jsonl"
 ACT = Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})
+FOLD_LAYERS = tuple(range(12, 17))
+FOLD_BUDGET = 2
 
 
 def run_search(
@@ -81,6 +90,41 @@ def run_search(
         "validation_change_ci95": [result.change.low, result.change.high],
     }
     print(f"{strategy}: {json.dumps(summary)}", flush=True)
+    return summary
+
+
+def run_folds(folds: int, scorer: Scorer, geometry, examples) -> dict:
+    settings = SearchSettings(strategy="layer-sweep", layers=FOLD_LAYERS, budget=FOLD_BUDGET)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = cross_validate(
+        scorer,
+        geometry,
+        [ACT],
+        examples,
+        fold_indices(examples, folds, seed=0),
+        settings,
+        bootstrap_resamples=2000,
+        seed=0,
+    )
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    before, after, change = result.validation_before, result.validation_after, result.change
+    summary = {
+        "search": settings.describe(),
+        "folds": folds,
+        "wall_seconds": round(wall, 1),
+        "process_cpu_seconds": round(cpu, 1),
+        "fold_chosen": [describe_head_set(head_set) for head_set in result.fold_head_sets],
+        "chosen": describe_head_set(result.head_set),
+        "agreement": fold_agreement(result),
+        "held_out_margin": [before.mean_margin, after.mean_margin],
+        "held_out_accuracy": [before.accuracy, after.accuracy],
+        "held_out_change": change.mean,
+        "held_out_change_ci95": [change.low, change.high],
+        "turned_wrong": change.turned_wrong,
+        "turned_right": change.turned_right,
+        "gate": change.gate,
+    }
+    print(f"{folds}-fold: {json.dumps(summary)}", flush=True)
     return summary
 
 
@@ -129,45 +173,66 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=["layer-sweep", "greedy"])
     parser.add_argument("--repeats", type=int, default=1, help="runs of each search (the median is reported)")
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "calibration-cpu.json"
-    )
+    parser.add_argument("--folds", type=int, default=0, help="cross-validate with this many folds instead")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    out = args.out or results / ("calibration-folds-cpu.json" if args.folds else "calibration-cpu.json")
 
     model_path = args.model or ensure_builtin("smollm2-135m-instruct", default_cache_dir())
     with loaded_scorer(args.engine, model_path, args.batch_size) as (scorer, tokenizer, geometry):
-        examples = tokenize(load_examples(DATA), tokenizer)
-        calibration, validation = examples[: args.examples], examples[args.examples :]
-        assert all(len(c) == 1 for e in examples for c in e.candidate_ids), (
-            "the row counts assume one-token answers"
-        )
-        layers = parse_layers(args.layers, geometry.num_layers)
-        result = {
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            },
+        write(out, run(args, model_path, scorer, tokenizer, geometry))
+
+
+def run(args, model_path: Path, scorer: Scorer, tokenizer, geometry) -> dict:
+    examples = tokenize(load_examples(DATA), tokenizer)
+    calibration, validation = examples[: args.examples], examples[args.examples :]
+    assert all(len(c) == 1 for e in examples for c in e.candidate_ids), (
+        "the row counts assume one-token answers"
+    )
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.folds:
+        return {
+            "machine": machine,
             "model": str(model_path),
             "engine": args.engine,
             "method": {"operation": ACT.operation, **ACT.parameters},
-            "layers": args.layers,
-            "budget": args.budget,
             "batch_size": args.batch_size,
-            "calibration_examples": len(calibration),
-            "validation_examples": len(validation),
-            "plain_forward_rows_per_s": plain_rows_per_s(scorer, calibration),
+            "examples": len(examples),
+            "cross_validation": run_folds(args.folds, scorer, geometry, examples),
         }
-        print(f"plain forward: {result['plain_forward_rows_per_s']} rows/s", flush=True)
-        for strategy in args.strategies:
-            settings = SearchSettings(strategy=strategy, layers=layers, budget=args.budget)
-            result[strategy] = run_search(
-                strategy, settings, args.repeats, scorer, geometry, calibration, validation
-            )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+
+    result = {
+        "machine": machine,
+        "model": str(model_path),
+        "engine": args.engine,
+        "method": {"operation": ACT.operation, **ACT.parameters},
+        "layers": args.layers,
+        "budget": args.budget,
+        "batch_size": args.batch_size,
+        "calibration_examples": len(calibration),
+        "validation_examples": len(validation),
+        "plain_forward_rows_per_s": plain_rows_per_s(scorer, calibration),
+    }
+    print(f"plain forward: {result['plain_forward_rows_per_s']} rows/s", flush=True)
+    layers = parse_layers(args.layers, geometry.num_layers)
+    for strategy in args.strategies:
+        settings = SearchSettings(strategy=strategy, layers=layers, budget=args.budget)
+        result[strategy] = run_search(
+            strategy, settings, args.repeats, scorer, geometry, calibration, validation
+        )
+    return result
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

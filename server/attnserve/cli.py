@@ -87,9 +87,10 @@ def serve(
 @app.command()
 def calibrate(
     data: Annotated[
-        Path,
+        list[Path],
         typer.Argument(
-            help="Labelled examples, JSONL: {prompt | messages, candidates, answer[, split]} per line.",
+            help="Labelled examples, JSONL: {prompt | messages, candidates, answer[, split]} per line. "
+            "Several files are several tasks: the search pools them and every task must pass the gate.",
             exists=True,
             dir_okay=False,
         ),
@@ -172,7 +173,7 @@ def calibrate(
     from .calibration.command import CalibrationRequest, run_calibration
 
     request = CalibrationRequest(
-        data=data,
+        data=tuple(data),
         output=output,
         config=config,
         model=model,

@@ -132,6 +132,7 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
         model.name,
         model.engine,
         statistics_layers=[layer.index for layer in engine.info.geometry.layers if sampled and layer.causal],
+        visual=engine.info.vision is not None,
     )
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)

@@ -28,7 +28,9 @@ from attnserve.attention.plan import (
 from reference import reference_attend
 
 TOLERANCE = 1e-5
-FULL_NEEDS = ReadoutNeeds(statistics=True, mass_ranges=((0, 2), (1, 5), (3, 40)), last_query_rows=True)
+FULL_NEEDS = ReadoutNeeds(
+    statistics=True, mass_ranges=((0, 2), (1, 5), (3, 40)), last_query_rows=True, image_keys=((2, 4), (5, 9))
+)
 ALL_KEYS = KeySet(include_generated=True)
 
 SINGLE_OPS = {
@@ -222,7 +224,16 @@ def assert_readout_matches(readout, expected, tolerance: float) -> None:
     else:
         got, want = readout.statistics, expected.statistics
         assert got.query_count == want.query_count
-        for name in ("entropy", "normalized_entropy", "sink_mass", "sink_mass_first4", "hidden_sinks"):
+        assert got.image_query_count == want.image_query_count
+        for name in (
+            "entropy",
+            "normalized_entropy",
+            "sink_mass",
+            "sink_mass_first4",
+            "hidden_sinks",
+            "image_mass",
+            "image_entropy",
+        ):
             if getattr(want, name) is None:  # does not apply to the layout
                 assert getattr(got, name) is None, name
             else:

@@ -172,6 +172,28 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
     return out, readouts
 
 
+def _image_statistics(spans, finals, queries, sees, n, prompt) -> dict:
+    """Over the queries that see an image key: the mass on the image keys, and the entropy of
+    the attention over them renormalised to sum to 1, over ln(image keys seen)."""
+    if not spans:
+        return {}
+    image = [j for j in range(min(prompt, n)) if any(a <= j < z for a, z in spans)]
+    count, mass, entropy = 0, 0.0, 0.0
+    for i in queries:
+        seen = [j for j in image if sees[i][j]]
+        if not seen:
+            continue
+        count += 1
+        for probs in finals:
+            weights = [float(probs[i, j]) for j in seen]
+            total = sum(weights)
+            mass += total / len(finals)
+            if total > 0 and len(seen) > 1:
+                h = -sum(w / total * math.log(w / total) for w in weights if w > 0)
+                entropy += h / math.log(len(seen)) / len(finals)
+    return {"image_query_count": count, "image_mass": mass, "image_entropy": entropy}
+
+
 def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt, last) -> RefReadout | None:
     needs = plan.needs
     if needs.is_empty:
@@ -199,6 +221,7 @@ def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt,
                 if seers and sum(float(probs[i, j]) for i in seers) / len(seers) > 0.1:
                     hidden += 1 / num_heads
         sinks_apply = layout.mask is not MaskKind.FULL
+        image = _image_statistics(needs.image_keys, finals, queries, sees, n, prompt)
         statistics = LayerStatistics(
             query_count=len(queries),
             entropy=entropy,
@@ -207,6 +230,7 @@ def _readout(plan: RowPlan, layout: RowLayout, finals, queries, sees, n, prompt,
             sink_mass_first4=first4 if sinks_apply else None,
             hidden_sinks=hidden * len(queries) if sinks_apply else None,
             range_mass=ranges,
+            **image,
         )
     rows = None
     if needs.last_query_rows:  # the last query sees every key

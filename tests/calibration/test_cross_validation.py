@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from attnserve.calibration.calibrate import SearchSettings, cross_validate, fold_agreement
 from attnserve.calibration.data import DataError, fold_indices
@@ -12,13 +14,13 @@ LAYERS = (1, 3)
 METHOD = Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})
 
 
-def test_folds_partition_the_examples():
-    folds = fold_indices(10, 3, seed=4)
+def test_folds_partition_the_examples(tiny_examples):
+    folds = fold_indices(tiny_examples, 3, seed=4)
     assert sorted(i for fold in folds for i in fold) == list(range(10))
     assert sorted(len(fold) for fold in folds) == [3, 3, 4]
-    assert folds == fold_indices(10, 3, seed=4) != fold_indices(10, 3, seed=5)
+    assert folds == fold_indices(tiny_examples, 3, seed=4) != fold_indices(tiny_examples, 3, seed=5)
     with pytest.raises(DataError, match="2 <= folds <= examples"):
-        fold_indices(3, 4, seed=0)
+        fold_indices(tiny_examples[:3], 4, seed=0)
 
 
 def brute_force(model, geometry, examples, folds):
@@ -50,7 +52,7 @@ def brute_force(model, geometry, examples, folds):
 
 def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_examples):
     examples = tiny_examples[:6]
-    folds = fold_indices(len(examples), 2, seed=1)
+    folds = fold_indices(examples, 2, seed=1)
     result = cross_validate(
         TransformersScorer(tiny_model, pad_id=0, batch_size=16),
         tiny_geometry,
@@ -73,3 +75,31 @@ def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_exa
     assert result.head_set == final
     same = sum(head_set == final for head_set in chosen)
     assert fold_agreement(result).startswith(f"{same}/2 folds chose the same set")
+
+
+def test_each_task_has_its_held_out_change(tiny_model, tiny_geometry, tiny_examples):
+    """Two tasks: folds hold both; each task's held-out margins are its examples' pooled ones,
+    its change bootstrapped from them alone."""
+    examples = [dataclasses.replace(e, task="ab"[i % 2]) for i, e in enumerate(tiny_examples[:8])]
+    folds = fold_indices(examples, 2, seed=1)
+    result = cross_validate(
+        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
+        tiny_geometry,
+        [METHOD],
+        examples,
+        folds,
+        SearchSettings(strategy="layer-sweep", layers=LAYERS, budget=1),
+        bootstrap_resamples=200,
+        seed=0,
+    )
+    _, before, after = brute_force(tiny_model, tiny_geometry, examples, folds)
+    assert [task.name for task in result.tasks] == ["a", "b"]
+    for task in result.tasks:
+        rows = [i for i, e in enumerate(examples) if e.task == task.name]
+        assert task.before.margins == pytest.approx([before[i] for i in rows], abs=1e-5)
+        assert task.after.margins == pytest.approx([after[i] for i in rows], abs=1e-5)
+        deltas = [after[i] - before[i] for i in rows]
+        assert task.change.mean == pytest.approx(sum(deltas) / len(deltas), abs=1e-5)
+    assert result.passes_gate == (
+        result.change.passes_gate and all(t.change.passes_gate for t in result.tasks)
+    )

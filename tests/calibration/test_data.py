@@ -9,7 +9,9 @@ from attnserve.calibration.command import UsageError, parse_layers
 from attnserve.calibration.data import (
     DataError,
     directory_sha256,
+    fold_indices,
     load_examples,
+    load_tasks,
     split_examples,
 )
 from attnserve.calibration.objective import SplitMetrics, margin
@@ -80,6 +82,51 @@ def test_splits(tmp_path):
     assert first == again and split_examples(drawn, 0.3, seed=6) != first
     with pytest.raises(DataError, match="0 validation"):
         split_examples(drawn, 0.0, seed=0)
+
+
+def write_task(folder, name, count, split=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    lines = [{**GOOD, **({"split": split[i % len(split)]} if split else {})} for i in range(count)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_several_files_are_several_tasks(tmp_path):
+    arithmetic, trivia = write_task(tmp_path, "arithmetic", 4), write_task(tmp_path, "trivia", 2)
+    assert [e.task for e in load_tasks([arithmetic])] == [""] * 4
+    examples = load_tasks([arithmetic, trivia])
+    assert [(e.task, e.line) for e in examples] == [("arithmetic", i) for i in (1, 2, 3, 4)] + [
+        ("trivia", 1),
+        ("trivia", 2),
+    ]
+    # Two files of one name are told apart by their paths.
+    other = write_task(tmp_path / "other", "trivia", 2)
+    assert {e.task for e in load_tasks([trivia, other])} == {str(trivia), str(other)}
+    with pytest.raises(DataError, match="given twice"):
+        load_tasks([trivia, trivia])
+
+
+def test_each_task_is_split_and_folded_on_its_own(tmp_path):
+    big = write_task(tmp_path, "big", 10)
+    small = write_task(tmp_path, "small", 4, split=["calibration", "validation"])
+    examples = load_tasks([big, small])
+    split = split_examples(examples, validation_fraction=0.3, seed=2)
+    assert [e.task for e in split.validation].count("big") == 3
+    assert [(e.task, e.line) for e in split.validation if e.task == "small"] == [("small", 2), ("small", 4)]
+    assert (
+        split.description.startswith("big: seeded")
+        and "small: from the data file's split field" in split.description
+    )
+
+    unsplit = load_tasks([big, write_task(tmp_path, "four", 4)])
+    folds = fold_indices(unsplit, 2, seed=3)
+    assert sorted(i for fold in folds for i in fold) == list(range(14))
+    for fold in folds:  # every fold holds half of each task
+        assert [unsplit[i].task for i in fold].count("big") == 5
+        assert [unsplit[i].task for i in fold].count("four") == 2
+    with pytest.raises(DataError, match="task four: 5-fold cross-validation needs"):
+        fold_indices(unsplit, 5, seed=3)
 
 
 def test_directory_hash_follows_content(tmp_path):

@@ -1,6 +1,18 @@
 """Attention rows -> PNG heatmap."""
 
-from attnserve_client.heatmap import LABEL_WIDTH, PADDING_COLOUR, colour, heatmap_image, write_heatmap
+from attnserve_client.heatmap import (
+    LABEL_BAND,
+    LABEL_WIDTH,
+    PADDING_COLOUR,
+    SCALE_LABEL_WIDTH,
+    SCALE_MARGIN,
+    SCALE_MIN_HEIGHT,
+    SCALE_WIDTH,
+    colour,
+    heatmap_image,
+    key_label_stride,
+    write_heatmap,
+)
 from attnserve_client.v1 import readout_pb2
 from PIL import Image
 
@@ -24,9 +36,29 @@ def test_png_size_and_pixels(tmp_path):
 
     image = Image.open(path)
     assert image.format == "PNG"
-    assert image.size == size == (LABEL_WIDTH + 5 * 16, 3 * 16)
-    cells = image.convert("RGB").crop((LABEL_WIDTH, 0, image.width, image.height))
+    scale = SCALE_MARGIN + SCALE_WIDTH + SCALE_LABEL_WIDTH
+    assert image.size == size == (LABEL_WIDTH + 5 * 16 + scale, max(3 * 16, SCALE_MIN_HEIGHT))
+    cells = image.convert("RGB").crop((LABEL_WIDTH, 0, LABEL_WIDTH + 5 * 16, 3 * 16))
     assert len(cells.getcolors(maxcolors=1 << 16)) > 3
+
+
+def test_colour_scale_reads_from_the_row_maximum_down():
+    image = heatmap_image(ROWS, cell=16)
+    x = LABEL_WIDTH + 5 * 16 + SCALE_MARGIN + SCALE_WIDTH // 2
+    assert image.getpixel((x, 0)) == colour(1.0)
+    assert image.getpixel((x, image.height - 1)) == colour(0.0)
+
+
+def test_key_tokens_are_named_under_their_columns():
+    plain = heatmap_image(ROWS, cell=16)
+    named = heatmap_image(ROWS, cell=16, key_tokens=["<s>", "The", " cat", " sat", " on"])
+    assert named.height == plain.height + LABEL_BAND
+    band = named.crop((LABEL_WIDTH, plain.height, LABEL_WIDTH + 5 * 16, named.height))
+    for j in range(5):  # some ink in every column's strip
+        column = band.crop((j * 16, 0, (j + 1) * 16, LABEL_BAND)).convert("L")
+        assert column.getextrema()[0] < 128, j
+    # Cells narrower than a line of text: every k-th column is named, so names never overlap.
+    assert [key_label_stride(cell) for cell in (16, 11, 10, 6, 3)] == [1, 1, 2, 2, 4]
 
 
 def test_rows_sorted_normalised_and_padded():

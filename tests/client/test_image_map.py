@@ -4,7 +4,14 @@ import io
 
 import pytest
 from attnserve_client.heatmap import colour
-from attnserve_client.image_map import mean_grid, overlay, write_image_maps
+from attnserve_client.image_map import (
+    SCANPATH_POINT,
+    mean_grid,
+    overlay,
+    scanpath_over,
+    write_image_maps,
+    write_scanpaths,
+)
 from attnserve_client.v1 import readout_pb2
 from PIL import Image
 
@@ -41,3 +48,22 @@ def test_one_file_per_image(tmp_path):
     assert [p.name for p in written] == ["map-0.png", "map-1.png"]
     assert all(Image.open(p).size == (384, 384) for p in written)
     assert write_image_maps([png()], [hot(0, 0, 0)], tmp_path / "one.png") == [tmp_path / "one.png"]
+
+
+def test_scanpath_points_sit_on_their_patches_numbered_in_step_order(tmp_path):
+    points = [
+        readout_pb2.ScanpathPoint(step=1, image=0, row=3, column=0, weight=0.4),
+        readout_pb2.ScanpathPoint(step=0, image=0, row=0, column=3, weight=0.6),
+    ]
+    picture = scanpath_over(png(), points, grid_size=4, size=80)
+    assert picture.size == (80, 80)
+    patch = 80 / 4
+    for point in points:  # the disc's rim, beside the number at its centre
+        x, y = (point.column + 0.5) * patch, (point.row + 0.5) * patch
+        assert picture.getpixel((round(x) + 5, round(y))) == SCANPATH_POINT
+    assert picture.getpixel((10, 10)) == (0, 0, 0)  # a patch with no fixation keeps the image
+    # The numbers differ: the two discs are not drawn alike.
+    discs = [picture.crop((x - 6, y - 6, x + 6, y + 6)).tobytes() for x, y in ((70, 10), (10, 70))]
+    assert discs[0] != discs[1]
+    written = write_scanpaths([png(), png()], points, 4, tmp_path / "path.png")
+    assert [p.name for p in written] == ["path-0.png", "path-1.png"]

@@ -29,3 +29,17 @@ def test_bad_parts():
         generate_request("m", messages=[("user", [{"image": b"x", "text": "y"}])])
     with pytest.raises(TypeError, match="encoded bytes or a file path"):
         generate_request("m", messages=[("user", [3.5])])
+
+
+def test_visual_recipes_from_dicts_and_messages():
+    from attnserve_client.v1 import visual_recipe_pb2 as vpb
+
+    messages = [("user", [b"img", "what is it?"])]
+    default = generate_request("tiny-llava", messages=messages, carve={})
+    assert default.WhichOneof("visual_recipe") == "carve" and default.carve == vpb.CarveRecipe()
+    tuned = generate_request("tiny-llava", messages=messages, carve={"top_fraction": 0.3, "layers": [2]})
+    assert tuned.carve.top_fraction == pytest.approx(0.3) and list(tuned.carve.layers) == [2]
+    funnel = generate_request("tiny-llava", messages=messages, visual_funnel=vpb.VisualFunnelRecipe(crops=2))
+    assert funnel.WhichOneof("visual_recipe") == "visual_funnel" and funnel.visual_funnel.crops == 2
+    with pytest.raises(ValueError, match="at most one visual recipe"):
+        generate_request("m", messages=messages, carve={}, visual_funnel={})

@@ -12,7 +12,7 @@ from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import model_pb2
 from attnserve_client.v1 import readout_pb2 as rpb
 
-from .helpers import act, chat_request, run
+from .helpers import QUESTION, act, chat_request, run
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +136,6 @@ def test_readouts(stub):
             assert r.step == t.index and len(r.weights) == r.query_position + 1
             assert sum(r.weights) == pytest.approx(1.0, abs=1e-4)
     assert complete.summary.spans and "attended most to" in complete.summary.text
+    # The key axis's labels: the prompt's tokens, one text each, the chat template's among them.
+    assert len(complete.prompt_token_texts) == complete.usage.prompt_tokens
+    assert "".join(complete.prompt_token_texts).count(QUESTION) == 1

@@ -1,12 +1,14 @@
 """tiny-llava end to end: a real server subprocess on a real socket, real PNG and JPEG files sent
 as image parts through the client SDK and raw stubs; every bad image gets its field violation
-and the server stays healthy. The server also serves a text-only model (SmolLM2) to refuse
+and the server stays healthy; the visual recipes (CARVE, Visual Funnel) over the wire, and their
+bad fields. The server also serves a text-only model (SmolLM2) to refuse
 images to."""
 
 from __future__ import annotations
 
 import base64
 import io
+import urllib.request
 import zlib
 
 import grpc
@@ -18,8 +20,10 @@ from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import model_pb2
+from attnserve_client.v1 import visual_recipe_pb2 as vpb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import running_server
 from .helpers import field_violations, run
@@ -51,6 +55,7 @@ def image_files(tmp_path_factory):
 def server(tmp_path_factory, tiny_llava_path, smollm2_path):
     config = {
         "limits": {"max_tokens": 32, "max_images": 2, "max_image_pixels": MAX_PIXELS},
+        "statistics": {"sample_rate": 1.0},  # every step: the visual metrics are checked
         "models": [
             {
                 "name": "tiny-llava",
@@ -130,6 +135,29 @@ def test_paint_and_image_attention_over_the_wire(stub, image_files):
             (0, 8, 64),
             (1, 8, 64),
         ]
+
+
+def test_visual_statistics_in_the_readout_and_the_metrics(server, stub, image_files):
+    data = image_files["png"].read_bytes()
+    _, complete = run(stub, image_chat(data, readouts=readout_spec_from_dict({"layer_statistics": True})))
+    for layer in complete.layer_statistics:
+        assert 0 < layer.image_mass < 1 and 0 < layer.image_entropy <= 1
+        assert layer.image_query_count > 0
+    with urllib.request.urlopen(server["metrics_url"], timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+    def samples(family: str, suffix: str, model: str) -> dict[str, float]:
+        return {
+            s.labels["layer"]: s.value
+            for s in families[family].samples
+            if s.name == family + suffix and s.labels["model"] == model
+        }
+
+    for family in ("attnserve_attention_visual_share_ratio", "attnserve_attention_visual_entropy_ratio"):
+        counts, sums = samples(family, "_count", "tiny-llava"), samples(family, "_sum", "tiny-llava")
+        assert sorted(counts) == ["0", "1", "2", "3"] and all(c > 0 for c in counts.values()), family
+        assert all(0 < sums[layer] / counts[layer] <= 1 for layer in counts), family
+        assert samples(family, "_count", "smollm2") == {}, "a text-only model has no visual series"
 
 
 def png_bomb(side: int) -> bytes:
@@ -242,7 +270,119 @@ def test_cli_sends_images_and_draws_the_map(server, image_files, tmp_path):
     assert result.exit_code == 0, result.output
     maps = [tmp_path / "map-0.png", tmp_path / "map-1.png"]
     assert all(Image.open(path).size == (384, 384) for path in maps)
+    scanpath = tmp_path / "scanpath.png"
+    result = runner.invoke(
+        app,
+        ["generate", "what is in the image?", "--image", str(image_files["png"]), "--scanpath", str(scanpath),
+         "--max-tokens", "3", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(scanpath).size == (384, 384)
     result = runner.invoke(
         app, ["score", "is it yellow?", "-c", "yes", "-c", "no", "--image", str(image_files["jpeg"]), *common]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_carve_over_the_wire_returns_the_answer_mask_and_crop(stub, image_files):
+    data = image_files["png"].read_bytes()
+    tokens, complete = run(stub, image_chat(data, carve=vpb.CarveRecipe(pass_max_tokens=4)))
+    assert len(tokens) == 6 and complete.text == "".join(t.text for t in tokens)
+    result = complete.visual_recipe
+    assert result.passes == 3 and result.first_answer
+    assert [(r.start, r.end) for r in complete.image_tokens] == [(5, 69), (69, 133)]  # image and crop
+    mask = Image.open(io.BytesIO(result.mask_png))
+    assert mask.size == (64, 48) and mask.mode == "L"
+    kept = [(x, y) for y in range(48) for x in range(64) if mask.getpixel((x, y))]
+    assert 0 < len(kept) <= 0.2 * 48 * 48 + 48  # the top fifth of the seen 48 x 48 square (ties aside)
+    (crop,) = result.crops
+    xs, ys = [x for x, _ in kept], [y for _, y in kept]
+    assert (crop.left, crop.top, crop.right, crop.bottom) == (min(xs), min(ys), max(xs) + 1, max(ys) + 1)
+    picture = Image.open(io.BytesIO(crop.png))
+    assert picture.width >= 64 and picture.height >= 48  # upscaled to cover the image
+
+
+def test_visual_funnel_over_the_wire(stub, image_files):
+    data = image_files["png"].read_bytes()
+    recipe = vpb.VisualFunnelRecipe(crops=1, layers=[3], pass_max_tokens=2)
+    tokens, complete = run(stub, image_chat(data, visual_funnel=recipe))
+    result = complete.visual_recipe
+    assert len(tokens) == 6 and result.passes == 2 and not result.mask_png
+    assert 0 < result.attention_entropy <= 1
+    (crop,) = result.crops
+    side = round((0.25 + 0.5 * result.attention_entropy) * 48)
+    assert (crop.right - crop.left, crop.bottom - crop.top) == (side, side)
+    assert 0 <= crop.left and crop.right <= 64 and 0 <= crop.top and crop.bottom <= 48
+
+
+def test_bad_recipe_fields_get_their_violation(stub, image_files):
+    data = image_files["png"].read_bytes()
+    text_only = pb.GenerateRequest(
+        model="tiny-llava", chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="no image")])
+    )
+    cases = [
+        (image_chat(data, carve=vpb.CarveRecipe(top_fraction=0)), "carve.top_fraction", "must be in (0, 1]"),
+        (image_chat(data, carve=vpb.CarveRecipe(layers=[1, 9])), "carve.layers[1]", "9"),
+        (image_chat(data, carve=vpb.CarveRecipe(min_components=0)), "carve.min_components", "[1, 1000]"),
+        (image_chat(data, carve=vpb.CarveRecipe(pass_max_tokens=33)), "carve.pass_max_tokens", "[1, 32]"),
+        (image_chat(data, carve=vpb.CarveRecipe(general_query="  ")), "carve.general_query", "some text"),
+        (image_chat(data, data, carve=vpb.CarveRecipe()), "chat", "exactly one image (the chat has 2)"),
+        (image_chat(data, model="smollm2", carve=vpb.CarveRecipe()), "carve", "not a vision-language model"),
+        (image_chat(data, visual_funnel=vpb.VisualFunnelRecipe()), "visual_funnel.crops", "max_images of 2"),
+        (
+            image_chat(
+                data, visual_funnel=vpb.VisualFunnelRecipe(crops=1, smallest_crop=0.8, largest_crop=0.5)
+            ),
+            "visual_funnel.largest_crop",
+            "at least smallest_crop",
+        ),
+        (
+            image_chat(data, visual_funnel=vpb.VisualFunnelRecipe(crops=1, smallest_crop=1.5)),
+            "visual_funnel.smallest_crop",
+            "must be in (0, 1]",
+        ),
+    ]
+    no_image = pb.GenerateRequest()
+    no_image.CopyFrom(text_only)
+    no_image.carve.SetInParent()
+    cases.append((no_image, "chat", "exactly one image (the chat has 0)"))
+    for request, expected_field, message in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            run(stub, request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, expected_field
+        violations = field_violations(caught.value)
+        assert expected_field in violations, (expected_field, violations)
+        assert message in violations[expected_field], violations
+
+
+def test_cli_runs_carve_and_saves_the_mask_and_crop(server, image_files, tmp_path):
+    from attnserve_client.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(
+        app,
+        ["generate", "what is in the image?", "--image", str(image_files["png"]), "--recipe", "carve",
+         "--recipe-out", str(tmp_path), "--max-tokens", "3", "--model", "tiny-llava",
+         "--target", server["target"], "--timeout", "120"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "recipe: 3 passes" in result.output
+    assert Image.open(tmp_path / "mask.png").size == (64, 48)
+    assert Image.open(tmp_path / "crop-0.png").width >= 64
+
+
+def test_a_recipe_cancelled_during_its_passes_leaves_the_server_serving(server, stub, image_files):
+    import time
+
+    data = image_files["png"].read_bytes()
+    for delay in (0.02, 0.1, 0.3):  # in the reading passes, between them and the final pass, or later
+        call = stub.Generate(image_chat(data, carve=vpb.CarveRecipe()), timeout=120)
+        time.sleep(delay)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+    tokens, complete = run(stub, image_chat(data, carve=vpb.CarveRecipe(pass_max_tokens=2)))
+    assert len(tokens) == 6 and complete.visual_recipe.passes == 3
+    log = server["log"].read_text()
+    assert "Traceback" not in log and "never retrieved" not in log

@@ -255,13 +255,19 @@ async def test_layer_statistics_report_the_image_mass(served):
         return engine_request.image_spans, complete.layer_statistics
 
     spans, layers = await statistics()
-    # The image mass is the mass on the image spans, as asked explicitly through mass_ranges.
+    # The image mass is the mass on the image spans, as asked explicitly through mass_ranges, but
+    # averaged over the query rows that see an image token (the rows before the first image
+    # have none, and count 0 in range_mass's mean over every row).
     _, explicit = await statistics(mass_ranges=[ipb.TokenRange(start=s, end=e) for s, e in spans])
+    first_image = spans[0][0]
     for plain, asked in zip(layers, explicit):
         assert plain.HasField("image_mass") and list(plain.range_mass) == []
-        assert 0 < plain.image_mass < 1
-        assert plain.image_mass == pytest.approx(sum(asked.range_mass), abs=1e-6)
+        assert plain.image_query_count == plain.query_count - first_image
+        assert 0 < plain.image_mass < 1 and 0 < plain.image_entropy <= 1
+        seeing_share = plain.image_query_count / asked.query_count
+        assert plain.image_mass * seeing_share == pytest.approx(sum(asked.range_mass), abs=1e-6)
         assert asked.image_mass == pytest.approx(plain.image_mass, abs=1e-6)
+        assert asked.image_entropy == pytest.approx(plain.image_entropy, abs=1e-6)
     mask = ipb.Intervention(selector=ipb.Selector(keys=image_keys()), key_mask=ipb.KeyMask())
     _, masked = await statistics([mask])
     # Masked image keys keep only the image tokens' own keys (a query keeps its own key).

@@ -32,6 +32,16 @@ def record_everything(metrics: ServerMetrics) -> None:
     metrics.request_rejected("", "", grpc.StatusCode.NOT_FOUND)
     metrics.attention_statistics(model, engine, 0, sink_mass=0.7, normalized_entropy=0.3, hidden_sinks=1.5)
     metrics.attention_statistics(model, engine, 12, sink_mass=0.1, normalized_entropy=0.8, hidden_sinks=0.0)
+    metrics.attention_statistics(
+        model,
+        engine,
+        3,
+        sink_mass=0.5,
+        normalized_entropy=0.6,
+        hidden_sinks=0.0,
+        visual_share=0.2,
+        visual_entropy=0.9,
+    )
     metrics.interventions_applied(model, engine, "sink_calibration", count=4)
     metrics.interventions_applied(model, engine, "key_mask")
 
@@ -86,7 +96,12 @@ def test_attention_statistics_per_layer(metrics):
     assert value(metrics, "attnserve_attention_sink_mass_ratio_bucket", le="0.7", **layer0) == 1
     assert value(metrics, "attnserve_attention_normalized_entropy_ratio_sum", layer="12", **MODEL) == 0.8
     assert value(metrics, "attnserve_attention_hidden_sinks_per_head_bucket", le="2.0", **layer0) == 1
-    assert value(metrics, "attnserve_attention_samples_total", **MODEL) == 2
+    assert value(metrics, "attnserve_attention_samples_total", **MODEL) == 3
+    layer3 = {**MODEL, "layer": "3"}
+    assert value(metrics, "attnserve_attention_visual_share_ratio_sum", **layer3) == pytest.approx(0.2)
+    assert value(metrics, "attnserve_attention_visual_entropy_ratio_bucket", le="0.9", **layer3) == 1
+    # Text-only samples add no visual series.
+    assert value(metrics, "attnserve_attention_visual_share_ratio_count", **layer0) is None
 
 
 def test_a_loaded_model_has_its_series_at_zero_before_any_request():
@@ -100,7 +115,11 @@ def test_a_loaded_model_has_its_series_at_zero_before_any_request():
         ):
             assert value(metrics, name, layer=layer, **MODEL) == 0, (name, layer)
     assert value(metrics, "attnserve_attention_sink_mass_ratio_count", layer="3", **MODEL) is None
+    assert value(metrics, "attnserve_attention_visual_share_ratio_count", layer="0", **MODEL) is None
     assert value(metrics, "attnserve_request_finished_total", finish_reason="eos", **MODEL) == 0
+    metrics.model_loaded("tiny-llava", "vllm", statistics_layers=[0, 1], visual=True)
+    vlm = {"model": "tiny-llava", "engine": "vllm", "layer": "1"}
+    assert value(metrics, "attnserve_attention_visual_entropy_ratio_count", **vlm) == 0
     assert value(metrics, "attnserve_intervention_applied_total", operation="key_mask", **MODEL) == 0
 
 

@@ -60,6 +60,20 @@ def test_per_head_maps_are_the_image_columns():
         assert grid == 2 and weights == pytest.approx({1: r1, 2: r2}[layer][head, start:end].tolist())
 
 
+def test_per_layer_maps_are_each_layers_mean_over_heads():
+    settings = ImageAttentionSettings(
+        layers=frozenset({1, 2}), heads=(0, 2), per_layer=True, image_spans=SPANS
+    )
+    r1, r2 = rows(PROMPT, 1), rows(PROMPT, 2)
+    (token,) = token_maps(settings, [(2, 0, r2), (1, 0, r1)])
+    got = [(m.image, m.layer, m.HasField("head")) for m in token.image_attention]
+    assert got == [(0, 1, False), (0, 2, False), (1, 1, False), (1, 2, False)]
+    for m in token.image_attention:
+        start, end = SPANS[m.image]
+        expected = {1: r1, 2: r2}[m.layer][[0, 2], start:end].mean(0)
+        assert list(m.weights) == pytest.approx(expected.tolist(), abs=1e-7)
+
+
 def test_the_default_is_the_mean_over_layers_and_heads_per_step():
     settings = ImageAttentionSettings(layers=frozenset({1, 2}), steps=frozenset({1}), image_spans=SPANS)
     calls = [(layer, step, rows(PROMPT + step, 10 * step + layer)) for step in (0, 1) for layer in (1, 2)]
@@ -111,3 +125,10 @@ def test_compile():
     assert violations(
         rpb.ImageAttentionSpec(layers=[0, 1], per_head=True), context(max_readout_values=255)
     ) == [field]
+    # per_layer: 8 values per step and layer; 2 layers x 8 steps = 128.
+    assert violations(
+        rpb.ImageAttentionSpec(layers=[0, 1], per_layer=True), context(max_readout_values=127)
+    ) == [field]
+    assert violations(rpb.ImageAttentionSpec(layers=[1], per_head=True, per_layer=True), context()) == [
+        f"{field}.per_layer"
+    ]

@@ -736,7 +736,7 @@ def test_sampled_statistics_without_requested_statistics():
     assert needs == P.ReadoutNeeds(statistics=True, last_query_rows=True)
     assert rows_only.for_call(0, 3, sample_statistics=False) is None
     # A plan with no work still gets a RowPlan when the step is sampled.
-    assert P.EMPTY_PLAN.for_call(0, 3, sample_statistics=True).needs == P.SAMPLED_STATISTICS
+    assert P.EMPTY_PLAN.for_call(0, 3, sample_statistics=True).needs == P.ReadoutNeeds(statistics=True)
     assert P.EMPTY_PLAN.for_call(0, 3) is None
 
 

@@ -1,5 +1,6 @@
 """A request whose numbers go bad fails alone: the requests beside it in the batch, and those that
-reuse its KV cache after it, give exactly the tokens they give alone.
+reuse its KV cache after it, give exactly the tokens they give alone. Planned requests and plain
+ones never share vLLM's prefix cache.
 
 The plans and sampling settings here are beyond what the API accepts (spec/ranges.py refuses
 them); they are built directly to make a row's arithmetic overflow inside the engine.
@@ -8,6 +9,7 @@ them); they are built directly to make a row's arithmetic overflow inside the en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import pytest_asyncio
@@ -22,6 +24,7 @@ from attnserve.attention.plan import (
 )
 from attnserve.engines.base import EngineRequest, NonFiniteOutput, SamplingConfig, ScoreRequest
 from attnserve.engines.hf.engine import TransformersEngine
+from attnserve.readouts.layer_statistics import LayerStatisticsSettings
 
 from .cases import chat_ids, tokens
 from .prompts import QUESTIONS
@@ -102,6 +105,32 @@ async def test_vllm_engine_fails_only_the_bad_rows(vllm_engine):
     await check_bad_rows_fail_alone(
         vllm_engine, bad_requests(vllm_engine, chat_ids(vllm_engine, QUESTIONS[5]))
     )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_prefix_cache_is_never_shared_with_planned_requests(vllm_engine, transformers_engine):
+    """vLLM caches prompt blocks by their tokens: a planned request must not read a plain one's
+    blocks (its KV differs from the first intervened layer on, and its readouts need every
+    prompt position), nor leave its own blocks for a plain one to read."""
+    river = "A river slows where it meets the sea and drops the sand and silt it carries. "
+    prompt = chat_ids(vllm_engine, river * 20 + "Explain in two sentences why a delta splits into channels.")
+    assert len(prompt) > 2 * 128  # two full cache blocks (vLLM's CPU default block size is 128)
+    plan = dataclasses.replace(
+        _on_every_layer(Temperature(0.5), vllm_engine.info.geometry.num_layers),
+        readouts=(LayerStatisticsSettings(),),
+    )
+
+    async def planned() -> tuple[list[int], int]:
+        outputs = [out async for out in vllm_engine.generate(EngineRequest("planned", prompt, GREEDY, plan))]
+        return tokens(outputs), outputs[-1].readouts["layer_statistics"][0].query_count
+
+    plain = EngineRequest("plain", prompt, GREEDY, EMPTY_PLAN)
+    first, query_count = await planned()  # the prompt is new: nothing cached to read
+    assert query_count == len(prompt) + MAX_TOKENS - 1  # every prompt row, then one per step
+    # Plain after planned: the transformers engine's plain tokens, not the planned request's KV.
+    assert await _tokens(vllm_engine, plain) == await _tokens(transformers_engine, plain)
+    # Planned after plain: every prompt position computed again under the plan.
+    assert await planned() == (first, query_count)
 
 
 @pytest.mark.asyncio(loop_scope="session")

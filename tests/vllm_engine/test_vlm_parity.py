@@ -1,7 +1,8 @@
 """tiny-llava on the vLLM engine against the transformers engine: images through vLLM's own
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
-image attention maps and Score's candidate log-probabilities equal to 1e-4. PAINT's tokens are chosen by a transformers copy of the
+image attention maps, image statistics and Score's candidate log-probabilities equal to 1e-4; the visual recipes (CARVE, Visual Funnel) give the same
+tokens, masks and crops, and a CARVE recipe equals its passes sent as ordinary requests. PAINT's tokens are chosen by a transformers copy of the
 vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import io
 
+import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from attnserve.api.inputs import to_engine_request, to_score_request
+from attnserve.api.visual_recipes import seen_square, to_visual_recipe
+from attnserve.attention import carve
 from attnserve.engines.hf.engine import TransformersEngine
 from attnserve.engines.vllm.engine import VllmEngine
 from attnserve.models.config import Limits, VllmSettings
@@ -19,6 +24,7 @@ from attnserve.models.registry import ServedModel
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import intervention_pb2 as ipb
 from attnserve_client.v1 import readout_pb2 as rpb
+from attnserve_client.v1 import visual_recipe_pb2 as vpb
 from PIL import Image
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -67,27 +73,46 @@ OPERATIONS = {
         selector=ipb.Selector(layers=[1, 2]), sink_calibration=ipb.SinkCalibration(tau=0.05)
     ),
 }
-READOUTS = rpb.ReadoutSpec(image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True))
+READOUTS = rpb.ReadoutSpec(
+    image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True), layer_statistics=True
+)
 
 
-def chat(question, colours) -> pb.Chat:
-    parts = [pb.ContentPart(image=encoded(c)) for c in colours] + [pb.ContentPart(text=question)]
-    return pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)])
+RECIPES = {
+    "carve": {"carve": vpb.CarveRecipe()},
+    "carve_set": {
+        "carve": vpb.CarveRecipe(
+            general_query="say what you see.",
+            layers=[1, 3],
+            top_fraction=0.3,
+            min_components=1,
+            pass_max_tokens=5,
+        )
+    },
+    "visual_funnel": {"visual_funnel": vpb.VisualFunnelRecipe()},
+    "visual_funnel_set": {
+        "visual_funnel": vpb.VisualFunnelRecipe(layers=[2], crops=2, smallest_crop=0.1, largest_crop=0.5)
+    },
+}
 
 
 def score_request(question, colours, interventions) -> pb.ScoreRequest:
+    parts = [pb.ContentPart(image=encoded(c)) for c in colours] + [pb.ContentPart(text=question)]
     return pb.ScoreRequest(
         model="tiny-llava",
-        chat=chat(question, colours),
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)]),
         candidates=["red", "a blue square"],
         interventions=ipb.InterventionSpec(interventions=interventions),
     )
 
 
-def request(question, colours, interventions, readouts=None) -> pb.GenerateRequest:
+def request(question, colours, interventions, readouts=None, images=None, **recipe) -> pb.GenerateRequest:
+    images = images if images is not None else [encoded(c) for c in colours]
+    parts = [pb.ContentPart(image=data) for data in images] + [pb.ContentPart(text=question)]
     return pb.GenerateRequest(
+        **recipe,
         model="tiny-llava",
-        chat=chat(question, colours),
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)]),
         sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
         interventions=ipb.InterventionSpec(interventions=interventions),
         readouts=readouts,
@@ -103,9 +128,17 @@ async def run_all(engine) -> dict:
         outs = [out async for out in engine.generate(to_engine_request(pb_request, served))]
         return [o.token_id for o in outs], outs
 
-    results = await asyncio.gather(
-        *(one(request(*PROMPTS[i], OPERATIONS[name])) for name, i in cases),
-        *(one(request(*prompt, [], READOUTS)) for prompt in PROMPTS),
+    async def recipe(kwargs):
+        run = to_visual_recipe(request(*PROMPTS[0], [], **kwargs), served)
+        outs = [out async for out in run.generate(engine)]
+        return [o.token_id for o in outs], run
+
+    results, recipes = await asyncio.gather(
+        asyncio.gather(
+            *(one(request(*PROMPTS[i], OPERATIONS[name])) for name, i in cases),
+            *(one(request(*prompt, [], READOUTS)) for prompt in PROMPTS),
+        ),
+        asyncio.gather(*(recipe(kwargs) for kwargs in RECIPES.values())),
     )
     scores = await asyncio.gather(
         *(
@@ -120,7 +153,37 @@ async def run_all(engine) -> dict:
         "maps": [r[1] for r in results[len(cases) :]],
         "solo_plain": [r[0] for r in solo_plain],
         "served": served,
+        "recipes": dict(zip(RECIPES, recipes)),
+        "carve_by_hand": await carve_by_hand(one, recipes[0][1]),
     }
+
+
+async def carve_by_hand(one, run) -> dict:
+    """The default CARVE recipe's passes as ordinary requests, its map from attention.carve."""
+    question, _ = PROMPTS[0]
+    image = encoded("red")
+    reading = rpb.ReadoutSpec(image_attention=rpb.ImageAttentionSpec(layers=[2, 3], per_layer=True))
+    general = request(carve.GENERAL_QUERY, [], [], reading, images=[image])
+    asked = request(question, [], [], reading, images=[image])
+    for r in (general, asked):
+        r.sampling.max_tokens, r.sampling.ignore_eos = 32, False
+    (_, q_outs), (_, g_outs) = await asyncio.gather(one(asked), one(general))
+
+    def maps(outs):
+        grids = [
+            [o.step_readouts["image_attention"].maps[(0, layer, None)] for layer in (2, 3)] for o in outs
+        ]
+        return torch.tensor(grids).reshape(len(outs), 2, 8, 8)
+
+    width, height = run.image.size
+    left, top, right, bottom = seen_square((width, height))
+    scores = carve.contrast_map(maps(q_outs), maps(g_outs), (bottom - top, right - left))
+    kept = carve.keep_components(scores, carve.top_fraction_mask(scores))
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:bottom, left:right] = kept.numpy()
+    ((_, crop_png),) = run.outcome.crops
+    final, _ = await one(request(question, [], [], images=[image, crop_png]))
+    return {"mask": mask, "box": carve.mask_box(torch.from_numpy(mask)), "final": final}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -140,7 +203,7 @@ async def vllm_run(tiny_llava_path, tmp_path_factory, transformers_run) -> dict:
         max_batch_size=32,
         settings=VllmSettings(enforce_eager=True, kv_cache_gib=1, max_model_len=512),
         cache_dir=tmp_path_factory.mktemp("vllm-cache"),
-        max_images=2,
+        max_images=4,
     )
     await engine.start()
     try:
@@ -184,3 +247,51 @@ async def test_scores_equal_across_engines(vllm_run, transformers_run):
                 for i in range(len(PROMPTS))
                 for a, b in zip(ours[(name, i)], ours[("plain", i)])
             ), name
+
+
+async def test_image_statistics_equal_across_engines(vllm_run, transformers_run):
+    for ours, theirs in zip(vllm_run["maps"], transformers_run["maps"]):
+        a, b = ours[-1].readouts["layer_statistics"], theirs[-1].readouts["layer_statistics"]
+        assert a.keys() == b.keys() == {0, 1, 2, 3}
+        for layer in a:
+            assert a[layer].image_query_count == b[layer].image_query_count > 0
+            for name in ("image_mass", "image_entropy"):
+                mine, reference = (getattr(s[layer], name) / s[layer].image_query_count for s in (a, b))
+                assert 0 < reference <= 1
+                assert mine == pytest.approx(reference, abs=1e-4), (layer, name)
+
+
+def recipe_outcome(run) -> dict:
+    outcome = run[1].outcome
+    return {
+        "tokens": run[0],
+        "passes": outcome.passes,
+        "first_answer": outcome.first_answer,
+        "boxes": [box for box, _ in outcome.crops],
+        "mask": outcome.mask_png,
+        "entropy": round(outcome.attention_entropy, 4),
+    }
+
+
+async def test_recipes_give_the_same_tokens_masks_and_crops(vllm_run, transformers_run):
+    for name in RECIPES:
+        ours, theirs = (
+            recipe_outcome(vllm_run["recipes"][name]),
+            recipe_outcome(transformers_run["recipes"][name]),
+        )
+        assert ours == theirs, name
+        assert ours["passes"] == (3 if name.startswith("carve") else 2)
+    funnel = vllm_run["recipes"]["visual_funnel"][1]
+    assert len(funnel.outcome.crops) == 3 and len(funnel.final_request.images) == 4
+    sides = [box[2] - box[0] for box, _ in funnel.outcome.crops]
+    assert sides == sorted(sides) and sides[0] < sides[-1]  # focal to wide
+
+
+async def test_carve_is_its_passes_as_ordinary_requests(vllm_run, transformers_run):
+    for run in (vllm_run, transformers_run):
+        tokens, recipe = run["recipes"]["carve"]
+        by_hand = run["carve_by_hand"]
+        mask = np.asarray(Image.open(io.BytesIO(recipe.outcome.mask_png))) > 0
+        assert (mask == by_hand["mask"]).all() and mask.any()
+        assert recipe.outcome.crops[0][0] == by_hand["box"]
+        assert tokens == by_hand["final"]

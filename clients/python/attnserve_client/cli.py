@@ -4,6 +4,7 @@ candidate answers."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import pathlib
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from attnserve_client.client import DEFAULT_TARGET, Client
 from attnserve_client.errors import AttnserveError
 from attnserve_client.flags import specs_from_flags
 from attnserve_client.heatmap import write_heatmap
-from attnserve_client.image_map import write_image_maps
+from attnserve_client.image_map import write_image_maps, write_scanpaths
 from attnserve_client.spec import SpecError, load_spec_file, specs_from_dict
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 from attnserve_client.v1 import intervention_pb2, readout_pb2
@@ -29,6 +30,14 @@ app = typer.Typer(
 
 Target = Annotated[str, typer.Option(envvar="ATTNSERVE_TARGET", help="Server address, host:port.")]
 Timeout = Annotated[float | None, typer.Option(help="Deadline of the call in seconds.")]
+
+
+class Recipe(enum.StrEnum):
+    """Visual recipes the server runs; the value is the GenerateRequest field."""
+
+    carve = "carve"
+    visual_funnel = "visual_funnel"
+
 
 INTERVENTIONS = "Interventions"
 READOUTS = "Readouts"
@@ -193,6 +202,28 @@ def generate(
             rich_help_panel=READOUTS,
         ),
     ] = None,
+    scanpath: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Draw the scanpath (the most attended image patch of each step, mean over every layer "
+            "and head) over each --image as numbered points (PATH-<k>.png for several images).",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
+    recipe: Annotated[
+        Recipe | None,
+        typer.Option(
+            help="Let the server run a visual recipe on the --image (authors' defaults) and stream its final answer.",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
+    recipe_out: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Folder to save the recipe's crops (crop-<k>.png) and CARVE's mask (mask.png) in.",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
     target: Target = DEFAULT_TARGET,
     timeout: Timeout = None,
 ) -> None:
@@ -208,13 +239,21 @@ def generate(
             if not image:
                 raise SpecError("--image-map needs an --image")
             readouts.image_attention.layer_names.append("*")
+        if scanpath is not None:
+            if not image:
+                raise SpecError("--scanpath needs an --image")
+            readouts.scanpath.layer_names.append("*")
+        if recipe_out is not None and recipe is None:
+            raise SpecError("--recipe-out needs a --recipe")
+        recipes = {recipe.value: {}} if recipe else {}
         with _client(context, target, timeout) as client:
             stream = client.generate(
                 model, **inputs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 seed=seed, stop=stop or (), top_logprobs=logprobs, interventions=interventions,
-                readouts=readouts if readouts.ByteSize() else None,
+                readouts=readouts if readouts.ByteSize() else None, **recipes,
             )  # fmt: skip
             tokens, complete = _print_stream(stream)
+            grid_size = client.get_model(model).vision.grid_size if scanpath is not None else 0
 
     if logprobs:
         typer.echo("\n" + formatting.top_logprobs_table(tokens))
@@ -226,7 +265,8 @@ def generate(
         rows = [row for t in tokens for row in t.attention_rows]
         if not rows:
             _fail("the server returned no attention rows; no heatmap written")
-        width, height = write_heatmap(rows, heatmap)
+        key_tokens = [*complete.prompt_token_texts, *(t.text for t in tokens)]
+        width, height = write_heatmap(rows, heatmap, key_tokens=key_tokens)
         typer.echo(f"wrote {heatmap} ({len(rows)} rows, {width}x{height} px)", err=True)
     if image_map is not None:
         maps = [m for t in tokens for m in t.image_attention]
@@ -234,7 +274,31 @@ def generate(
             _fail("the server returned no image attention maps; no image map written")
         for path in write_image_maps([p.read_bytes() for p in image], maps, image_map):
             typer.echo(f"wrote {path}", err=True)
+    if scanpath is not None:
+        if not complete.scanpath:
+            _fail("the server returned no scanpath; none drawn")
+        for path in write_scanpaths([p.read_bytes() for p in image], complete.scanpath, grid_size, scanpath):
+            typer.echo(f"wrote {path}", err=True)
+    if complete.HasField("visual_recipe"):
+        _report_recipe(complete.visual_recipe, recipe_out)
     typer.echo(formatting.completion_footer(complete), err=True)
+
+
+def _report_recipe(result, folder: pathlib.Path | None) -> None:
+    """The recipe's passes, first answer and crop boxes on stderr; its images saved in folder."""
+    boxes = ", ".join(f"({c.left}, {c.top}, {c.right}, {c.bottom})" for c in result.crops)
+    typer.echo(
+        f"recipe: {result.passes} passes; first answer: {result.first_answer!r}; crops: {boxes}", err=True
+    )
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {f"crop-{k}.png": crop.png for k, crop in enumerate(result.crops)}
+    if result.mask_png:
+        files["mask.png"] = result.mask_png
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        typer.echo(f"wrote {folder / name}", err=True)
 
 
 @app.command("generate-image")

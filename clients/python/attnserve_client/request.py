@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from google.protobuf import json_format
 
 from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
-from attnserve_client.v1 import image_generation_pb2, intervention_pb2, readout_pb2
+from attnserve_client.v1 import image_generation_pb2, intervention_pb2, readout_pb2, visual_recipe_pb2
 from attnserve_client.v1 import inference_service_pb2 as service_pb2
 
 if TYPE_CHECKING:
@@ -55,6 +55,10 @@ class GenerateOptions(TypedDict, total=False):
     presets: Sequence[str]
     readouts: Readouts
     request_id: str
+    #: A visual recipe (one of them), as its message or dict, e.g. {} for the authors' defaults or
+    #: {"top_fraction": 0.3}: the server runs its passes and returns the final answer.
+    carve: visual_recipe_pb2.CarveRecipe | Mapping[str, Any]
+    visual_funnel: visual_recipe_pb2.VisualFunnelRecipe | Mapping[str, Any]
 
 
 def generate_request(
@@ -97,6 +101,17 @@ def generate_request(
         request.readouts.CopyFrom(
             readouts if isinstance(readouts, readout_pb2.ReadoutSpec) else readout_spec_from_dict(readouts)
         )
+    recipes = [name for name in ("carve", "visual_funnel") if options.get(name) is not None]
+    if len(recipes) > 1:
+        raise ValueError("pass at most one visual recipe (carve or visual_funnel)")
+    for name in recipes:
+        recipe = options[name]
+        field = getattr(request, name)
+        if isinstance(recipe, Mapping):
+            json_format.ParseDict(recipe, field)
+        else:
+            field.CopyFrom(recipe)
+        field.SetInParent()
     return request
 
 

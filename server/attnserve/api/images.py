@@ -51,3 +51,9 @@ def decode_image(
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         violations.add(field, f"could not be decoded ({exc}); is the file truncated or corrupt?")
     return None
+
+
+def encode_png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

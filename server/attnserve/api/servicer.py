@@ -31,6 +31,7 @@ from ..spec.errors import FieldViolation, InvalidRequest, Overloaded, RequestErr
 from . import errors
 from .image_inputs import to_image_request
 from .inputs import to_engine_request, to_score_request
+from .visual_recipes import to_visual_recipe
 
 log = logging.getLogger("attnserve.api")
 
@@ -115,7 +116,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             model = self._model(request.model)
             engine = capable_engine(model, TextGeneration, "Generate")
-            engine_request = to_engine_request(request, model)
+            recipe = to_visual_recipe(request, model) if request.WhichOneof("visual_recipe") else None
+            # With a recipe, the final pass stands for the request (its images the crops once run).
+            engine_request = recipe.final_request if recipe else to_engine_request(request, model)
             _admit(model)
         except RequestError as exc:
             await self._refuse(context, exc, model)
@@ -124,12 +127,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         for operation in engine_request.plan.applied_operations:
             self._metrics.interventions_applied(*labels, operation)
         log.info(
-            "generate request_id=%s model=%s prompt_tokens=%d max_tokens=%d interventions=%d",
+            "generate request_id=%s model=%s prompt_tokens=%d max_tokens=%d interventions=%d recipe=%s",
             engine_request.request_id,
             model.name,
             len(engine_request.prompt_token_ids),
             engine_request.sampling.max_tokens,
             len(engine_request.plan.applied_operations),
+            request.WhichOneof("visual_recipe"),
         )
 
         self._metrics.request_queued(*labels)
@@ -138,7 +142,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         last_time = None
         finish = "cancelled"
         try:
-            async for out in engine.generate(engine_request):
+            stream = recipe.generate(engine) if recipe else engine.generate(engine_request)
+            async for out in stream:
                 now = time.monotonic()
                 if last_time is None:
                     self._metrics.request_started(*labels, out.queue_seconds or 0.0)
@@ -150,9 +155,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 yield pb.GenerateResponse(token=self._token_proto(out, model))
                 if out.finish_reason is not None:
                     finish = out.finish_reason
-                    yield pb.GenerateResponse(
-                        complete=self._complete_proto(out, "".join(text), engine_request, model)
-                    )
+                    complete = self._complete_proto(out, "".join(text), engine_request, model)
+                    if recipe:
+                        complete.visual_recipe.CopyFrom(recipe.outcome.to_proto())
+                    yield pb.GenerateResponse(complete=complete)
         except asyncio.CancelledError:
             finish = "deadline" if _deadline_passed(context) else "cancelled"
             raise
@@ -331,9 +337,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         results = out.readouts or {}
         response = ResponseContext(engine_request.prompt_token_ids, model.engine.tokenizer)
         for settings in engine_request.plan.readouts:
-            readout = READOUTS[settings.name]
-            if not readout.per_token:
-                readout.write_complete(complete, settings, results.get(settings.name), response)
+            READOUTS[settings.name].write_complete(complete, settings, results.get(settings.name), response)
         return complete
 
 

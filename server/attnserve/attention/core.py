@@ -171,12 +171,13 @@ def _attend_row(
     # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
     # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).
     fused_statistics = needs.statistics and len(fused_heads) > 0
-    columns = mass_columns(row, needs.mass_ranges, edited) if needs.statistics else None
+    columns = mass_columns(row, needs, edited) if needs.statistics else None
     head_dim = row.v.shape[-1]
     values = row.v
     if fused_statistics:
-        indicator = columns[None].expand(row.k.shape[0], -1, -1)
-        values = torch.cat([row.v, row.k, indicator], dim=-1)
+        indicators = columns.indicators[None].expand(row.k.shape[0], -1, -1)
+        keys = [row.k, row.k * indicators[..., columns.image, None]] if columns.has_image else [row.k]
+        values = torch.cat([row.v, *keys, indicators], dim=-1)
     fused, lse, out = None, None, None
     if ops or fused_statistics:
         fused, lse = kernels.fused_attention(
@@ -192,17 +193,18 @@ def _attend_row(
     if needs.statistics:
         parts = []
         if fused_statistics:
-            key_mean = fused[fused_heads, :, head_dim : 2 * head_dim]
-            masses = fused[fused_heads, :, 2 * head_dim :]
+            key_means_end = values.shape[-1] - columns.indicators.shape[-1]
+            key_means = fused[fused_heads, :, head_dim:key_means_end]
+            masses = fused[fused_heads, :, key_means_end:]
             parts.append(
-                fused_pieces(row, edited, fused_heads, lse[fused_heads], key_mean, masses, kept[fused_heads])
+                fused_pieces(
+                    row, edited, fused_heads, lse[fused_heads], key_means, masses, columns, kept[fused_heads]
+                )
             )
         if probs is not None:
             parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
         order = torch.cat([fused_heads, materialised])
-        readout.statistics = layer_statistics(
-            row, HeadPieces.concat(parts), columns, kept[order], len(needs.mass_ranges)
-        )
+        readout.statistics = layer_statistics(row, HeadPieces.concat(parts), columns, kept[order])
     if needs.last_query_rows:
         readout.last_query_rows = last_query_rows(row, edited, probs, slot, kept).float()
     return out, readout

@@ -98,23 +98,26 @@ class ReadoutNeeds:
     mass_ranges: tuple[tuple[int, int], ...] = ()
     #: The last query's attention over its keys, every head.
     last_query_rows: bool = False
+    #: The request's image tokens (half-open prompt spans): the statistics add their share and
+    #: the entropy over them.
+    image_keys: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not self.statistics and not self.last_query_rows
 
     def __or__(self, other: ReadoutNeeds) -> ReadoutNeeds:
-        # Only the layer_statistics readout names mass ranges; the metrics' sample names none.
+        # Only the layer_statistics readout names mass ranges; a request's readouts and its
+        # sampled statistics name the same image keys.
         return ReadoutNeeds(
             statistics=self.statistics or other.statistics,
             mass_ranges=self.mass_ranges or other.mass_ranges,
             last_query_rows=self.last_query_rows or other.last_query_rows,
+            image_keys=self.image_keys or other.image_keys,
         )
 
 
 NO_NEEDS = ReadoutNeeds()
-#: What the attention-statistics metrics read from a sampled call.
-SAMPLED_STATISTICS = ReadoutNeeds(statistics=True)
 
 
 class ReadoutSettings(Protocol):
@@ -146,6 +149,8 @@ class RequestPlan:
     readouts: tuple[ReadoutSettings, ...] = ()
     #: Operation name of each intervention that will run (presets expanded, identities dropped).
     applied_operations: tuple[str, ...] = ()
+    #: The request's image tokens (half-open prompt spans), for the sampled statistics.
+    image_keys: tuple[tuple[int, int], ...] = ()
 
     @property
     def edits_attention(self) -> bool:
@@ -162,7 +167,7 @@ class RequestPlan:
     def for_call(self, layer: int, step: int, sample_statistics: bool = False) -> RowPlan | None:
         """The RowPlan of one attention call, or None when the row is left untouched."""
         ops = self.ops_for(layer, step)
-        needs = SAMPLED_STATISTICS if sample_statistics else NO_NEEDS
+        needs = ReadoutNeeds(statistics=True, image_keys=self.image_keys) if sample_statistics else NO_NEEDS
         for readout in self.readouts:
             needs = needs | readout.needs(layer, step)
         if not ops and needs.is_empty:

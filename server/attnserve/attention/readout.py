@@ -26,6 +26,14 @@ class LayerStatistics:
     hidden_sinks: float | None
     #: Mass on each ReadoutNeeds.mass_ranges entry.
     range_mass: list[float]
+    #: Query rows that see an image key (ReadoutNeeds.image_keys); the image statistics are sums
+    #: over them (divide by image_query_count), None when the row has no image keys.
+    image_query_count: int = 0
+    #: Mass on the image keys.
+    image_mass: float | None = None
+    #: Entropy of the attention over the image keys, renormalised to sum to 1 over them, divided
+    #: by ln(image keys the query sees).
+    image_entropy: float | None = None
 
     def add(self, other: LayerStatistics) -> None:
         self.query_count += other.query_count
@@ -35,6 +43,9 @@ class LayerStatistics:
         self.sink_mass_first4 = _add(self.sink_mass_first4, other.sink_mass_first4)
         self.hidden_sinks = _add(self.hidden_sinks, other.hidden_sinks)
         self.range_mass = [a + b for a, b in zip(self.range_mass, other.range_mass)]
+        self.image_query_count += other.image_query_count
+        self.image_mass = _add(self.image_mass, other.image_mass)
+        self.image_entropy = _add(self.image_entropy, other.image_entropy)
 
 
 def _add(a: float | None, b: float | None) -> float | None:

@@ -67,6 +67,16 @@ class VariantResult:
 
 
 @dataclass(frozen=True)
+class TaskResult:
+    """One task's share of the held-out examples."""
+
+    name: str
+    before: SplitMetrics
+    after: SplitMetrics
+    change: Change
+
+
+@dataclass(frozen=True)
 class CalibrationResult:
     #: Every method variant searched (on the calibration split, or on all data with folds).
     variants: tuple[VariantResult, ...]
@@ -79,6 +89,26 @@ class CalibrationResult:
     change: Change
     #: With k-fold cross-validation: the head set each fold's search chose, in fold order.
     fold_head_sets: tuple[HeadSet, ...] = ()
+    #: With several tasks: each task's held-out metrics before and after, and its change.
+    tasks: tuple[TaskResult, ...] = ()
+
+    @property
+    def passes_gate(self) -> bool:
+        """The held-out gate (report.Change.passes_gate) passed on all examples and on every task."""
+        return self.change.passes_gate and all(task.change.passes_gate for task in self.tasks)
+
+    @property
+    def gate(self) -> str:
+        """Whether the result passes the gate, and where and why not when it does not."""
+        if not self.tasks:
+            return self.change.gate
+        if self.passes_gate:
+            return f"{self.change.gate}, on all examples and on every task"
+        failed = [] if self.change.passes_gate else [("all examples", self.change)]
+        failed += [(f"task {task.name}", task.change) for task in self.tasks if not task.change.passes_gate]
+        return "not passed: " + "; ".join(
+            f"{where}: {change.gate.removeprefix('not passed: ')}" for where, change in failed
+        )
 
     @property
     def head_set(self) -> HeadSet:
@@ -117,7 +147,8 @@ def calibrate(
     variants, chosen = search.run(calibration)
     before, after = search.held_out(chosen, validation, "validation: unmodified and chosen")
     change = margin_change(before, after, resamples=bootstrap_resamples, seed=seed)
-    return CalibrationResult(variants, chosen, before, after, change)
+    tasks = task_results(validation, before, after, resamples=bootstrap_resamples, seed=seed)
+    return CalibrationResult(variants, chosen, before, after, change, tasks=tasks)
 
 
 def cross_validate(
@@ -154,7 +185,31 @@ def cross_validate(
     variants, chosen = search.run(examples, "all data: ")
     pooled_before, pooled_after = SplitMetrics(tuple(before)), SplitMetrics(tuple(after))
     change = margin_change(pooled_before, pooled_after, resamples=bootstrap_resamples, seed=seed)
-    return CalibrationResult(variants, chosen, pooled_before, pooled_after, change, tuple(fold_head_sets))
+    tasks = task_results(examples, pooled_before, pooled_after, resamples=bootstrap_resamples, seed=seed)
+    return CalibrationResult(
+        variants, chosen, pooled_before, pooled_after, change, tuple(fold_head_sets), tasks
+    )
+
+
+def task_results(
+    examples: Sequence[TokenizedExample],
+    before: SplitMetrics,
+    after: SplitMetrics,
+    *,
+    resamples: int,
+    seed: int,
+) -> tuple[TaskResult, ...]:
+    """Each task's held-out metrics and change, when the examples span several tasks."""
+    names = list(dict.fromkeys(e.task for e in examples))
+    if len(names) < 2:
+        return ()
+    results = []
+    for name in names:
+        rows = [i for i, e in enumerate(examples) if e.task == name]
+        task_before, task_after = before.subset(rows), after.subset(rows)
+        change = margin_change(task_before, task_after, resamples=resamples, seed=seed)
+        results.append(TaskResult(name, task_before, task_after, change))
+    return tuple(results)
 
 
 class _Search:
@@ -262,6 +317,16 @@ def summary(result: CalibrationResult) -> str:
     )
     if result.fold_head_sets:
         text += f" {len(result.fold_head_sets)}-fold cross-validation: {fold_agreement(result)}."
+    for task in result.tasks:
+        text += (
+            f"\n  task {task.name}: held-out margin {task.before.mean_margin:+.4f} -> "
+            f"{task.after.mean_margin:+.4f} (change {task.change.mean:+.4f}, 95% CI "
+            f"[{task.change.low:+.4f}, {task.change.high:+.4f}]), accuracy {task.before.accuracy:.3f} -> "
+            f"{task.after.accuracy:.3f}, {task.change.turned_wrong} turned wrong, "
+            f"{task.change.turned_right} turned right; gate {task.change.gate}."
+        )
+    if result.tasks:
+        text += f"\n  held-out gate over all tasks: {result.gate}."
     return text
 
 
@@ -292,7 +357,15 @@ def provenance(result: CalibrationResult, context: dict[str, str]) -> dict[str, 
     out["validation.turned_wrong"] = str(change.turned_wrong)
     out["validation.turned_right"] = str(change.turned_right)
     out["validation.verdict"] = change.verdict
-    out["validation.gate"] = change.gate
+    out["validation.gate"] = result.gate if result.tasks else change.gate
+    for task in result.tasks:
+        prefix = f"tasks[{task.name}]"
+        out |= metrics_provenance(f"{prefix}.validation", task.before, task.after)
+        out[f"{prefix}.validation.margin_change"] = repr(task.change.mean)
+        out[f"{prefix}.validation.margin_change_ci95"] = f"[{task.change.low!r}, {task.change.high!r}]"
+        out[f"{prefix}.validation.turned_wrong"] = str(task.change.turned_wrong)
+        out[f"{prefix}.validation.turned_right"] = str(task.change.turned_right)
+        out[f"{prefix}.validation.gate"] = task.change.gate
     if result.fold_head_sets:
         out["folds.head_sets"] = "; ".join(describe_head_set(head_set) for head_set in result.fold_head_sets)
         out["folds.agreement"] = fold_agreement(result)

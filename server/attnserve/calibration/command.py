@@ -1,8 +1,8 @@
 """`attnserve calibrate`: load the model and data, search with a progress display, write the preset.
 
 Exit status: 0 preset written; 1 nothing written, because no head set beat the unmodified model
-on the calibration split or because the held-out evidence does not support the chosen one (the
-gate, calibration/report.py Change.passes_gate; --write-anyway writes it all the same and
+on the calibration split or because the held-out evidence does not support the chosen one, on
+all examples or on one task (the gate, calibration/calibrate.py CalibrationResult.passes_gate; --write-anyway writes it all the same and
 records that it did not pass); 2 bad config, data or options.
 """
 
@@ -28,8 +28,9 @@ from .data import (
     directory_sha256,
     file_sha256,
     fold_indices,
-    load_examples,
+    load_tasks,
     split_examples,
+    tasks_of,
 )
 from .method import Method, describe_head_set
 from .objective import Scorer, TransformersScorer, tokenize
@@ -40,7 +41,8 @@ from .report import write_preset
 class CalibrationRequest:
     """The command line's options (see cli.calibrate)."""
 
-    data: Path
+    #: One JSONL file per task; with several, every task must pass the held-out gate.
+    data: tuple[Path, ...]
     output: Path
     config: Path | None
     model: str | None
@@ -111,7 +113,7 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
 
 def folds_of(request: CalibrationRequest, examples: Sequence[LabelledExample]) -> int:
     """The number of folds to cross-validate with; 0 for one held-out split."""
-    has_split = examples[0].split is not None
+    has_split = any(e.split is not None for e in examples)
     if request.folds is None:
         small = AUTO_FOLDS_MIN_EXAMPLES <= len(examples) < AUTO_FOLDS_MAX_EXAMPLES
         return AUTO_FOLDS if small and not has_split else 0
@@ -119,7 +121,7 @@ def folds_of(request: CalibrationRequest, examples: Sequence[LabelledExample]) -
         raise UsageError("--folds: use 0 (one held-out split) or 2 or more folds")
     if request.folds and has_split:
         raise UsageError(
-            "--folds: the data file's split field fixes the held-out examples; remove it to cross-validate"
+            "--folds: a data file's split field fixes the held-out examples; remove it to cross-validate"
         )
     return request.folds
 
@@ -149,13 +151,14 @@ def methods_of(request: CalibrationRequest) -> list[Method]:
 def run_calibration(request: CalibrationRequest) -> int:
     console = Console(stderr=True)
     try:
-        return _run(request, console)
+        with contextlib.ExitStack() as stack:  # the engine loaded for the run
+            return _run(request, console, stack)
     except (UsageError, DataError, InvalidRequest) as err:
         console.print(f"[red]calibrate:[/red] {err}", highlight=False)
         return 2
 
 
-def _run(request: CalibrationRequest, console: Console) -> int:
+def _run(request: CalibrationRequest, console: Console, stack: contextlib.ExitStack) -> int:
     from ..models.config import ConfigError, load_config
 
     try:
@@ -173,113 +176,117 @@ def _run(request: CalibrationRequest, console: Console) -> int:
     except ConfigError as err:
         raise UsageError(f"config error: {err}") from None
     methods = methods_of(request)
-    examples = load_examples(request.data)
+    examples = load_tasks(request.data)
     num_folds = folds_of(request, examples)
     if num_folds:
-        folds = fold_indices(len(examples), num_folds, request.seed)
+        folds = fold_indices(examples, num_folds, request.seed)
         held_out = f"{num_folds}-fold cross-validation, seed {request.seed}"
     else:
         split = split_examples(examples, request.validation_fraction, request.seed)
         held_out = split.description
 
     console.print(f"loading {name} from {model_path} on the {request.engine} engine")
-    with _scorer(request, model_config, model_path, server_config.cache_dir) as (scorer, tokenizer, geometry):
-        settings = SearchSettings(
-            strategy=request.strategy,
-            layers=parse_layers(request.layers, geometry.num_layers),
-            budget=request.budget,
-            greedy_unit=request.greedy_unit,
-            objective=request.objective,
-            no_new_errors=request.no_new_errors,
-        )
-        if num_folds:
-            data = f"{len(examples)} examples, {held_out}"
-        else:
-            data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
-        console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
+    loaded = _scorer(request, model_config, model_path, server_config.cache_dir)
+    scorer, tokenizer, geometry = stack.enter_context(loaded)
+    settings = SearchSettings(
+        strategy=request.strategy,
+        layers=parse_layers(request.layers, geometry.num_layers),
+        budget=request.budget,
+        greedy_unit=request.greedy_unit,
+        objective=request.objective,
+        no_new_errors=request.no_new_errors,
+    )
+    if num_folds:
+        data = f"{len(examples)} examples, {held_out}"
+    else:
+        data = f"{len(split.calibration)} calibration and {len(split.validation)} validation examples"
+    tasks = tasks_of(examples)
+    if len(tasks) > 1:
+        data += f" of {len(tasks)} tasks ({', '.join(tasks)}), each gated on its own"
+    console.print(f"{data}; search: {settings.describe()}; batch size {request.batch_size}")
 
-        started = time.monotonic()
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("answers"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            tasks: dict[str, int] = {}
+    started = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("answers"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        tasks: dict[str, int] = {}
 
-            def on_progress(description: str, done: int, total: int) -> None:
-                if description not in tasks:
-                    tasks[description] = progress.add_task(description, total=total)
-                progress.update(tasks[description], completed=done)
+        def on_progress(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = progress.add_task(description, total=total)
+            progress.update(tasks[description], completed=done)
 
-            options = {
-                "bootstrap_resamples": request.bootstrap_resamples,
-                "seed": request.seed,
-                "on_progress": on_progress,
-            }
-            if num_folds:
-                result = cross_validate(
-                    scorer, geometry, methods, tokenize(examples, tokenizer), folds, settings, **options
-                )
-            else:
-                calibration_set = tokenize(split.calibration, tokenizer)
-                validation_set = tokenize(split.validation, tokenizer)
-                result = calibrate(
-                    scorer, geometry, methods, calibration_set, validation_set, settings, **options
-                )
-        seconds = time.monotonic() - started
-
-        for variant in result.variants:
-            chosen = variant.search.chosen
-            console.print(
-                f"{json.dumps(dict(variant.method.parameters))}: best on {'all data' if num_folds else 'calibration'} "
-                f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
-                f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
-                highlight=False,
-            )
-        if not result.found:
-            console.print(
-                "No head set beat the unmodified model on the examples searched; no preset written.",
-                highlight=False,
-            )
-            return 1
-
-        description = summary(result)
-        print(description)
-        if not result.change.passes_gate and not request.write_anyway:
-            console.print(
-                f"The held-out evidence does not support this head set ({result.change.gate}); no preset "
-                "written. More examples narrow the interval; --write-anyway writes it all the same.",
-                highlight=False,
-            )
-            return 1
-
-        context = {
-            "model": name,
-            "model_files_sha256": directory_sha256(model_path),
-            "data_file": str(request.data),
-            "data_sha256": file_sha256(request.data),
-            "split": held_out,
-            "seed": str(request.seed),
-            "search": settings.describe(),
-            "engine": request.engine,
-            "batch_size": str(request.batch_size),
-            "search_seconds": f"{seconds:.1f}",
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        options = {
+            "bootstrap_resamples": request.bootstrap_resamples,
+            "seed": request.seed,
+            "on_progress": on_progress,
         }
-        method = result.chosen.method
-        recorded = provenance(result, context)
-        if not result.change.passes_gate:
-            recorded["validation.gate"] += " (written with --write-anyway)"
-        write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
+        if num_folds:
+            result = cross_validate(
+                scorer, geometry, methods, tokenize(examples, tokenizer), folds, settings, **options
+            )
+        else:
+            calibration_set = tokenize(split.calibration, tokenizer)
+            validation_set = tokenize(split.validation, tokenizer)
+            result = calibrate(
+                scorer, geometry, methods, calibration_set, validation_set, settings, **options
+            )
+    seconds = time.monotonic() - started
+
+    for variant in result.variants:
+        chosen = variant.search.chosen
         console.print(
-            f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
-            f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",
+            f"{json.dumps(dict(variant.method.parameters))}: best on {'all data' if num_folds else 'calibration'} "
+            f"{describe_head_set(chosen.head_set)}, margin {variant.search.baseline.mean_margin:+.4f} -> "
+            f"{chosen.metrics.mean_margin:+.4f} ({len(variant.search.trace)} head sets scored)",
             highlight=False,
         )
-        return 0
+    if not result.found:
+        console.print(
+            "No head set beat the unmodified model on the examples searched; no preset written.",
+            highlight=False,
+        )
+        return 1
+
+    description = summary(result)
+    print(description)
+    if not result.passes_gate and not request.write_anyway:
+        console.print(
+            f"The held-out evidence does not support this head set ({result.gate}); no preset "
+            "written. More examples narrow the interval; --write-anyway writes it all the same.",
+            highlight=False,
+        )
+        return 1
+
+    context = {
+        "model": name,
+        "model_files_sha256": directory_sha256(model_path),
+        "data_file": ", ".join(map(str, request.data)),
+        "data_sha256": ", ".join(file_sha256(path) for path in request.data),
+        "split": held_out,
+        "seed": str(request.seed),
+        "search": settings.describe(),
+        "engine": request.engine,
+        "batch_size": str(request.batch_size),
+        "search_seconds": f"{seconds:.1f}",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    method = result.chosen.method
+    recorded = provenance(result, context)
+    if not result.passes_gate:
+        recorded["validation.gate"] += " (written with --write-anyway)"
+    write_preset(request.output, description, [method.intervention(result.head_set)], recorded)
+    console.print(
+        f"wrote {request.output}; serve it by adding to the model's presets in the server config:\n"
+        f"  presets:\n    - name: <name>\n      file: {request.output.resolve()}",
+        highlight=False,
+    )
+    return 0
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Labelled examples from a JSONL file, their calibration/validation split, and content hashes.
+"""Labelled examples from JSONL files (one file per task), their calibration/validation split or
+folds, and content hashes.
 
 One JSON object per line:
     {"prompt": "...", "candidates": [" yes", " no"], "answer": " yes", "split": "calibration"}
@@ -10,6 +11,7 @@ drawn from a seed). Blank lines are skipped. Errors name the line and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -40,6 +42,8 @@ class LabelledExample:
     answer: int
     #: "calibration", "validation" or None (drawn by split_examples).
     split: str | None
+    #: The task the example belongs to: its data file's name ("" when there is one file).
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,26 @@ def load_examples(path: Path) -> list[LabelledExample]:
             f"({with_split} of {len(examples)} lines have one)"
         )
     return examples
+
+
+def load_tasks(paths: Sequence[Path]) -> list[LabelledExample]:
+    """The examples of every file, in file order; with several files each example's task is its
+    file's name (the stem, or the path when two files share a stem)."""
+    if len(paths) == 1:
+        return load_examples(paths[0])
+    stems = [Path(path).stem for path in paths]
+    if len(set(map(str, paths))) < len(paths):
+        raise DataError("a data file is given twice")
+    examples = []
+    for path, stem in zip(paths, stems, strict=True):
+        task = stem if stems.count(stem) == 1 else str(path)
+        examples += [dataclasses.replace(e, task=task) for e in load_examples(path)]
+    return examples
+
+
+def tasks_of(examples: Sequence[LabelledExample]) -> list[str]:
+    """The examples' tasks, in first-appearance order."""
+    return list(dict.fromkeys(e.task for e in examples))
 
 
 def _parse_line(text: str, line: int, path: Path) -> LabelledExample:
@@ -135,16 +159,38 @@ def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def fold_indices(num_examples: int, folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
-    """k folds of example indices: a seeded shuffle dealt round-robin (sizes differ by at most 1)."""
-    if not 2 <= folds <= num_examples:
-        raise DataError(f"{folds}-fold cross-validation needs 2 <= folds <= examples ({num_examples})")
-    order = list(range(num_examples))
-    random.Random(seed).shuffle(order)
-    return tuple(tuple(sorted(order[f::folds])) for f in range(folds))
+def fold_indices(examples: Sequence[LabelledExample], folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """k folds of example indices, stratified by task: each task's examples shuffled with the
+    seed and dealt round-robin, so every fold holds each task's examples and fold sizes differ by
+    at most 1 per task."""
+    dealt: list[list[int]] = [[] for _ in range(folds)]
+    for task in tasks_of(examples):
+        indices = [i for i, e in enumerate(examples) if e.task == task]
+        if not 2 <= folds <= len(indices):
+            name = f"task {task}: " if task else ""
+            raise DataError(
+                f"{name}{folds}-fold cross-validation needs 2 <= folds <= examples ({len(indices)})"
+            )
+        random.Random(seed).shuffle(indices)
+        for f in range(folds):
+            dealt[f] += indices[f::folds]
+    return tuple(tuple(sorted(fold)) for fold in dealt)
 
 
 def split_examples(examples: Sequence[LabelledExample], validation_fraction: float, seed: int) -> Split:
+    """Each task split on its own (see _split_task), so every task has held-out examples."""
+    tasks = tasks_of(examples)
+    if len(tasks) == 1:
+        return _split_task(examples, validation_fraction, seed)
+    splits = [_split_task([e for e in examples if e.task == t], validation_fraction, seed) for t in tasks]
+    return Split(
+        tuple(e for split in splits for e in split.calibration),
+        tuple(e for split in splits for e in split.validation),
+        "; ".join(f"{task}: {split.description}" for task, split in zip(tasks, splits, strict=True)),
+    )
+
+
+def _split_task(examples: Sequence[LabelledExample], validation_fraction: float, seed: int) -> Split:
     """The file's own split when its lines carry one; otherwise a seeded shuffle puts
     round(validation_fraction * n) examples in validation."""
     if examples[0].split is not None:
@@ -163,8 +209,9 @@ def split_examples(examples: Sequence[LabelledExample], validation_fraction: flo
             f"seeded: validation_fraction {validation_fraction}, seed {seed}; validation lines {lines}"
         )
     if not calibration or not validation:
+        name = f"task {examples[0].task}: " if examples[0].task else ""
         raise DataError(
-            f"both splits need examples: {len(calibration)} calibration, {len(validation)} validation"
+            f"{name}both splits need examples: {len(calibration)} calibration, {len(validation)} validation"
         )
     return Split(calibration, validation, description)
 

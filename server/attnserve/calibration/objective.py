@@ -12,6 +12,7 @@ the vLLM engine (calibration/vllm_scorer.py).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class TokenizedExample:
     candidate_ids: tuple[tuple[int, ...], ...]
     #: Index of the correct candidate.
     answer: int
+    #: The example's task (data/LabelledExample.task).
+    task: str = ""
 
 
 def tokenize(examples: Sequence[LabelledExample], tokenizer) -> list[TokenizedExample]:
@@ -45,7 +48,7 @@ def tokenize(examples: Sequence[LabelledExample], tokenizer) -> list[TokenizedEx
             if not ids:
                 raise DataError(f"line {example.line}: candidates[{i}]: tokenizes to no tokens")
             candidates.append(ids)
-        out.append(TokenizedExample(tuple(prompt), tuple(candidates), example.answer))
+        out.append(TokenizedExample(tuple(prompt), tuple(candidates), example.answer, example.task))
     return out
 
 
@@ -98,6 +101,14 @@ class SplitMetrics:
         if self.objective_name == "log-likelihood":
             return (self.mean_log_likelihood, self.accuracy)
         return (self.mean_margin, self.accuracy)
+
+    def subset(self, rows: Sequence[int]) -> SplitMetrics:
+        """These metrics on the given examples only (by position in the split)."""
+        return dataclasses.replace(
+            self,
+            margins=tuple(self.margins[i] for i in rows),
+            correct_logprobs=tuple(self.correct_logprobs[i] for i in rows) if self.correct_logprobs else (),
+        )
 
     def turned_wrong(self, baseline: SplitMetrics) -> int:
         """Examples right under baseline and wrong here."""

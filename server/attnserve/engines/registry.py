@@ -32,8 +32,8 @@ def _statistics_sink(metrics: ServerMetrics, model: ModelConfig):
     def on_statistics(layer, stats) -> None:
         n = max(stats.query_count, 1)
 
-        def mean(total: float | None) -> float | None:
-            return None if total is None else total / n
+        def mean(total: float | None, count: int = n) -> float | None:
+            return None if total is None or count == 0 else total / count
 
         metrics.attention_statistics(
             model.name,
@@ -42,6 +42,8 @@ def _statistics_sink(metrics: ServerMetrics, model: ModelConfig):
             mean(stats.sink_mass),
             stats.normalized_entropy / n,
             mean(stats.hidden_sinks),
+            visual_share=mean(stats.image_mass, stats.image_query_count),
+            visual_entropy=mean(stats.image_entropy, stats.image_query_count),
         )
 
     return on_statistics

@@ -51,6 +51,14 @@ class _LayerSeries:
     hidden_sinks: Histogram
 
 
+@dataclasses.dataclass(frozen=True)
+class _VisualLayerSeries:
+    """A vision-language model's layer: attention on the image tokens."""
+
+    share: Histogram
+    entropy: Histogram
+
+
 class ServerMetrics:
     """All metrics one server exports, and the small calls that record them.
 
@@ -70,6 +78,7 @@ class ServerMetrics:
         self.registry = registry
         self._model_series: dict[tuple[str, str], _ModelSeries] = {}
         self._layer_series: dict[tuple[str, str, int], _LayerSeries] = {}
+        self._visual_layer_series: dict[tuple[str, str, int], _VisualLayerSeries] = {}
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, _MODEL, registry=registry)
@@ -153,6 +162,19 @@ class ServerMetrics:
             buckets.HIDDEN_SINKS_PER_HEAD,
             ("layer",),
         )
+        self._visual_share = histogram(
+            "attnserve_attention_visual_share_ratio",
+            "Attention mass on the image tokens, mean over the query rows that see one and the heads of a layer.",
+            buckets.RATIO,
+            ("layer",),
+        )
+        self._visual_entropy = histogram(
+            "attnserve_attention_visual_entropy_ratio",
+            "Entropy of the attention over the image tokens (renormalised over them) divided by "
+            "ln(number of image tokens), mean over the query rows that see one and the heads of a layer.",
+            buckets.RATIO,
+            ("layer",),
+        )
         self._attention_samples = counter(
             "attnserve_attention_samples_total", "Per-layer attention statistics samples recorded."
         )
@@ -173,12 +195,16 @@ class ServerMetrics:
             {"version": version or _installed_version()}
         )
 
-    def model_loaded(self, model: str, engine: str, statistics_layers: Iterable[int]) -> None:
+    def model_loaded(
+        self, model: str, engine: str, statistics_layers: Iterable[int], visual: bool = False
+    ) -> None:
         """Creates the model's series at zero, with the attention statistics of the layers
-        whose statistics are sampled."""
+        whose statistics are sampled (and their image statistics for a vision-language model)."""
         self._series(model, engine)
         for layer in statistics_layers:
             self._layer(model, engine, layer)
+            if visual:
+                self._visual_layer(model, engine, layer)
 
     # Scheduling -------------------------------------------------------------------------------
 
@@ -241,15 +267,22 @@ class ServerMetrics:
         sink_mass: float | None,
         normalized_entropy: float,
         hidden_sinks: float | None,
+        visual_share: float | None = None,
+        visual_entropy: float | None = None,
     ) -> None:
         """One sample of a layer's statistics (each a mean over the layer's heads); the sink
-        statistics are None on layers that have none (bidirectional, cross-attention)."""
+        statistics are None on layers that have none (bidirectional, cross-attention), the
+        visual ones when the sampled request has no image its query rows see."""
         layer_series = self._layer(model, engine, layer)
         if sink_mass is not None:
             layer_series.sink_mass.observe(sink_mass)
         layer_series.normalized_entropy.observe(normalized_entropy)
         if hidden_sinks is not None:
             layer_series.hidden_sinks.observe(hidden_sinks)
+        if visual_share is not None and visual_entropy is not None:
+            visual = self._visual_layer(model, engine, layer)
+            visual.share.observe(visual_share)
+            visual.entropy.observe(visual_entropy)
         self._series(model, engine).attention_samples.inc()
 
     def interventions_applied(self, model: str, engine: str, operation: str, count: int = 1) -> None:
@@ -285,6 +318,16 @@ class ServerMetrics:
         series = self._layer_series.get((model, engine, layer))
         if series is None:
             series = self._new_layer_series(model, engine, layer)
+        return series
+
+    def _visual_layer(self, model: str, engine: str, layer: int) -> _VisualLayerSeries:
+        series = self._visual_layer_series.get((model, engine, layer))
+        if series is None:
+            labels = {"model": model, "engine": engine, "layer": str(layer)}
+            series = _VisualLayerSeries(
+                share=self._visual_share.labels(**labels), entropy=self._visual_entropy.labels(**labels)
+            )
+            self._visual_layer_series[model, engine, layer] = series
         return series
 
     def _new_model_series(self, model: str, engine: str) -> _ModelSeries:

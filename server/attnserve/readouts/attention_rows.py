@@ -17,7 +17,7 @@ from ..attention.plan import NO_NEEDS, ReadoutNeeds
 from ..attention.readout import RowReadout
 from ..spec.errors import Violations
 from ..spec.selectors import checked_heads, selected_layers
-from .base import CallSite, Readout
+from .base import CallSite, Readout, ResponseContext
 
 FIELD = "readouts.attention_rows"
 ROWS = ReadoutNeeds(last_query_rows=True)
@@ -98,6 +98,11 @@ class AttentionRows(Readout):
 
     def merge(self, state: list[AttentionRowOut], other: list[AttentionRowOut]) -> None:
         state.extend(other)
+
+    def write_complete(self, complete, settings, result, response: ResponseContext) -> None:
+        complete.prompt_token_texts.extend(
+            response.tokenizer.decode([token_id]) for token_id in response.prompt_token_ids
+        )
 
     def write_token(self, token: pb.GeneratedToken, state: list[AttentionRowOut]) -> None:
         token.attention_rows.extend(

@@ -92,7 +92,8 @@ class Readout(ABC):
         result: Any,
         response: ResponseContext,
     ) -> None:
-        """Write the finished result (None when no call produced a value) into the last message."""
+        """Write the finished result (None when no call produced a value) into the last message;
+        a per-token readout may add what its tokens' values need to be read."""
 
 
 def image_readout_layers(selector, field: str, ctx, violations: Violations) -> list[AttentionLayer]:

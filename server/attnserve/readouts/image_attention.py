@@ -1,6 +1,7 @@
 """image_attention: where the model looked in each image, per generated token: the attention of
 the row that predicts the token over each image's patch tokens, as a grid per image, for chosen
-layers, heads and steps, averaged over them or one map per layer and head.
+layers, heads and steps, averaged over them, one map per layer (its heads' mean) or one per layer
+and head.
 
 Stage: the last query rows attention.core computes on the final (post-intervention) map, in the
 calls of the chosen layers and steps; the columns of each image's tokens are cut out. State: the
@@ -36,6 +37,7 @@ class ImageAttentionSettings:
     #: Empty: every step.
     steps: frozenset[int] = frozenset()
     per_head: bool = False
+    per_layer: bool = False
     #: Half-open prompt positions of each image's tokens (a square grid of patches each).
     image_spans: tuple[tuple[int, int], ...] = ()
 
@@ -47,10 +49,12 @@ class ImageAttentionSettings:
 
 @dataclass
 class ImageAttentionStep:
-    """One step's maps: (image, layer, head) -> patch weights, row-major."""
+    """One step's maps: (image, layer, head) -> patch weights, row-major; head is None for a
+    layer's mean over its heads (per_layer)."""
 
     per_head: bool = False
-    maps: dict[tuple[int, int, int], list[float]] = field(default_factory=dict)
+    per_layer: bool = False
+    maps: dict[tuple[int, int, int | None], list[float]] = field(default_factory=dict)
 
 
 class ImageAttention(Readout):
@@ -69,9 +73,13 @@ class ImageAttention(Readout):
                     f"{FIELD}.steps[{i}]", f"step {step} must be in [0, {ctx.max_tokens}) (max_tokens)"
                 )
         heads = tuple(sorted(set(maps.heads)))
+        if maps.per_head and maps.per_layer:
+            violations.add(f"{FIELD}.per_layer", "set per_head or per_layer, not both")
         per_step = sum(end - start for start, end in ctx.image_spans)
         if maps.per_head:
             per_step *= sum(len(heads) or layer.num_heads for layer in layers)
+        elif maps.per_layer:
+            per_step *= len(layers)
         values = per_step * (len(set(maps.steps)) or ctx.max_tokens)
         if values > ctx.limits.max_readout_values:
             violations.add(
@@ -84,6 +92,7 @@ class ImageAttention(Readout):
             heads=heads,
             steps=frozenset(maps.steps),
             per_head=maps.per_head,
+            per_layer=maps.per_layer,
             image_spans=tuple(ctx.image_spans),
         )
 
@@ -96,14 +105,19 @@ class ImageAttention(Readout):
         if readout.last_query_rows is None or settings.needs(call.layer, call.step) is NO_NEEDS:
             return
         state.per_head = settings.per_head
+        state.per_layer = settings.per_layer
         rows = readout.last_query_rows  # (heads, keys)
         heads = settings.heads or range(rows.shape[0])
         for image, (start, end) in enumerate(settings.image_spans):
+            if settings.per_layer:
+                state.maps[(image, call.layer, None)] = rows[list(heads), start:end].mean(0).tolist()
+                continue
             for head in heads:
                 state.maps[(image, call.layer, head)] = rows[head, start:end].tolist()
 
     def merge(self, state: ImageAttentionStep, other: ImageAttentionStep) -> None:
         state.per_head = state.per_head or other.per_head
+        state.per_layer = state.per_layer or other.per_layer
         state.maps.update(other.maps)
 
     def write_token(self, token: pb.GeneratedToken, state: ImageAttentionStep) -> None:
@@ -111,11 +125,16 @@ class ImageAttention(Readout):
 
 
 def image_attention_maps(state: ImageAttentionStep, step: int) -> list[readout_pb2.ImageAttentionMap]:
-    """The step's maps: each (layer, head)'s, or per image their mean over layers and heads."""
+    """The step's maps: each (layer, head)'s, each layer's, or per image their mean over layers
+    and heads."""
     out = []
     if state.per_head:
         for (image, layer, head), weights in sorted(state.maps.items()):
             out.append(_map(image, step, weights, layer=layer, head=head))
+        return out
+    if state.per_layer:
+        for (image, layer, _), weights in sorted(state.maps.items(), key=lambda item: item[0][:2]):
+            out.append(_map(image, step, weights, layer=layer))
         return out
     by_image: dict[int, list[list[float]]] = {}
     for (image, _, _), weights in sorted(state.maps.items()):

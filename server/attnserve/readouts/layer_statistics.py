@@ -29,11 +29,11 @@ class LayerStatisticsSettings:
     name: ClassVar[str] = "layer_statistics"
     #: Half-open prompt ranges whose attention mass is reported.
     mass_ranges: tuple[tuple[int, int], ...] = ()
-    #: Each image's tokens: their mass is measured after mass_ranges and reported as image_mass.
+    #: Each image's tokens: the statistics add their share and the entropy over them.
     image_spans: tuple[tuple[int, int], ...] = ()
 
     def needs(self, layer: int, step: int) -> ReadoutNeeds:
-        return ReadoutNeeds(statistics=True, mass_ranges=self.mass_ranges + self.image_spans)
+        return ReadoutNeeds(statistics=True, mass_ranges=self.mass_ranges, image_keys=self.image_spans)
 
 
 class LayerStatisticsReadout(Readout):
@@ -62,11 +62,16 @@ class LayerStatisticsReadout(Readout):
     def write_complete(
         self, complete: pb.GenerateComplete, settings, result: Totals | None, response: ResponseContext
     ) -> None:
-        asked = len(settings.mass_ranges)
         for layer, s in sorted((result or {}).items()):
             n = max(s.query_count, 1)
-            # The image spans' masses follow the asked ranges': their sum is the image mass.
-            image_mass = {"image_mass": sum(s.range_mass[asked:]) / n} if settings.image_spans else {}
+            image = {}
+            if s.image_mass is not None:
+                seeing = max(s.image_query_count, 1)
+                image = {
+                    "image_mass": s.image_mass / seeing,
+                    "image_entropy": s.image_entropy / seeing,
+                    "image_query_count": s.image_query_count,
+                }
             sinks = {
                 name: value / n
                 for name, value in (
@@ -81,10 +86,10 @@ class LayerStatisticsReadout(Readout):
                     layer=layer,
                     entropy=s.entropy / n,
                     normalized_entropy=s.normalized_entropy / n,
-                    range_mass=[m / n for m in s.range_mass[:asked]],
+                    range_mass=[m / n for m in s.range_mass],
                     query_count=s.query_count,
                     **sinks,
-                    **image_mass,
+                    **image,
                 )
             )
 

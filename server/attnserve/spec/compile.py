@@ -87,6 +87,7 @@ def compile_plan(
         layer_ops={layer: tuple(ops) for layer, ops in layer_ops.items()},
         readouts=compiled_readouts,
         applied_operations=tuple(applied),
+        image_keys=tuple(ctx.image_spans),
     )
 
 

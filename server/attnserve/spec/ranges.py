@@ -56,6 +56,10 @@ PARAMETER_RANGES: dict[str, NumberRange] = {
     "head_output_scale.scale": NumberRange(-100.0, 100.0),
     "identity_blend.weight": NumberRange(0.0, 1.0),
     "temperature.temperature": NumberRange(0.01, 100.0),
+    # Visual recipes (relative to GenerateRequest).
+    "carve.top_fraction": NumberRange(0.0, 1.0, low_open=True),
+    "visual_funnel.smallest_crop": NumberRange(0.0, 1.0, low_open=True),
+    "visual_funnel.largest_crop": NumberRange(0.0, 1.0, low_open=True),
     # GenerateImage (relative to GenerateImageRequest).
     "guidance_scale": NumberRange(1.0, 30.0),
     "pag.scale": NumberRange(0.0, 100.0),

@@ -26,51 +26,52 @@ from . import image_generation_pb2 as attnserve_dot_v1_dot_image__generation__pb
 from . import intervention_pb2 as attnserve_dot_v1_dot_intervention__pb2
 from . import model_pb2 as attnserve_dot_v1_dot_model__pb2
 from . import readout_pb2 as attnserve_dot_v1_dot_readout__pb2
+from . import visual_recipe_pb2 as attnserve_dot_v1_dot_visual__recipe__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$attnserve/v1/inference_service.proto\x12\x0c\x61ttnserve.v1\x1a#attnserve/v1/image_generation.proto\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x18\x61ttnserve/v1/model.proto\x1a\x1a\x61ttnserve/v1/readout.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.attnserve.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.attnserve.v1.Model\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.ChatMessage\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8d\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12.\n\x08sampling\x18\n \x01(\x0b\x32\x1c.attnserve.v1.SamplingParams\x12\x35\n\rinterventions\x18\x0b \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\tB\x07\n\x05inputJ\x04\x08\x04\x10\n\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xee\x01\n\x0eGeneratedToken\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.attnserve.v1.TopLogprob\x12\x32\n\x0e\x61ttention_rows\x18\x06 \x03(\x0b\x32\x1a.attnserve.v1.AttentionRow\x12\x38\n\x0fimage_attention\x18\x07 \x03(\x0b\x32\x1f.attnserve.v1.ImageAttentionMap\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xdf\x02\n\x10GenerateComplete\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\x10layer_statistics\x18\x04 \x03(\x0b\x32\x1d.attnserve.v1.LayerStatistics\x12/\n\x07summary\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.AttentionSummary\x12\x1d\n\x15interventions_applied\x18\x06 \x01(\x05\x12.\n\x0cimage_tokens\x18\x07 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12-\n\x08scanpath\x18\x08 \x03(\x0b\x32\x1b.attnserve.v1.ScanpathPoint\"~\n\x10GenerateResponse\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.attnserve.v1.GeneratedTokenH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.attnserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\x35\n\rinterventions\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"H\n\x0e\x43\x61ndidateScore\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\x80\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.CandidateScore\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x1d\n\x15interventions_applied\x18\x03 \x01(\x05*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\x99\x03\n\x10InferenceService\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x1e.attnserve.v1.GetModelResponse\x12K\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.attnserve.v1.ScoreRequest\x1a\x1b.attnserve.v1.ScoreResponse\x12Z\n\rGenerateImage\x12\".attnserve.v1.GenerateImageRequest\x1a#.attnserve.v1.GenerateImageResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$attnserve/v1/inference_service.proto\x12\x0c\x61ttnserve.v1\x1a#attnserve/v1/image_generation.proto\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x18\x61ttnserve/v1/model.proto\x1a\x1a\x61ttnserve/v1/readout.proto\x1a attnserve/v1/visual_recipe.proto\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.attnserve.v1.Model\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.attnserve.v1.Model\"V\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\x05parts\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.attnserve.v1.ChatMessage\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x85\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12.\n\x08sampling\x18\n \x01(\x0b\x32\x1c.attnserve.v1.SamplingParams\x12\x35\n\rinterventions\x18\x0b \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\t\x12*\n\x05\x63\x61rve\x18\x0e \x01(\x0b\x32\x19.attnserve.v1.CarveRecipeH\x01\x12\x39\n\rvisual_funnel\x18\x0f \x01(\x0b\x32 .attnserve.v1.VisualFunnelRecipeH\x01\x42\x07\n\x05inputB\x0f\n\rvisual_recipeJ\x04\x08\x04\x10\n\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xee\x01\n\x0eGeneratedToken\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.attnserve.v1.TopLogprob\x12\x32\n\x0e\x61ttention_rows\x18\x06 \x03(\x0b\x32\x1a.attnserve.v1.AttentionRow\x12\x38\n\x0fimage_attention\x18\x07 \x03(\x0b\x32\x1f.attnserve.v1.ImageAttentionMap\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb4\x03\n\x10GenerateComplete\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.attnserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\x10layer_statistics\x18\x04 \x03(\x0b\x32\x1d.attnserve.v1.LayerStatistics\x12/\n\x07summary\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.AttentionSummary\x12\x1d\n\x15interventions_applied\x18\x06 \x01(\x05\x12.\n\x0cimage_tokens\x18\x07 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12-\n\x08scanpath\x18\x08 \x03(\x0b\x32\x1b.attnserve.v1.ScanpathPoint\x12\x37\n\rvisual_recipe\x18\t \x01(\x0b\x32 .attnserve.v1.VisualRecipeResult\x12\x1a\n\x12prompt_token_texts\x18\n \x03(\t\"~\n\x10GenerateResponse\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.attnserve.v1.GeneratedTokenH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.attnserve.v1.GenerateCompleteH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.attnserve.v1.ChatH\x00\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\x35\n\rinterventions\x18\x05 \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"H\n\x0e\x43\x61ndidateScore\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\x80\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.CandidateScore\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.attnserve.v1.Usage\x12\x1d\n\x15interventions_applied\x18\x03 \x01(\x05*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\x99\x03\n\x10InferenceService\x12O\n\nListModels\x12\x1f.attnserve.v1.ListModelsRequest\x1a .attnserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.attnserve.v1.GetModelRequest\x1a\x1e.attnserve.v1.GetModelResponse\x12K\n\x08Generate\x12\x1d.attnserve.v1.GenerateRequest\x1a\x1e.attnserve.v1.GenerateResponse0\x01\x12@\n\x05Score\x12\x1a.attnserve.v1.ScoreRequest\x1a\x1b.attnserve.v1.ScoreResponse\x12Z\n\rGenerateImage\x12\".attnserve.v1.GenerateImageRequest\x1a#.attnserve.v1.GenerateImageResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2301
-  _globals['_FINISHREASON']._serialized_end=2426
-  _globals['_LISTMODELSREQUEST']._serialized_start=178
-  _globals['_LISTMODELSREQUEST']._serialized_end=197
-  _globals['_LISTMODELSRESPONSE']._serialized_start=199
-  _globals['_LISTMODELSRESPONSE']._serialized_end=256
-  _globals['_GETMODELREQUEST']._serialized_start=258
-  _globals['_GETMODELREQUEST']._serialized_end=289
-  _globals['_GETMODELRESPONSE']._serialized_start=291
-  _globals['_GETMODELRESPONSE']._serialized_end=345
-  _globals['_CHATMESSAGE']._serialized_start=347
-  _globals['_CHATMESSAGE']._serialized_end=433
-  _globals['_CONTENTPART']._serialized_start=435
-  _globals['_CONTENTPART']._serialized_end=489
-  _globals['_CHAT']._serialized_start=491
-  _globals['_CHAT']._serialized_end=542
-  _globals['_SAMPLINGPARAMS']._serialized_start=545
-  _globals['_SAMPLINGPARAMS']._serialized_end=787
-  _globals['_GENERATEREQUEST']._serialized_start=790
-  _globals['_GENERATEREQUEST']._serialized_end=1059
-  _globals['_TOPLOGPROB']._serialized_start=1061
-  _globals['_TOPLOGPROB']._serialized_end=1122
-  _globals['_GENERATEDTOKEN']._serialized_start=1125
-  _globals['_GENERATEDTOKEN']._serialized_end=1363
-  _globals['_USAGE']._serialized_start=1365
-  _globals['_USAGE']._serialized_end=1422
-  _globals['_GENERATECOMPLETE']._serialized_start=1425
-  _globals['_GENERATECOMPLETE']._serialized_end=1776
-  _globals['_GENERATERESPONSE']._serialized_start=1778
-  _globals['_GENERATERESPONSE']._serialized_end=1904
-  _globals['_SCOREREQUEST']._serialized_start=1907
-  _globals['_SCOREREQUEST']._serialized_end=2094
-  _globals['_CANDIDATESCORE']._serialized_start=2096
-  _globals['_CANDIDATESCORE']._serialized_end=2168
-  _globals['_SCORERESPONSE']._serialized_start=2171
-  _globals['_SCORERESPONSE']._serialized_end=2299
-  _globals['_INFERENCESERVICE']._serialized_start=2429
-  _globals['_INFERENCESERVICE']._serialized_end=2838
+  _globals['_FINISHREASON']._serialized_start=2540
+  _globals['_FINISHREASON']._serialized_end=2665
+  _globals['_LISTMODELSREQUEST']._serialized_start=212
+  _globals['_LISTMODELSREQUEST']._serialized_end=231
+  _globals['_LISTMODELSRESPONSE']._serialized_start=233
+  _globals['_LISTMODELSRESPONSE']._serialized_end=290
+  _globals['_GETMODELREQUEST']._serialized_start=292
+  _globals['_GETMODELREQUEST']._serialized_end=323
+  _globals['_GETMODELRESPONSE']._serialized_start=325
+  _globals['_GETMODELRESPONSE']._serialized_end=379
+  _globals['_CHATMESSAGE']._serialized_start=381
+  _globals['_CHATMESSAGE']._serialized_end=467
+  _globals['_CONTENTPART']._serialized_start=469
+  _globals['_CONTENTPART']._serialized_end=523
+  _globals['_CHAT']._serialized_start=525
+  _globals['_CHAT']._serialized_end=576
+  _globals['_SAMPLINGPARAMS']._serialized_start=579
+  _globals['_SAMPLINGPARAMS']._serialized_end=821
+  _globals['_GENERATEREQUEST']._serialized_start=824
+  _globals['_GENERATEREQUEST']._serialized_end=1213
+  _globals['_TOPLOGPROB']._serialized_start=1215
+  _globals['_TOPLOGPROB']._serialized_end=1276
+  _globals['_GENERATEDTOKEN']._serialized_start=1279
+  _globals['_GENERATEDTOKEN']._serialized_end=1517
+  _globals['_USAGE']._serialized_start=1519
+  _globals['_USAGE']._serialized_end=1576
+  _globals['_GENERATECOMPLETE']._serialized_start=1579
+  _globals['_GENERATECOMPLETE']._serialized_end=2015
+  _globals['_GENERATERESPONSE']._serialized_start=2017
+  _globals['_GENERATERESPONSE']._serialized_end=2143
+  _globals['_SCOREREQUEST']._serialized_start=2146
+  _globals['_SCOREREQUEST']._serialized_end=2333
+  _globals['_CANDIDATESCORE']._serialized_start=2335
+  _globals['_CANDIDATESCORE']._serialized_end=2407
+  _globals['_SCORERESPONSE']._serialized_start=2410
+  _globals['_SCORERESPONSE']._serialized_end=2538
+  _globals['_INFERENCESERVICE']._serialized_start=2668
+  _globals['_INFERENCESERVICE']._serialized_end=3077
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from . import intervention_pb2 as _intervention_pb2
 from . import model_pb2 as _model_pb2
 from . import readout_pb2 as _readout_pb2
+from . import visual_recipe_pb2 as _visual_recipe_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -286,6 +287,8 @@ class GenerateRequest(_message.Message):
     INTERVENTIONS_FIELD_NUMBER: _builtins.int
     READOUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARVE_FIELD_NUMBER: _builtins.int
+    VISUAL_FUNNEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served model."""
     prompt: _builtins.str
@@ -302,6 +305,10 @@ class GenerateRequest(_message.Message):
     def interventions(self) -> _intervention_pb2.InterventionSpec: ...
     @_builtins.property
     def readouts(self) -> _readout_pb2.ReadoutSpec: ...
+    @_builtins.property
+    def carve(self) -> _visual_recipe_pb2.CarveRecipe: ...
+    @_builtins.property
+    def visual_funnel(self) -> _visual_recipe_pb2.VisualFunnelRecipe: ...
     def __init__(
         self,
         *,
@@ -312,14 +319,21 @@ class GenerateRequest(_message.Message):
         interventions: _intervention_pb2.InterventionSpec | None = ...,
         readouts: _readout_pb2.ReadoutSpec | None = ...,
         request_id: _builtins.str = ...,
+        carve: _visual_recipe_pb2.CarveRecipe | None = ...,
+        visual_funnel: _visual_recipe_pb2.VisualFunnelRecipe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "interventions", b"interventions", "prompt", b"prompt", "readouts", b"readouts", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["carve", b"carve", "chat", b"chat", "input", b"input", "interventions", b"interventions", "prompt", b"prompt", "readouts", b"readouts", "sampling", b"sampling", "visual_funnel", b"visual_funnel", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "interventions", b"interventions", "model", b"model", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carve", b"carve", "chat", b"chat", "input", b"input", "interventions", b"interventions", "model", b"model", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "sampling", b"sampling", "visual_funnel", b"visual_funnel", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    _WhichOneofReturnType_visual_recipe: _TypeAlias = _typing.Literal["carve", "visual_funnel"]  # noqa: Y015
+    _WhichOneofArgType_visual_recipe: _TypeAlias = _typing.Literal["visual_recipe", b"visual_recipe"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_visual_recipe) -> _WhichOneofReturnType_visual_recipe | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -435,6 +449,8 @@ class GenerateComplete(_message.Message):
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
     IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     SCANPATH_FIELD_NUMBER: _builtins.int
+    VISUAL_RECIPE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_TEXTS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     text: _builtins.str
     """The full generated text (stop string excluded)."""
@@ -456,6 +472,16 @@ class GenerateComplete(_message.Message):
     def scanpath(self) -> _containers.RepeatedCompositeFieldContainer[_readout_pb2.ScanpathPoint]:
         """The scanpath asked for in ReadoutSpec.scanpath: one point per generation step."""
 
+    @_builtins.property
+    def visual_recipe(self) -> _visual_recipe_pb2.VisualRecipeResult:
+        """Set when the request ran a visual recipe; the fields above describe its final pass."""
+
+    @_builtins.property
+    def prompt_token_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set when attention rows were read: each prompt token decoded on its own, in order, to label
+        the rows' key axis (keys after the prompt are the generated tokens).
+        """
+
     def __init__(
         self,
         *,
@@ -467,10 +493,12 @@ class GenerateComplete(_message.Message):
         interventions_applied: _builtins.int = ...,
         image_tokens: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
         scanpath: _abc.Iterable[_readout_pb2.ScanpathPoint] | None = ...,
+        visual_recipe: _visual_recipe_pb2.VisualRecipeResult | None = ...,
+        prompt_token_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "usage", b"usage", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "scanpath", b"scanpath", "summary", b"summary", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "image_tokens", b"image_tokens", "interventions_applied", b"interventions_applied", "layer_statistics", b"layer_statistics", "prompt_token_texts", b"prompt_token_texts", "scanpath", b"scanpath", "summary", b"summary", "text", b"text", "usage", b"usage", "visual_recipe", b"visual_recipe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -158,8 +158,13 @@ class ImageAttentionSpec(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAYER_NAMES_FIELD_NUMBER: _builtins.int
     PER_HEAD_FIELD_NUMBER: _builtins.int
+    PER_LAYER_FIELD_NUMBER: _builtins.int
     per_head: _builtins.bool
     """One map per layer and head instead of their mean."""
+    per_layer: _builtins.bool
+    """One map per layer, the mean over its heads, instead of the mean over layers too (not with
+    per_head).
+    """
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Layer indices (Model.layers[i].index); with layer_names the union is read."""
@@ -184,10 +189,11 @@ class ImageAttentionSpec(_message.Message):
         steps: _abc.Iterable[_builtins.int] | None = ...,
         layer_names: _abc.Iterable[_builtins.str] | None = ...,
         per_head: _builtins.bool = ...,
+        per_layer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "per_head", b"per_head", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "layer_names", b"layer_names", "layers", b"layers", "per_head", b"per_head", "per_layer", b"per_layer", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,8 +217,9 @@ class ImageAttentionMap(_message.Message):
     """Index of the image in the request (prompt order)."""
     step: _builtins.int
     layer: _builtins.int
-    """Set with per_head; unset for the mean over the chosen layers and heads."""
+    """Set with per_head and per_layer; unset for the mean over the chosen layers."""
     head: _builtins.int
+    """Set with per_head; unset for the mean over the chosen heads."""
     grid_size: _builtins.int
     """The patch grid is grid_size x grid_size; weights has grid_size^2 values, row-major."""
     @_builtins.property
@@ -299,6 +306,8 @@ class LayerStatistics(_message.Message):
     RANGE_MASS_FIELD_NUMBER: _builtins.int
     QUERY_COUNT_FIELD_NUMBER: _builtins.int
     IMAGE_MASS_FIELD_NUMBER: _builtins.int
+    IMAGE_ENTROPY_FIELD_NUMBER: _builtins.int
+    IMAGE_QUERY_COUNT_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     entropy: _builtins.float
     """Mean attention entropy of a query row, in nats."""
@@ -315,9 +324,15 @@ class LayerStatistics(_message.Message):
     query_count: _builtins.int
     """Number of query rows (summed over steps) the means cover."""
     image_mass: _builtins.float
-    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens); set
-    when the request carries images. Query rows before the first image count with mass 0.
+    """Mean attention mass on the request's image tokens (GenerateComplete.image_tokens), over the
+    query rows that see an image token (image_query_count); set when the request carries images.
     """
+    image_entropy: _builtins.float
+    """Mean entropy of the attention over the image tokens, renormalised to sum to 1 over them and
+    divided by log(number of image tokens the query row sees), over the same query rows.
+    """
+    image_query_count: _builtins.int
+    """Number of query rows (summed over steps) that see an image token."""
     @_builtins.property
     def range_mass(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Mean attention mass on each of ReadoutSpec.mass_ranges, in order."""
@@ -334,13 +349,17 @@ class LayerStatistics(_message.Message):
         range_mass: _abc.Iterable[_builtins.float] | None = ...,
         query_count: _builtins.int = ...,
         image_mass: _builtins.float | None = ...,
+        image_entropy: _builtins.float | None = ...,
+        image_query_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_entropy", b"_image_entropy", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "hidden_sinks", b"hidden_sinks", "image_entropy", b"image_entropy", "image_mass", b"image_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_mass", b"image_mass", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks", "_image_entropy", b"_image_entropy", "_image_mass", b"_image_mass", "_sink_mass", b"_sink_mass", "_sink_mass_first4", b"_sink_mass_first4", "entropy", b"entropy", "hidden_sinks", b"hidden_sinks", "image_entropy", b"image_entropy", "image_mass", b"image_mass", "image_query_count", b"image_query_count", "layer", b"layer", "normalized_entropy", b"normalized_entropy", "query_count", b"query_count", "range_mass", b"range_mass", "sink_mass", b"sink_mass", "sink_mass_first4", b"sink_mass_first4"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hidden_sinks: _TypeAlias = _typing.Literal["hidden_sinks"]  # noqa: Y015
     _WhichOneofArgType__hidden_sinks: _TypeAlias = _typing.Literal["_hidden_sinks", b"_hidden_sinks"]  # noqa: Y015
+    _WhichOneofReturnType__image_entropy: _TypeAlias = _typing.Literal["image_entropy"]  # noqa: Y015
+    _WhichOneofArgType__image_entropy: _TypeAlias = _typing.Literal["_image_entropy", b"_image_entropy"]  # noqa: Y015
     _WhichOneofReturnType__image_mass: _TypeAlias = _typing.Literal["image_mass"]  # noqa: Y015
     _WhichOneofArgType__image_mass: _TypeAlias = _typing.Literal["_image_mass", b"_image_mass"]  # noqa: Y015
     _WhichOneofReturnType__sink_mass: _TypeAlias = _typing.Literal["sink_mass"]  # noqa: Y015
@@ -349,6 +368,8 @@ class LayerStatistics(_message.Message):
     _WhichOneofArgType__sink_mass_first4: _TypeAlias = _typing.Literal["_sink_mass_first4", b"_sink_mass_first4"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_sinks) -> _WhichOneofReturnType__hidden_sinks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image_entropy) -> _WhichOneofReturnType__image_entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__image_mass) -> _WhichOneofReturnType__image_mass | None: ...
     @_typing.overload

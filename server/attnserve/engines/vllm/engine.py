@@ -201,7 +201,7 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
         inbox = self._channel.register(key) if reports else None
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         totals = RequestReadoutTotals()
-        stream = self._llm.generate(self._prompt(request), self._sampling_params(request, key), key)
+        stream = self._llm.generate(self._prompt(request, key), self._sampling_params(request, key), key)
         index = 0
         self._waiting += 1
         started = False
@@ -294,7 +294,8 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
                 plans[id(first.plan)] = pickle.dumps(first.plan, protocol=pickle.HIGHEST_PROTOCOL)
             params = _score_params(len(first.prompt_ids), answers, plans.get(id(first.plan)))
             final = None
-            async for output in self._llm.generate(self._prompt(request), params, request.request_id):
+            prompt = self._prompt(request, request.request_id)
+            async for output in self._llm.generate(prompt, params, request.request_id):
                 final = output
             for q, answer in zip(row_queries, answers):
                 scores[q] = _answer_logprob(final, len(first.prompt_ids), answer)
@@ -319,17 +320,23 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             return request.plan
         return await asyncio.to_thread(self._paint.resolve, request.plan, request.images, request.image_spans)
 
-    def _prompt(self, request: EngineRequest):
+    def _prompt(self, request: EngineRequest, key: str):
         from vllm.inputs import TokensPrompt
 
-        if not request.images:
-            return TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        # vLLM's multimodal processor expands each image token itself: hand it one per image
-        # (it lands the image's tokens on the same positions, image_spans).
-        ids = list(request.prompt_token_ids)
-        for start, end in reversed(request.image_spans):
-            del ids[start + 1 : end]
-        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": list(request.images)})
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        if request.images:
+            # vLLM's multimodal processor expands each image token itself: hand it one per image
+            # (it lands the image's tokens on the same positions, image_spans).
+            ids = prompt["prompt_token_ids"]
+            for start, end in reversed(request.image_spans):
+                del ids[start + 1 : end]
+            prompt["multi_modal_data"] = {"image": list(request.images)}
+        if request.plan.touches_attention:
+            # vLLM's prefix cache shares prompt blocks by their tokens. A planned request's KV is
+            # its plan's, and its readouts need every prompt position computed: a salt of its
+            # own keeps it from reading other requests' blocks and them from reading its own.
+            prompt["cache_salt"] = key
+        return prompt
 
     async def _step_readouts(self, inbox, step: int) -> StepReadouts:
         readouts = await inbox.take(step, READOUT_TIMEOUT_SECONDS)
