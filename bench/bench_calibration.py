@@ -2,12 +2,16 @@
 
 Sink calibration (ACT, tau 0.1, beta 0.4) on SmolLM2-135M-Instruct, the labelled sentiment set
 of the tests (chat prompts, one-token answers, so one row per example and head set): the first
-`--examples` examples are the calibration split, the rest validation. Both searches run over
-layers 2-29 with budget 3 and `--batch-size` rows per forward. Reported: seconds, head sets
-scored, rows and forwards, rows/s, the chosen layers and the margins; also the plain forward's
-rows/s at the same batch size (what the searches would cost without interventions).
+`--examples` examples are the calibration split, the rest validation. Both searches (or those of
+`--strategies`) run over `--layers` (2-29) with `--budget` (3) and `--batch-size` rows per
+forward, scored by `--engine` (transformers, or the vLLM engine started in this process, as
+`attnserve calibrate --engine vllm` does). Reported: seconds (the median of `--repeats` runs),
+head sets scored, rows and forwards, rows/s, the chosen layers and the margins; also the plain
+forward's rows/s at the same batch size (what the searches would cost without interventions).
 
-    python bench/bench_calibration.py [--examples 20] [--batch-size 32] [--out bench/results/calibration-cpu.json]
+    python bench/bench_calibration.py [--engine transformers] [--examples 20] [--batch-size 32] \
+        [--layers 2-29] [--budget 3] [--strategies layer-sweep greedy] [--repeats 1] \
+        [--out bench/results/calibration-cpu.json]
 
 With `--folds K`, instead: K-fold cross-validation of a per-layer sweep (layers 12-16, budget 2)
 on all the examples, as `attnserve calibrate` runs it on a small file without a split field.
@@ -20,55 +24,62 @@ pooled held-out margins, accuracy and change with its interval, and the gate's d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from attnserve.attention.plan import RequestPlan
 from attnserve.calibration.calibrate import SearchSettings, calibrate, cross_validate, fold_agreement
+from attnserve.calibration.command import parse_layers
 from attnserve.calibration.data import fold_indices, load_examples
 from attnserve.calibration.method import Method, describe_head_set
-from attnserve.calibration.objective import Scorer, tokenize
+from attnserve.calibration.objective import Scorer, TransformersScorer, tokenize
 from attnserve.engines.hf.engine import load_causal_lm, model_geometry
 from attnserve.engines.prompts import pad_token_id
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sentiment.jsonl"
 ACT = Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})
-LAYERS = tuple(range(2, 30))
-BUDGET = 3
 FOLD_LAYERS = tuple(range(12, 17))
 FOLD_BUDGET = 2
 
 
-def run_search(strategy: str, scorer: Scorer, geometry, calibration, validation) -> dict:
+def run_search(
+    strategy: str, settings: SearchSettings, repeats: int, scorer: Scorer, geometry, calibration, validation
+) -> dict:
     rounds: dict[str, int] = {}
 
     def on_progress(description: str, done: int, total: int) -> None:
         rounds[description] = total
 
-    started = time.perf_counter()
-    result = calibrate(
-        scorer,
-        geometry,
-        [ACT],
-        calibration,
-        validation,
-        SearchSettings(strategy=strategy, layers=LAYERS, budget=BUDGET),
-        bootstrap_resamples=2000,
-        seed=0,
-        on_progress=on_progress,
-    )
-    seconds = time.perf_counter() - started
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = calibrate(
+            scorer,
+            geometry,
+            [ACT],
+            calibration,
+            validation,
+            settings,
+            bootstrap_resamples=2000,
+            seed=0,
+            on_progress=on_progress,
+        )
+        runs.append(time.perf_counter() - started)
+    seconds = statistics.median(runs)
     # One-token answers: one row per example and head set, scoring every candidate.
     candidates = len(calibration[0].candidate_ids)
     rows = sum(rounds.values()) // candidates
     forwards = sum(math.ceil(total / candidates / scorer.batch_size) for total in rounds.values())
     summary = {
         "seconds": round(seconds, 1),
+        "seconds_of_each_run": [round(run, 1) for run in runs],
         "head_sets_scored": len(result.chosen.search.trace),
         "rows": rows,
         "forwards": forwards,
@@ -124,13 +135,44 @@ def plain_rows_per_s(scorer: Scorer, examples) -> float:
     return round(3 * len(examples) / (time.perf_counter() - started), 2)
 
 
+@contextlib.contextmanager
+def loaded_scorer(engine: str, model_path: Path, batch_size: int):
+    """(scorer, tokenizer, geometry) on the engine."""
+    if engine == "vllm":
+        from attnserve.calibration.vllm_scorer import vllm_scorer
+        from attnserve.models.config import VllmSettings
+
+        settings = VllmSettings(enforce_eager=True, kv_cache_gib=1)
+        with vllm_scorer(
+            model_path,
+            dtype="float32",
+            device="cpu",
+            batch_size=batch_size,
+            settings=settings,
+            cache_dir=None,
+        ) as scorer:
+            yield scorer, scorer.engine.tokenizer, scorer.engine.info.geometry
+        return
+    tokenizer, model = load_causal_lm(model_path)
+    yield (
+        TransformersScorer(model, pad_id=pad_token_id(tokenizer), batch_size=batch_size),
+        tokenizer,
+        (model_geometry(model)),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: the built-in SmolLM2)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--examples", type=int, default=20, help="calibration examples (the rest validate)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layers", default="2-29")
+    parser.add_argument("--budget", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=["layer-sweep", "greedy"])
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each search (the median is reported)")
     parser.add_argument("--folds", type=int, default=0, help="cross-validate with this many folds instead")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -138,15 +180,16 @@ def main() -> None:
     out = args.out or results / ("calibration-folds-cpu.json" if args.folds else "calibration-cpu.json")
 
     model_path = args.model or ensure_builtin("smollm2-135m-instruct", default_cache_dir())
-    tokenizer, model = load_causal_lm(model_path)
-    geometry = model_geometry(model)
+    with loaded_scorer(args.engine, model_path, args.batch_size) as (scorer, tokenizer, geometry):
+        write(out, run(args, model_path, scorer, tokenizer, geometry))
+
+
+def run(args, model_path: Path, scorer: Scorer, tokenizer, geometry) -> dict:
     examples = tokenize(load_examples(DATA), tokenizer)
     calibration, validation = examples[: args.examples], examples[args.examples :]
     assert all(len(c) == 1 for e in examples for c in e.candidate_ids), (
         "the row counts assume one-token answers"
     )
-    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=args.batch_size)
-
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -154,32 +197,36 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     if args.folds:
-        result = {
+        return {
             "machine": machine,
             "model": str(model_path),
+            "engine": args.engine,
             "method": {"operation": ACT.operation, **ACT.parameters},
             "batch_size": args.batch_size,
             "examples": len(examples),
             "cross_validation": run_folds(args.folds, scorer, geometry, examples),
         }
-        write(out, result)
-        return
 
     result = {
         "machine": machine,
         "model": str(model_path),
+        "engine": args.engine,
         "method": {"operation": ACT.operation, **ACT.parameters},
-        "layers": f"{LAYERS[0]}-{LAYERS[-1]}",
-        "budget": BUDGET,
+        "layers": args.layers,
+        "budget": args.budget,
         "batch_size": args.batch_size,
         "calibration_examples": len(calibration),
         "validation_examples": len(validation),
         "plain_forward_rows_per_s": plain_rows_per_s(scorer, calibration),
     }
     print(f"plain forward: {result['plain_forward_rows_per_s']} rows/s", flush=True)
-    for strategy in ("layer-sweep", "greedy"):
-        result[strategy] = run_search(strategy, scorer, geometry, calibration, validation)
-    write(out, result)
+    layers = parse_layers(args.layers, geometry.num_layers)
+    for strategy in args.strategies:
+        settings = SearchSettings(strategy=strategy, layers=layers, budget=args.budget)
+        result[strategy] = run_search(
+            strategy, settings, args.repeats, scorer, geometry, calibration, validation
+        )
+    return result
 
 
 def write(out: Path, result: dict) -> None:

@@ -45,6 +45,11 @@ class GreedyUnit(str, Enum):
     head = "head"
 
 
+class CalibrationEngine(str, Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
 @app.callback()
 def main() -> None:
     """attnserve server commands."""
@@ -134,6 +139,13 @@ def calibrate(
         float, typer.Option(min=0.0, max=1.0, help="Share of examples held out when lines carry no split.")
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bootstrap.")] = 0,
+    engine: Annotated[
+        CalibrationEngine,
+        typer.Option(
+            help="Engine that scores: transformers (loaded here) or vllm (started here with the "
+            "model's vllm settings; the production engine, same results)."
+        ),
+    ] = CalibrationEngine.transformers,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 32,
     bootstrap_resamples: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
     objective: Annotated[CalibrationObjective, typer.Option(help="What the search maximises.")] = (
@@ -184,6 +196,7 @@ def calibrate(
         folds=folds,
         objective=objective.value,
         no_new_errors=no_new_errors,
+        engine=engine.value,
     )
     raise typer.Exit(run_calibration(request))
 

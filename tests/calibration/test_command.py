@@ -39,6 +39,7 @@ def calibrate(tmp_path, config, lines, *options):
         ([GOOD, GOOD], ("--keys", "0:2"), "--keys and --invert-keys are for key-emphasis"),
         ([GOOD, GOOD], ("--method", "key-emphasis", "--keys", "0-2"), "--keys: '0-2' is not a token range"),
         ([GOOD], (), "both splits need examples: 1 calibration, 0 validation"),
+        ([GOOD, GOOD], ("--engine", "diffusers"), "Invalid value for '--engine'"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, config, lines, options, message):

@@ -8,7 +8,7 @@ import pytest
 from attnserve.calibration.calibrate import SearchSettings, cross_validate, fold_agreement
 from attnserve.calibration.data import DataError, fold_indices
 from attnserve.calibration.method import Method, PlanCompiler
-from attnserve.calibration.objective import Scorer
+from attnserve.calibration.objective import TransformersScorer
 
 LAYERS = (1, 3)
 METHOD = Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})
@@ -26,7 +26,7 @@ def test_folds_partition_the_examples(tiny_examples):
 def brute_force(model, geometry, examples, folds):
     """Each fold: every layer alone and the unmodified model scored one example at a time on the
     other folds, the best (first among equals) measured on the held-out fold."""
-    scorer = Scorer(model, pad_id=0, batch_size=1)
+    scorer = TransformersScorer(model, pad_id=0, batch_size=1)
     compiler = PlanCompiler(METHOD, geometry, shortest_prompt=min(len(e.prompt_ids) for e in examples))
 
     def margins(head_set, subset):
@@ -54,7 +54,7 @@ def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_exa
     examples = tiny_examples[:6]
     folds = fold_indices(examples, 2, seed=1)
     result = cross_validate(
-        Scorer(tiny_model, pad_id=0, batch_size=16),
+        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
         tiny_geometry,
         [METHOD],
         examples,
@@ -83,7 +83,7 @@ def test_each_task_has_its_held_out_change(tiny_model, tiny_geometry, tiny_examp
     examples = [dataclasses.replace(e, task="ab"[i % 2]) for i, e in enumerate(tiny_examples[:8])]
     folds = fold_indices(examples, 2, seed=1)
     result = cross_validate(
-        Scorer(tiny_model, pad_id=0, batch_size=16),
+        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
         tiny_geometry,
         [METHOD],
         examples,

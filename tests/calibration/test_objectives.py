@@ -8,7 +8,7 @@ import math
 import pytest
 from attnserve.calibration.calibrate import SearchSettings, calibrate
 from attnserve.calibration.method import Method
-from attnserve.calibration.objective import Scorer, SplitMetrics
+from attnserve.calibration.objective import SplitMetrics, TransformersScorer
 
 METRICS = SplitMetrics(margins=(1.0, -0.5, 2.0, -0.1), correct_logprobs=(-0.2, -3.0, -0.1, -1.5))
 
@@ -46,7 +46,7 @@ def test_search_maximises_the_objective_within_the_constraint(
     objective, measure, no_new_errors, tiny_model, tiny_geometry, tiny_examples
 ):
     result = calibrate(
-        Scorer(tiny_model, pad_id=0, batch_size=16),
+        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
         tiny_geometry,
         [Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": 0})],
         tiny_examples[:6],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from attnserve.calibration.calibrate import SearchSettings, calibrate
 from attnserve.calibration.method import Method, PlanCompiler
-from attnserve.calibration.objective import Scorer, SplitMetrics
+from attnserve.calibration.objective import SplitMetrics, TransformersScorer
 from attnserve.calibration.search import EMPTY, greedy, head_units, layer_units, sweep
 
 #: Synthetic gain of each layer; layers 1 and 2 clash (together they lose 0.5).
@@ -81,7 +81,7 @@ def test_bad_search_settings():
 def test_calibrate_on_the_tiny_model(strategy, tiny_model, tiny_geometry, tiny_examples):
     """The chosen set beats every single unit it was compared with, and its recorded metrics are
     what a fresh evaluation of its plan gives."""
-    scorer = Scorer(tiny_model, pad_id=0, batch_size=16)
+    scorer = TransformersScorer(tiny_model, pad_id=0, batch_size=16)
     # The authors' sink rule and the guard, compared as --min-queries 0 --min-queries 3 would.
     methods = [Method("sink_calibration", {"tau": 0.1, "beta": 0.4, "min_queries": m}) for m in (0, 3)]
     calibration, validation = tiny_examples[:6], tiny_examples[6:]

@@ -1,5 +1,5 @@
-"""Score over a real socket: agrees with Generate's log-probabilities, applies interventions, and
-refuses bad input with the field named."""
+"""Score over a real socket, on each engine: agrees with Generate's log-probabilities, applies
+interventions, and refuses bad input with the field named."""
 
 from __future__ import annotations
 
@@ -22,23 +22,6 @@ def stub(server_target):
         yield pb_grpc.InferenceServiceStub(channel)
 
 
-@pytest.fixture
-def scoring_engine(engine_name):
-    """Score runs on the transformers engine; the vLLM engine refuses it (tested below)."""
-    if engine_name != "transformers":
-        pytest.skip("Score is served by the transformers engine only")
-
-
-def test_vllm_engine_refuses_score(stub, engine_name):
-    if engine_name != "vllm":
-        pytest.skip("the transformers engine scores")
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Score(pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=[" Paris"]), timeout=60)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "cannot serve Score; it serves: Generate" in error.value.details()
-
-
-@pytest.mark.usefixtures("scoring_engine")
 def test_score_agrees_with_generated_logprobs(stub):
     """The greedy answer's first two tokens, scored as one candidate, have the summed log-probability
     Generate reported for them."""
@@ -54,7 +37,6 @@ def test_score_agrees_with_generated_logprobs(stub):
     assert response.usage.prompt_tokens > 0 and response.interventions_applied == 0
 
 
-@pytest.mark.usefixtures("scoring_engine")
 def test_score_applies_interventions(stub):
     plain = stub.Score(pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=["Paris"]), timeout=60)
     edited = stub.Score(
@@ -70,10 +52,9 @@ def test_score_applies_interventions(stub):
     assert abs(edited.scores[0].logprob - plain.scores[0].logprob) > 1e-3
 
 
-@pytest.mark.usefixtures("scoring_engine")
 def test_score_between_decode_steps_changes_nothing(stub):
-    """Score requests run on the engine's scheduler thread between the steps of a running
-    generation: both give what they give alone."""
+    """Score requests run between (transformers: on the scheduler thread) or beside (vLLM: in
+    the same batches) the steps of a running generation: both give what they give alone."""
     score_request = pb.ScoreRequest(model="smollm2", chat=CHAT, candidates=["Paris", "Lyon"])
     solo_score = stub.Score(score_request, timeout=60)
     solo_tokens, solo_complete = run(stub, chat_request(max_tokens=12))
@@ -122,8 +103,7 @@ def test_score_unknown_model(stub):
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_get_model_lists_the_rpcs_its_engine_serves(stub, engine_name):
+def test_get_model_lists_the_rpcs_its_engine_serves(stub):
     model = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
-    expected = ["Generate", "Score"] if engine_name == "transformers" else ["Generate"]
-    assert list(model.supported_rpcs) == expected
+    assert list(model.supported_rpcs) == ["Generate", "Score"]
     assert list(model.input_modalities) == ["text"]

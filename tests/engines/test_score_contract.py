@@ -21,7 +21,7 @@ from google.rpc import code_pb2
 
 
 class GenerateOnlyEngine(Engine, TextGeneration):
-    """An engine that generates but cannot score (as the vLLM engine)."""
+    """An engine that generates but cannot score."""
 
     info = EngineInfo(ModelGeometry.causal_lm(2, 4, 2, 8), 128, frozenset(), frozenset())
     tokenizer = None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from attnserve.attention.plan import EMPTY_PLAN, RequestPlan
-from attnserve.engines.base import EngineRequest, SamplingConfig
+from attnserve.engines.base import EngineRequest, SamplingConfig, ScoreRequest
+from attnserve.engines.prompts import answer_token_ids
 from attnserve.spec.compile import SpecContext, SpecLimits, compile_plan
 from attnserve_client.spec import intervention_spec_from_dict, readout_spec_from_dict
 
@@ -89,10 +90,40 @@ def readout_plan(engine, prompts) -> RequestPlan:
 
 
 async def run_cases(engine) -> dict:
-    """Outputs of every parity case: "plain", each operation, and "readouts"."""
+    """Outputs of every parity case: "plain", each operation, "readouts" and "scores" (score_cases)."""
     prompts = prompt_ids(engine)
     outputs = {"plain": await generate_all(engine, prompts, [EMPTY_PLAN] * len(prompts))}
     for operation in OPERATION_SPECS:
         outputs[operation] = await generate_all(engine, prompts, operation_plans(engine, prompts, operation))
     outputs["readouts"] = await generate(engine, prompts[READOUT_PROMPT], readout_plan(engine, prompts))
+    outputs["scores"] = await score_cases(engine, prompts)
     return outputs
+
+
+#: Score cases: a few prompts, each with single- and multi-token candidates (the single-token
+#: ones share a row; "Paris" and "Paris is" share their last position's row).
+SCORE_PROMPTS = [1, 4, 16]
+SCORE_CANDIDATES = ["Paris", " The", "No", "Paris is", "The capital of France is Paris.", " 84"]
+
+
+def score_requests(engine, prompts) -> dict[str, list[ScoreRequest]]:
+    """Case name ("plain" or an operation) -> one ScoreRequest per score prompt."""
+    candidates = tuple(answer_token_ids(engine.tokenizer, text) for text in SCORE_CANDIDATES)
+    cases = {"plain": [EMPTY_PLAN] * len(SCORE_PROMPTS)}
+    for operation, spec in OPERATION_SPECS.items():
+        cases[operation] = [compile_for(engine, prompts[p], [spec]) for p in SCORE_PROMPTS]
+    return {
+        name: [
+            ScoreRequest(f"score-{name}-{p}", prompts[p], candidates, plan)
+            for p, plan in zip(SCORE_PROMPTS, plans)
+        ]
+        for name, plans in cases.items()
+    }
+
+
+async def score_cases(engine, prompts) -> dict[str, list[list[float]]]:
+    """Each score case's scores, per prompt, per candidate; a case's requests run together."""
+    return {
+        name: list(await asyncio.gather(*(engine.score(r) for r in requests)))
+        for name, requests in score_requests(engine, prompts).items()
+    }

@@ -131,3 +131,20 @@ async def test_vllm_prefix_cache_is_never_shared_with_planned_requests(vllm_engi
     assert await _tokens(vllm_engine, plain) == await _tokens(transformers_engine, plain)
     # Planned after plain: every prompt position computed again under the plan.
     assert await planned() == (first, query_count)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_engine_score_with_bad_numbers_fails_alone(vllm_engine):
+    engine = vllm_engine
+    prompt = chat_ids(engine, QUESTIONS[1])
+    paris = tuple(engine.tokenizer.encode(" Paris", add_special_tokens=False))
+    plan = _on_every_layer(HeadOutputScale(3e38), engine.info.geometry.num_layers)
+    good_request = ScoreRequest("good", prompt, (paris,))
+    bad, (good,) = await asyncio.gather(
+        engine.score(ScoreRequest("bad", prompt, (paris,), plan)),
+        engine.score(good_request),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, NonFiniteOutput), repr(bad)
+    assert -20 < good < 0
+    assert await engine.score(good_request) == pytest.approx([good], abs=1e-5)

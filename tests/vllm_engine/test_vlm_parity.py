@@ -1,7 +1,7 @@
 """tiny-llava on the vLLM engine against the transformers engine: images through vLLM's own
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
-image attention maps and image statistics equal to 1e-4; the visual recipes (CARVE, Visual Funnel) give the same
+image attention maps, image statistics and Score's candidate log-probabilities equal to 1e-4; the visual recipes (CARVE, Visual Funnel) give the same
 tokens, masks and crops, and a CARVE recipe equals its passes sent as ordinary requests. PAINT's tokens are chosen by a transformers copy of the
 vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from attnserve.api.inputs import to_engine_request
+from attnserve.api.inputs import to_engine_request, to_score_request
 from attnserve.api.visual_recipes import seen_square, to_visual_recipe
 from attnserve.attention import carve
 from attnserve.engines.hf.engine import TransformersEngine
@@ -96,6 +96,16 @@ RECIPES = {
 }
 
 
+def score_request(question, colours, interventions) -> pb.ScoreRequest:
+    parts = [pb.ContentPart(image=encoded(c)) for c in colours] + [pb.ContentPart(text=question)]
+    return pb.ScoreRequest(
+        model="tiny-llava",
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=parts)]),
+        candidates=["red", "a blue square"],
+        interventions=ipb.InterventionSpec(interventions=interventions),
+    )
+
+
 def request(question, colours, interventions, readouts=None, images=None, **recipe) -> pb.GenerateRequest:
     images = images if images is not None else [encoded(c) for c in colours]
     parts = [pb.ContentPart(image=data) for data in images] + [pb.ContentPart(text=question)]
@@ -130,9 +140,16 @@ async def run_all(engine) -> dict:
         ),
         asyncio.gather(*(recipe(kwargs) for kwargs in RECIPES.values())),
     )
+    scores = await asyncio.gather(
+        *(
+            engine.score(to_score_request(score_request(*PROMPTS[i], OPERATIONS[name]), served))
+            for name, i in cases
+        )
+    )
     solo_plain = [await one(request(*prompt, [])) for prompt in PROMPTS]
     return {
         "cases": dict(zip(cases, (r[0] for r in results))),
+        "scores": dict(zip(cases, scores)),
         "maps": [r[1] for r in results[len(cases) :]],
         "solo_plain": [r[0] for r in solo_plain],
         "served": served,
@@ -217,6 +234,19 @@ async def test_image_maps_equal_across_engines(vllm_run, transformers_run):
             assert a.maps.keys() == b.maps.keys() and a.maps
             for key in a.maps:
                 assert a.maps[key] == pytest.approx(b.maps[key], abs=1e-4)
+
+
+async def test_scores_equal_across_engines(vllm_run, transformers_run):
+    ours, theirs = vllm_run["scores"], transformers_run["scores"]
+    for case in ours:
+        assert ours[case] == pytest.approx(theirs[case], abs=1e-4), case
+    for name in OPERATIONS:  # each operation moved some score
+        if name != "plain":
+            assert any(
+                abs(a - b) > 1e-4
+                for i in range(len(PROMPTS))
+                for a, b in zip(ours[(name, i)], ours[("plain", i)])
+            ), name
 
 
 async def test_image_statistics_equal_across_engines(vllm_run, transformers_run):

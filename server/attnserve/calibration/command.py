@@ -8,10 +8,11 @@ records that it did not pass); 2 bad config, data or options.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..spec.errors import InvalidRequest
+from ..spec.geometry import ModelGeometry
 from .calibrate import SearchSettings, calibrate, cross_validate, provenance, summary
 from .data import (
     DataError,
@@ -31,7 +33,7 @@ from .data import (
     tasks_of,
 )
 from .method import Method, describe_head_set
-from .objective import Scorer, tokenize
+from .objective import Scorer, TransformersScorer, tokenize
 from .report import write_preset
 
 
@@ -71,6 +73,9 @@ class CalibrationRequest:
     #: k-fold cross-validation with this many folds; 0 one held-out split; None chooses
     #: (AUTO_FOLDS for small files without a split field).
     folds: int | None = None
+    #: The engine that scores: "transformers" (the model loaded here) or "vllm" (the vLLM
+    #: engine started here with the model's vllm settings).
+    engine: str = "transformers"
 
 
 #: Without --folds, files of MIN..MAX examples and no split field are cross-validated with
@@ -146,15 +151,14 @@ def methods_of(request: CalibrationRequest) -> list[Method]:
 def run_calibration(request: CalibrationRequest) -> int:
     console = Console(stderr=True)
     try:
-        return _run(request, console)
+        with contextlib.ExitStack() as stack:  # the engine loaded for the run
+            return _run(request, console, stack)
     except (UsageError, DataError, InvalidRequest) as err:
         console.print(f"[red]calibrate:[/red] {err}", highlight=False)
         return 2
 
 
-def _run(request: CalibrationRequest, console: Console) -> int:
-    from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
-    from ..engines.prompts import pad_token_id
+def _run(request: CalibrationRequest, console: Console, stack: contextlib.ExitStack) -> int:
     from ..models.config import ConfigError, load_config
 
     try:
@@ -181,9 +185,9 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         split = split_examples(examples, request.validation_fraction, request.seed)
         held_out = split.description
 
-    console.print(f"loading {name} from {model_path}")
-    tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
-    geometry = model_geometry(model)
+    console.print(f"loading {name} from {model_path} on the {request.engine} engine")
+    loaded = _scorer(request, model_config, model_path, server_config.cache_dir)
+    scorer, tokenizer, geometry = stack.enter_context(loaded)
     settings = SearchSettings(
         strategy=request.strategy,
         layers=parse_layers(request.layers, geometry.num_layers),
@@ -192,7 +196,6 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         objective=request.objective,
         no_new_errors=request.no_new_errors,
     )
-    scorer = Scorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size)
     if num_folds:
         data = f"{len(examples)} examples, {held_out}"
     else:
@@ -268,6 +271,7 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         "split": held_out,
         "seed": str(request.seed),
         "search": settings.describe(),
+        "engine": request.engine,
         "batch_size": str(request.batch_size),
         "search_seconds": f"{seconds:.1f}",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -283,3 +287,37 @@ def _run(request: CalibrationRequest, console: Console) -> int:
         highlight=False,
     )
     return 0
+
+
+@contextlib.contextmanager
+def _scorer(
+    request: CalibrationRequest, model_config, model_path: Path, cache_dir: Path
+) -> Iterator[tuple[Scorer, object, ModelGeometry]]:
+    """(scorer, tokenizer, geometry) of the model on the requested engine."""
+    if request.engine == "vllm":
+        from .vllm_scorer import vllm_scorer  # vLLM loads here
+
+        with vllm_scorer(
+            model_path,
+            dtype=model_config.dtype,
+            device=model_config.device,
+            batch_size=request.batch_size,
+            settings=model_config.vllm,
+            cache_dir=cache_dir,
+        ) as scorer:
+            info = scorer.engine.info
+            if info.unsupported_reason:
+                raise UsageError(
+                    f"--engine vllm: this model takes no interventions there: {info.unsupported_reason}"
+                )
+            yield scorer, scorer.engine.tokenizer, info.geometry
+        return
+    from ..engines.hf.engine import load_causal_lm, model_geometry  # torch loads here
+    from ..engines.prompts import pad_token_id
+
+    tokenizer, model = load_causal_lm(model_path, dtype=model_config.dtype, device=model_config.device)
+    yield (
+        TransformersScorer(model, pad_id=pad_token_id(tokenizer), batch_size=request.batch_size),
+        tokenizer,
+        model_geometry(model),
+    )

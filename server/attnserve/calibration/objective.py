@@ -3,12 +3,15 @@
 Per example, the margin is the correct answer's summed token log-probability minus the best wrong
 answer's; an example is right when its margin is positive. A split's objective (OBJECTIVES) is the
 mean margin (default), the accuracy or the mean log-likelihood of the correct answer, with the
-accuracy or margin breaking ties. Every plan x example x candidate is one query to
-engines/hf/scoring, so all candidate plans of a search round share forwards.
+accuracy or margin breaking ties. Every plan x example x candidate is one query (the Score RPC's
+computation, engines/hf/scoring.py), and all of a search round's queries are scored together, so
+its candidate plans share forwards: with a loaded transformers model (TransformersScorer) or on
+the vLLM engine (calibration/vllm_scorer.py).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,13 +115,15 @@ class SplitMetrics:
         return sum(before > 0 >= after for after, before in zip(self.margins, baseline.margins, strict=True))
 
 
-class Scorer:
-    """Scores plans on examples with a loaded model, batch_size rows per forward."""
+class Scorer(abc.ABC):
+    """Scores plans on examples."""
 
-    def __init__(self, model, *, pad_id: int, batch_size: int):
-        self._model = model
-        self._pad_id = pad_id
-        self.batch_size = batch_size
+    #: Rows per forward.
+    batch_size: int
+
+    @abc.abstractmethod
+    def score(self, queries: Sequence[AnswerQuery], on_scored: Callable[[int], None]) -> list[float]:
+        """Each query's summed answer log-probability; on_scored(n) as n more are scored."""
 
     def evaluate(
         self,
@@ -135,17 +140,13 @@ class Scorer:
         ]
         done = 0
 
-        def on_batch(scored: int) -> None:
+        def on_scored(scored: int) -> None:
             nonlocal done
             done += scored
             if on_progress is not None:
                 on_progress(done, len(queries))
 
-        logprobs = iter(
-            score_answers(
-                self._model, queries, pad_id=self._pad_id, batch_size=self.batch_size, on_batch=on_batch
-            )
-        )
+        logprobs = iter(self.score(queries, on_scored))
         results = []
         for _ in plans:
             margins, correct = [], []
@@ -155,3 +156,17 @@ class Scorer:
                 correct.append(scores[example.answer])
             results.append(SplitMetrics(tuple(margins), tuple(correct)))
         return results
+
+
+class TransformersScorer(Scorer):
+    """Scores with a loaded transformers model, batch_size rows per forward."""
+
+    def __init__(self, model, *, pad_id: int, batch_size: int):
+        self._model = model
+        self._pad_id = pad_id
+        self.batch_size = batch_size
+
+    def score(self, queries: Sequence[AnswerQuery], on_scored: Callable[[int], None]) -> list[float]:
+        return score_answers(
+            self._model, queries, pad_id=self._pad_id, batch_size=self.batch_size, on_batch=on_scored
+        )

@@ -5,6 +5,11 @@ A request's compiled plan travels with it in SamplingParams.extra_args; in vLLM'
 attnserve attention backend (plugin.py, worker.py) applies it to that request's rows of the
 fused batch. Readouts come back over a side channel (channel.py) keyed by the request, and each
 token is released once its step's readouts have arrived.
+
+Score (score_answers) computes what engines/hf/scoring.py defines: each distinct row
+prompt + answer[:-1] is one vLLM request of one token, whose prompt log-probabilities give the
+answer's tokens but the last, and whose sampled position gives the last one's
+(SamplingParams.logprob_token_ids); all of a call's rows go to vLLM together.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import pickle
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
@@ -29,18 +34,21 @@ from ...models.config import VllmSettings
 from ...readouts import READOUTS, TEXT_READOUTS
 from ...spec.geometry import ModelGeometry
 from ..base import (
+    CandidateScoring,
     Engine,
     EngineDead,
     EngineInfo,
     EngineRequest,
     NonFiniteOutput,
+    ScoreRequest,
     TextGeneration,
     TokenOutput,
 )
 from ..detokenizer import IncrementalDetokenizer
+from ..hf.scoring import AnswerQuery
 from ..readouts import RequestReadoutTotals, StepReadouts
 from .channel import ReadoutChannel
-from .worker import CHANNEL_KEY, CONFIG_KEY, PLAN_KEY
+from .worker import ANSWER_START_KEY, CHANNEL_KEY, CONFIG_KEY, PLAN_KEY
 
 log = logging.getLogger("attnserve.engines.vllm")
 
@@ -48,7 +56,7 @@ log = logging.getLogger("attnserve.engines.vllm")
 READOUT_TIMEOUT_SECONDS = 30.0
 
 
-class VllmEngine(Engine, TextGeneration):
+class VllmEngine(Engine, TextGeneration, CandidateScoring):
     def __init__(
         self,
         model_path: Path,
@@ -187,11 +195,7 @@ class VllmEngine(Engine, TextGeneration):
             raise EngineDead(self.failure or "the vLLM engine is not running")
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
-        if needs_visual_keys(request.plan):  # PAINT's tokens, chosen before vLLM sees the request
-            plan = await asyncio.to_thread(
-                self._paint.resolve, request.plan, request.images, request.image_spans
-            )
-            request = dataclasses.replace(request, plan=plan)
+        request = dataclasses.replace(request, plan=await self._resolved_plan(request))
         plan = request.plan
         reports = bool(plan.readouts)
         inbox = self._channel.register(key) if reports else None
@@ -244,6 +248,78 @@ class VllmEngine(Engine, TextGeneration):
                 self._channel.unregister(key)
             await stream.aclose()
 
+    async def score(self, request: ScoreRequest) -> list[float]:
+        plan = await self._resolved_plan(request)
+        queries = [
+            AnswerQuery(request.prompt_token_ids, candidate, plan, request.images, request.image_spans)
+            for candidate in request.candidate_token_ids
+        ]
+        scores = await self.score_answers(queries)
+        if not all(math.isfinite(score) for score in scores):
+            raise NonFiniteOutput("the candidates' log-probabilities")
+        return scores
+
+    async def score_answers(
+        self, queries: Sequence[AnswerQuery], on_row: Callable[[int], None] | None = None
+    ) -> list[float]:
+        """The summed log-probability of each query's answer tokens, as engines/hf/scoring.py's
+        score_answers computes it (float64 sums of float32 log-softmax values; non-finite scores
+        are returned as they are). Queries whose rows coincide share one vLLM request, and every
+        row is submitted at once so that vLLM batches them. on_row(n) is called as each row
+        finishes with the number of queries it scored."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None or self.failure:
+            raise EngineDead(self.failure or "the vLLM engine is not running")
+        rows: dict[tuple[int, int, tuple[int, ...]], list[int]] = {}  # as in hf/scoring.py
+        for q, query in enumerate(queries):
+            if not query.answer_ids:
+                raise ValueError("an answer needs at least one token")
+            input_ids = query.prompt_ids + query.answer_ids[:-1]
+            rows.setdefault((id(query.plan), id(query.images), input_ids), []).append(q)
+        plans: dict[int, bytes] = {}  # id(plan) -> the plan pickled once for all its rows
+        scores = [0.0] * len(queries)
+
+        async def score_row(row_queries: list[int]) -> None:
+            first = queries[row_queries[0]]
+            answers = [queries[q].answer_ids for q in row_queries]
+            request = EngineRequest(
+                f"score-{uuid.uuid4().hex[:12]}",
+                first.prompt_ids + first.answer_ids[:-1],
+                plan=first.plan,
+                images=first.images,
+                image_spans=first.image_spans,
+            )
+            if first.plan.touches_attention and id(first.plan) not in plans:
+                plans[id(first.plan)] = pickle.dumps(first.plan, protocol=pickle.HIGHEST_PROTOCOL)
+            params = _score_params(len(first.prompt_ids), answers, plans.get(id(first.plan)))
+            final = None
+            prompt = self._prompt(request, request.request_id)
+            async for output in self._llm.generate(prompt, params, request.request_id):
+                final = output
+            for q, answer in zip(row_queries, answers):
+                scores[q] = _answer_logprob(final, len(first.prompt_ids), answer)
+            if on_row is not None:
+                on_row(len(row_queries))
+
+        tasks = [asyncio.ensure_future(score_row(row_queries)) for row_queries in rows.values()]
+        self._running += 1
+        try:
+            await asyncio.gather(*tasks)
+        except EngineDeadError as exc:
+            raise EngineDead("vLLM's engine core process stopped") from exc
+        finally:
+            self._running -= 1
+            for task in tasks:  # after a failure (or a cancel), the other rows leave vLLM
+                task.cancel()
+        return scores
+
+    async def _resolved_plan(self, request: EngineRequest | ScoreRequest):
+        """The request's plan with PAINT's visual tokens chosen (before vLLM sees the request)."""
+        if not needs_visual_keys(request.plan):
+            return request.plan
+        return await asyncio.to_thread(self._paint.resolve, request.plan, request.images, request.image_spans)
+
     def _prompt(self, request: EngineRequest, key: str):
         from vllm.inputs import TokensPrompt
 
@@ -291,6 +367,41 @@ class VllmEngine(Engine, TextGeneration):
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
+
+
+def _score_params(answer_start: int, answers: list[tuple[int, ...]], plan: bytes | None):
+    """One token after a score row (prompt + answer[:-1]): the prompt tokens' log-probabilities
+    and, at the sampled position, those of the answers' last tokens. vLLM's default
+    logprobs_mode ("raw_logprobs") takes both from the model's logits before any sampling
+    setting touches them."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra = {ANSWER_START_KEY: answer_start}
+    if plan is not None:
+        extra[PLAN_KEY] = plan
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        # The logprob of each prompt token itself (no alternatives) when an answer has several.
+        prompt_logprobs=0 if any(len(answer) > 1 for answer in answers) else None,
+        logprob_token_ids=list(dict.fromkeys(answer[-1] for answer in answers)),
+        # Every position computed under this request's plan, none read from another's cache.
+        skip_reading_prefix_cache=True,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args=extra,
+    )
+
+
+def _answer_logprob(output, answer_start: int, answer: tuple[int, ...]) -> float:
+    """The answer's summed token log-probability from its row's output: answer[i] is prompt
+    token answer_start + i (for all but the last) or the sampled position's target."""
+    completion = output.outputs[0]
+    total = sum(
+        output.prompt_logprobs[answer_start + i][token].logprob for i, token in enumerate(answer[:-1])
+    )
+    return total + completion.logprobs[0][answer[-1]].logprob
 
 
 def _kv_cache_usage_logger(report: Callable[[float], None]):

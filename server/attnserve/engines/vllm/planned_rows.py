@@ -125,7 +125,7 @@ def apply_row_plans(
             k[None],
             v[None],
             scale=scale,
-            layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.num_prompt_tokens)],
+            layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.layout_prompt_tokens)],
             plans=[plan],
         )
         if effective_ops(plan):

@@ -27,6 +27,8 @@ log = logging.getLogger("attnserve.engines.vllm.worker")
 #: SamplingParams.extra_args keys set by the engine adapter.
 PLAN_KEY = "attnserve_plan"
 CHANNEL_KEY = "attnserve_key"
+#: Score rows (prompt + answer[:-1]): the prompt's length, where the answer's positions begin.
+ANSWER_START_KEY = "attnserve_answer_start"
 #: vllm_config.additional_config key of the engine-wide worker settings.
 CONFIG_KEY = "attnserve"
 
@@ -40,6 +42,9 @@ class PlannedRow:
     key: str
     plan: RequestPlan
     num_prompt_tokens: int
+    #: Score rows: the prompt's length; the answer's positions after it count as generated
+    #: tokens in the attention layout, as in engines/hf/scoring.py.
+    answer_start: int | None
     #: This row's statistics feed the metrics in this step.
     sampled: bool
     #: Whether the server waits for this request's readouts step by step.
@@ -52,6 +57,11 @@ class PlannedRow:
     def step(self) -> int:
         """Step 0 is the prefill (every chunk of it); step n produces generated token n."""
         return max(0, self.seq_len - self.num_prompt_tokens)
+
+    @property
+    def layout_prompt_tokens(self) -> int:
+        """The attention layout's prompt length: positions from it on are generated tokens."""
+        return self.num_prompt_tokens if self.answer_start is None else self.answer_start
 
 
 @dataclass
@@ -81,8 +91,8 @@ class StepPlanner:
         self._publisher = (
             ReadoutPublisher(settings["readout_channel"]) if "readout_channel" in settings else None
         )
-        #: vLLM request id -> (server key, plan), decoded once per request.
-        self._plans: dict[str, tuple[str, RequestPlan]] = {}
+        #: vLLM request id -> (server key, plan, answer start), decoded once per request.
+        self._plans: dict[str, tuple[str, RequestPlan, int | None]] = {}
 
     def context(self, runner) -> StepContext | None:
         batch = runner.input_batch
@@ -94,11 +104,15 @@ class StepPlanner:
             self._plans = {r: self._plans[r] for r in req_ids if r in self._plans}
         rows = []
         for row, req_id in enumerate(req_ids):
-            key, plan = self._plan_of(runner.requests[req_id])
+            key, plan, answer_start = self._plan_of(runner.requests[req_id])
             if plan.touches_attention or row == sampled_row:
                 state = runner.requests[req_id]
                 reports = bool(plan.readouts)
-                rows.append(PlannedRow(row, key, plan, state.num_prompt_tokens, row == sampled_row, reports))
+                rows.append(
+                    PlannedRow(
+                        row, key, plan, state.num_prompt_tokens, answer_start, row == sampled_row, reports
+                    )
+                )
         return StepContext(rows) if rows else None
 
     def publish(self, step: StepContext) -> None:
@@ -107,12 +121,13 @@ class StepPlanner:
             if message.requests or message.sampled_statistics:
                 self._publisher.send(message)
 
-    def _plan_of(self, state) -> tuple[str, RequestPlan]:
+    def _plan_of(self, state) -> tuple[str, RequestPlan, int | None]:
         cached = self._plans.get(state.req_id)
         if cached is None:
             extra = (state.sampling_params.extra_args if state.sampling_params is not None else None) or {}
             plan = pickle.loads(extra[PLAN_KEY]) if PLAN_KEY in extra else EMPTY_PLAN
-            cached = self._plans[state.req_id] = (extra.get(CHANNEL_KEY, state.req_id), plan)
+            key = extra.get(CHANNEL_KEY, state.req_id)
+            cached = self._plans[state.req_id] = (key, plan, extra.get(ANSWER_START_KEY))
         return cached
 
 
