@@ -1,6 +1,8 @@
 """A request whose numbers go bad fails alone: the requests beside it in the batch, and those that
 reuse its KV cache after it, give exactly the tokens they give alone. Planned requests and plain
-ones never share vLLM's prefix cache.
+ones never share vLLM's prefix cache. (The prefix-cache test, run after the bad rows, also has a
+request get a fresh cache block mid-decode that held a bad row's NaN keys: vLLM's CPU kernel
+reads a block's unused slots, so the engine never writes non-finite keys or values.)
 
 The plans and sampling settings here are beyond what the API accepts (spec/ranges.py refuses
 them); they are built directly to make a row's arithmetic overflow inside the engine.
