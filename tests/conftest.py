@@ -30,3 +30,11 @@ def tiny_sd_path() -> pathlib.Path:
     from attnserve.models.builtin import ensure_builtin
 
     return ensure_builtin("tiny-sd", REPO_ROOT / ".cache" / "test-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path() -> pathlib.Path:
+    """The built-in tiny SD3-style DiT pipeline (built in code, seeded), built once like tiny-sd."""
+    from attnserve.models.builtin import ensure_builtin
+
+    return ensure_builtin("tiny-sd3", REPO_ROOT / ".cache" / "test-models")

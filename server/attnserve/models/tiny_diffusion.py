@@ -1,9 +1,14 @@
-"""A tiny Stable-Diffusion-style pipeline built in code (random weights, seeded).
+"""Tiny Stable-Diffusion-style pipelines built in code (random weights, seeded).
 
 No real diffusion weights can be had offline here, so the built-in `tiny-sd` is this pipeline:
 a CLIP tokenizer trained on a small corpus, a 2-layer CLIP text encoder (hidden 32), a UNet with
 block_out_channels (32, 64) and cross-attention over the 77 text tokens, a tiny VAE and a DDIM
 scheduler, saved as safetensors so engines load it like any local diffusers directory.
+
+The built-in `tiny-sd3` is an SD3-style DiT pipeline of the same spirit: two CLIP text encoders
+with projection (hidden 32) sharing that tokenizer, no T5 (diffusers' SD3 pipeline then feeds
+zeros in its place), an SD3Transformer2DModel of two joint-attention blocks, a tiny VAE and a
+flow-matching Euler scheduler.
 """
 
 from __future__ import annotations
@@ -135,5 +140,72 @@ def build_tiny_sd(out_dir: Path, seed: int = 0) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_sd3(out_dir: Path, seed: int = 0) -> None:
+    """Build the tiny SD3-style pipeline with weights from `seed` and save it into out_dir."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer().train_new_from_iterator(_corpus(), vocab_size=400)
+    tokenizer.model_max_length = TEXT_LENGTH
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        # The two CLIP encoders' hidden states side by side (2 x 32), and their pooled outputs.
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        shift_factor=0.0,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
