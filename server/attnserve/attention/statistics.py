@@ -106,7 +106,9 @@ def materialised_pieces(
 ) -> HeadPieces:
     """From explicit probabilities (h, L, n); kept (h, L)."""
     plogp = torch.special.xlogy(probs, probs)
-    image_plogp = plogp @ columns.indicators[:, columns.image] if columns.has_image else plogp[..., 0] * 0
+    image_plogp = (
+        plogp @ columns.indicators[:, columns.image] if columns.has_image else torch.zeros_like(plogp[..., 0])
+    )
     return HeadPieces(
         entropy=-plogp.sum(dim=-1),
         own_prob=(probs * row.own_key).sum(dim=-1),
