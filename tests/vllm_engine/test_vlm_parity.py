@@ -69,8 +69,10 @@ OPERATIONS = {
         selector=ipb.Selector(layers=[1, 2], heads=[1]), head_output_scale=ipb.HeadOutputScale()
     ),
     "identity_blend": op(selector=ipb.Selector(layers=[1]), identity_blend=ipb.IdentityBlend(weight=0.7)),
+    # tau 0.2, not 0.05: tiny-llava's many image-token probabilities crowd around 0.05, where
+    # the engines' 1e-6 differences flipped a key across the threshold in about one run in five.
     "sink_calibration": op(
-        selector=ipb.Selector(layers=[1, 2]), sink_calibration=ipb.SinkCalibration(tau=0.05)
+        selector=ipb.Selector(layers=[1, 2]), sink_calibration=ipb.SinkCalibration(tau=0.2)
     ),
 }
 READOUTS = rpb.ReadoutSpec(
