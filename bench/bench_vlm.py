@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from attnserve.models.config import Limits, VllmSettings
 from attnserve.models.registry import ServedModel
 from attnserve_client.spec import intervention_spec_from_dict
 from attnserve_client.v1 import inference_service_pb2 as pb
+from bench_vllm import Stream, run_once
 from PIL import Image
 
 KV_CACHE_GIB = 1
@@ -92,19 +92,6 @@ def requests(served: ServedModel, tokens: int, interventions=None):
     return out
 
 
-class Stream:
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.first = None
-        self.tokens = 0
-        self.ended = None
-
-    def token(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter() - self.started
-        self.tokens += 1
-
-
 def raw_prompt(request):
     """What attnserve's engine hands vLLM for the request: one image token per image."""
     from vllm.inputs import TokensPrompt
@@ -129,7 +116,7 @@ async def raw_stream(llm, request) -> Stream:
     async for output in llm.generate(raw_prompt(request), params, uuid.uuid4().hex):
         for _ in output.outputs[0].token_ids:
             stream.token()
-    stream.ended = time.perf_counter()
+    stream.end()
     return stream
 
 
@@ -137,16 +124,8 @@ async def engine_stream(engine: VllmEngine, request) -> Stream:
     stream = Stream()
     async for _ in engine.generate(request):
         stream.token()
-    stream.ended = time.perf_counter()
+    stream.end()
     return stream
-
-
-async def run_once(make_streams) -> tuple[float, float]:
-    """(tokens/s of all streams, their median time to first token)."""
-    started = time.perf_counter()
-    streams = await asyncio.gather(*make_streams())
-    elapsed = max(s.ended for s in streams) - started
-    return sum(s.tokens for s in streams) / elapsed, statistics.median(s.first for s in streams)
 
 
 async def start_raw(model: Path):
