@@ -78,29 +78,59 @@ def _corpus():
         yield " ".join(_CORPUS_WORDS[(i * 7 + j) % len(_CORPUS_WORDS)] for j in range(8))
 
 
+def _tokenizer():
+    """A fresh CLIPTokenizer (no vocabulary file: none can be downloaded) trained on the corpus."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer().train_new_from_iterator(_corpus(), vocab_size=400)
+    tokenizer.model_max_length = TEXT_LENGTH
+    return tokenizer
+
+
+def _text_config(tokenizer, **extra):
+    """The tiny CLIP text encoder's config (extra: e.g. a projection for SD3's pooled output)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _vae(**extra):
+    """The tiny VAE both pipelines share (8x8 latents of 4 channels for 16x16 images)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        **extra,
+    )
+
+
 def build_tiny_sd(out_dir: Path, seed: int = 0) -> None:
     """Build the tiny pipeline with weights from `seed` and save it into out_dir."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    # A fresh CLIPTokenizer (no vocabulary file: none can be downloaded) trained on the corpus.
-    tokenizer = CLIPTokenizer().train_new_from_iterator(_corpus(), vocab_size=400)
-    tokenizer.model_max_length = TEXT_LENGTH
+    tokenizer = _tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -113,16 +143,7 @@ def build_tiny_sd(out_dir: Path, seed: int = 0) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = _vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -148,28 +169,15 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> None:
     """Build the tiny SD3-style pipeline with weights from `seed` and save it into out_dir."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
-    tokenizer = CLIPTokenizer().train_new_from_iterator(_corpus(), vocab_size=400)
-    tokenizer.model_max_length = TEXT_LENGTH
+    tokenizer = _tokenizer()
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TEXT_LENGTH,
-        projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = _text_config(tokenizer, projection_dim=32)
     text_encoder = CLIPTextModelWithProjection(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     transformer = SD3Transformer2DModel(
@@ -186,17 +194,7 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> None:
         pooled_projection_dim=64,
         pos_embed_max_size=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        shift_factor=0.0,
-    )
+    vae = _vae(shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
