@@ -64,12 +64,14 @@ class PlannedRowsMixin:
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        # A request whose numbers overflow fails alone (NonFiniteOutput), but its NaN or
-        # infinite keys and values would stay in the cache blocks vLLM hands to later requests,
-        # and vLLM's CPU kernel lets the stale values in a block's unused slots reach their
-        # output (tests/vllm_engine/test_row_isolation.py). They are written as 0 instead.
-        finite = {"nan": 0.0, "posinf": 0.0, "neginf": 0.0}
-        key, value = torch.nan_to_num(key, **finite), torch.nan_to_num(value, **finite)
+        # A request whose plan makes its numbers overflow fails alone (NonFiniteOutput), but its
+        # NaN or infinite keys and values would stay in the cache blocks vLLM hands to later
+        # requests, and vLLM's CPU kernel lets the stale values in a block's unused slots reach
+        # their output (tests/vllm_engine/test_row_isolation.py). In steps with planned rows
+        # (only plans overflow), they are written as 0 instead; plain steps pay nothing.
+        if worker.current_step() is not None:
+            finite = {"nan": 0.0, "posinf": 0.0, "neginf": 0.0}
+            key, value = torch.nan_to_num(key, **finite), torch.nan_to_num(value, **finite)
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def paged_kv_reader(self, layer) -> PagedKVReader:
