@@ -50,12 +50,11 @@ def brute_force(model, geometry, examples, folds):
     return chosen, before, after
 
 
-def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_examples):
-    examples = tiny_examples[:6]
-    folds = fold_indices(examples, 2, seed=1)
-    result = cross_validate(
-        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
-        tiny_geometry,
+def sweep_cross_validated(model, geometry, examples, folds):
+    """cross_validate of a one-layer sweep over LAYERS, as brute_force recomputes it."""
+    return cross_validate(
+        TransformersScorer(model, pad_id=0, batch_size=16),
+        geometry,
         [METHOD],
         examples,
         folds,
@@ -63,6 +62,12 @@ def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_exa
         bootstrap_resamples=200,
         seed=0,
     )
+
+
+def test_cross_validation_equals_brute_force(tiny_model, tiny_geometry, tiny_examples):
+    examples = tiny_examples[:6]
+    folds = fold_indices(examples, 2, seed=1)
+    result = sweep_cross_validated(tiny_model, tiny_geometry, examples, folds)
     chosen, by_example_before, by_example_after = brute_force(tiny_model, tiny_geometry, examples, folds)
     before = [by_example_before[i] for i in range(len(examples))]
     after = [by_example_after[i] for i in range(len(examples))]
@@ -82,16 +87,7 @@ def test_each_task_has_its_held_out_change(tiny_model, tiny_geometry, tiny_examp
     its change bootstrapped from them alone."""
     examples = [dataclasses.replace(e, task="ab"[i % 2]) for i, e in enumerate(tiny_examples[:8])]
     folds = fold_indices(examples, 2, seed=1)
-    result = cross_validate(
-        TransformersScorer(tiny_model, pad_id=0, batch_size=16),
-        tiny_geometry,
-        [METHOD],
-        examples,
-        folds,
-        SearchSettings(strategy="layer-sweep", layers=LAYERS, budget=1),
-        bootstrap_resamples=200,
-        seed=0,
-    )
+    result = sweep_cross_validated(tiny_model, tiny_geometry, examples, folds)
     _, before, after = brute_force(tiny_model, tiny_geometry, examples, folds)
     assert [task.name for task in result.tasks] == ["a", "b"]
     for task in result.tasks:

@@ -59,13 +59,12 @@ def scanpath_over(
     image = centre_square(image_bytes, size)
     draw = ImageDraw.Draw(image)
     patch = size / grid_size
-    centres = [
-        ((p.column + 0.5) * patch, (p.row + 0.5) * patch) for p in sorted(points, key=lambda p: p.step)
-    ]
+    points = sorted(points, key=lambda p: p.step)
+    centres = [((p.column + 0.5) * patch, (p.row + 0.5) * patch) for p in points]
     if len(centres) > 1:
         draw.line(centres, fill=SCANPATH_LINE, width=2)
     radius = max(6, round(patch / 3))
-    for point, (x, y) in zip(sorted(points, key=lambda p: p.step), centres):
+    for point, (x, y) in zip(points, centres):
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=SCANPATH_POINT, outline=(0, 0, 0))
         draw.text((x, y), str(point.step), fill=(0, 0, 0), anchor="mm")
     return image
