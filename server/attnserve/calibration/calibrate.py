@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..attention.plan import EMPTY_PLAN
 from ..spec.geometry import ModelGeometry
+from .data import tasks_of
 from .method import HeadSet, Method, PlanCompiler, describe_head_set
 from .objective import OBJECTIVES, Scorer, SplitMetrics, TokenizedExample
 from .report import Change, margin_change, metrics_provenance
@@ -200,7 +201,7 @@ def task_results(
     seed: int,
 ) -> tuple[TaskResult, ...]:
     """Each task's held-out metrics and change, when the examples span several tasks."""
-    names = list(dict.fromkeys(e.task for e in examples))
+    names = tasks_of(examples)
     if len(names) < 2:
         return ()
     results = []

@@ -90,8 +90,9 @@ def load_tasks(paths: Sequence[Path]) -> list[LabelledExample]:
     return examples
 
 
-def tasks_of(examples: Sequence[LabelledExample]) -> list[str]:
-    """The examples' tasks, in first-appearance order."""
+def tasks_of(examples: Sequence) -> list[str]:
+    """The tasks of the examples (labelled or tokenized: anything with a task), in first-appearance
+    order."""
     return list(dict.fromkeys(e.task for e in examples))
 
 
@@ -159,8 +160,8 @@ def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def fold_indices(examples: Sequence[LabelledExample], folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
-    """k folds of example indices, stratified by task: each task's examples shuffled with the
+def fold_indices(examples: Sequence, folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """k folds of example indices (labelled or tokenized examples), stratified by task: each task's examples shuffled with the
     seed and dealt round-robin, so every fold holds each task's examples and fold sizes differ by
     at most 1 per task."""
     dealt: list[list[int]] = [[] for _ in range(folds)]
