@@ -161,9 +161,9 @@ def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
 
 
 def fold_indices(examples: Sequence, folds: int, seed: int) -> tuple[tuple[int, ...], ...]:
-    """k folds of example indices (labelled or tokenized examples), stratified by task: each task's examples shuffled with the
-    seed and dealt round-robin, so every fold holds each task's examples and fold sizes differ by
-    at most 1 per task."""
+    """k folds of the indices of examples (labelled or tokenized), stratified by task: each
+    task's examples shuffled with the seed and dealt round-robin, so every fold holds each task's
+    examples and fold sizes differ by at most 1 per task."""
     dealt: list[list[int]] = [[] for _ in range(folds)]
     for task in tasks_of(examples):
         indices = [i for i, e in enumerate(examples) if e.task == task]
