@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from attnserve.api.inputs import to_engine_request
-from attnserve.engines.vllm.engine import VllmEngine, set_cpu_environment
+from attnserve.engines.vllm.engine import VllmEngine, set_cpu_environment, vllm_prompt
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.models.config import Limits, VllmSettings
 from attnserve.models.registry import ServedModel
@@ -92,16 +92,6 @@ def requests(served: ServedModel, tokens: int, interventions=None):
     return out
 
 
-def raw_prompt(request):
-    """What attnserve's engine hands vLLM for the request: one image token per image."""
-    from vllm.inputs import TokensPrompt
-
-    ids = list(request.prompt_token_ids)
-    for start, end in reversed(request.image_spans):
-        del ids[start + 1 : end]
-    return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": list(request.images)})
-
-
 async def raw_stream(llm, request) -> Stream:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -113,7 +103,7 @@ async def raw_stream(llm, request) -> Stream:
         output_kind=RequestOutputKind.DELTA,
     )
     stream = Stream()
-    async for output in llm.generate(raw_prompt(request), params, uuid.uuid4().hex):
+    async for output in llm.generate(vllm_prompt(request), params, uuid.uuid4().hex):
         for _ in output.outputs[0].token_ids:
             stream.token()
     stream.end()

@@ -321,16 +321,7 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
         return await asyncio.to_thread(self._paint.resolve, request.plan, request.images, request.image_spans)
 
     def _prompt(self, request: EngineRequest, key: str):
-        from vllm.inputs import TokensPrompt
-
-        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        if request.images:
-            # vLLM's multimodal processor expands each image token itself: hand it one per image
-            # (it lands the image's tokens on the same positions, image_spans).
-            ids = prompt["prompt_token_ids"]
-            for start, end in reversed(request.image_spans):
-                del ids[start + 1 : end]
-            prompt["multi_modal_data"] = {"image": list(request.images)}
+        prompt = vllm_prompt(request)
         if request.plan.touches_attention:
             # vLLM's prefix cache shares prompt blocks by their tokens. A planned request's KV is
             # its plan's, and its readouts need every prompt position computed: a salt of its
@@ -367,6 +358,21 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
+
+
+def vllm_prompt(request: EngineRequest):
+    """The request's prompt as vLLM takes it. vLLM's multimodal processor expands each image
+    token itself: it is handed one per image (and lands the image's tokens on the same positions,
+    image_spans)."""
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+    if request.images:
+        ids = prompt["prompt_token_ids"]
+        for start, end in reversed(request.image_spans):
+            del ids[start + 1 : end]
+        prompt["multi_modal_data"] = {"image": list(request.images)}
+    return prompt
 
 
 def _score_params(answer_start: int, answers: list[tuple[int, ...]], plan: bytes | None):
