@@ -8,8 +8,10 @@ leave a query no key; the sink statistics are None on full-mask rows
 (docs/attention-math.md#layouts).
 
 Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
-the padded batch, so their output is bit-identical to the unedited path. Edited rows and rows
-with readouts are handled one at a time with their padding cut off, in float32:
+the padded batch, so their output is bit-identical to the unedited path. Edited decode rows
+(one query each) that read nothing out go through the steps below together, folded into one row
+of many heads (folded_rows.py); other edited rows and rows with readouts one at a time, with
+their padding cut off. In float32:
 - pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
   logits are materialised only for heads whose bias depends on them (LogitRescale,
   temperature on part of the keys);
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
+from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, left_padded_keys_first
 from attnserve.attention.interventions import (
     AppliedOp,
     applied_ops,
@@ -144,15 +147,76 @@ def attend_rows(
             sub_layouts = [layouts[b] for b in plain_rows]
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
+    folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b])]
+    if folded:
+        output[folded, :, 0] = _attend_folded(q, k, v, scale, layouts, row_ops, folded).to(q.dtype)
+
     readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
-        if not ops and plan.needs.is_empty:
+        if (not ops and plan.needs.is_empty) or b in folded:
             continue
         row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
         row_output, readouts[b] = _attend_row(row, ops, plan)
         if ops:
             output[b, :, q.shape[2] - row.num_queries :] = row_output.to(q.dtype)
     return output, readouts
+
+
+def folds(plan: RowPlan) -> bool:
+    """Whether a decode row (one query, its sequence's last token, seeing every key) with this
+    plan goes through attention.core together with the others like it (folded_rows.py): it
+    edits and reads nothing out."""
+    return bool(effective_ops(plan)) and plan.needs.is_empty
+
+
+def _foldable(q: torch.Tensor, layout: RowLayout, plan: RowPlan) -> bool:
+    return (
+        q.shape[2] == 1
+        and folds(plan)
+        and not layout.cross_attention
+        and layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
+    )
+
+
+def attend_decode_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lengths: Sequence[int],
+    prompt_lengths: Sequence[int],
+    scale: float,
+    ops: Sequence[tuple[ScopedOp, ...]],
+) -> torch.Tensor:
+    """Decode rows of several requests in one pass: q (B, H, D) each request's query (its last
+    token); k, v (B, Hkv, n, D) with request b's keys at 0..lengths[b]-1. Returns (B, H, D) in
+    float32 (or float64), ops[b] applied to request b."""
+    return attend_folded(fold_decode_rows(q, k, v, lengths, prompt_lengths, scale), ops)
+
+
+def _attend_folded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    layouts: Sequence[RowLayout],
+    ops: Sequence[tuple[ScopedOp, ...]],
+    rows: Sequence[int],
+) -> torch.Tensor:
+    """(len(rows), H, D): the outputs of the given decode rows of a left-padded batch."""
+    if len(rows) < q.shape[0]:
+        index = torch.tensor(list(rows), device=q.device)
+        q, k, v = q[index], k[index], v[index]
+    starts = [layouts[b].key_start for b in rows]
+    return attend_decode_rows(
+        q[:, :, 0],
+        left_padded_keys_first(k, starts),
+        left_padded_keys_first(v, starts),
+        lengths=[k.shape[2] - start for start in starts],
+        prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],
+        scale=scale,
+        ops=[ops[b] for b in rows],
+    )
 
 
 def _attend_row(

@@ -41,10 +41,15 @@ class AppliedOp:
     scope: Scope
 
 
+def application_rank(op: Operation) -> int:
+    """Where the op's kind comes in a row's application order (the registry's order)."""
+    return _KIND_ORDER[type(op)]
+
+
 def application_order(ops: Sequence[ScopedOp]) -> list[ScopedOp]:
     """The ops in application order: kinds in registry order (so stages in order), each kind's
     ops in list order."""
-    return sorted(ops, key=lambda s: _KIND_ORDER[type(s.op)])
+    return sorted(ops, key=lambda s: application_rank(s.op))
 
 
 def applied_ops(row: RowAttention, ops: Sequence[ScopedOp]) -> list[AppliedOp]:

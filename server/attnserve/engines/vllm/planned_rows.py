@@ -16,10 +16,12 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from ...attention.core import attend_rows, effective_ops
+from ...attention.core import attend_decode_rows, attend_rows, effective_ops, folds
 from ...attention.layout import RowLayout
+from ...attention.plan import RowPlan
 from ...readouts import CallSite
 from . import worker
+from .worker import PlannedRow
 
 #: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
 KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -123,6 +125,7 @@ def apply_row_plans(
     if bounds is None:
         bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
     starts, lengths = bounds
+    decoding: list[tuple[PlannedRow, RowPlan]] = []
     for planned in step.rows:
         row = planned.row
         planned.seq_len = lengths[row]
@@ -130,6 +133,9 @@ def apply_row_plans(
         if plan is None:
             continue
         first, last = starts[row], starts[row + 1]
+        if last - first == 1 and folds(plan):
+            decoding.append((planned, plan))
+            continue
         k, v = read_kv(row, planned.seq_len)
         edited, (readout,) = attend_rows(
             query[first:last].transpose(0, 1)[None],
@@ -149,6 +155,40 @@ def apply_row_plans(
             planned.readouts.add(
                 planned.plan, CallSite(layer_index, planned.step, planned.seq_len - 1), readout
             )
+    if decoding:
+        _attend_decoding(decoding, query, output, scale, starts, read_kv)
+
+
+def _attend_decoding(
+    decoding: list[tuple[PlannedRow, RowPlan]],
+    query: torch.Tensor,
+    output: torch.Tensor,
+    scale: float,
+    starts: list[int],
+    read_kv: KVReader,
+) -> None:
+    """The step's planned decode rows that read nothing out: one pass for all (folded_rows.py),
+    their keys and values gathered right-padded."""
+    rows = [planned.row for planned, _ in decoding]
+    seq_lens = [planned.seq_len for planned, _ in decoding]
+    kv = [read_kv(row, seq_len) for row, seq_len in zip(rows, seq_lens)]
+    num_kv_heads, _, head_dim = kv[0][0].shape
+    k = query.new_zeros(len(rows), num_kv_heads, max(seq_lens), head_dim, dtype=kv[0][0].dtype)
+    v = torch.zeros_like(k)
+    for i, (row_k, row_v) in enumerate(kv):
+        k[i, :, : row_k.shape[1]] = row_k
+        v[i, :, : row_v.shape[1]] = row_v
+    tokens = torch.tensor([starts[row] for row in rows], device=query.device)
+    edited = attend_decode_rows(
+        query[tokens],
+        k,
+        v,
+        lengths=seq_lens,
+        prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
+        scale=scale,
+        ops=[effective_ops(plan) for _, plan in decoding],
+    )
+    output[tokens] = edited.to(output.dtype)
 
 
 @functools.cache
