@@ -14,11 +14,13 @@ import grpc
 import pytest
 import yaml
 from attnserve.calibration.image_objectives import ClipScore
+from attnserve_client.cli import app
 from attnserve_client.v1 import image_generation_pb2 as ipb
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import intervention_pb2
 from PIL import Image
+from typer.testing import CliRunner
 
 from .conftest import running_server
 from .helpers import field_violations
@@ -71,12 +73,14 @@ def calibrated(tmp_path_factory, tiny_sd_path, tiny_clip_path):
 
 
 @pytest.fixture(scope="module")
-def stub(calibrated):
-    log = calibrated["folder"] / "server.log"
-    with (
-        running_server(calibrated["config"], log) as server,
-        grpc.insecure_channel(server["target"]) as channel,
-    ):
+def server(calibrated):
+    with running_server(calibrated["config"], calibrated["folder"] / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server["target"]) as channel:
         yield pb_grpc.InferenceServiceStub(channel)
 
 
@@ -134,6 +138,14 @@ def test_the_preset_by_name_equals_its_heads_sent_explicitly(stub, calibrated, t
     scores = ClipScore(tiny_clip_path)(images, PROMPTS)
     recorded = float(calibrated["preset"]["provenance"]["objective.final"])
     assert sum(scores) / len(scores) == pytest.approx(recorded, abs=1e-4)
+
+
+def test_the_client_cli_names_the_preset(server, stub, tmp_path):
+    args = ["generate-image", PROMPTS[1], "-m", "tiny-sd", "--width", "16", "--height", "16", "--steps", "2"]
+    args += ["--seed", "1", "--pag-scale", "3", "--soft-pag-preset", PRESET, "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--target", server["target"], "--timeout", "120"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "image-0.png").read_bytes() == generate(stub, 1, ipb.SoftPerturbation(preset=PRESET))
 
 
 @pytest.mark.parametrize(
