@@ -137,6 +137,23 @@ def test_headhunter_writes_a_soft_pag_preset_served_by_name(files, tiny_sd_path)
         (["--method", "headhunter", "--prompts", "PROMPTS", "--size", "12"], "--size: a multiple of 8"),
         (["--method", "headhunter", "--prompts", "PROMPTS", "--rounds", "0"], "--rounds: at least 1"),
         (["--method", "headhunter", "--prompts", "PROMPTS", "--pag-scale", "0"], "--pag-scale: must be in"),
+        (
+            ["--method", "headhunter", "--prompts", "PROMPTS", "--guidance-scale", "0.5"],
+            "--guidance-scale: must",
+        ),
+        (
+            [
+                "--method",
+                "headhunter",
+                "--prompts",
+                "PROMPTS",
+                "--objective",
+                "OBJ:brightness",
+                "--size",
+                "4096",
+            ],
+            "the server would refuse the search's requests (its limits are the model's in the config): width:",
+        ),
         (["--method", "headhunter", "--prompts", "EMPTY", "--objective", "OBJ:brightness"], "no prompts"),
         (
             ["--method", "headhunter", "--prompts", "BAD", "--objective", "OBJ:brightness"],

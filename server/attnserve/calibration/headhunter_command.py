@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..models.registry import ServedModel
 from ..spec.errors import InvalidRequest
 from ..spec.geometry import AttentionKind, ModelGeometry
+from ..spec.ranges import PARAMETER_RANGES
 from .command import UsageError, parse_layers
 from .data import DataError, directory_sha256, file_sha256
 from .headhunter import (
@@ -107,6 +108,9 @@ def check_options(request: HeadHunterRequest) -> None:
         raise UsageError(
             f"--pag-scale: must be in (0, 100] (0 runs no perturbed branch), got {request.pag_scale:g}"
         )
+    guidance = PARAMETER_RANGES["guidance_scale"]
+    if request.guidance_scale not in guidance:
+        raise UsageError(f"--guidance-scale: {guidance.describe()}, got {request.guidance_scale:g}")
     if request.size < 0 or request.size % 8:
         raise UsageError(f"--size: a multiple of 8 (0: the model's default), got {request.size}")
     if request.steps < 1:
@@ -132,8 +136,15 @@ def run_headhunter(request: HeadHunterRequest) -> int:
         objective = load_objective(request.objective, request.clip_model)
         with _served_model(request, console) as (model, model_path, loop):
             return _search(request, prompts, objective, model, model_path, loop, console)
-    except (UsageError, DataError, ObjectiveError, InvalidRequest) as err:
+    except (UsageError, DataError, ObjectiveError) as err:
         console.print(f"[red]calibrate:[/red] {err}", highlight=False)
+        return 2
+    except InvalidRequest as err:
+        console.print(
+            f"[red]calibrate:[/red] the server would refuse the search's requests (its limits are the "
+            f"model's in the config): {err}",
+            highlight=False,
+        )
         return 2
 
 

@@ -120,4 +120,9 @@ class HeadSetScorer:
             return sum(scores) / len(scores)
 
         # Every request waits in the engine at once, in order: its worker batches them.
-        return list(await asyncio.gather(*(mean_score(set_requests) for set_requests in requests)))
+        tasks = [asyncio.ensure_future(mean_score(set_requests)) for set_requests in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # on a failure, the requests still waiting leave the engine
+            for task in tasks:
+                task.cancel()
