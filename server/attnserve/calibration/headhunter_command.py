@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..models.config import ModelConfig
 from ..models.registry import ServedModel
 from ..spec.errors import InvalidRequest
 from ..spec.geometry import AttentionKind, ModelGeometry
@@ -133,8 +134,9 @@ def run_headhunter(request: HeadHunterRequest) -> int:
     try:
         check_options(request)
         prompts = load_prompts(request.prompts)
-        objective = load_objective(request.objective, request.clip_model)
-        with _served_model(request, console) as (model, model_path, loop):
+        name, config, model_path = _diffusion_model(request, console)
+        objective = load_objective(request.objective, request.clip_model, config.device)
+        with _started(name, config, model_path, request.batch_size) as (model, loop):
             return _search(request, prompts, objective, model, model_path, loop, console)
     except (UsageError, DataError, ObjectiveError) as err:
         console.print(f"[red]calibrate:[/red] {err}", highlight=False)
@@ -148,24 +150,20 @@ def run_headhunter(request: HeadHunterRequest) -> int:
         return 2
 
 
-@contextlib.contextmanager
-def _served_model(
-    request: HeadHunterRequest, console: Console
-) -> Iterator[tuple[ServedModel, Path, asyncio.AbstractEventLoop]]:
-    """(ServedModel, its directory, the event loop its engine was started on) of the diffusion
-    model."""
-    from ..engines.diffusers.engine import DiffusersEngine  # torch and diffusers load here
+def _diffusion_model(request: HeadHunterRequest, console: Console) -> tuple[str, ModelConfig, Path]:
+    """(name, config, directory) of the diffusion model to search."""
     from ..models.config import ConfigError, load_config
 
     try:
         server_config = load_config(request.config)
-        diffusion = [name for name, m in server_config.models.items() if m.kind == "diffusion"]
-        name = request.model or (diffusion[0] if diffusion else next(iter(server_config.models)))
-        if name not in server_config.models:
-            raise UsageError(
-                f"--model: {name!r} is not in the config (it has {', '.join(server_config.models)})"
-            )
-        config = server_config.models[name]
+        models = server_config.models
+        diffusion = [name for name, m in models.items() if m.kind == "diffusion"]
+        if request.model is None and not diffusion:
+            raise UsageError("--model: the config has no diffusion model")
+        name = request.model or diffusion[0]
+        if name not in models:
+            raise UsageError(f"--model: {name!r} is not in the config (it has {', '.join(models)})")
+        config = models[name]
         if config.kind != "diffusion":
             raise UsageError(
                 f"--model: {name!r} is a {config.kind} model; HeadHunter searches diffusion models"
@@ -174,13 +172,21 @@ def _served_model(
     except ConfigError as err:
         raise UsageError(f"config error: {err}") from None
     console.print(f"loading {name} from {model_path}")
-    engine = DiffusersEngine(
-        model_path, dtype=config.dtype, device=config.device, max_batch_size=request.batch_size
-    )
+    return name, config, model_path
+
+
+@contextlib.contextmanager
+def _started(
+    name: str, config: ModelConfig, model_path: Path, batch_size: int
+) -> Iterator[tuple[ServedModel, asyncio.AbstractEventLoop]]:
+    """The model on a started diffusers engine, and the event loop it runs on."""
+    from ..engines.diffusers.engine import DiffusersEngine  # torch and diffusers load here
+
+    engine = DiffusersEngine(model_path, dtype=config.dtype, device=config.device, max_batch_size=batch_size)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
     try:
-        yield ServedModel(name, config.kind, config.engine, engine, config.limits, {}), model_path, loop
+        yield ServedModel(name, config.kind, config.engine, engine, config.limits, {}), loop
     finally:
         loop.run_until_complete(engine.shutdown())
         loop.close()
