@@ -5,6 +5,7 @@ those single images agrees, and the clip-score objective equals CLIP's formula c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 import numpy as np
@@ -65,8 +66,17 @@ def alone(served, request) -> Image.Image:
 
 def test_batched_search_equals_head_sets_generated_alone(served, greedy_reference):
     model, loop = served
-    scorer = HeadSetScorer(model, PROMPTS, SETTINGS, projection, loop)
+    seen = []
+
+    def on_progress(description, progress):
+        seen.append((description, dataclasses.astuple(progress)))
+
+    scorer = HeadSetScorer(model, PROMPTS, SETTINGS, projection, loop, on_progress)
     result = headhunter(CANDIDATES, rounds=2, per_round=1, score=scorer)
+    # Progress counts every image and head set of each call, up to its totals.
+    final = {description: counts for description, counts in seen}
+    assert list(final.values()) == [(2, 2, 1, 1), (8, 8, 4, 4), (6, 6, 3, 3), (2, 2, 1, 1)]
+    assert len(seen) == sum(1 + images + sets for images, _, sets, _ in final.values())
 
     def alone_score(head_set) -> float:
         images = [alone(served, scorer.request(frozenset(head_set), i)) for i in range(len(PROMPTS))]

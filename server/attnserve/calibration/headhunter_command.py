@@ -36,7 +36,7 @@ from .headhunter import (
     heads_by_layer,
 )
 from .image_objectives import CLIP_SCORE, ImageObjective, ObjectiveError, load_objective
-from .image_scorer import HeadSetScorer, ImageSettings
+from .image_scorer import HeadSetScorer, ImageSettings, ScoringProgress
 from .report import write_preset
 
 
@@ -224,16 +224,17 @@ def _search(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("images"),
+        TextColumn("images, {task.fields[heads]}"),
         TimeElapsedColumn(),
         console=console,
     ) as progress:
         tasks: dict[str, int] = {}
 
-        def on_progress(description: str, done: int, total: int) -> None:
+        def on_progress(description: str, done: ScoringProgress) -> None:
             if description not in tasks:
-                tasks[description] = progress.add_task(description, total=total)
-            progress.update(tasks[description], completed=done)
+                tasks[description] = progress.add_task(description, total=done.total_images, heads="")
+            heads = f"{done.head_sets}/{done.total_head_sets} head sets scored"
+            progress.update(tasks[description], completed=done.images, heads=heads)
 
         scorer = HeadSetScorer(model, prompts, settings, objective, loop, on_progress)
         result = headhunter(candidates, request.rounds, request.per_round, scorer)

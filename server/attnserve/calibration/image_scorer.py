@@ -41,6 +41,16 @@ class ImageSettings:
     seed: int
 
 
+@dataclass
+class ScoringProgress:
+    """Of one call: images generated and head sets scored, of their totals."""
+
+    images: int
+    total_images: int
+    head_sets: int
+    total_head_sets: int
+
+
 def soft_perturbation(head_set: HeadSet, u: float) -> ipb.SoftPerturbation:
     """SoftPAG on the heads of head_set."""
     heads = [
@@ -59,7 +69,7 @@ class HeadSetScorer:
         settings: ImageSettings,
         objective: ImageObjective,
         loop: asyncio.AbstractEventLoop,
-        on_progress: Callable[[str, int, int], None] = lambda description, done, total: None,
+        on_progress: Callable[[str, ScoringProgress], None] = lambda description, progress: None,
     ):
         if not isinstance(model.engine, ImageGeneration):
             raise TypeError(f"model {model.name!r} does not generate images")
@@ -102,21 +112,22 @@ class HeadSetScorer:
             ]
             for head_set in head_sets
         ]
-        total, done = len(head_sets) * len(self._prompts), 0
-        self._on_progress(description, done, total)
+        progress = ScoringProgress(0, len(head_sets) * len(self._prompts), 0, len(head_sets))
+        self._on_progress(description, progress)
 
         async def image(request) -> Image.Image:
-            nonlocal done
             async for event in self._model.engine.generate_image(request):
                 if isinstance(event, GeneratedImages):
                     [png] = event.png
-            done += 1
-            self._on_progress(description, done, total)
+            progress.images += 1
+            self._on_progress(description, progress)
             return Image.open(io.BytesIO(png)).convert("RGB")
 
         async def mean_score(set_requests) -> float:
             images = await asyncio.gather(*(image(request) for request in set_requests))
             scores = scores_of(self._objective, list(images), self._prompts)
+            progress.head_sets += 1
+            self._on_progress(description, progress)
             return sum(scores) / len(scores)
 
         # Every request waits in the engine at once, in order: its worker batches them.
