@@ -2,7 +2,8 @@
 model's geometry and compiled into the perturbed branch's operations per layer.
 
 The perturbation is attention.core's IdentityBlend (output (1 - u) o_i + u v_i): weight 1 on
-every head of whole layers for PAG, weight u on chosen heads for SoftPAG.
+every head of whole layers for PAG, weight u on chosen heads for SoftPAG (named in soft.heads, or
+by a SoftPAG preset of the model in soft.preset).
 """
 
 from __future__ import annotations
