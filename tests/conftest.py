@@ -38,3 +38,14 @@ def tiny_sd3_path() -> pathlib.Path:
     from attnserve.models.builtin import ensure_builtin
 
     return ensure_builtin("tiny-sd3", REPO_ROOT / ".cache" / "test-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> pathlib.Path:
+    """A tiny CLIP model and processor (models/tiny_diffusion.py, seeded), for HeadHunter's
+    clip-score objective; a few seconds to build."""
+    from attnserve.models.tiny_diffusion import build_tiny_clip
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    build_tiny_clip(path)
+    return path

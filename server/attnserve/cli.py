@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from . import logs
+from .calibration.headhunter import DEFAULT_PER_ROUND, DEFAULT_ROUNDS
 
 app = typer.Typer(
     help="attnserve: LLM serving with per-request attention interventions.",
@@ -26,6 +27,7 @@ class LogFormat(str, Enum):
 class CalibrationMethod(str, Enum):
     sink_calibration = "sink-calibration"
     key_emphasis = "key-emphasis"
+    headhunter = "headhunter"
 
 
 class SearchStrategy(str, Enum):
@@ -86,16 +88,17 @@ def serve(
 
 @app.command()
 def calibrate(
+    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
     data: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="Labelled examples, JSONL: {prompt | messages, candidates, answer[, split]} per line. "
-            "Several files are several tasks: the search pools them and every task must pass the gate.",
+            "Several files are several tasks: the search pools them and every task must pass the gate. "
+            "Not with headhunter (--prompts).",
             exists=True,
             dir_okay=False,
         ),
-    ],
-    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -105,9 +108,12 @@ def calibrate(
     model: Annotated[
         str | None, typer.Option(help="Model name in the config; default: its first model.")
     ] = None,
-    method: Annotated[CalibrationMethod, typer.Option(help="Operation to place on heads.")] = (
-        CalibrationMethod.sink_calibration
-    ),
+    method: Annotated[
+        CalibrationMethod,
+        typer.Option(
+            help="Operation to place on heads; headhunter: SoftPAG heads of a diffusion model (HeadHunter)."
+        ),
+    ] = CalibrationMethod.sink_calibration,
     tau: Annotated[float, typer.Option(help="sink-calibration: column-mean threshold of a sink.")] = 0.1,
     beta: Annotated[float, typer.Option(help="sink-calibration: share of probability a sink keeps.")] = 0.4,
     min_queries: Annotated[
@@ -132,13 +138,20 @@ def calibrate(
         GreedyUnit.layer
     ),
     layers: Annotated[
-        str | None, typer.Option(help="Layers to search, e.g. 2-29 or 3,5,8-10; default: every layer.")
+        str | None,
+        typer.Option(
+            help="Layers to search, e.g. 2-29 or 3,5,8-10; default: every layer (headhunter: the "
+            "self-attention layers among them)."
+        ),
     ] = None,
     budget: Annotated[int, typer.Option(min=1, help="Most layers (or heads) in the chosen set.")] = 3,
     validation_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of examples held out when lines carry no split.")
     ] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of the split and of the bootstrap.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of the split and of the bootstrap (headhunter: prompt i's image seed - i)."),
+    ] = 0,
     engine: Annotated[
         CalibrationEngine,
         typer.Option(
@@ -146,11 +159,18 @@ def calibrate(
             "model's vllm settings; the production engine, same results)."
         ),
     ] = CalibrationEngine.transformers,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows per forward (headhunter: image requests denoised together).")
+    ] = 32,
     bootstrap_resamples: Annotated[int, typer.Option(min=100, help="Paired bootstrap resamples.")] = 2000,
-    objective: Annotated[CalibrationObjective, typer.Option(help="What the search maximises.")] = (
-        CalibrationObjective.margin
-    ),
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="What the search maximises: margin (default), accuracy or log-likelihood; headhunter: "
+            "clip-score (default, with --clip-model) or a callable module:function or file.py:function "
+            "taking (images, prompts) and returning a score per image."
+        ),
+    ] = None,
     no_new_errors: Annotated[
         bool, typer.Option(help="Constraint: no calibration example may turn from right to wrong.")
     ] = False,
@@ -168,10 +188,65 @@ def calibrate(
             "records that it did not pass the gate)."
         ),
     ] = False,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="headhunter: prompts, one a line (or JSONL {prompt} lines); M is their number.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="headhunter: rounds R.")] = DEFAULT_ROUNDS,
+    per_round: Annotated[int, typer.Option(help="headhunter: heads added per round k.")] = DEFAULT_PER_ROUND,
+    u: Annotated[float, typer.Option(help="headhunter: SoftPAG's u on the heads, (1-u) A + u I.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="headhunter: denoising steps of each image.")] = 20,
+    size: Annotated[int, typer.Option(help="headhunter: image side in pixels; 0: the model's default.")] = 0,
+    guidance_scale: Annotated[float, typer.Option(help="headhunter: classifier-free guidance scale.")] = 7.5,
+    pag_scale: Annotated[float, typer.Option(help="headhunter: PAG scale of the perturbed branch.")] = 3.0,
+    clip_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="headhunter: local CLIP model directory for --objective clip-score.", file_okay=False
+        ),
+    ] = None,
 ) -> None:
-    """Choose the layers and heads a method acts on from labelled examples; write a preset file."""
+    """Choose the layers and heads a method acts on from labelled examples; write a preset file.
+    With --method headhunter: choose a diffusion model's SoftPAG heads by an image objective."""
+    if method is CalibrationMethod.headhunter:
+        from .calibration.headhunter_command import HeadHunterRequest, run_headhunter
+
+        if data:
+            _usage_error("headhunter searches over --prompts, not labelled data files")
+        if prompts is None:
+            _usage_error("--method headhunter needs --prompts FILE")
+        request = HeadHunterRequest(
+            prompts=prompts,
+            output=output,
+            config=config,
+            model=model,
+            objective=objective or "clip-score",
+            clip_model=clip_model,
+            rounds=rounds,
+            per_round=per_round,
+            u=u,
+            steps=steps,
+            size=size,
+            guidance_scale=guidance_scale,
+            pag_scale=pag_scale,
+            seed=seed,
+            batch_size=batch_size,
+            layers=layers,
+        )
+        raise typer.Exit(run_headhunter(request))
     from .calibration.command import CalibrationRequest, run_calibration
 
+    if not data:
+        _usage_error("give one or more labelled data files (JSONL)")
+    if prompts is not None or clip_model is not None:
+        _usage_error("--prompts and --clip-model are for --method headhunter")
+    objectives = [o.value for o in CalibrationObjective]
+    if objective is not None and objective not in objectives:
+        _usage_error(f"--objective: {objective!r} is not one of {', '.join(objectives)}")
     request = CalibrationRequest(
         data=tuple(data),
         output=output,
@@ -194,11 +269,16 @@ def calibrate(
         bootstrap_resamples=bootstrap_resamples,
         write_anyway=write_anyway,
         folds=folds,
-        objective=objective.value,
+        objective=objective or CalibrationObjective.margin.value,
         no_new_errors=no_new_errors,
         engine=engine.value,
     )
     raise typer.Exit(run_calibration(request))
+
+
+def _usage_error(message: str) -> None:
+    typer.echo(f"calibrate: {message}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command("calibrate-paint")

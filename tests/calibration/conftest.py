@@ -46,3 +46,25 @@ def tiny_examples() -> list[TokenizedExample]:
         candidates = ((11,), (12, 13), (14, 15, 16))
         examples.append(TokenizedExample(prompt, candidates, answer=i % 3))
     return examples
+
+
+def _greedy_reference(objective, candidates, rounds, per_round):
+    """HeadHunter written naively: round by round, score every remaining head added to the chosen
+    ones and keep the best k (the earlier candidate among equals). (chosen heads, each round's)."""
+    chosen, history = [], []
+    for _ in range(rounds):
+        scored = []
+        for index, head in enumerate(candidates):
+            if head not in chosen:
+                scored.append((-objective(set(chosen) | {head}), index, head))
+        if not scored:
+            break
+        best = [head for _, _, head in sorted(scored)[:per_round]]
+        history.append(best)
+        chosen += best
+    return chosen, history
+
+
+@pytest.fixture(scope="session")
+def greedy_reference():
+    return _greedy_reference

@@ -26,9 +26,9 @@ def geometry(pag_pipe):
     return unet_geometry(pag_pipe.unet)
 
 
-def compiled(msg: gpb.PerturbedAttentionGuidance, geometry):
+def compiled(msg: gpb.PerturbedAttentionGuidance, geometry, presets=None):
     violations = Violations()
-    guidance = compile_guidance(msg, "pag", geometry, violations)
+    guidance = compile_guidance(msg, "pag", geometry, violations, presets or {})
     return guidance, {v.field: v.description for v in violations.items}
 
 
@@ -98,6 +98,68 @@ def test_soft_pag_heads(geometry):
         6: (P.ScopedOp(P.IdentityBlend(0.25), heads=(0, 3)),),
         0: (P.ScopedOp(P.IdentityBlend(0.25), heads=None),),
     }
+
+
+def soft_preset(layer_heads, weight=None, **selector):
+    blend = ipb.IdentityBlend() if weight is None else ipb.IdentityBlend(weight=weight)
+    return [
+        ipb.Intervention(selector=ipb.Selector(layer_heads=layer_heads, **selector), identity_blend=blend)
+    ]
+
+
+PRESETS = {
+    "hh": soft_preset([ipb.LayerHeads(layer=6, heads=[3, 0]), ipb.LayerHeads(layer=2, heads=[5])], 0.75),
+    "hh-default-u": soft_preset([ipb.LayerHeads(layer=6, heads=[1])]),
+    "two": soft_preset([ipb.LayerHeads(layer=6)]) * 2,
+    "scale": [ipb.Intervention(head_output_scale=ipb.HeadOutputScale(scale=0.5))],
+    "steps": soft_preset([ipb.LayerHeads(layer=6)], steps=ipb.StepRange(start=0, end=1)),
+    "cross": soft_preset([ipb.LayerHeads(layer=7)]),
+}
+
+
+@pytest.mark.parametrize(
+    ("soft", "expected"),
+    [
+        (
+            gpb.SoftPerturbation(preset="hh"),
+            {
+                6: (P.ScopedOp(P.IdentityBlend(0.75), heads=(0, 3)),),
+                2: (P.ScopedOp(P.IdentityBlend(0.75), heads=(5,)),),
+            },
+        ),
+        # u given with the preset replaces the preset's.
+        (
+            gpb.SoftPerturbation(preset="hh-default-u", u=0.5),
+            {6: (P.ScopedOp(P.IdentityBlend(0.5), heads=(1,)),)},
+        ),
+        (gpb.SoftPerturbation(preset="hh-default-u"), {6: (P.ScopedOp(P.IdentityBlend(1.0), heads=(1,)),)}),
+    ],
+)
+def test_soft_pag_preset_compiles_as_its_heads(geometry, soft, expected):
+    guidance, violations = compiled(gpb.PerturbedAttentionGuidance(soft=soft), geometry, PRESETS)
+    assert violations == {}
+    assert guidance.layer_ops == expected
+
+
+@pytest.mark.parametrize(
+    ("soft", "field", "text"),
+    [
+        (gpb.SoftPerturbation(preset="nope"), "pag.soft.preset", "unknown preset 'nope'"),
+        (gpb.SoftPerturbation(preset="two"), "pag.soft.preset", "is not a SoftPAG preset"),
+        (gpb.SoftPerturbation(preset="scale"), "pag.soft.preset", "is not a SoftPAG preset"),
+        (gpb.SoftPerturbation(preset="steps"), "pag.soft.preset", "is not a SoftPAG preset"),
+        (gpb.SoftPerturbation(preset="cross"), "pag.soft.preset", "heads[0].layer: layer 7"),
+        (
+            gpb.SoftPerturbation(preset="hh", heads=[ipb.LayerHeads(layer=6)]),
+            "pag.soft.heads",
+            "leave empty with preset",
+        ),
+        (gpb.SoftPerturbation(preset="hh", u=2), "pag.soft.u", "[0, 1]"),
+    ],
+)
+def test_bad_soft_pag_preset_names_the_field(geometry, soft, field, text):
+    _, violations = compiled(gpb.PerturbedAttentionGuidance(soft=soft), geometry, PRESETS)
+    assert field in violations and text in violations[field], violations
 
 
 @pytest.mark.parametrize(

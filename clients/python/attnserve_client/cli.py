@@ -328,6 +328,14 @@ def generate_image(
             help="PAG layer id (repeatable, e.g. mid); default the server's.", rich_help_panel=INTERVENTIONS
         ),
     ] = None,
+    soft_pag_preset: Annotated[
+        str | None,
+        typer.Option(
+            help="SoftPAG on the heads of this SoftPAG preset (GetModel lists them; attnserve calibrate "
+            "--method headhunter writes them).",
+            rich_help_panel=INTERVENTIONS,
+        ),
+    ] = None,
     preset: Presets = None,
     word: Annotated[
         list[str] | None,
@@ -348,8 +356,10 @@ def generate_image(
         }.items()
         if value is not None
     }  # fmt: skip
-    if pag_scale is not None or pag_layer:
+    if pag_scale is not None or pag_layer or soft_pag_preset:
         options["pag"] = {"layers": pag_layer or []} | ({"scale": pag_scale} if pag_scale is not None else {})
+        if soft_pag_preset:
+            options["pag"]["soft"] = {"preset": soft_pag_preset}
     complete = None
     with _errors_reported(), _client(context, target, timeout) as client:
         progress = None

@@ -50,8 +50,11 @@ def to_image_request(
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
     _check_key_selectors(request, violations)
     geometry = engine.info.geometry
+    presets = {name: list(p.interventions) for name, p in model.presets.items()}
     perturbed = (
-        compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
+        compile_guidance(request.pag, "pag", geometry, violations, presets)
+        if request.HasField("pag")
+        else None
     )
     words = compile_words(
         request.word_heatmaps,
@@ -69,7 +72,7 @@ def to_image_request(
         SpecContext(
             geometry=geometry,
             limits=SpecLimits(limits.max_interventions, limits.max_readout_values),
-            presets={name: list(p.interventions) for name, p in model.presets.items()},
+            presets=presets,
             prompt_tokens=len(prompt_ids),
             max_tokens=steps,
             supported_operations=engine.info.supported_operations,

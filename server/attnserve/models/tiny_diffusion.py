@@ -207,3 +207,28 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> None:
         tokenizer_3=None,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0) -> None:
+    """A tiny CLIP (text and vision towers, hidden 32, 32 px images) with its processor, saved
+    into out_dir: the model HeadHunter's clip-score objective loads in tests and benchmarks, where
+    no real CLIP weights can be had. It shares tiny-sd's tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    CLIPModel(config).save_pretrained(out_dir, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)

@@ -2,16 +2,18 @@
 model's geometry and compiled into the perturbed branch's operations per layer.
 
 The perturbation is attention.core's IdentityBlend (output (1 - u) o_i + u v_i): weight 1 on
-every head of whole layers for PAG, weight u on chosen heads for SoftPAG.
+every head of whole layers for PAG, weight u on chosen heads for SoftPAG (named in soft.heads, or
+by a SoftPAG preset of the model in soft.preset).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from attnserve_client.v1 import image_generation_pb2
+from attnserve_client.v1 import image_generation_pb2, intervention_pb2
 
 from ..attention.plan import IdentityBlend, ScopedOp
 from .errors import Violations, quoted
@@ -48,13 +50,15 @@ def compile_guidance(
     field: str,
     geometry: ModelGeometry,
     violations: Violations,
+    presets: Mapping[str, Sequence[intervention_pb2.Intervention]] = MappingProxyType({}),
 ) -> PerturbedGuidance:
+    """presets: the model's presets by name, which soft.preset may name."""
     scale = ranged_value(msg, "scale", DEFAULT_PAG_SCALE, "pag.scale", field, violations)
     adaptive = ranged_value(msg, "adaptive_scale", 0.0, "pag.adaptive_scale", field, violations)
     if msg.HasField("soft"):
         if msg.layers:
             violations.add(f"{field}.layers", "leave empty with soft: SoftPAG names its layers in soft.heads")
-        layer_ops = _soft_ops(msg.soft, f"{field}.soft", geometry, violations)
+        layer_ops = _soft_ops(msg.soft, f"{field}.soft", geometry, presets, violations)
     else:
         patterns = tuple(msg.layers) or DEFAULT_PAG_LAYERS
         layers = pag_layers(patterns, f"{field}.layers", geometry, violations)
@@ -103,14 +107,68 @@ def _fake_integral_match(pattern: str, name: str) -> bool:
 
 
 def _soft_ops(
-    msg: image_generation_pb2.SoftPerturbation, field: str, geometry: ModelGeometry, violations: Violations
+    msg: image_generation_pb2.SoftPerturbation,
+    field: str,
+    geometry: ModelGeometry,
+    presets: Mapping[str, Sequence[intervention_pb2.Intervention]],
+    violations: Violations,
 ) -> dict[int, tuple[ScopedOp, ...]]:
-    u = ranged_value(msg, "u", 1.0, "pag.soft.u", field, violations)
-    if not msg.heads:
-        violations.add(f"{field}.heads", "name at least one self-attention layer and its heads")
+    if not msg.preset:
+        u = ranged_value(msg, "u", 1.0, "pag.soft.u", field, violations)
+        if not msg.heads:
+            violations.add(f"{field}.heads", "name at least one self-attention layer and its heads")
+        return _head_ops(msg.heads, u, f"{field}.heads", geometry, violations)
+    if msg.heads:
+        violations.add(f"{field}.heads", "leave empty with preset: the preset names the heads")
+    preset = soft_preset(msg.preset, presets)
+    if isinstance(preset, str):
+        violations.add(f"{field}.preset", preset)
+        return {}
+    layer_heads, preset_u = preset
+    u = ranged_value(msg, "u", preset_u, "pag.soft.u", field, violations)
+    # The preset's heads were written for a model; report a mismatch with this one on the name.
+    found = Violations()
+    ops = _head_ops(layer_heads, u, "heads", geometry, found)
+    for violation in found.items:
+        violations.add(
+            f"{field}.preset", f"preset {quoted(msg.preset)}: {violation.field}: {violation.description}"
+        )
+    return ops
+
+
+def soft_preset(
+    name: str, presets: Mapping[str, Sequence[intervention_pb2.Intervention]]
+) -> tuple[Sequence[intervention_pb2.LayerHeads], float] | str:
+    """(heads, u) of a SoftPAG preset: one identity_blend intervention whose selector names only
+    layer_heads; or why the name is not one."""
+    if name not in presets:
+        return f"unknown preset {quoted(name)}; GetModel lists this model's presets"
+    interventions = presets[name]
+    only = interventions[0] if len(interventions) == 1 else None
+    if (
+        only is None
+        or only.WhichOneof("operation") != "identity_blend"
+        or [f.name for f, _ in only.selector.ListFields()] != ["layer_heads"]
+    ):
+        return (
+            f"preset {quoted(name)} is not a SoftPAG preset (one identity_blend intervention on "
+            "layer_heads, as attnserve calibrate --method headhunter writes)"
+        )
+    blend = only.identity_blend
+    return only.selector.layer_heads, blend.weight if blend.HasField("weight") else 1.0
+
+
+def _head_ops(
+    heads_of_layers: Sequence[intervention_pb2.LayerHeads],
+    u: float,
+    field: str,
+    geometry: ModelGeometry,
+    violations: Violations,
+) -> dict[int, tuple[ScopedOp, ...]]:
+    """IdentityBlend(u) on each self-attention layer's heads."""
     ops: dict[int, tuple[ScopedOp, ...]] = {}
-    for i, layer_heads in enumerate(msg.heads):
-        at = f"{field}.heads[{i}]"
+    for i, layer_heads in enumerate(heads_of_layers):
+        at = f"{field}[{i}]"
         if not check_index(layer_heads.layer, geometry.num_layers, f"{at}.layer", "layer", violations):
             continue
         layer = geometry.layers[layer_heads.layer]

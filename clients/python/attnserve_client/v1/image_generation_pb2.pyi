@@ -236,27 +236,35 @@ Global___PerturbedAttentionGuidance: _TypeAlias = PerturbedAttentionGuidance  # 
 
 @_typing.final
 class SoftPerturbation(_message.Message):
-    """SoftPAG's perturbation of chosen heads."""
+    """SoftPAG's perturbation of chosen heads: `heads`, or a SoftPAG preset naming them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADS_FIELD_NUMBER: _builtins.int
     U_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
     u: _builtins.float
-    """In [0, 1]; default 1 (the identity, as PAG)."""
+    """In [0, 1]; default 1 (the identity, as PAG), or the preset's u with `preset`."""
+    preset: _builtins.str
+    """A SoftPAG preset of the model (Model.presets; `attnserve calibrate --method headhunter`
+    writes them): its heads (one identity_blend intervention on layer_heads) and its weight as u.
+    """
     @_builtins.property
     def heads(self) -> _containers.RepeatedCompositeFieldContainer[_intervention_pb2.LayerHeads]:
-        """Self-attention layers (Model.layers[i].index) with their heads (empty heads: every head)."""
+        """Self-attention layers (Model.layers[i].index) with their heads (empty heads: every head).
+        Leave empty with `preset`.
+        """
 
     def __init__(
         self,
         *,
         heads: _abc.Iterable[_intervention_pb2.LayerHeads] | None = ...,
         u: _builtins.float | None = ...,
+        preset: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_u", b"_u", "u", b"u"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_u", b"_u", "heads", b"heads", "u", b"u"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_u", b"_u", "heads", b"heads", "preset", b"preset", "u", b"u"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__u: _TypeAlias = _typing.Literal["u"]  # noqa: Y015
     _WhichOneofArgType__u: _TypeAlias = _typing.Literal["_u", b"_u"]  # noqa: Y015
