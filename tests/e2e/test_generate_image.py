@@ -177,6 +177,19 @@ BAD_REQUESTS = {
             ]
         )
     ),
+    "interventions.interventions[0].selector.keys.words[0]": request(
+        interventions=intervention_pb2.InterventionSpec(
+            interventions=[
+                intervention_pb2.Intervention(
+                    selector=intervention_pb2.Selector(
+                        attention=intervention_pb2.ATTENTION_KIND_CROSS,
+                        keys=intervention_pb2.KeySelector(words=["dog"]),
+                    ),
+                    key_emphasis=intervention_pb2.KeyEmphasis(alpha=5.0),
+                )
+            ]
+        )
+    ),
     "word_heatmaps.words[0]": request(word_heatmaps=ipb.WordHeatmapsSpec(words=["dog"])),
     "word_heatmaps": request(
         word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_temperature()

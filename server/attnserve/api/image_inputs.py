@@ -17,6 +17,7 @@ from ..spec.errors import FieldViolation, InvalidRequest, Violations
 from ..spec.geometry import AttentionKind
 from ..spec.guidance import compile_guidance
 from ..spec.ranges import PARAMETER_RANGES
+from ..spec.words import word_positions
 from .inputs import MAX_REQUEST_ID_LENGTH
 
 DEFAULT_STEPS = 50
@@ -75,6 +76,7 @@ def to_image_request(
             supported_operations=engine.info.supported_operations,
             supported_readouts=engine.info.supported_readouts,
             unsupported_reason=engine.info.unsupported_reason,
+            word_positions=lambda word: word_positions(word, prompt_ids, engine.tokenizer),
         ),
     )
     if words and any(geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops):

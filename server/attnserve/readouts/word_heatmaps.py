@@ -17,9 +17,8 @@ import torch
 from attnserve_client.v1 import image_generation_pb2 as pb
 
 from ..attention.heatmaps import query_grid, token_maps, word_heatmap
-from ..spec.errors import Violations, quoted
-
-MAX_WORDS = 16
+from ..spec.errors import Violations
+from ..spec.words import MAX_WORDS, resolve_words, word_positions
 
 
 @dataclass(frozen=True)
@@ -39,36 +38,16 @@ def compile_words(
 ) -> tuple[HeatmapWord, ...]:
     """Each asked word with its token positions in the prompt; pixels = images x height x width."""
     field = "word_heatmaps.words"
-    if len(spec.words) > MAX_WORDS:
-        violations.add(field, f"{len(spec.words)} words exceed the limit of {MAX_WORDS}")
-        return ()
-    if len(spec.words) * pixels > max_values:
+    if len(spec.words) * pixels > max_values and len(spec.words) <= MAX_WORDS:
         violations.add(
             field,
             f"{len(spec.words)} words x {pixels} pixels (images x height x width) exceed "
             f"max_readout_values ({max_values})",
         )
-    words = []
-    for i, word in enumerate(spec.words):
-        ids = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
-        positions = _occurrences(ids, prompt_token_ids)
-        if not positions:
-            violations.add(f"{field}[{i}]", f"{quoted(word)} is not among the prompt's tokens")
-            continue
-        words.append(HeatmapWord(word, positions))
-    return tuple(words)
-
-
-def _occurrences(ids: Sequence[int], prompt: Sequence[int]) -> tuple[int, ...]:
-    """Positions covered by every occurrence of the token sequence ids in prompt."""
-    n = len(ids)
-    if n == 0:
-        return ()
-    found: list[int] = []
-    for start in range(len(prompt) - n + 1):
-        if list(prompt[start : start + n]) == list(ids):
-            found.extend(range(start, start + n))
-    return tuple(sorted(set(found)))
+    found = resolve_words(
+        spec.words, field, lambda word: word_positions(word, prompt_token_ids, tokenizer), violations
+    )
+    return tuple(HeatmapWord(word, positions) for word, positions in found)
 
 
 class HeatmapAccumulator:
