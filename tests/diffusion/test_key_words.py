@@ -6,21 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from attnserve.api.image_inputs import to_image_request
-from attnserve.engines.diffusers.engine import DiffusersEngine
-from attnserve.models.config import Limits
-from attnserve.models.registry import ServedModel
 from attnserve.spec.errors import InvalidRequest
 from attnserve_client.v1 import image_generation_pb2 as gpb
 from attnserve_client.v1 import intervention_pb2 as ipb
 
 from .helpers import GUIDANCE, PROMPT, SIZE, STEPS, generate, image_request
-
-
-@pytest.fixture(scope="module")
-def model(tiny_sd_path):
-    """The served tiny-sd (its worker thread never started: only its inputs are used)."""
-    engine = DiffusersEngine(tiny_sd_path)
-    return ServedModel("tiny-sd", "diffusion", "diffusers", engine, Limits(), {})
 
 
 def emphasis_request(keys: ipb.KeySelector) -> gpb.GenerateImageRequest:
@@ -39,12 +29,16 @@ def emphasis_request(keys: ipb.KeySelector) -> gpb.GenerateImageRequest:
     )
 
 
-def test_key_emphasis_by_words_is_key_emphasis_by_ranges(model, served):
+def test_key_emphasis_by_words_is_key_emphasis_by_ranges(served_model, served):
     denoiser, _ = served
     # "<start> a photo of a cat <end>": "a" at 1 and 4, "cat" at 5.
-    by_words = to_image_request(emphasis_request(ipb.KeySelector(words=["a", "cat"])), model, model.engine)
+    by_words = to_image_request(
+        emphasis_request(ipb.KeySelector(words=["a", "cat"])), served_model, served_model.engine
+    )
     ranges = [ipb.TokenRange(start=1, end=2), ipb.TokenRange(start=4, end=6)]
-    by_ranges = to_image_request(emphasis_request(ipb.KeySelector(ranges=ranges)), model, model.engine)
+    by_ranges = to_image_request(
+        emphasis_request(ipb.KeySelector(ranges=ranges)), served_model, served_model.engine
+    )
     [[with_words]], [[with_ranges]], [[plain]] = (
         generate(denoiser, [request]) for request in (by_words, by_ranges, image_request(denoiser))
     )
@@ -52,9 +46,9 @@ def test_key_emphasis_by_words_is_key_emphasis_by_ranges(model, served):
     assert not np.allclose(with_words, plain, atol=1e-3)
 
 
-def test_words_not_in_the_prompt_are_refused_by_field(model):
+def test_words_not_in_the_prompt_are_refused_by_field(served_model):
     keys = ipb.KeySelector(words=["cat", "dog", "a photo", "photo of a cat" * 20])
     with pytest.raises(InvalidRequest) as caught:
-        to_image_request(emphasis_request(keys), model, model.engine)
+        to_image_request(emphasis_request(keys), served_model, served_model.engine)
     words = "interventions.interventions[0].selector.keys.words"
     assert [v.field for v in caught.value.violations] == [f"{words}[1]", f"{words}[3]"]

@@ -297,6 +297,42 @@ def test_cli_saves_the_images_and_word_heatmap_overlays(image_server, tmp_path):
     ]
 
 
+def test_cli_prints_the_content_style_iou_curve(image_server, tmp_path):
+    """The server's IoU of the content and style maps, one value per threshold 0.1 .. 0.9, as
+    attnserve-cli generate-image prints it."""
+    with Client(image_server["target"], timeout=120) as client:
+        [*_, last] = client.generate_image(
+            MODEL,
+            "a red house by the sea",
+            width=16,
+            height=16,
+            steps=2,
+            seed=3,
+            num_images=2,
+            content_words=["house"],
+            style_words=["red", "sea"],
+        )
+    overlaps = last.complete.content_style_overlaps
+    assert [o.image for o in overlaps] == [0, 1]
+    for overlap in overlaps:
+        assert list(overlap.thresholds) == pytest.approx([0.1 * k for k in range(1, 10)])
+        assert len(overlap.iou) == 9 and all(0 <= v <= 1 for v in overlap.iou)
+    args = ["--width", "16", "--height", "16", "--steps", "2", "--seed", "3", "--num-images", "2"]
+    result = CliRunner().invoke(
+        app,
+        ["generate-image", "a red house by the sea", "--model", MODEL, "--out", str(tmp_path), *args]
+        + ["--content-word", "house", "--style-word", "red", "--style-word", "sea"]
+        + ["--target", image_server["target"], "--timeout", "120"],
+    )
+    assert result.exit_code == 0, result.output
+    printed = [line for line in result.stdout.splitlines() if "content/style IoU" in line]
+    assert printed == [
+        f"image {o.image} content/style IoU "
+        + " ".join(f"{t:.1f}:{v:.3f}" for t, v in zip(o.thresholds, o.iou))
+        for o in overlaps
+    ]
+
+
 def test_metrics_count_steps_and_images(stub, image_server):
     import urllib.request
 

@@ -132,6 +132,9 @@ class ImageOptions(TypedDict, total=False):
     pag: image_generation_pb2.PerturbedAttentionGuidance | Mapping[str, Any]
     #: Prompt words whose DAAM heatmaps come back with the images.
     word_heatmaps: Sequence[str]
+    #: Content and style words ("The Cow of Rembrandt"): the IoU curve of their maps comes back.
+    content_words: Sequence[str]
+    style_words: Sequence[str]
     request_id: str
 
 
@@ -159,6 +162,8 @@ def image_request(
     if spec.presets or spec.interventions:
         request.interventions.CopyFrom(spec)
     request.word_heatmaps.words.extend(options.get("word_heatmaps", ()))
+    request.word_heatmaps.content_words.extend(options.get("content_words", ()))
+    request.word_heatmaps.style_words.extend(options.get("style_words", ()))
     pag = options.get("pag")
     if isinstance(pag, image_generation_pb2.PerturbedAttentionGuidance):
         request.pag.CopyFrom(pag)

@@ -11,7 +11,7 @@ from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import ImageGeneration, ImageRequest
 from ..models.registry import ServedModel
-from ..readouts.word_heatmaps import compile_words
+from ..readouts.word_heatmaps import compile_content_style, compile_words
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
 from ..spec.errors import FieldViolation, InvalidRequest, Violations
 from ..spec.geometry import AttentionKind
@@ -62,6 +62,7 @@ def to_image_request(
         limits.max_readout_values,
         violations,
     )
+    content_style = compile_content_style(request.word_heatmaps, prompt_ids, engine.tokenizer, violations)
     violations.raise_if_any()
 
     plan = compile_plan(
@@ -79,7 +80,9 @@ def to_image_request(
             word_positions=lambda word: word_positions(word, prompt_ids, engine.tokenizer),
         ),
     )
-    if words and any(geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops):
+    if (words or content_style) and any(
+        geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops
+    ):
         raise InvalidRequest(
             [
                 FieldViolation(
@@ -102,6 +105,7 @@ def to_image_request(
         plan=plan,
         perturbed=perturbed,
         heatmap_words=words,
+        content_style=content_style,
     )
 
 

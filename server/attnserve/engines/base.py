@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
-from ..readouts.word_heatmaps import HeatmapWord
+from ..readouts.word_heatmaps import ContentStyleWords, HeatmapWord
 from ..spec.geometry import ModelGeometry
 from ..spec.guidance import PerturbedGuidance
 
@@ -74,6 +74,12 @@ class ImageRequest:
     perturbed: PerturbedGuidance | None = None
     #: Prompt words whose DAAM heatmaps the request reads out.
     heatmap_words: tuple[HeatmapWord, ...] = ()
+    #: Content and style words whose maps' IoU curve the request reads out.
+    content_style: ContentStyleWords | None = None
+
+    @property
+    def reads_heatmaps(self) -> bool:
+        return bool(self.heatmap_words) or self.content_style is not None
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class GeneratedImages:
     queue_seconds: float
     #: Per image, each of ImageRequest.heatmap_words' (height, width) heatmap.
     heatmaps: tuple[tuple[Any, ...], ...] = ()
+    #: Per image, the content-vs-style IoU at each threshold (ImageRequest.content_style).
+    content_style_iou: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass

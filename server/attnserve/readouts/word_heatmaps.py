@@ -1,5 +1,6 @@
 """The word_heatmaps readout of GenerateImage (DAAM): per prompt word and image, where the
-conditional branch's cross-attention put that word (the math: attention/heatmaps.py).
+conditional branch's cross-attention put that word, and how much the content words' and the style
+words' maps overlap (the math: attention/heatmaps.py).
 
 Diffusion's readouts follow the same life as the text readouts of this package (compile once,
 record each attention call, accumulate over steps, write into the last message), but a
@@ -16,7 +17,14 @@ from dataclasses import dataclass
 import torch
 from attnserve_client.v1 import image_generation_pb2 as pb
 
-from ..attention.heatmaps import query_grid, token_maps, word_heatmap
+from ..attention.heatmaps import (
+    IOU_THRESHOLDS,
+    heatmap_iou,
+    query_grid,
+    token_maps,
+    word_heatmap,
+    word_set_heatmap,
+)
 from ..spec.errors import Violations
 from ..spec.words import MAX_WORDS, resolve_words, word_positions
 
@@ -26,6 +34,14 @@ class HeatmapWord:
     word: str
     #: Positions of its tokens among the prompt's text-encoder tokens.
     positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ContentStyleWords:
+    """The two word sets whose maps' overlap a request reads ("The Cow of Rembrandt")."""
+
+    content: tuple[HeatmapWord, ...]
+    style: tuple[HeatmapWord, ...]
 
 
 def compile_words(
@@ -50,6 +66,25 @@ def compile_words(
     return tuple(HeatmapWord(word, positions) for word, positions in found)
 
 
+def compile_content_style(
+    spec: pb.WordHeatmapsSpec, prompt_token_ids: Sequence[int], tokenizer, violations: Violations
+) -> ContentStyleWords | None:
+    """The content and style words with their positions; None when neither set is asked for."""
+    if not spec.content_words and not spec.style_words:
+        return None
+    sets = []
+    for name in ("content_words", "style_words"):
+        field = f"word_heatmaps.{name}"
+        words = getattr(spec, name)
+        if not words:
+            violations.add(field, "name content_words and style_words together (at least one word each)")
+        found = resolve_words(
+            words, field, lambda word: word_positions(word, prompt_token_ids, tokenizer), violations
+        )
+        sets.append(tuple(HeatmapWord(word, positions) for word, positions in found))
+    return ContentStyleWords(*sets)
+
+
 class HeatmapAccumulator:
     """One image's token maps, summed over steps and averaged over the layers of each step."""
 
@@ -69,6 +104,14 @@ class HeatmapAccumulator:
             raise RuntimeError("no cross-attention was recorded")
         return [word_heatmap(self.summed, word.positions, image) for word in words]
 
+    def content_style_iou(self, words: ContentStyleWords, image: tuple[int, int]) -> tuple[float, ...]:
+        """The IoU of the content and style maps at each of IOU_THRESHOLDS."""
+        if self.summed is None:
+            raise RuntimeError("no cross-attention was recorded")
+        content = word_set_heatmap(self.summed, [word.positions for word in words.content], image)
+        style = word_set_heatmap(self.summed, [word.positions for word in words.style], image)
+        return tuple(heatmap_iou(content, style).tolist())
+
 
 def write(
     complete: pb.GenerateImageComplete,
@@ -86,3 +129,9 @@ def write(
                 height=heatmap.shape[0],
                 values=heatmap.flatten().tolist(),
             )
+
+
+def write_overlaps(complete: pb.GenerateImageComplete, per_image: Sequence[Sequence[float]]) -> None:
+    """Write each image's content-vs-style IoU curve into the last message."""
+    for image, iou in enumerate(per_image):
+        complete.content_style_overlaps.add(image=image, thresholds=IOU_THRESHOLDS, iou=iou)

@@ -121,20 +121,34 @@ class WordHeatmapsSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORDS_FIELD_NUMBER: _builtins.int
+    CONTENT_WORDS_FIELD_NUMBER: _builtins.int
+    STYLE_WORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Words (or phrases) of the prompt, each tokenized alone and found in the prompt's tokens (every
         occurrence counts). At most 16; words x images x pixels are bounded by max_readout_values.
         """
 
+    @_builtins.property
+    def content_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"The Cow of Rembrandt": the IoU of the content words' and the style words' maps (each set's
+        map the mean of its words' maps, normalised as a word's), binarised at 0.1, 0.2, ..., 0.9,
+        per image (GenerateImageComplete.content_style_overlaps). Set both or neither; each word as
+        in `words`, at most 16 per set.
+        """
+
+    @_builtins.property
+    def style_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         words: _abc.Iterable[_builtins.str] | None = ...,
+        content_words: _abc.Iterable[_builtins.str] | None = ...,
+        style_words: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_words", b"content_words", "style_words", b"style_words", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,6 +346,7 @@ class GenerateImageComplete(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
     WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
+    CONTENT_STYLE_OVERLAPS_FIELD_NUMBER: _builtins.int
     interventions_applied: _builtins.int
     """Interventions that ran, after presets were expanded."""
     @_builtins.property
@@ -342,20 +357,59 @@ class GenerateImageComplete(_message.Message):
     def word_heatmaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordHeatmap]:
         """The heatmaps asked for in word_heatmaps, word by word for each image."""
 
+    @_builtins.property
+    def content_style_overlaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentStyleOverlap]:
+        """The content-vs-style IoU curve of each image, when word_heatmaps asked for one."""
+
     def __init__(
         self,
         *,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         interventions_applied: _builtins.int = ...,
         word_heatmaps: _abc.Iterable[Global___WordHeatmap] | None = ...,
+        content_style_overlaps: _abc.Iterable[Global___ContentStyleOverlap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "interventions_applied", b"interventions_applied", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_style_overlaps", b"content_style_overlaps", "images", b"images", "interventions_applied", b"interventions_applied", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateImageComplete: _TypeAlias = GenerateImageComplete  # noqa: Y015
+
+@_typing.final
+class ContentStyleOverlap(_message.Message):
+    """How much one image's content-word map and style-word map overlap (WordHeatmapsSpec)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    IOU_FIELD_NUMBER: _builtins.int
+    image: _builtins.int
+    """Index of the image (GenerateImageComplete.images)."""
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """0.1, 0.2, ..., 0.9: a pixel is in a map's region when its value is >= the threshold."""
+
+    @_builtins.property
+    def iou(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per threshold, |content ∩ style| / |content ∪ style| of the two regions (0 when both are empty)."""
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.int = ...,
+        thresholds: _abc.Iterable[_builtins.float] | None = ...,
+        iou: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "iou", b"iou", "thresholds", b"thresholds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentStyleOverlap: _TypeAlias = ContentStyleOverlap  # noqa: Y015
 
 @_typing.final
 class GenerateImageResponse(_message.Message):

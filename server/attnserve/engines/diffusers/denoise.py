@@ -118,7 +118,7 @@ class Denoiser:
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         heatmaps = (
             [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
-            if request.heatmap_words
+            if request.reads_heatmaps
             else []
         )
         return DenoisingJob(

@@ -230,11 +230,18 @@ class DiffusersEngine(Engine, ImageGeneration):
                     tuple(heatmap.heatmaps(request.heatmap_words, (request.height, request.width)))
                     for heatmap in job.heatmaps
                 )
+                size = (request.height, request.width)
+                overlaps = tuple(
+                    heatmap.content_style_iou(request.content_style, size)
+                    for heatmap in job.heatmaps
+                    if request.content_style is not None
+                )
                 ticket.emit(
                     GeneratedImages(
                         png=tuple(_png(image) for image in images),
                         queue_seconds=started - ticket.submitted,
                         heatmaps=heatmaps,
+                        content_style_iou=overlaps,
                     )
                 )
         except Exception as exc:  # this batch fails; the engine goes on
