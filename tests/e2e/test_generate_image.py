@@ -350,3 +350,10 @@ def test_metrics_count_steps_and_images(stub, image_server):
     guided = values[f"attnserve_diffusion_perturbed_guidance_norm_count{labels}"]
     assert guided >= 2
     assert values[f"attnserve_diffusion_perturbed_guidance_norm_sum{labels}"] > 0
+    # The cross-attention shares exist from the model's loading (the default sample rate, 0.05).
+    shares = [
+        line
+        for line in text.splitlines()
+        if line.startswith("attnserve_diffusion_cross_attention_share_ratio_count") and MODEL in line
+    ]
+    assert sorted(line.split('part="')[1].split('"')[0] for line in shares) == ["end", "start", "words"]

@@ -82,10 +82,12 @@ class DiffusersEngine(Engine, ImageGeneration):
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
         on_images: Callable[[int], None] = lambda count: None,
         on_guidance_norm: Callable[[float], None] = lambda norm: None,
+        statistics_sample_rate: float = 0.0,
+        on_cross_attention_shares: Callable[[tuple[float, ...]], None] = lambda shares: None,
     ):
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
-        self._denoiser = Denoiser(self.pipe, call, geometry)
+        self._denoiser = Denoiser(self.pipe, call, geometry, statistics_sample_rate)
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -101,6 +103,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         self._on_step_seconds = on_step_seconds
         self._on_images = on_images
         self._on_guidance_norm = on_guidance_norm
+        self._on_cross_attention_shares = on_cross_attention_shares
         self._waiting: list[_Ticket] = []
         self._running = 0
         self._stopping = False
@@ -218,6 +221,7 @@ class DiffusersEngine(Engine, ImageGeneration):
                 cancelled=cancelled,
                 on_step_seconds=self._on_step_seconds,
                 on_guidance_norm=self._on_guidance_norm,
+                on_cross_attention_shares=self._on_cross_attention_shares,
             )
             for job in denoising:
                 if cancelled(job):
