@@ -54,12 +54,23 @@ def _sees(layout: RowLayout, query_position: int | None, key: int) -> bool:
     return key <= query_position
 
 
-def _acts(scoped: ScopedOp, head: int, query: int, last_query: int) -> bool:
+def _query_in_scope(scoped: ScopedOp, query: int, queries: list[int]) -> bool:
+    """Whether the op acts on batch query row `query`; its query rows count the row's valid
+    queries from 0."""
+    index = query - queries[0]
+    rows = scoped.query_rows
+    inside = any(start <= index < end for start, end in rows.ranges) if rows.ranges else True
+    if inside == rows.invert:
+        return False
+    return not scoped.last_query_only or query == queries[-1]
+
+
+def _acts(scoped: ScopedOp, head: int, query: int, queries: list[int]) -> bool:
     if scoped.op.is_identity:
         return False
     if scoped.heads is not None and head not in scoped.heads:
         return False
-    return not scoped.last_query_only or query == last_query
+    return _query_in_scope(scoped, query, queries)
 
 
 def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[RowPlan]):
@@ -96,25 +107,25 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                 p = qpos[i]
                 row = logits[i].clone()
                 for scoped in ops:
-                    if isinstance(scoped.op, Temperature) and _acts(scoped, h, i, last):
+                    if isinstance(scoped.op, Temperature) and _acts(scoped, h, i, queries):
                         for j in range(n):
                             if key_selected(scoped.keys, j, prompt):
                                 row[j] = row[j] / scoped.op.temperature
                 tempered = row.clone()
                 for scoped in ops:
-                    if isinstance(scoped.op, LogitRescale) and _acts(scoped, h, i, last):
+                    if isinstance(scoped.op, LogitRescale) and _acts(scoped, h, i, queries):
                         for j in range(n):
                             if key_selected(scoped.keys, j, prompt):
                                 tempered[j] = tempered[j] + scoped.op.alpha * abs(tempered[j])
                 final = tempered.clone()
                 for scoped in ops:
-                    if isinstance(scoped.op, KeyEmphasis) and _acts(scoped, h, i, last):
+                    if isinstance(scoped.op, KeyEmphasis) and _acts(scoped, h, i, queries):
                         for j in range(n):
                             if key_selected(scoped.keys, j, prompt):
                                 final[j] = final[j] + (
                                     math.log(scoped.op.alpha) if scoped.op.alpha > 0 else -math.inf
                                 )
-                    if isinstance(scoped.op, KeyMask) and _acts(scoped, h, i, last):
+                    if isinstance(scoped.op, KeyMask) and _acts(scoped, h, i, queries):
                         for j in range(n):
                             if j != p and key_selected(scoped.keys, j, prompt):
                                 final[j] = -math.inf
@@ -139,7 +150,7 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                     if sum(float(probs[i, j]) for i in seers) / len(seers) > op.tau:
                         sinks.append(j)
                 for i in queries:
-                    if scoped.last_query_only and i != last:
+                    if not _query_in_scope(scoped, i, queries):
                         continue
                     m = sum(float(probs[i, j]) for j in sinks)
                     if m <= 0 or m >= 1:
@@ -155,7 +166,7 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
                     assert not layout.cross_attention, "no own key to blend towards"
                     u = scoped.op.weight
                     for i in queries:
-                        if _acts(scoped, h, i, last):
+                        if _acts(scoped, h, i, queries):
                             identity_row = torch.zeros(n, dtype=torch.float64)
                             identity_row[qpos[i]] = 1.0
                             probs[i] = (1 - u) * probs[i] + u * identity_row
@@ -163,7 +174,7 @@ def reference_attend(q, k, v, *, scale, layouts: list[RowLayout], plans: list[Ro
             for scoped in ops:
                 if isinstance(scoped.op, HeadOutputScale):
                     for i in queries:
-                        if _acts(scoped, h, i, last):
+                        if _acts(scoped, h, i, queries):
                             o[i] = o[i] * scoped.op.scale
             for i in queries:
                 out[b, h, i] = o[i]

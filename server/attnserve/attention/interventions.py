@@ -23,7 +23,7 @@ from attnserve.attention.operations import OPERATIONS, Stage
 from attnserve.attention.operations.base import EditedLogits, LogitScales, Scope
 from attnserve.attention.plan import ScopedOp
 from attnserve.attention.row_attention import RowAttention
-from attnserve.attention.selection import head_selection, key_selection
+from attnserve.attention.selection import head_selection, key_selection, query_selection
 
 _KIND_ORDER = {kind: i for i, kind in enumerate(OPERATIONS.values())}
 
@@ -73,16 +73,16 @@ def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
 
 def _refuse_removing_every_key(row: RowAttention, removing: Sequence[ScopedOp]) -> None:
     """Without an own key to keep, key-removing ops could leave a query no key at all: refused.
-    Queries of a cross-attention row see every key, and the last query is in every op's scope, so
-    some query is left with none exactly when a head's removals cover all keys. Decided on CPU
-    copies."""
+    Queries of a cross-attention row see every key, so a query is left with none exactly when the
+    removals of the ops whose scope holds it cover every key of some head. Decided on CPU copies."""
     cpu = torch.device("cpu")
-    removed = torch.zeros(row.num_heads, row.num_keys, dtype=torch.bool)
+    removed = torch.zeros(row.num_heads, row.num_queries, row.num_keys, dtype=torch.bool)
     for scoped in removing:
         heads = head_selection(scoped.heads, row.num_heads, cpu)
+        queries = query_selection(scoped.query_rows, scoped.last_query_only, row.num_queries, cpu)
         keys = key_selection(scoped.keys, row.num_keys, row.num_prompt_tokens, cpu)
-        removed |= heads[:, None] & keys[None, :]
-    if bool(removed.all(dim=1).any()):
+        removed |= heads[:, None, None] & queries[None, :, None] & keys[None, None, :]
+    if bool(removed.all(dim=2).any()):
         names = sorted({scoped.op.name for scoped in removing})
         raise ValueError(f"{', '.join(names)} would leave a cross-attention query no key to attend to")
 

@@ -59,8 +59,33 @@ ALL_PROMPT_KEYS = KeySet()
 
 
 @dataclass(frozen=True)
+class QueryRows:
+    """Query rows an operation acts on, as indices 0..L-1 of the call's L valid query rows of
+    the request (attention/layout.py: row i of RowAttention.q; in a DiT's joint attention the
+    image tokens first, then the text tokens).
+
+    ranges are half-open [start, end), cut off at L; no ranges selects every row. invert selects
+    the rows outside the ranges.
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        for start, end in self.ranges:
+            if not 0 <= start < end:
+                raise ValueError(f"query row range [{start}, {end}) must have 0 <= start < end")
+
+
+ALL_QUERY_ROWS = QueryRows()
+
+
+@dataclass(frozen=True)
 class ScopedOp:
-    """An operation with the heads, keys and query rows it acts on (for one layer)."""
+    """An operation with the heads, keys and query rows it acts on (for one layer).
+
+    The op acts on a query row when query_rows selects it and, with last_query_only, it is the
+    last one."""
 
     op: Operation
     #: Query-head indices; None means every head.
@@ -68,6 +93,7 @@ class ScopedOp:
     keys: KeySet = ALL_PROMPT_KEYS
     #: Only the query row that predicts the next token (the row's last query).
     last_query_only: bool = False
+    query_rows: QueryRows = ALL_QUERY_ROWS
 
 
 @dataclass(frozen=True)

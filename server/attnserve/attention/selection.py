@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from attnserve.attention.plan import KeySet
+    from attnserve.attention.plan import KeySet, QueryRows
 
 
 @lru_cache(maxsize=4096)
@@ -45,9 +45,20 @@ def head_selection(heads: tuple[int, ...] | None, num_heads: int, device: torch.
 
 
 @lru_cache(maxsize=4096)
-def query_selection(last_query_only: bool, num_queries: int, device: torch.device) -> torch.Tensor:
-    """(num_queries,) bool over the row's valid query rows (the last one predicts the next token)."""
-    selected = torch.ones(num_queries, dtype=torch.bool, device=device)
+def query_selection(
+    rows: QueryRows, last_query_only: bool, num_queries: int, device: torch.device
+) -> torch.Tensor:
+    """(num_queries,) bool over the row's valid query rows: those rows selects and, with
+    last_query_only, only the last one (it predicts the next token)."""
+    if rows.ranges:
+        index = torch.arange(num_queries, device=device)
+        selected = torch.zeros(num_queries, dtype=torch.bool, device=device)
+        for start, end in rows.ranges:
+            selected |= (index >= start) & (index < end)
+    else:
+        selected = torch.ones(num_queries, dtype=torch.bool, device=device)
+    if rows.invert:
+        selected = ~selected
     if last_query_only:
         selected[:-1] = False
     return selected

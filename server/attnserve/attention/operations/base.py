@@ -56,7 +56,7 @@ class Scope:
         )
         return cls(
             heads=heads,
-            queries=query_selection(scoped.last_query_only, row.num_queries, row.device),
+            queries=query_selection(scoped.query_rows, scoped.last_query_only, row.num_queries, row.device),
             keys=key_selection(scoped.keys, row.num_keys, row.num_prompt_tokens, row.device),
             key_set=scoped.keys,
         )
