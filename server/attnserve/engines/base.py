@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +243,11 @@ class ImageGeneration(abc.ABC):
     def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:
         """Stream one DenoisingProgress per step, then the GeneratedImages. Closing the iterator
         early (cancel, deadline) drops the request from its batch before the next step."""
+
+    def query_grids(self, height: int, width: int) -> Mapping[int, tuple[int, int]]:
+        """Cross-attention layer -> the (rows, cols) grid of its image tokens (row-major queries)
+        for an image of this size; empty when the model binds no layout (LayoutBinding)."""
+        return {}
 
 
 #: RPC -> the capability an engine needs to serve it.

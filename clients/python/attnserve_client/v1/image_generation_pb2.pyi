@@ -40,6 +40,7 @@ class GenerateImageRequest(_message.Message):
     READOUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served diffusion model."""
     prompt: _builtins.str
@@ -77,6 +78,12 @@ class GenerateImageRequest(_message.Message):
     def word_heatmaps(self) -> Global___WordHeatmapsSpec:
         """DAAM cross-attention heatmaps of prompt words, returned with the images."""
 
+    @_builtins.property
+    def layout(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayoutBinding]:
+        """Boxes of the image bound to prompt spans (BizGen-style layout), at most 16; on the
+        conditional (and perturbed) branch.
+        """
+
     def __init__(
         self,
         *,
@@ -94,10 +101,11 @@ class GenerateImageRequest(_message.Message):
         readouts: _readout_pb2.ReadoutSpec | None = ...,
         request_id: _builtins.str = ...,
         word_heatmaps: Global___WordHeatmapsSpec | None = ...,
+        layout: _abc.Iterable[Global___LayoutBinding] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "interventions", b"interventions", "pag", b"pag", "readouts", b"readouts", "seed", b"seed", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "layout", b"layout", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -109,6 +117,61 @@ class GenerateImageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateImageRequest: _TypeAlias = GenerateImageRequest  # noqa: Y015
+
+@_typing.final
+class LayoutBinding(_message.Message):
+    """A box of the image bound to a prompt span: on every cross-attention layer, the image tokens
+    inside the box get the span's keys emphasised (logit bias +log(strength)) and the image tokens
+    outside get them suppressed (-log(strength)), at every denoising step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X0_FIELD_NUMBER: _builtins.int
+    Y0_FIELD_NUMBER: _builtins.int
+    X1_FIELD_NUMBER: _builtins.int
+    Y1_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    x0: _builtins.float
+    """The box in fractions of the image's width (x) and height (y), origin at the top left:
+    0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1. On each layer's grid of image tokens, a token is inside
+    when the centre of its cell is: [x0, x1) x [y0, y1).
+    """
+    y0: _builtins.float
+    x1: _builtins.float
+    y1: _builtins.float
+    strength: _builtins.float
+    """alpha, in (1, 1e6]; default 5."""
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The span: prompt words (each found as KeySelector.words are) and/or ranges of the prompt's
+        text-encoder token positions (start token at 0); at least one of them.
+        """
+
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_intervention_pb2.TokenRange]: ...
+    def __init__(
+        self,
+        *,
+        x0: _builtins.float = ...,
+        y0: _builtins.float = ...,
+        x1: _builtins.float = ...,
+        y1: _builtins.float = ...,
+        words: _abc.Iterable[_builtins.str] | None = ...,
+        ranges: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
+        strength: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "strength", b"strength"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "ranges", b"ranges", "strength", b"strength", "words", b"words", "x0", b"x0", "x1", b"x1", "y0", b"y0", "y1", b"y1"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+
+Global___LayoutBinding: _TypeAlias = LayoutBinding  # noqa: Y015
 
 @_typing.final
 class WordHeatmapsSpec(_message.Message):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
 from ..base import (
     DenoisingProgress,
@@ -31,7 +32,7 @@ from ..base import (
     ImageGeneration,
     ImageRequest,
 )
-from .attention import install_processors
+from .attention import install_processors, query_downsamplings
 from .denoise import Denoiser, DenoisingJob
 
 log = logging.getLogger("attnserve.engines.diffusers")
@@ -87,6 +88,7 @@ class DiffusersEngine(Engine, ImageGeneration):
     ):
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
+        self._downsamplings = query_downsamplings(self.pipe.unet, geometry)
         self._denoiser = Denoiser(self.pipe, call, geometry, statistics_sample_rate)
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
@@ -112,6 +114,11 @@ class DiffusersEngine(Engine, ImageGeneration):
         self._failure: str | None = None
 
     # --- API side (event loop thread) ---------------------------------------------------------
+
+    def query_grids(self, height: int, width: int) -> dict[int, tuple[int, int]]:
+        scale = self.pipe.vae_scale_factor
+        latent = (height // scale, width // scale)
+        return {layer: downsampled_grid(latent, level) for layer, level in self._downsamplings.items()}
 
     async def start(self) -> None:
         self._thread.start()
