@@ -190,6 +190,8 @@ BAD_REQUESTS = {
             ]
         )
     ),
+    "layout[0].x1": request(layout=[ipb.LayoutBinding(x0=0.5, x1=0.25, y1=1.0, words=["cat"])]),
+    "layout[0].words[0]": request(layout=[ipb.LayoutBinding(x1=1.0, y1=1.0, words=["dog"])]),
     "word_heatmaps.words[0]": request(word_heatmaps=ipb.WordHeatmapsSpec(words=["dog"])),
     "word_heatmaps": request(
         word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_temperature()
@@ -295,6 +297,21 @@ def test_cli_saves_the_images_and_word_heatmap_overlays(image_server, tmp_path):
         "image-1-house.png",
         "image-1.png",
     ]
+
+
+def test_client_sdk_layout_binding_changes_the_image(image_server):
+    """A box bound to "house" over the socket: the image differs from the plain one, and the
+    SDK's dict form is the message form."""
+    binding = {"x0": 0.5, "y0": 0.0, "x1": 1.0, "y1": 1.0, "words": ["house"], "strength": 20.0}
+    options = {"width": 16, "height": 16, "steps": 2, "seed": 3}
+    with Client(image_server["target"], timeout=120) as client:
+        [*_, plain] = client.generate_image(MODEL, "a red house", **options)
+        [*_, bound] = client.generate_image(MODEL, "a red house", layout=[binding], **options)
+        [*_, as_message] = client.generate_image(
+            MODEL, "a red house", layout=[ipb.LayoutBinding(**binding)], **options
+        )
+    assert bound.complete.images[0].png == as_message.complete.images[0].png
+    assert bound.complete.images[0].png != plain.complete.images[0].png
 
 
 def test_cli_prints_the_content_style_iou_curve(image_server, tmp_path):
