@@ -15,6 +15,7 @@ from attnserve.attention.core import attend_rows
 from attnserve.attention.layout import MaskKind, RowLayout
 from attnserve.attention.plan import RowPlan
 from attnserve.engines.diffusers.attention import attention_modules
+from attnserve.spec.errors import InvalidRequest
 from attnserve.spec.geometry import AttentionKind
 from attnserve_client.v1 import image_generation_pb2 as gpb
 
@@ -24,7 +25,7 @@ BOX = {"x0": 0.5, "y0": 0.0, "x1": 1.0, "y1": 1.0}  # the right half
 SPAN = ((5, 6),)  # "cat" in "<start> a photo of a cat <end>"
 
 
-def bound_request(served_model, seed=0, **binding):
+def bound_request(served_model, seed=0, word_heatmaps=None, **binding):
     request = gpb.GenerateImageRequest(
         model="tiny-sd",
         prompt=PROMPT,
@@ -34,6 +35,7 @@ def bound_request(served_model, seed=0, **binding):
         guidance_scale=GUIDANCE,
         seed=seed,
         layout=[gpb.LayoutBinding(**(BOX | {"words": ["cat"], "strength": 20.0} | binding))],
+        word_heatmaps=word_heatmaps,
     )
     return to_image_request(request, served_model, served_model.engine)
 
@@ -150,3 +152,10 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(served, served_mode
     for request, images in zip(requests, together):
         [alone] = generate(denoiser, [request])
         np.testing.assert_allclose(images, alone, atol=1e-5, rtol=0)
+
+
+def test_heatmaps_are_refused_with_a_layout(served_model):
+    """Heatmaps read the unedited cross-attention, which a layout edits."""
+    with pytest.raises(InvalidRequest) as caught:
+        bound_request(served_model, word_heatmaps=gpb.WordHeatmapsSpec(words=["cat"]))
+    assert [v.field for v in caught.value.violations] == ["word_heatmaps"]

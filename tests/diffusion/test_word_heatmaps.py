@@ -147,7 +147,7 @@ def test_words_missing_from_the_prompt_are_refused(served):
 CONTENT, STYLE = ["cat"], ["photo", "a"]
 
 
-def content_style_request(served_model, **word_heatmaps):
+def content_style_request(**word_heatmaps):
     return gpb.GenerateImageRequest(
         model="tiny-sd",
         prompt=PROMPT,
@@ -165,7 +165,7 @@ def test_content_style_iou_is_the_overlap_of_diffusers_maps(served, served_model
     probabilities; the IoU from its definition at 0.1 .. 0.9."""
     denoiser, _ = served
     request = to_image_request(
-        content_style_request(served_model, content_words=CONTENT, style_words=STYLE),
+        content_style_request(content_words=CONTENT, style_words=STYLE),
         served_model,
         served_model.engine,
     )
@@ -198,14 +198,12 @@ def test_content_style_iou_is_the_overlap_of_diffusers_maps(served, served_model
 )
 def test_content_style_violations_name_the_field(served_model, fields, word_heatmaps):
     with pytest.raises(InvalidRequest) as caught:
-        to_image_request(
-            content_style_request(served_model, **word_heatmaps), served_model, served_model.engine
-        )
+        to_image_request(content_style_request(**word_heatmaps), served_model, served_model.engine)
     assert [v.field for v in caught.value.violations] == fields
 
 
 def test_content_style_is_refused_with_cross_attention_edits(served_model):
-    request = content_style_request(served_model, content_words=CONTENT, style_words=STYLE)
+    request = content_style_request(content_words=CONTENT, style_words=STYLE)
     request.interventions.interventions.add(
         selector=ipb.Selector(attention=ipb.ATTENTION_KIND_CROSS), temperature=ipb.Temperature(temperature=2)
     )
