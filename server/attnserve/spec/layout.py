@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from attnserve_client.v1 import image_generation_pb2
 
-from ..attention.layout_binding import binding_ops
+from ..attention.layout_binding import Box, binding_ops
 from ..attention.plan import ALL_STEPS, KeySet, RequestPlan, ScopedOp
 from .errors import Violations
 from .ranges import ranged_value
@@ -56,7 +56,7 @@ def compile_layout(
     return ops
 
 
-def _box(binding: image_generation_pb2.LayoutBinding, field: str, violations: Violations):
+def _box(binding: image_generation_pb2.LayoutBinding, field: str, violations: Violations) -> Box:
     box = (binding.x0, binding.y0, binding.x1, binding.y1)
     for name, value in zip(("x0", "y0", "x1", "y1"), box):
         if not (math.isfinite(value) and 0 <= value <= 1):
