@@ -134,6 +134,7 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
         statistics_layers=[layer.index for layer in engine.info.geometry.layers if sampled and layer.causal],
         visual=engine.info.vision is not None,
         recipes=visual_recipes(engine.info),
+        cross_attention_shares=sampled and model.kind == "diffusion",
     )
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)

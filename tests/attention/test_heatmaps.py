@@ -7,7 +7,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from attnserve.attention.heatmaps import cross_attention_probabilities, query_grid, token_maps, word_heatmap
+from attnserve.attention.heatmaps import (
+    IOU_THRESHOLDS,
+    cross_attention_probabilities,
+    heatmap_iou,
+    query_grid,
+    token_maps,
+    word_heatmap,
+    word_set_heatmap,
+)
 
 LATENT = (8, 12)
 IMAGE = (16, 24)
@@ -64,3 +72,49 @@ def test_query_grid():
     assert query_grid(96, LATENT) == (8, 12)
     assert query_grid(24, LATENT) == (4, 6)
     assert query_grid(6, LATENT) == (2, 3)
+
+
+def test_word_set_heatmap_is_the_normalised_mean_of_its_words_maps():
+    torch.manual_seed(1)
+    summed = torch.rand(KEYS, *LATENT)
+    words = [[2], [1, 4], [5]]
+    mean = sum(sum(summed[p].double() for p in positions) / len(positions) for positions in words) / 3
+    image = F.interpolate(mean[None, None].float(), size=IMAGE, mode="bicubic", align_corners=False)[0, 0]
+    expected = (image - image.min()) / (image.max() - image.min())
+    torch.testing.assert_close(word_set_heatmap(summed, words, IMAGE), expected, atol=1e-5, rtol=0)
+    # One word is that word's heatmap.
+    torch.testing.assert_close(word_set_heatmap(summed, [[1, 4]], IMAGE), word_heatmap(summed, [1, 4], IMAGE))
+
+
+def iou_reference(a, b, thresholds):
+    """From the definition: pixel by pixel, A = {a >= t}, B = {b >= t}, |A & B| / |A | B|."""
+    out = []
+    for t in thresholds:
+        pixels = [(float(x) >= t, float(y) >= t) for x, y in zip(a.flatten(), b.flatten())]
+        both = sum(1 for x, y in pixels if x and y)
+        either = sum(1 for x, y in pixels if x or y)
+        out.append(both / either if either else 0.0)
+    return torch.tensor(out)
+
+
+def normalised(x):
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_heatmap_iou_matches_the_definition_at_each_threshold():
+    torch.manual_seed(2)
+    a = normalised(torch.rand(*IMAGE))
+    b = normalised(0.5 * a + torch.rand(*IMAGE))
+    got = heatmap_iou(a, b)
+    assert got.shape == (9,) and IOU_THRESHOLDS == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    torch.testing.assert_close(got, iou_reference(a, b, IOU_THRESHOLDS), atol=1e-5, rtol=0)
+    assert 0 < float(got.min()) < float(got.max()) < 1
+
+
+def test_heatmap_iou_of_equal_disjoint_and_empty_maps():
+    a = torch.zeros(4, 4)
+    a[:2] = 1.0
+    torch.testing.assert_close(heatmap_iou(a, a), torch.ones(9))
+    torch.testing.assert_close(heatmap_iou(a, 1 - a), torch.zeros(9))
+    # Nothing reaches any threshold: no union, IoU 0.
+    torch.testing.assert_close(heatmap_iou(torch.zeros(4, 4), torch.full((4, 4), 0.05)), torch.zeros(9))

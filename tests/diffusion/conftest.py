@@ -1,11 +1,15 @@
 """The tiny Stable-Diffusion pipeline, loaded once: a plain diffusers copy, a PAG-pipeline copy,
-and attnserve's Denoiser over a copy with attnserve's attention processors installed."""
+attnserve's Denoiser over a copy with attnserve's attention processors installed, and the served
+model the API layer validates requests against."""
 
 from __future__ import annotations
 
 import pytest
 from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
+from attnserve.engines.diffusers.engine import DiffusersEngine
+from attnserve.models.config import Limits
+from attnserve.models.registry import ServedModel
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
 
 
@@ -32,3 +36,10 @@ def served(tiny_sd_path):
     pipe = _load(StableDiffusionPipeline, tiny_sd_path)
     geometry, call = install_processors(pipe.unet)
     return Denoiser(pipe, call, geometry), geometry
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_sd_path):
+    """tiny-sd as the API layer sees it (its engine's worker thread never started: the tests use
+    its request inputs, and run them on `served`)."""
+    return ServedModel("tiny-sd", "diffusion", "diffusers", DiffusersEngine(tiny_sd_path), Limits(), {})

@@ -1,15 +1,19 @@
 """DAAM word heatmaps on the tiny pipeline: equal to the paper's aggregation of the cross-attention
 maps diffusers' own attention computes, free of side effects on the images, and the same for a
-request in a mixed batch as alone."""
+request in a mixed batch as alone; the content-vs-style IoU curve of two word sets' maps."""
 
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from attnserve.api.image_inputs import to_image_request
+from attnserve.attention.heatmaps import IOU_THRESHOLDS
 from attnserve.readouts.word_heatmaps import compile_words
-from attnserve.spec.errors import Violations
+from attnserve.spec.errors import InvalidRequest, Violations
 from attnserve_client.v1 import image_generation_pb2 as gpb
+from attnserve_client.v1 import intervention_pb2 as ipb
 from diffusers.models.attention_processor import AttnProcessor
 
 from .helpers import PROMPT, SIZE, generate, image_request, pag, reference_images
@@ -55,8 +59,9 @@ class CapturingProcessor(AttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def daam_reference(plain_pipe, positions):
-    """The paper's aggregation, eagerly, from diffusers' own cross-attention probabilities."""
+def daam_token_maps(plain_pipe):
+    """The paper's aggregation per text token, eagerly, from diffusers' own cross-attention
+    probabilities: (77, latent, latent)."""
     captured = []
     processors = {
         name: CapturingProcessor(name, captured)
@@ -83,9 +88,16 @@ def daam_reference(plain_pipe, positions):
                 / heads
                 / per_step
             )
-    word = total[list(positions)].mean(0)
-    image = F.interpolate(word[None, None], size=(SIZE, SIZE), mode="bicubic")[0, 0]
+    return total
+
+
+def normalised_image(latent_map):
+    image = F.interpolate(latent_map[None, None], size=(SIZE, SIZE), mode="bicubic")[0, 0]
     return (image - image.min()) / (image.max() - image.min())
+
+
+def daam_reference(plain_pipe, positions):
+    return normalised_image(daam_token_maps(plain_pipe)[list(positions)].mean(0))
 
 
 def test_heatmaps_are_daams_aggregation_of_diffusers_maps(served, plain_pipe):
@@ -130,3 +142,71 @@ def test_words_missing_from_the_prompt_are_refused(served):
     violations = Violations()
     compile_words(gpb.WordHeatmapsSpec(words=["cat"] * 3), ids, tokenizer, 1024, 2048, violations)
     assert [v.field for v in violations.items] == ["word_heatmaps.words"]
+
+
+CONTENT, STYLE = ["cat"], ["photo", "a"]
+
+
+def content_style_request(**word_heatmaps):
+    return gpb.GenerateImageRequest(
+        model="tiny-sd",
+        prompt=PROMPT,
+        width=SIZE,
+        height=SIZE,
+        steps=3,
+        guidance_scale=7.5,
+        seed=0,
+        word_heatmaps=gpb.WordHeatmapsSpec(**word_heatmaps),
+    )
+
+
+def test_content_style_iou_is_the_overlap_of_diffusers_maps(served, served_model, plain_pipe):
+    """Each set's map the normalised mean of its words' DAAM maps, from diffusers' own
+    probabilities; the IoU from its definition at 0.1 .. 0.9."""
+    denoiser, _ = served
+    request = to_image_request(
+        content_style_request(content_words=CONTENT, style_words=STYLE),
+        served_model,
+        served_model.engine,
+    )
+    assert request.heatmap_words == ()
+    assert [w.positions for w in request.content_style.style] == [(2,), (1, 4)]
+    jobs = [denoiser.start(request)]
+    denoiser.run(jobs, 3, lambda job, step, timestep: None)
+    [accumulator] = jobs[0].heatmaps
+    got = accumulator.content_style_iou(request.content_style, (SIZE, SIZE))
+
+    token_maps = daam_token_maps(plain_pipe)
+    content = normalised_image(token_maps[5])
+    style = normalised_image((token_maps[2] + token_maps[[1, 4]].mean(0)) / 2)
+    expected = []
+    for t in IOU_THRESHOLDS:
+        a, b = content >= t, style >= t
+        expected.append(float((a & b).sum()) / float((a | b).sum()))
+    assert len(got) == 9
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert len(set(got)) > 1  # a curve, not a constant
+
+
+@pytest.mark.parametrize(
+    ("fields", "word_heatmaps"),
+    [
+        (["word_heatmaps.style_words"], {"content_words": CONTENT}),
+        (["word_heatmaps.content_words[1]"], {"content_words": ["cat", "dog"], "style_words": STYLE}),
+        (["word_heatmaps.style_words"], {"content_words": CONTENT, "style_words": ["a"] * 17}),
+    ],
+)
+def test_content_style_violations_name_the_field(served_model, fields, word_heatmaps):
+    with pytest.raises(InvalidRequest) as caught:
+        to_image_request(content_style_request(**word_heatmaps), served_model, served_model.engine)
+    assert [v.field for v in caught.value.violations] == fields
+
+
+def test_content_style_is_refused_with_cross_attention_edits(served_model):
+    request = content_style_request(content_words=CONTENT, style_words=STYLE)
+    request.interventions.interventions.add(
+        selector=ipb.Selector(attention=ipb.ATTENTION_KIND_CROSS), temperature=ipb.Temperature(temperature=2)
+    )
+    with pytest.raises(InvalidRequest) as caught:
+        to_image_request(request, served_model, served_model.engine)
+    assert [v.field for v in caught.value.violations] == ["word_heatmaps"]

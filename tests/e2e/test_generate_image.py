@@ -177,6 +177,21 @@ BAD_REQUESTS = {
             ]
         )
     ),
+    "interventions.interventions[0].selector.keys.words[0]": request(
+        interventions=intervention_pb2.InterventionSpec(
+            interventions=[
+                intervention_pb2.Intervention(
+                    selector=intervention_pb2.Selector(
+                        attention=intervention_pb2.ATTENTION_KIND_CROSS,
+                        keys=intervention_pb2.KeySelector(words=["dog"]),
+                    ),
+                    key_emphasis=intervention_pb2.KeyEmphasis(alpha=5.0),
+                )
+            ]
+        )
+    ),
+    "layout[0].x1": request(layout=[ipb.LayoutBinding(x0=0.5, x1=0.25, y1=1.0, words=["cat"])]),
+    "layout[0].words[0]": request(layout=[ipb.LayoutBinding(x1=1.0, y1=1.0, words=["dog"])]),
     "word_heatmaps.words[0]": request(word_heatmaps=ipb.WordHeatmapsSpec(words=["dog"])),
     "word_heatmaps": request(
         word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_temperature()
@@ -284,6 +299,57 @@ def test_cli_saves_the_images_and_word_heatmap_overlays(image_server, tmp_path):
     ]
 
 
+def test_client_sdk_layout_binding_changes_the_image(image_server):
+    """A box bound to "house" over the socket: the image differs from the plain one, and the
+    SDK's dict form is the message form."""
+    binding = {"x0": 0.5, "y0": 0.0, "x1": 1.0, "y1": 1.0, "words": ["house"], "strength": 20.0}
+    options = {"width": 16, "height": 16, "steps": 2, "seed": 3}
+    with Client(image_server["target"], timeout=120) as client:
+        [*_, plain] = client.generate_image(MODEL, "a red house", **options)
+        [*_, bound] = client.generate_image(MODEL, "a red house", layout=[binding], **options)
+        [*_, as_message] = client.generate_image(
+            MODEL, "a red house", layout=[ipb.LayoutBinding(**binding)], **options
+        )
+    assert bound.complete.images[0].png == as_message.complete.images[0].png
+    assert bound.complete.images[0].png != plain.complete.images[0].png
+
+
+def test_cli_prints_the_content_style_iou_curve(image_server, tmp_path):
+    """The server's IoU of the content and style maps, one value per threshold 0.1 .. 0.9, as
+    attnserve-cli generate-image prints it."""
+    with Client(image_server["target"], timeout=120) as client:
+        [*_, last] = client.generate_image(
+            MODEL,
+            "a red house by the sea",
+            width=16,
+            height=16,
+            steps=2,
+            seed=3,
+            num_images=2,
+            content_words=["house"],
+            style_words=["red", "sea"],
+        )
+    overlaps = last.complete.content_style_overlaps
+    assert [o.image for o in overlaps] == [0, 1]
+    for overlap in overlaps:
+        assert list(overlap.thresholds) == pytest.approx([0.1 * k for k in range(1, 10)])
+        assert len(overlap.iou) == 9 and all(0 <= v <= 1 for v in overlap.iou)
+    args = ["--width", "16", "--height", "16", "--steps", "2", "--seed", "3", "--num-images", "2"]
+    result = CliRunner().invoke(
+        app,
+        ["generate-image", "a red house by the sea", "--model", MODEL, "--out", str(tmp_path), *args]
+        + ["--content-word", "house", "--style-word", "red", "--style-word", "sea"]
+        + ["--target", image_server["target"], "--timeout", "120"],
+    )
+    assert result.exit_code == 0, result.output
+    printed = [line for line in result.stdout.splitlines() if "content/style IoU" in line]
+    assert printed == [
+        f"image {o.image} content/style IoU "
+        + " ".join(f"{t:.1f}:{v:.3f}" for t, v in zip(o.thresholds, o.iou))
+        for o in overlaps
+    ]
+
+
 def test_metrics_count_steps_and_images(stub, image_server):
     import urllib.request
 
@@ -301,3 +367,10 @@ def test_metrics_count_steps_and_images(stub, image_server):
     guided = values[f"attnserve_diffusion_perturbed_guidance_norm_count{labels}"]
     assert guided >= 2
     assert values[f"attnserve_diffusion_perturbed_guidance_norm_sum{labels}"] > 0
+    # The cross-attention shares exist from the model's loading (the default sample rate, 0.05).
+    shares = [
+        line
+        for line in text.splitlines()
+        if line.startswith("attnserve_diffusion_cross_attention_share_ratio_count") and MODEL in line
+    ]
+    assert sorted(line.split('part="')[1].split('"')[0] for line in shares) == ["end", "start", "words"]

@@ -8,7 +8,7 @@ import urllib.request
 
 import grpc
 import pytest
-from attnserve.metrics import FINISH_REASONS, INTERVENTION_OPERATIONS, ServerMetrics
+from attnserve.metrics import FINISH_REASONS, INTERVENTION_OPERATIONS, PROMPT_PARTS, ServerMetrics
 from prometheus_client import CollectorRegistry
 
 MODEL = {"model": "smollm2-135m", "engine": "hf"}
@@ -44,6 +44,7 @@ def record_everything(metrics: ServerMetrics) -> None:
     )
     metrics.interventions_applied(model, engine, "sink_calibration", count=4)
     metrics.interventions_applied(model, engine, "key_mask")
+    metrics.cross_attention_shares("tiny-sd", "diffusers", (0.6, 0.3, 0.1))
 
 
 @pytest.fixture
@@ -130,6 +131,23 @@ def test_a_loaded_model_has_its_series_at_zero_before_any_request():
     assert value(metrics, "attnserve_intervention_applied_total", operation="key_mask", **MODEL) == 0
 
 
+def test_cross_attention_shares_by_prompt_part(metrics):
+    assert PROMPT_PARTS == ("start", "words", "end")
+    diffusion = {"model": "tiny-sd", "engine": "diffusers"}
+    name = "attnserve_diffusion_cross_attention_share_ratio"
+    assert value(metrics, f"{name}_sum", part="start", **diffusion) == pytest.approx(0.6)
+    assert value(metrics, f"{name}_bucket", le="0.2", part="end", **diffusion) == 1
+    assert value(metrics, f"{name}_bucket", le="0.2", part="words", **diffusion) == 0
+    with pytest.raises(ValueError):
+        metrics.cross_attention_shares("tiny-sd", "diffusers", (0.5, 0.5))
+    fresh = ServerMetrics()
+    fresh.model_loaded("tiny-sd", "diffusers", statistics_layers=[], cross_attention_shares=True)
+    for part in PROMPT_PARTS:
+        assert value(fresh, f"{name}_count", part=part, **diffusion) == 0
+    fresh.model_loaded(MODEL["model"], MODEL["engine"], statistics_layers=[0])
+    assert value(fresh, f"{name}_count", part="start", **MODEL) is None
+
+
 def test_recipe_passes_count_their_reading_passes_tokens():
     metrics = ServerMetrics()
     metrics.recipe_passes(
@@ -169,7 +187,7 @@ def test_server_info(metrics):
 
 
 def test_no_series_carries_a_request_id(metrics):
-    allowed = {"model", "engine", "layer", "operation", "finish_reason", "code", "le", "version"}
+    allowed = {"model", "engine", "layer", "operation", "finish_reason", "code", "part", "le", "version"}
     for family in metrics.registry.collect():
         if family.name.startswith("attnserve_"):
             for sample in family.samples:

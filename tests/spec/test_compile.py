@@ -250,6 +250,48 @@ def test_key_ranges_are_carried_into_the_key_set():
     )
 
 
+def _positions_in(words: dict[str, tuple[int, ...]]):
+    """A prompt's word resolver: the positions listed for each word, () for the others."""
+    return lambda word: words.get(word, ())
+
+
+def test_key_words_join_the_ranges_as_runs_of_positions():
+    context = make_context(word_positions=_positions_in({"a": (1, 4), "red cat": (5, 6)}))
+    keys = ipb.KeySelector(ranges=[ipb.TokenRange(start=8, end=9)], words=["a", "red cat"], invert=True)
+    iv = ipb.Intervention(
+        selector=ipb.Selector(layers=[0], keys=keys), key_emphasis=ipb.KeyEmphasis(alpha=3.0)
+    )
+    assert single_op(compile_interventions(iv, context=context)).keys == P.KeySet(
+        ranges=((8, 9), (1, 2), (4, 5), (5, 7)), invert=True
+    )
+
+
+def test_key_words_are_refused_where_the_engine_resolves_none():
+    iv = ipb.Intervention(
+        selector=ipb.Selector(layers=[0], keys=ipb.KeySelector(words=["cat"])),
+        key_emphasis=ipb.KeyEmphasis(alpha=3.0),
+    )
+    assert violation_fields([iv]) == ["interventions.interventions[0].selector.keys.words"]
+
+
+@pytest.mark.parametrize(
+    ("words", "fields"),
+    [
+        (["a", "dog", "a" * 257], ["words[1]", "words[2]"]),
+        (["a"] * 17, ["words"]),
+        ([" "], ["words[0]"]),
+    ],
+)
+def test_key_words_violations_name_the_word(words, fields):
+    iv = ipb.Intervention(
+        selector=ipb.Selector(layers=[0], keys=ipb.KeySelector(words=words)),
+        key_emphasis=ipb.KeyEmphasis(alpha=3.0),
+    )
+    context = make_context(word_positions=_positions_in({"a": (1,), "a" * 257: (2,)}))
+    prefix = "interventions.interventions[0].selector.keys."
+    assert violation_fields([iv], context=context) == [prefix + field for field in fields]
+
+
 def test_unset_keys_select_all_prompt_keys():
     assert single_op(compile_interventions(on_layer(0, key_mask=ipb.KeyMask()))).keys == P.ALL_PROMPT_KEYS
 

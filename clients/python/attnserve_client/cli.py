@@ -343,16 +343,32 @@ def generate_image(
             help="Prompt word whose heatmap to draw over the images (repeatable).", rich_help_panel=READOUTS
         ),
     ] = None,
+    content_word: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Content word of the prompt (repeatable; with --style-word): print the IoU of the "
+            "content and style maps at thresholds 0.1 .. 0.9.",
+            rich_help_panel=READOUTS,
+        ),
+    ] = None,
+    style_word: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Style word of the prompt (repeatable; with --content-word).", rich_help_panel=READOUTS
+        ),
+    ] = None,
     target: Target = DEFAULT_TARGET,
     timeout: Timeout = None,
 ) -> None:
-    """Generate images, showing a progress bar over the denoising steps; save them as PNG files."""
+    """Generate images, showing a progress bar over the denoising steps; save them as PNG files
+    (and print each image's content-vs-style IoU curve when asked)."""
     options = {
         name: value
         for name, value in {
             "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "num_images": num_images,
             "presets": preset or (), "word_heatmaps": word or (),
+            "content_words": content_word or (), "style_words": style_word or (),
         }.items()
         if value is not None
     }  # fmt: skip
@@ -383,6 +399,9 @@ def generate_image(
         _fail("the server closed the stream without images")
     for path in write_images(complete, out):
         typer.echo(f"wrote {path}", err=True)
+    for overlap in complete.content_style_overlaps:
+        curve = " ".join(f"{t:.1f}:{iou:.3f}" for t, iou in zip(overlap.thresholds, overlap.iou))
+        typer.echo(f"image {overlap.image} content/style IoU {curve}")
 
 
 @app.command()

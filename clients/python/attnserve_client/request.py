@@ -132,6 +132,12 @@ class ImageOptions(TypedDict, total=False):
     pag: image_generation_pb2.PerturbedAttentionGuidance | Mapping[str, Any]
     #: Prompt words whose DAAM heatmaps come back with the images.
     word_heatmaps: Sequence[str]
+    #: Content and style words ("The Cow of Rembrandt"): the IoU curve of their maps comes back.
+    content_words: Sequence[str]
+    style_words: Sequence[str]
+    #: Boxes bound to prompt spans: LayoutBinding messages or their dicts, e.g.
+    #: {"x0": 0.5, "y0": 0, "x1": 1, "y1": 1, "words": ["cat"], "strength": 5}.
+    layout: Sequence[image_generation_pb2.LayoutBinding | Mapping[str, Any]]
     request_id: str
 
 
@@ -159,6 +165,13 @@ def image_request(
     if spec.presets or spec.interventions:
         request.interventions.CopyFrom(spec)
     request.word_heatmaps.words.extend(options.get("word_heatmaps", ()))
+    request.word_heatmaps.content_words.extend(options.get("content_words", ()))
+    request.word_heatmaps.style_words.extend(options.get("style_words", ()))
+    for binding in options.get("layout", ()):
+        if isinstance(binding, image_generation_pb2.LayoutBinding):
+            request.layout.append(binding)
+        else:
+            json_format.ParseDict(binding, request.layout.add())
     pag = options.get("pag")
     if isinstance(pag, image_generation_pb2.PerturbedAttentionGuidance):
         request.pag.CopyFrom(pag)

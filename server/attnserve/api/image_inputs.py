@@ -11,12 +11,14 @@ from attnserve_client.v1 import intervention_pb2
 
 from ..engines.base import ImageGeneration, ImageRequest
 from ..models.registry import ServedModel
-from ..readouts.word_heatmaps import compile_words
+from ..readouts.word_heatmaps import compile_content_style, compile_words
 from ..spec.compile import SpecContext, SpecLimits, compile_plan
 from ..spec.errors import FieldViolation, InvalidRequest, Violations
 from ..spec.geometry import AttentionKind
 from ..spec.guidance import compile_guidance
+from ..spec.layout import compile_layout, with_layout
 from ..spec.ranges import PARAMETER_RANGES
+from ..spec.words import word_positions
 from .inputs import MAX_REQUEST_ID_LENGTH
 
 DEFAULT_STEPS = 50
@@ -64,6 +66,14 @@ def to_image_request(
         limits.max_readout_values,
         violations,
     )
+    content_style = compile_content_style(request.word_heatmaps, prompt_ids, engine.tokenizer, violations)
+
+    def positions_of(word: str) -> tuple[int, ...]:
+        return word_positions(word, prompt_ids, engine.tokenizer)
+
+    layout_ops = compile_layout(
+        request.layout, engine.query_grids(height, width), len(prompt_ids), positions_of, violations
+    )
     violations.raise_if_any()
 
     plan = compile_plan(
@@ -78,15 +88,19 @@ def to_image_request(
             supported_operations=engine.info.supported_operations,
             supported_readouts=engine.info.supported_readouts,
             unsupported_reason=engine.info.unsupported_reason,
+            word_positions=positions_of,
         ),
     )
-    if words and any(geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops):
+    plan = with_layout(plan, layout_ops)
+    if (words or content_style) and any(
+        geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops
+    ):
         raise InvalidRequest(
             [
                 FieldViolation(
                     "word_heatmaps",
                     "heatmaps read the unedited cross-attention: not with interventions on "
-                    "cross-attention layers",
+                    "cross-attention layers or a layout",
                 )
             ]
         )
@@ -103,6 +117,7 @@ def to_image_request(
         plan=plan,
         perturbed=perturbed,
         heatmap_words=words,
+        content_style=content_style,
     )
 
 

@@ -285,6 +285,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         images=images, interventions_applied=len(image_request.plan.applied_operations)
                     )
                     word_heatmaps.write(complete, image_request.heatmap_words, event.heatmaps)
+                    word_heatmaps.write_overlaps(complete, event.content_style_iou)
                     yield image_pb.GenerateImageResponse(complete=complete)
         except EngineDead as exc:
             log.error("generate_image failed request_id=%s: %s", image_request.request_id, exc)

@@ -4,7 +4,9 @@ For one image: every cross-attention call of the UNet's down and up blocks in th
 branch gives per head a map over the image tokens for each text token. Each map is upsampled
 bicubically to the latent grid and clamped at 0; the maps are averaged over heads and layers
 and summed over steps. A word's map is the mean over its tokens' maps, upsampled to the image
-size and min-max normalised to [0, 1] (docs/attention-math.md#word-heatmaps-daam). Pure torch.
+size and min-max normalised to [0, 1] (docs/attention-math.md#word-heatmaps-daam). Two sets of
+words (content and style, "The Cow of Rembrandt") compare by the IoU of their maps binarised at
+thresholds 0.1 .. 0.9 (docs/attention-math.md#content-vs-style-overlap). Pure torch.
 """
 
 from __future__ import annotations
@@ -48,7 +50,35 @@ def query_grid(num_queries: int, latent: tuple[int, int]) -> tuple[int, int]:
 def word_heatmap(summed: torch.Tensor, positions: Sequence[int], image: tuple[int, int]) -> torch.Tensor:
     """(height, width) in [0, 1]: the mean of the token maps at positions (summed (Lk, *latent),
     already averaged over layers), upsampled bicubically to the image size, min-max normalised."""
-    word = summed[list(positions)].mean(dim=0)
-    upsampled = F.interpolate(word[None, None], size=image, mode="bicubic", align_corners=False)[0, 0]
+    return _normalised_image(summed[list(positions)].mean(dim=0), image)
+
+
+def word_set_heatmap(
+    summed: torch.Tensor, words: Sequence[Sequence[int]], image: tuple[int, int]
+) -> torch.Tensor:
+    """(height, width) in [0, 1]: the mean over words (each given by its positions) of each
+    word's mean token map, upsampled and min-max normalised as a word's heatmap is."""
+    maps = torch.stack([summed[list(positions)].mean(dim=0) for positions in words])
+    return _normalised_image(maps.mean(dim=0), image)
+
+
+def _normalised_image(latent_map: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
+    upsampled = F.interpolate(latent_map[None, None], size=image, mode="bicubic", align_corners=False)[0, 0]
     low, high = upsampled.min(), upsampled.max()
     return (upsampled - low) / (high - low).clamp_min(torch.finfo(upsampled.dtype).tiny)
+
+
+#: "The Cow of Rembrandt" binarises the content and style maps at these thresholds.
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def heatmap_iou(
+    a: torch.Tensor, b: torch.Tensor, thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> torch.Tensor:
+    """(len(thresholds),): per threshold t, |A ∩ B| / |A ∪ B| of the pixel sets A = {a >= t},
+    B = {b >= t} of two maps of one shape; 0 where the union is empty."""
+    levels = torch.tensor(thresholds, dtype=a.dtype, device=a.device).view(-1, *([1] * a.dim()))
+    above_a, above_b = a[None] >= levels, b[None] >= levels
+    intersection = (above_a & above_b).flatten(1).sum(dim=1)
+    union = (above_a | above_b).flatten(1).sum(dim=1)
+    return torch.where(union > 0, intersection / union.clamp_min(1), 0.0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..attention.plan import EMPTY_PLAN, RequestPlan
-from ..readouts.word_heatmaps import HeatmapWord
+from ..readouts.word_heatmaps import ContentStyleWords, HeatmapWord
 from ..spec.geometry import ModelGeometry
 from ..spec.guidance import PerturbedGuidance
 
@@ -74,6 +74,12 @@ class ImageRequest:
     perturbed: PerturbedGuidance | None = None
     #: Prompt words whose DAAM heatmaps the request reads out.
     heatmap_words: tuple[HeatmapWord, ...] = ()
+    #: Content and style words whose maps' IoU curve the request reads out.
+    content_style: ContentStyleWords | None = None
+
+    @property
+    def reads_heatmaps(self) -> bool:
+        return bool(self.heatmap_words) or self.content_style is not None
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class GeneratedImages:
     queue_seconds: float
     #: Per image, each of ImageRequest.heatmap_words' (height, width) heatmap.
     heatmaps: tuple[tuple[Any, ...], ...] = ()
+    #: Per image, the content-vs-style IoU at each threshold (ImageRequest.content_style).
+    content_style_iou: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass
@@ -241,6 +249,11 @@ class ImageGeneration(abc.ABC):
     def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:
         """Stream one DenoisingProgress per step, then the GeneratedImages. Closing the iterator
         early (cancel, deadline) drops the request from its batch before the next step."""
+
+    def query_grids(self, height: int, width: int) -> Mapping[int, tuple[int, int]]:
+        """Cross-attention layer -> the (rows, cols) grid of its image tokens (row-major queries)
+        for an image of this size; empty when the model binds no layout (LayoutBinding)."""
+        return {}
 
 
 #: RPC -> the capability an engine needs to serve it.

@@ -90,6 +90,10 @@ def _diffusers_engine(path, model: ModelConfig, config: ServerConfig, metrics: S
         on_step_seconds=lambda seconds: metrics.denoising_step(model.name, model.engine, seconds),
         on_images=lambda count: metrics.images_generated(model.name, model.engine, count),
         on_guidance_norm=lambda norm: metrics.perturbed_guidance_norm(model.name, model.engine, norm),
+        statistics_sample_rate=config.statistics.sample_rate,
+        on_cross_attention_shares=lambda shares: metrics.cross_attention_shares(
+            model.name, model.engine, shares
+        ),
     )
 
 

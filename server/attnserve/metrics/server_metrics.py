@@ -22,6 +22,8 @@ INTERVENTION_OPERATIONS = tuple(
 )
 
 _MODEL = ("model", "engine")
+#: The parts of a diffusion prompt's text tokens, in the order of attention/prompt_share.py's shares.
+PROMPT_PARTS = ("start", "words", "end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +203,16 @@ class ServerMetrics:
             buckets.GUIDANCE_NORM,
         )
 
+        self._cross_attention_share = histogram(
+            "attnserve_diffusion_cross_attention_share_ratio",
+            "Share of the cross-attention on a part of the prompt's text tokens: start (the start "
+            "token), words (the prompt's own tokens), end (the end token and the padding); one "
+            "image's conditional branch in a sampled denoising step, mean over the UNet's "
+            "cross-attention layers, heads and pixels.",
+            buckets.RATIO,
+            ("part",),
+        )
+
         Info("attnserve_server", "attnserve server build.", registry=registry).info(
             {"version": version or _installed_version()}
         )
@@ -212,11 +224,15 @@ class ServerMetrics:
         statistics_layers: Iterable[int],
         visual: bool = False,
         recipes: Iterable[str] = (),
+        cross_attention_shares: bool = False,
     ) -> None:
         """Creates the model's series at zero, with the attention statistics of the layers
-        whose statistics are sampled (and their image statistics for a vision-language model)
-        and the visual recipes it runs."""
+        whose statistics are sampled (and their image statistics for a vision-language model),
+        the visual recipes it runs, and the cross-attention shares for a sampled diffusion model."""
         self._series(model, engine)
+        if cross_attention_shares:
+            for part in PROMPT_PARTS:
+                self._cross_attention_share.labels(model=model, engine=engine, part=part)
         for layer in statistics_layers:
             self._layer(model, engine, layer)
             if visual:
@@ -336,6 +352,11 @@ class ServerMetrics:
 
     def perturbed_guidance_norm(self, model: str, engine: str, norm: float) -> None:
         self._guidance_norm.labels(model=model, engine=engine).observe(norm)
+
+    def cross_attention_shares(self, model: str, engine: str, shares: Iterable[float]) -> None:
+        """One sample: the shares of PROMPT_PARTS, in that order."""
+        for part, share in zip(PROMPT_PARTS, shares, strict=True):
+            self._cross_attention_share.labels(model=model, engine=engine, part=part).observe(share)
 
     # Children cache ---------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The word_heatmaps readout of GenerateImage (DAAM): per prompt word and image, where the
-conditional branch's cross-attention put that word (the math: attention/heatmaps.py).
+conditional branch's cross-attention put that word, and how much the content words' and the style
+words' maps overlap (the math: attention/heatmaps.py).
 
 Diffusion's readouts follow the same life as the text readouts of this package (compile once,
 record each attention call, accumulate over steps, write into the last message), but a
@@ -16,10 +17,16 @@ from dataclasses import dataclass
 import torch
 from attnserve_client.v1 import image_generation_pb2 as pb
 
-from ..attention.heatmaps import query_grid, token_maps, word_heatmap
-from ..spec.errors import Violations, quoted
-
-MAX_WORDS = 16
+from ..attention.heatmaps import (
+    IOU_THRESHOLDS,
+    heatmap_iou,
+    query_grid,
+    token_maps,
+    word_heatmap,
+    word_set_heatmap,
+)
+from ..spec.errors import Violations
+from ..spec.words import MAX_WORDS, resolve_words, word_positions
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,14 @@ class HeatmapWord:
     word: str
     #: Positions of its tokens among the prompt's text-encoder tokens.
     positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ContentStyleWords:
+    """The two word sets whose maps' overlap a request reads ("The Cow of Rembrandt")."""
+
+    content: tuple[HeatmapWord, ...]
+    style: tuple[HeatmapWord, ...]
 
 
 def compile_words(
@@ -39,36 +54,35 @@ def compile_words(
 ) -> tuple[HeatmapWord, ...]:
     """Each asked word with its token positions in the prompt; pixels = images x height x width."""
     field = "word_heatmaps.words"
-    if len(spec.words) > MAX_WORDS:
-        violations.add(field, f"{len(spec.words)} words exceed the limit of {MAX_WORDS}")
-        return ()
-    if len(spec.words) * pixels > max_values:
+    if len(spec.words) * pixels > max_values and len(spec.words) <= MAX_WORDS:
         violations.add(
             field,
             f"{len(spec.words)} words x {pixels} pixels (images x height x width) exceed "
             f"max_readout_values ({max_values})",
         )
-    words = []
-    for i, word in enumerate(spec.words):
-        ids = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
-        positions = _occurrences(ids, prompt_token_ids)
-        if not positions:
-            violations.add(f"{field}[{i}]", f"{quoted(word)} is not among the prompt's tokens")
-            continue
-        words.append(HeatmapWord(word, positions))
-    return tuple(words)
+    found = resolve_words(
+        spec.words, field, lambda word: word_positions(word, prompt_token_ids, tokenizer), violations
+    )
+    return tuple(HeatmapWord(word, positions) for word, positions in found)
 
 
-def _occurrences(ids: Sequence[int], prompt: Sequence[int]) -> tuple[int, ...]:
-    """Positions covered by every occurrence of the token sequence ids in prompt."""
-    n = len(ids)
-    if n == 0:
-        return ()
-    found: list[int] = []
-    for start in range(len(prompt) - n + 1):
-        if list(prompt[start : start + n]) == list(ids):
-            found.extend(range(start, start + n))
-    return tuple(sorted(set(found)))
+def compile_content_style(
+    spec: pb.WordHeatmapsSpec, prompt_token_ids: Sequence[int], tokenizer, violations: Violations
+) -> ContentStyleWords | None:
+    """The content and style words with their positions; None when neither set is asked for."""
+    if not spec.content_words and not spec.style_words:
+        return None
+    sets = []
+    for name in ("content_words", "style_words"):
+        field = f"word_heatmaps.{name}"
+        words = getattr(spec, name)
+        if not words:
+            violations.add(field, "name content_words and style_words together (at least one word each)")
+        found = resolve_words(
+            words, field, lambda word: word_positions(word, prompt_token_ids, tokenizer), violations
+        )
+        sets.append(tuple(HeatmapWord(word, positions) for word, positions in found))
+    return ContentStyleWords(*sets)
 
 
 class HeatmapAccumulator:
@@ -90,6 +104,14 @@ class HeatmapAccumulator:
             raise RuntimeError("no cross-attention was recorded")
         return [word_heatmap(self.summed, word.positions, image) for word in words]
 
+    def content_style_iou(self, words: ContentStyleWords, image: tuple[int, int]) -> tuple[float, ...]:
+        """The IoU of the content and style maps at each of IOU_THRESHOLDS."""
+        if self.summed is None:
+            raise RuntimeError("no cross-attention was recorded")
+        content = word_set_heatmap(self.summed, [word.positions for word in words.content], image)
+        style = word_set_heatmap(self.summed, [word.positions for word in words.style], image)
+        return tuple(heatmap_iou(content, style).tolist())
+
 
 def write(
     complete: pb.GenerateImageComplete,
@@ -107,3 +129,9 @@ def write(
                 height=heatmap.shape[0],
                 values=heatmap.flatten().tolist(),
             )
+
+
+def write_overlaps(complete: pb.GenerateImageComplete, per_image: Sequence[Sequence[float]]) -> None:
+    """Write each image's content-vs-style IoU curve into the last message."""
+    for image, iou in enumerate(per_image):
+        complete.content_style_overlaps.add(image=image, thresholds=IOU_THRESHOLDS, iou=iou)

@@ -8,7 +8,7 @@ names of GenerateRequest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from attnserve_client.v1 import intervention_pb2, readout_pb2
@@ -19,6 +19,7 @@ from .errors import Unsupported, Violations, quoted
 from .geometry import AttentionKind, AttentionLayer, ModelGeometry
 from .ranges import ranged_value
 from .selectors import check_index, checked_heads, image_indices, prompt_ranges, selected_layers
+from .words import position_ranges, resolve_words
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class SpecContext:
     unsupported_reason: str | None = None
     #: Half-open prompt positions of each image's tokens (vision-language models).
     image_spans: tuple[tuple[int, int], ...] = ()
+    #: A prompt word's token positions, every occurrence (diffusion models); None where key
+    #: selectors take no words.
+    word_positions: Callable[[str], tuple[int, ...]] | None = None
 
 
 def compile_plan(
@@ -221,9 +225,21 @@ def _key_set(keys: intervention_pb2.KeySelector, field: str, ctx: SpecContext, v
             ranges = tuple(ranges) + tuple(ctx.image_spans[i] for i in images)
         else:
             visual = P.VisualKeys(images=images, part=part)
+    if keys.words:
+        ranges = tuple(ranges) + _word_ranges(keys.words, f"{field}.words", ctx, violations)
     return P.KeySet(
         ranges=ranges, invert=keys.invert, include_generated=keys.include_generated, visual=visual
     )
+
+
+def _word_ranges(words, field: str, ctx: SpecContext, violations: Violations) -> tuple[tuple[int, int], ...]:
+    if ctx.word_positions is None:
+        # A language model's tokenizer splits a word differently alone than inside a prompt
+        # (leading spaces, merges), so a word could match the wrong tokens or none.
+        violations.add(field, "prompt words select keys on diffusion models only; use ranges")
+        return ()
+    found = resolve_words(words, field, ctx.word_positions, violations)
+    return tuple(r for _, positions in found for r in position_ranges(positions))
 
 
 _VISUAL_PARTS = {

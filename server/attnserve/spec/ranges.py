@@ -65,6 +65,8 @@ PARAMETER_RANGES: dict[str, NumberRange] = {
     "pag.scale": NumberRange(0.0, 100.0),
     "pag.adaptive_scale": NumberRange(0.0, 1.0),
     "pag.soft.u": NumberRange(0.0, 1.0),
+    # Layout binding: at most a log(alpha) bias of 13.8, as key_emphasis.
+    "layout.strength": NumberRange(1.0, 1e6, low_open=True),
 }
 
 

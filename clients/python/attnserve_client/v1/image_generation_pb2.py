@@ -26,7 +26,7 @@ from . import intervention_pb2 as attnserve_dot_v1_dot_intervention__pb2
 from . import readout_pb2 as attnserve_dot_v1_dot_readout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#attnserve/v1/image_generation.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x1a\x61ttnserve/v1/readout.proto\"\xc2\x03\n\x14GenerateImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\x05\x12\x35\n\rinterventions\x18\n \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x35\n\x03pag\x18\x0b \x01(\x0b\x32(.attnserve.v1.PerturbedAttentionGuidance\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x35\n\rword_heatmaps\x18\x0e \x01(\x0b\x32\x1e.attnserve.v1.WordHeatmapsSpecB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"!\n\x10WordHeatmapsSpec\x12\r\n\x05words\x18\x01 \x03(\t\"r\n\x0bWordHeatmap\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x05\x12\x17\n\x0ftoken_positions\x18\x03 \x03(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0e\n\x06values\x18\x06 \x03(\x02\"\xa8\x01\n\x1aPerturbedAttentionGuidance\x12\x12\n\x05scale\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0e\x61\x64\x61ptive_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12,\n\x04soft\x18\x04 \x01(\x0b\x32\x1e.attnserve.v1.SoftPerturbationB\x08\n\x06_scaleB\x11\n\x0f_adaptive_scale\"a\n\x10SoftPerturbation\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.LayerHeads\x12\x0e\n\x01u\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06preset\x18\x03 \x01(\tB\x04\n\x02_u\"[\n\rDenoisingStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x11\n\tnum_steps\x18\x04 \x01(\x05\"<\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"\x96\x01\n\x15GenerateImageComplete\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedImage\x12\x1d\n\x15interventions_applied\x18\x02 \x01(\x05\x12\x30\n\rword_heatmaps\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.WordHeatmap\"\x86\x01\n\x15GenerateImageResponse\x12+\n\x04step\x18\x01 \x01(\x0b\x32\x1b.attnserve.v1.DenoisingStepH\x00\x12\x37\n\x08\x63omplete\x18\x02 \x01(\x0b\x32#.attnserve.v1.GenerateImageCompleteH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#attnserve/v1/image_generation.proto\x12\x0c\x61ttnserve.v1\x1a\x1f\x61ttnserve/v1/intervention.proto\x1a\x1a\x61ttnserve/v1/readout.proto\"\xef\x03\n\x14GenerateImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\x05\x12\x35\n\rinterventions\x18\n \x01(\x0b\x32\x1e.attnserve.v1.InterventionSpec\x12\x35\n\x03pag\x18\x0b \x01(\x0b\x32(.attnserve.v1.PerturbedAttentionGuidance\x12+\n\x08readouts\x18\x0c \x01(\x0b\x32\x19.attnserve.v1.ReadoutSpec\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x35\n\rword_heatmaps\x18\x0e \x01(\x0b\x32\x1e.attnserve.v1.WordHeatmapsSpec\x12+\n\x06layout\x18\x0f \x03(\x0b\x32\x1b.attnserve.v1.LayoutBindingB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"\x9c\x01\n\rLayoutBinding\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\x12\r\n\x05words\x18\x05 \x03(\t\x12(\n\x06ranges\x18\x06 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x15\n\x08strength\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x0b\n\t_strength\"M\n\x10WordHeatmapsSpec\x12\r\n\x05words\x18\x01 \x03(\t\x12\x15\n\rcontent_words\x18\x02 \x03(\t\x12\x13\n\x0bstyle_words\x18\x03 \x03(\t\"r\n\x0bWordHeatmap\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x05\x12\x17\n\x0ftoken_positions\x18\x03 \x03(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0e\n\x06values\x18\x06 \x03(\x02\"\xa8\x01\n\x1aPerturbedAttentionGuidance\x12\x12\n\x05scale\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0e\x61\x64\x61ptive_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12,\n\x04soft\x18\x04 \x01(\x0b\x32\x1e.attnserve.v1.SoftPerturbationB\x08\n\x06_scaleB\x11\n\x0f_adaptive_scale\"a\n\x10SoftPerturbation\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.LayerHeads\x12\x0e\n\x01u\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06preset\x18\x03 \x01(\tB\x04\n\x02_u\"[\n\rDenoisingStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x11\n\tnum_steps\x18\x04 \x01(\x05\"<\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"\xd9\x01\n\x15GenerateImageComplete\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.attnserve.v1.GeneratedImage\x12\x1d\n\x15interventions_applied\x18\x02 \x01(\x05\x12\x30\n\rword_heatmaps\x18\x03 \x03(\x0b\x32\x19.attnserve.v1.WordHeatmap\x12\x41\n\x16\x63ontent_style_overlaps\x18\x04 \x03(\x0b\x32!.attnserve.v1.ContentStyleOverlap\"E\n\x13\x43ontentStyleOverlap\x12\r\n\x05image\x18\x01 \x01(\x05\x12\x12\n\nthresholds\x18\x02 \x03(\x02\x12\x0b\n\x03iou\x18\x03 \x03(\x02\"\x86\x01\n\x15GenerateImageResponse\x12+\n\x04step\x18\x01 \x01(\x0b\x32\x1b.attnserve.v1.DenoisingStepH\x00\x12\x37\n\x08\x63omplete\x18\x02 \x01(\x0b\x32#.attnserve.v1.GenerateImageCompleteH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.image_generati
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEIMAGEREQUEST']._serialized_start=115
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=565
-  _globals['_WORDHEATMAPSSPEC']._serialized_start=567
-  _globals['_WORDHEATMAPSSPEC']._serialized_end=600
-  _globals['_WORDHEATMAP']._serialized_start=602
-  _globals['_WORDHEATMAP']._serialized_end=716
-  _globals['_PERTURBEDATTENTIONGUIDANCE']._serialized_start=719
-  _globals['_PERTURBEDATTENTIONGUIDANCE']._serialized_end=887
-  _globals['_SOFTPERTURBATION']._serialized_start=889
-  _globals['_SOFTPERTURBATION']._serialized_end=986
-  _globals['_DENOISINGSTEP']._serialized_start=988
-  _globals['_DENOISINGSTEP']._serialized_end=1079
-  _globals['_GENERATEDIMAGE']._serialized_start=1081
-  _globals['_GENERATEDIMAGE']._serialized_end=1141
-  _globals['_GENERATEIMAGECOMPLETE']._serialized_start=1144
-  _globals['_GENERATEIMAGECOMPLETE']._serialized_end=1294
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1297
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1431
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=610
+  _globals['_LAYOUTBINDING']._serialized_start=613
+  _globals['_LAYOUTBINDING']._serialized_end=769
+  _globals['_WORDHEATMAPSSPEC']._serialized_start=771
+  _globals['_WORDHEATMAPSSPEC']._serialized_end=848
+  _globals['_WORDHEATMAP']._serialized_start=850
+  _globals['_WORDHEATMAP']._serialized_end=964
+  _globals['_PERTURBEDATTENTIONGUIDANCE']._serialized_start=967
+  _globals['_PERTURBEDATTENTIONGUIDANCE']._serialized_end=1135
+  _globals['_SOFTPERTURBATION']._serialized_start=1137
+  _globals['_SOFTPERTURBATION']._serialized_end=1234
+  _globals['_DENOISINGSTEP']._serialized_start=1236
+  _globals['_DENOISINGSTEP']._serialized_end=1327
+  _globals['_GENERATEDIMAGE']._serialized_start=1329
+  _globals['_GENERATEDIMAGE']._serialized_end=1389
+  _globals['_GENERATEIMAGECOMPLETE']._serialized_start=1392
+  _globals['_GENERATEIMAGECOMPLETE']._serialized_end=1609
+  _globals['_CONTENTSTYLEOVERLAP']._serialized_start=1611
+  _globals['_CONTENTSTYLEOVERLAP']._serialized_end=1680
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1683
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1817
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,7 @@ class GenerateImageRequest(_message.Message):
     READOUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a served diffusion model."""
     prompt: _builtins.str
@@ -77,6 +78,12 @@ class GenerateImageRequest(_message.Message):
     def word_heatmaps(self) -> Global___WordHeatmapsSpec:
         """DAAM cross-attention heatmaps of prompt words, returned with the images."""
 
+    @_builtins.property
+    def layout(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayoutBinding]:
+        """Boxes of the image bound to prompt spans (BizGen-style layout), at most 16; on the
+        conditional (and perturbed) branch.
+        """
+
     def __init__(
         self,
         *,
@@ -94,10 +101,11 @@ class GenerateImageRequest(_message.Message):
         readouts: _readout_pb2.ReadoutSpec | None = ...,
         request_id: _builtins.str = ...,
         word_heatmaps: Global___WordHeatmapsSpec | None = ...,
+        layout: _abc.Iterable[Global___LayoutBinding] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "interventions", b"interventions", "pag", b"pag", "readouts", b"readouts", "seed", b"seed", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "interventions", b"interventions", "layout", b"layout", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "pag", b"pag", "prompt", b"prompt", "readouts", b"readouts", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -111,6 +119,61 @@ class GenerateImageRequest(_message.Message):
 Global___GenerateImageRequest: _TypeAlias = GenerateImageRequest  # noqa: Y015
 
 @_typing.final
+class LayoutBinding(_message.Message):
+    """A box of the image bound to a prompt span: on every cross-attention layer, the image tokens
+    inside the box get the span's keys emphasised (logit bias +log(strength)) and the image tokens
+    outside get them suppressed (-log(strength)), at every denoising step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X0_FIELD_NUMBER: _builtins.int
+    Y0_FIELD_NUMBER: _builtins.int
+    X1_FIELD_NUMBER: _builtins.int
+    Y1_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    x0: _builtins.float
+    """The box in fractions of the image's width (x) and height (y), origin at the top left:
+    0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1. On each layer's grid of image tokens, a token is inside
+    when the centre of its cell is: [x0, x1) x [y0, y1).
+    """
+    y0: _builtins.float
+    x1: _builtins.float
+    y1: _builtins.float
+    strength: _builtins.float
+    """alpha, in (1, 1e6]; default 5."""
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The span: prompt words (each found as KeySelector.words are) and/or ranges of the prompt's
+        text-encoder token positions (start token at 0); at least one of them.
+        """
+
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_intervention_pb2.TokenRange]: ...
+    def __init__(
+        self,
+        *,
+        x0: _builtins.float = ...,
+        y0: _builtins.float = ...,
+        x1: _builtins.float = ...,
+        y1: _builtins.float = ...,
+        words: _abc.Iterable[_builtins.str] | None = ...,
+        ranges: _abc.Iterable[_intervention_pb2.TokenRange] | None = ...,
+        strength: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "strength", b"strength"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "ranges", b"ranges", "strength", b"strength", "words", b"words", "x0", b"x0", "x1", b"x1", "y0", b"y0", "y1", b"y1"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+
+Global___LayoutBinding: _TypeAlias = LayoutBinding  # noqa: Y015
+
+@_typing.final
 class WordHeatmapsSpec(_message.Message):
     """Which prompt words get a heatmap (DAAM: cross-attention of the conditional branch in the UNet's
     down and up blocks, summed over steps, averaged over layers and heads; a word's map is the mean
@@ -121,20 +184,34 @@ class WordHeatmapsSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORDS_FIELD_NUMBER: _builtins.int
+    CONTENT_WORDS_FIELD_NUMBER: _builtins.int
+    STYLE_WORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Words (or phrases) of the prompt, each tokenized alone and found in the prompt's tokens (every
         occurrence counts). At most 16; words x images x pixels are bounded by max_readout_values.
         """
 
+    @_builtins.property
+    def content_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"The Cow of Rembrandt": the IoU of the content words' and the style words' maps (each set's
+        map the mean of its words' maps, normalised as a word's), binarised at 0.1, 0.2, ..., 0.9,
+        per image (GenerateImageComplete.content_style_overlaps). Set both or neither; each word as
+        in `words`, at most 16 per set.
+        """
+
+    @_builtins.property
+    def style_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         words: _abc.Iterable[_builtins.str] | None = ...,
+        content_words: _abc.Iterable[_builtins.str] | None = ...,
+        style_words: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_words", b"content_words", "style_words", b"style_words", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,6 +417,7 @@ class GenerateImageComplete(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     INTERVENTIONS_APPLIED_FIELD_NUMBER: _builtins.int
     WORD_HEATMAPS_FIELD_NUMBER: _builtins.int
+    CONTENT_STYLE_OVERLAPS_FIELD_NUMBER: _builtins.int
     interventions_applied: _builtins.int
     """Interventions that ran, after presets were expanded."""
     @_builtins.property
@@ -350,20 +428,59 @@ class GenerateImageComplete(_message.Message):
     def word_heatmaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordHeatmap]:
         """The heatmaps asked for in word_heatmaps, word by word for each image."""
 
+    @_builtins.property
+    def content_style_overlaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentStyleOverlap]:
+        """The content-vs-style IoU curve of each image, when word_heatmaps asked for one."""
+
     def __init__(
         self,
         *,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         interventions_applied: _builtins.int = ...,
         word_heatmaps: _abc.Iterable[Global___WordHeatmap] | None = ...,
+        content_style_overlaps: _abc.Iterable[Global___ContentStyleOverlap] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "interventions_applied", b"interventions_applied", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_style_overlaps", b"content_style_overlaps", "images", b"images", "interventions_applied", b"interventions_applied", "word_heatmaps", b"word_heatmaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateImageComplete: _TypeAlias = GenerateImageComplete  # noqa: Y015
+
+@_typing.final
+class ContentStyleOverlap(_message.Message):
+    """How much one image's content-word map and style-word map overlap (WordHeatmapsSpec)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    IOU_FIELD_NUMBER: _builtins.int
+    image: _builtins.int
+    """Index of the image (GenerateImageComplete.images)."""
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """0.1, 0.2, ..., 0.9: a pixel is in a map's region when its value is >= the threshold."""
+
+    @_builtins.property
+    def iou(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per threshold, |content ∩ style| / |content ∪ style| of the two regions (0 when both are empty)."""
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.int = ...,
+        thresholds: _abc.Iterable[_builtins.float] | None = ...,
+        iou: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "iou", b"iou", "thresholds", b"thresholds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContentStyleOverlap: _TypeAlias = ContentStyleOverlap  # noqa: Y015
 
 @_typing.final
 class GenerateImageResponse(_message.Message):

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61ttnserve/v1/intervention.proto\x12\x0c\x61ttnserve.v1\"V\n\x10InterventionSpec\x12\x0f\n\x07presets\x18\x01 \x03(\t\x12\x31\n\rinterventions\x18\x02 \x03(\x0b\x32\x1a.attnserve.v1.Intervention\"(\n\nTokenRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"*\n\nLayerHeads\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\"\x93\x01\n\x0bKeySelector\x12(\n\x06ranges\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x0e\n\x06invert\x18\x02 \x01(\x08\x12\x19\n\x11include_generated\x18\x03 \x01(\x08\x12/\n\x0cimage_tokens\x18\x04 \x01(\x0b\x32\x19.attnserve.v1.ImageTokens\"I\n\x0bImageTokens\x12\x0e\n\x06images\x18\x01 \x03(\x05\x12*\n\x06tokens\x18\x02 \x01(\x0e\x32\x1a.attnserve.v1.VisualTokens\"4\n\tStepRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x10\n\x03\x65nd\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x06\n\x04_end\"\x99\x02\n\x08Selector\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12-\n\x0blayer_heads\x18\x03 \x03(\x0b\x32\x18.attnserve.v1.LayerHeads\x12.\n\tattention\x18\x04 \x01(\x0e\x32\x1b.attnserve.v1.AttentionKind\x12\'\n\x04keys\x18\x05 \x01(\x0b\x32\x19.attnserve.v1.KeySelector\x12&\n\x05steps\x18\x06 \x01(\x0b\x32\x17.attnserve.v1.StepRange\x12)\n\x07queries\x18\x07 \x01(\x0e\x32\x18.attnserve.v1.QueryScope\x12\x13\n\x0blayer_names\x18\x08 \x03(\t\"\\\n\x0fSinkCalibration\x12\x10\n\x03tau\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x0bmin_queries\x18\x03 \x01(\x05\x42\x06\n\x04_tauB\x07\n\x05_beta\"+\n\x0bKeyEmphasis\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_alpha\",\n\x0cLogitRescale\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_alpha\"/\n\x0fHeadOutputScale\x12\x12\n\x05scale\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"/\n\rIdentityBlend\x12\x13\n\x06weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"7\n\x0bTemperature\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\t\n\x07KeyMask\"\xb8\x03\n\x0cIntervention\x12(\n\x08selector\x18\x01 \x01(\x0b\x32\x16.attnserve.v1.Selector\x12\x39\n\x10sink_calibration\x18\n \x01(\x0b\x32\x1d.attnserve.v1.SinkCalibrationH\x00\x12\x31\n\x0ckey_emphasis\x18\x0b \x01(\x0b\x32\x19.attnserve.v1.KeyEmphasisH\x00\x12\x33\n\rlogit_rescale\x18\x0c \x01(\x0b\x32\x1a.attnserve.v1.LogitRescaleH\x00\x12:\n\x11head_output_scale\x18\r \x01(\x0b\x32\x1d.attnserve.v1.HeadOutputScaleH\x00\x12\x35\n\x0eidentity_blend\x18\x0e \x01(\x0b\x32\x1b.attnserve.v1.IdentityBlendH\x00\x12\x30\n\x0btemperature\x18\x0f \x01(\x0b\x32\x19.attnserve.v1.TemperatureH\x00\x12)\n\x08key_mask\x18\x10 \x01(\x0b\x32\x15.attnserve.v1.KeyMaskH\x00\x42\x0b\n\toperation*\x9d\x02\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fOPERATION_KIND_SINK_CALIBRATION\x10\x01\x12\x1f\n\x1bOPERATION_KIND_KEY_EMPHASIS\x10\x02\x12 \n\x1cOPERATION_KIND_LOGIT_RESCALE\x10\x03\x12$\n OPERATION_KIND_HEAD_OUTPUT_SCALE\x10\x04\x12!\n\x1dOPERATION_KIND_IDENTITY_BLEND\x10\x05\x12\x1e\n\x1aOPERATION_KIND_TEMPERATURE\x10\x06\x12\x1b\n\x17OPERATION_KIND_KEY_MASK\x10\x07*|\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TTENTION_KIND_SELF\x10\x01\x12\x18\n\x14\x41TTENTION_KIND_CROSS\x10\x02\x12\x18\n\x14\x41TTENTION_KIND_JOINT\x10\x03*T\n\nQueryScope\x12\x1b\n\x17QUERY_SCOPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fQUERY_SCOPE_ALL\x10\x01\x12\x14\n\x10QUERY_SCOPE_LAST\x10\x02*\x84\x01\n\x0cVisualTokens\x12\x1d\n\x19VISUAL_TOKENS_UNSPECIFIED\x10\x00\x12\x15\n\x11VISUAL_TOKENS_ALL\x10\x01\x12\x1d\n\x19VISUAL_TOKENS_PAINT_LOCAL\x10\x02\x12\x1f\n\x1bVISUAL_TOKENS_PAINT_SUMMARY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61ttnserve/v1/intervention.proto\x12\x0c\x61ttnserve.v1\"V\n\x10InterventionSpec\x12\x0f\n\x07presets\x18\x01 \x03(\t\x12\x31\n\rinterventions\x18\x02 \x03(\x0b\x32\x1a.attnserve.v1.Intervention\"(\n\nTokenRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"*\n\nLayerHeads\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\"\xa2\x01\n\x0bKeySelector\x12(\n\x06ranges\x18\x01 \x03(\x0b\x32\x18.attnserve.v1.TokenRange\x12\x0e\n\x06invert\x18\x02 \x01(\x08\x12\x19\n\x11include_generated\x18\x03 \x01(\x08\x12/\n\x0cimage_tokens\x18\x04 \x01(\x0b\x32\x19.attnserve.v1.ImageTokens\x12\r\n\x05words\x18\x05 \x03(\t\"I\n\x0bImageTokens\x12\x0e\n\x06images\x18\x01 \x03(\x05\x12*\n\x06tokens\x18\x02 \x01(\x0e\x32\x1a.attnserve.v1.VisualTokens\"4\n\tStepRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x10\n\x03\x65nd\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x06\n\x04_end\"\x99\x02\n\x08Selector\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12-\n\x0blayer_heads\x18\x03 \x03(\x0b\x32\x18.attnserve.v1.LayerHeads\x12.\n\tattention\x18\x04 \x01(\x0e\x32\x1b.attnserve.v1.AttentionKind\x12\'\n\x04keys\x18\x05 \x01(\x0b\x32\x19.attnserve.v1.KeySelector\x12&\n\x05steps\x18\x06 \x01(\x0b\x32\x17.attnserve.v1.StepRange\x12)\n\x07queries\x18\x07 \x01(\x0e\x32\x18.attnserve.v1.QueryScope\x12\x13\n\x0blayer_names\x18\x08 \x03(\t\"\\\n\x0fSinkCalibration\x12\x10\n\x03tau\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x0bmin_queries\x18\x03 \x01(\x05\x42\x06\n\x04_tauB\x07\n\x05_beta\"+\n\x0bKeyEmphasis\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_alpha\",\n\x0cLogitRescale\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_alpha\"/\n\x0fHeadOutputScale\x12\x12\n\x05scale\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"/\n\rIdentityBlend\x12\x13\n\x06weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"7\n\x0bTemperature\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\t\n\x07KeyMask\"\xb8\x03\n\x0cIntervention\x12(\n\x08selector\x18\x01 \x01(\x0b\x32\x16.attnserve.v1.Selector\x12\x39\n\x10sink_calibration\x18\n \x01(\x0b\x32\x1d.attnserve.v1.SinkCalibrationH\x00\x12\x31\n\x0ckey_emphasis\x18\x0b \x01(\x0b\x32\x19.attnserve.v1.KeyEmphasisH\x00\x12\x33\n\rlogit_rescale\x18\x0c \x01(\x0b\x32\x1a.attnserve.v1.LogitRescaleH\x00\x12:\n\x11head_output_scale\x18\r \x01(\x0b\x32\x1d.attnserve.v1.HeadOutputScaleH\x00\x12\x35\n\x0eidentity_blend\x18\x0e \x01(\x0b\x32\x1b.attnserve.v1.IdentityBlendH\x00\x12\x30\n\x0btemperature\x18\x0f \x01(\x0b\x32\x19.attnserve.v1.TemperatureH\x00\x12)\n\x08key_mask\x18\x10 \x01(\x0b\x32\x15.attnserve.v1.KeyMaskH\x00\x42\x0b\n\toperation*\x9d\x02\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fOPERATION_KIND_SINK_CALIBRATION\x10\x01\x12\x1f\n\x1bOPERATION_KIND_KEY_EMPHASIS\x10\x02\x12 \n\x1cOPERATION_KIND_LOGIT_RESCALE\x10\x03\x12$\n OPERATION_KIND_HEAD_OUTPUT_SCALE\x10\x04\x12!\n\x1dOPERATION_KIND_IDENTITY_BLEND\x10\x05\x12\x1e\n\x1aOPERATION_KIND_TEMPERATURE\x10\x06\x12\x1b\n\x17OPERATION_KIND_KEY_MASK\x10\x07*|\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TTENTION_KIND_SELF\x10\x01\x12\x18\n\x14\x41TTENTION_KIND_CROSS\x10\x02\x12\x18\n\x14\x41TTENTION_KIND_JOINT\x10\x03*T\n\nQueryScope\x12\x1b\n\x17QUERY_SCOPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fQUERY_SCOPE_ALL\x10\x01\x12\x14\n\x10QUERY_SCOPE_LAST\x10\x02*\x84\x01\n\x0cVisualTokens\x12\x1d\n\x19VISUAL_TOKENS_UNSPECIFIED\x10\x00\x12\x15\n\x11VISUAL_TOKENS_ALL\x10\x01\x12\x1d\n\x19VISUAL_TOKENS_PAINT_LOCAL\x10\x02\x12\x1f\n\x1bVISUAL_TOKENS_PAINT_SUMMARY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attnserve.v1.intervention_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATIONKIND']._serialized_start=1581
-  _globals['_OPERATIONKIND']._serialized_end=1866
-  _globals['_ATTENTIONKIND']._serialized_start=1868
-  _globals['_ATTENTIONKIND']._serialized_end=1992
-  _globals['_QUERYSCOPE']._serialized_start=1994
-  _globals['_QUERYSCOPE']._serialized_end=2078
-  _globals['_VISUALTOKENS']._serialized_start=2081
-  _globals['_VISUALTOKENS']._serialized_end=2213
+  _globals['_OPERATIONKIND']._serialized_start=1596
+  _globals['_OPERATIONKIND']._serialized_end=1881
+  _globals['_ATTENTIONKIND']._serialized_start=1883
+  _globals['_ATTENTIONKIND']._serialized_end=2007
+  _globals['_QUERYSCOPE']._serialized_start=2009
+  _globals['_QUERYSCOPE']._serialized_end=2093
+  _globals['_VISUALTOKENS']._serialized_start=2096
+  _globals['_VISUALTOKENS']._serialized_end=2228
   _globals['_INTERVENTIONSPEC']._serialized_start=49
   _globals['_INTERVENTIONSPEC']._serialized_end=135
   _globals['_TOKENRANGE']._serialized_start=137
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERHEADS']._serialized_start=179
   _globals['_LAYERHEADS']._serialized_end=221
   _globals['_KEYSELECTOR']._serialized_start=224
-  _globals['_KEYSELECTOR']._serialized_end=371
-  _globals['_IMAGETOKENS']._serialized_start=373
-  _globals['_IMAGETOKENS']._serialized_end=446
-  _globals['_STEPRANGE']._serialized_start=448
-  _globals['_STEPRANGE']._serialized_end=500
-  _globals['_SELECTOR']._serialized_start=503
-  _globals['_SELECTOR']._serialized_end=784
-  _globals['_SINKCALIBRATION']._serialized_start=786
-  _globals['_SINKCALIBRATION']._serialized_end=878
-  _globals['_KEYEMPHASIS']._serialized_start=880
-  _globals['_KEYEMPHASIS']._serialized_end=923
-  _globals['_LOGITRESCALE']._serialized_start=925
-  _globals['_LOGITRESCALE']._serialized_end=969
-  _globals['_HEADOUTPUTSCALE']._serialized_start=971
-  _globals['_HEADOUTPUTSCALE']._serialized_end=1018
-  _globals['_IDENTITYBLEND']._serialized_start=1020
-  _globals['_IDENTITYBLEND']._serialized_end=1067
-  _globals['_TEMPERATURE']._serialized_start=1069
-  _globals['_TEMPERATURE']._serialized_end=1124
-  _globals['_KEYMASK']._serialized_start=1126
-  _globals['_KEYMASK']._serialized_end=1135
-  _globals['_INTERVENTION']._serialized_start=1138
-  _globals['_INTERVENTION']._serialized_end=1578
+  _globals['_KEYSELECTOR']._serialized_end=386
+  _globals['_IMAGETOKENS']._serialized_start=388
+  _globals['_IMAGETOKENS']._serialized_end=461
+  _globals['_STEPRANGE']._serialized_start=463
+  _globals['_STEPRANGE']._serialized_end=515
+  _globals['_SELECTOR']._serialized_start=518
+  _globals['_SELECTOR']._serialized_end=799
+  _globals['_SINKCALIBRATION']._serialized_start=801
+  _globals['_SINKCALIBRATION']._serialized_end=893
+  _globals['_KEYEMPHASIS']._serialized_start=895
+  _globals['_KEYEMPHASIS']._serialized_end=938
+  _globals['_LOGITRESCALE']._serialized_start=940
+  _globals['_LOGITRESCALE']._serialized_end=984
+  _globals['_HEADOUTPUTSCALE']._serialized_start=986
+  _globals['_HEADOUTPUTSCALE']._serialized_end=1033
+  _globals['_IDENTITYBLEND']._serialized_start=1035
+  _globals['_IDENTITYBLEND']._serialized_end=1082
+  _globals['_TEMPERATURE']._serialized_start=1084
+  _globals['_TEMPERATURE']._serialized_end=1139
+  _globals['_KEYMASK']._serialized_start=1141
+  _globals['_KEYMASK']._serialized_end=1150
+  _globals['_INTERVENTION']._serialized_start=1153
+  _globals['_INTERVENTION']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)

@@ -222,6 +222,7 @@ class KeySelector(_message.Message):
     INVERT_FIELD_NUMBER: _builtins.int
     INCLUDE_GENERATED_FIELD_NUMBER: _builtins.int
     IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
     invert: _builtins.bool
     """Select the prompt tokens outside the ranges instead (PASTA's "exclude" mode)."""
     include_generated: _builtins.bool
@@ -234,6 +235,13 @@ class KeySelector(_message.Message):
     def image_tokens(self) -> Global___ImageTokens:
         """Also select image tokens (vision-language models): their prompt positions join the ranges."""
 
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Prompt words (or phrases), diffusion models only: each is tokenized alone by the text
+        encoder's tokenizer and found in the prompt's tokens; the positions of every occurrence join
+        the ranges. At most 16, each at most 256 characters, each found in the prompt.
+        """
+
     def __init__(
         self,
         *,
@@ -241,10 +249,11 @@ class KeySelector(_message.Message):
         invert: _builtins.bool = ...,
         include_generated: _builtins.bool = ...,
         image_tokens: Global___ImageTokens | None = ...,
+        words: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens", "include_generated", b"include_generated", "invert", b"invert", "ranges", b"ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens", "include_generated", b"include_generated", "invert", b"invert", "ranges", b"ranges", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

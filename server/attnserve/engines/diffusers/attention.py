@@ -146,6 +146,25 @@ class PlannedAttnProcessor:
         return RowLayout(key_start=0, num_prompt_tokens=num_keys, mask=MaskKind.FULL)
 
 
+def query_downsamplings(unet: torch.nn.Module, geometry: ModelGeometry) -> dict[int, int]:
+    """Cross-attention layer -> how many times the UNet has halved the latent grid where it runs:
+    down block i after i downsamplers, the mid block after all of them, and up block j where the
+    down path was at the same depth (its upsamplers match the skip connections' sizes)."""
+    deepest = len(unet.down_blocks) - 1
+    levels = {}
+    for layer in geometry.layers:
+        if layer.kind is not AttentionKind.CROSS:
+            continue
+        block, index = layer.name.split(".")[:2]
+        if block == "down_blocks":
+            levels[layer.index] = int(index)
+        elif block == "up_blocks":
+            levels[layer.index] = len(unet.up_blocks) - 1 - int(index)
+        else:  # mid_block
+            levels[layer.index] = deepest
+    return levels
+
+
 def install_processors(unet: torch.nn.Module) -> tuple[ModelGeometry, UNetCall]:
     """Give every attention layer of the UNet a PlannedAttnProcessor sharing one UNetCall."""
     geometry = unet_geometry(unet)

@@ -20,9 +20,11 @@ from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...attention.plan import RowPlan
+from ...attention.prompt_share import prompt_part_shares
 from ...readouts.word_heatmaps import HeatmapAccumulator
 from ...spec.geometry import AttentionKind, ModelGeometry
 from ..base import ImageRequest
+from ..readouts import StatisticsSampler
 from .attention import UNetCall
 
 # Guiders warn on every construction that they are experimental: once per request here.
@@ -82,9 +84,14 @@ def guider_of(request: ImageRequest) -> ClassifierFreeGuidance | PerturbedAttent
 class Denoiser:
     """Runs the denoising of batches of DenoisingJobs on one pipeline's components."""
 
-    def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry):
+    def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry, statistics_sample_rate: float = 0.0):
         self.pipe = pipe
         self.call = call
+        self.cross_layers = frozenset(
+            layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS
+        )
+        # Which steps (and which image's conditional row) feed the cross-attention share metric.
+        self._share_sampler = StatisticsSampler(statistics_sample_rate)
         # DAAM reads the cross-attention of the down and up blocks.
         self.heatmap_layers = frozenset(
             layer.index
@@ -118,7 +125,7 @@ class Denoiser:
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         heatmaps = (
             [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
-            if request.heatmap_words
+            if request.reads_heatmaps
             else []
         )
         return DenoisingJob(
@@ -140,11 +147,14 @@ class Denoiser:
         cancelled: Callable[[DenoisingJob], bool] = lambda job: False,
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
         on_guidance_norm: Callable[[float], None] = lambda norm: None,
+        on_cross_attention_shares: Callable[[tuple[float, ...]], None] = lambda shares: None,
     ) -> None:
         """Denoise the jobs together for `steps` steps; on_step(job, step, timestep) after each,
         on_step_seconds(seconds) once per step with the step's time, on_guidance_norm(norm) for
-        each image under perturbed-attention guidance at each step (perturbed_guidance_norm). A
-        job that is cancelled (set by another thread) leaves the batch before the next step."""
+        each image under perturbed-attention guidance at each step (perturbed_guidance_norm),
+        on_cross_attention_shares(shares) for each sampled step (one image's conditional row:
+        prompt_part_shares, averaged over the cross-attention layers). A job that is cancelled
+        (set by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         for step, t in enumerate(scheduler.timesteps):
@@ -155,7 +165,10 @@ class Denoiser:
             latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
             latents = scheduler.scale_model_input(latents, t)
             self.call.row_plans = _row_plans(active, step)
-            self.call.readers = _heatmap_readers(active, self.heatmap_layers)
+            shares: list[torch.Tensor] = []
+            self.call.readers = _readers(
+                active, self.heatmap_layers, self.cross_layers, self._sampled_share(active, shares.append)
+            )
             try:
                 noise = self.pipe.unet(
                     latents,
@@ -166,6 +179,8 @@ class Denoiser:
             finally:
                 self.call.row_plans = None
                 self.call.readers = None
+            if shares:
+                on_cross_attention_shares(tuple(torch.stack(shares).mean(dim=0).tolist()))
             guided = []
             for job, rows in zip(active, noise.split([job.num_rows for job in active])):
                 guided.append(_guide(job, rows, step, t, on_guidance_norm))
@@ -177,6 +192,22 @@ class Denoiser:
             for job, latents in zip(active, stepped.split([job.request.num_images for job in active])):
                 job.latents = latents
                 on_step(job, step, int(t))
+
+    def _sampled_share(self, jobs: Sequence[DenoisingJob], record: Callable[[torch.Tensor], None]):
+        """(batch row, its reader) of this step's cross-attention share sample, or None: one of
+        the images' conditional rows, taken in turn."""
+        rows = []
+        start = 0
+        for job in jobs:
+            first = start + job.branches.index(Branch.CONDITIONAL) * job.request.num_images
+            length = len(job.request.prompt_token_ids)
+            rows += [(first + image, length) for image in range(job.request.num_images)]
+            start += job.num_rows
+        sampled = self._share_sampler.sampled_row(len(rows))
+        if sampled < 0:
+            return None
+        row, length = rows[sampled]
+        return row, lambda probs: record(prompt_part_shares(probs, length))
 
     @torch.inference_mode()
     def decode(self, job: DenoisingJob):
@@ -246,21 +277,34 @@ def _row_plans(jobs: Sequence[DenoisingJob], step: int) -> Callable[[int], list[
     return plans
 
 
-def _heatmap_readers(jobs: Sequence[DenoisingJob], layers: frozenset[int]):
-    """layer -> {batch row: its image's heatmap accumulator}: each heatmap request's conditional
-    rows, in the heatmap layers."""
-    readers = {}
+def _readers(jobs: Sequence[DenoisingJob], heatmap_layers, cross_layers, sampled):
+    """layer -> {batch row: what reads its cross-attention}: each heatmap request's conditional
+    rows in the heatmap layers, and the sampled row (batch row, reader) in every cross-attention
+    layer."""
+    heatmap_readers = {}
     start = 0
     for job in jobs:
         if job.heatmaps:
             first = start + job.branches.index(Branch.CONDITIONAL) * job.request.num_images
-            readers |= {first + image: heatmap.record for image, heatmap in enumerate(job.heatmaps)}
+            heatmap_readers |= {first + image: heatmap.record for image, heatmap in enumerate(job.heatmaps)}
         start += job.num_rows
 
     def of_layer(layer: int):
-        return readers if layer in layers else {}
+        readers = dict(heatmap_readers) if layer in heatmap_layers else {}
+        if sampled is not None and layer in cross_layers:
+            row, read = sampled
+            readers[row] = _both(readers[row], read) if row in readers else read
+        return readers
 
     return of_layer
+
+
+def _both(first, second):
+    def read(probs: torch.Tensor) -> None:
+        first(probs)
+        second(probs)
+
+    return read
 
 
 def _with_ops(plan: RowPlan | None, ops) -> RowPlan | None:

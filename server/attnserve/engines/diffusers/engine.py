@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
 from ..base import (
     DenoisingProgress,
@@ -31,7 +32,7 @@ from ..base import (
     ImageGeneration,
     ImageRequest,
 )
-from .attention import install_processors
+from .attention import install_processors, query_downsamplings
 from .denoise import Denoiser, DenoisingJob
 
 log = logging.getLogger("attnserve.engines.diffusers")
@@ -82,10 +83,13 @@ class DiffusersEngine(Engine, ImageGeneration):
         on_step_seconds: Callable[[float], None] = lambda seconds: None,
         on_images: Callable[[int], None] = lambda count: None,
         on_guidance_norm: Callable[[float], None] = lambda norm: None,
+        statistics_sample_rate: float = 0.0,
+        on_cross_attention_shares: Callable[[tuple[float, ...]], None] = lambda shares: None,
     ):
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
         geometry, call = install_processors(self.pipe.unet)
-        self._denoiser = Denoiser(self.pipe, call, geometry)
+        self._downsamplings = query_downsamplings(self.pipe.unet, geometry)
+        self._denoiser = Denoiser(self.pipe, call, geometry, statistics_sample_rate)
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -101,6 +105,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         self._on_step_seconds = on_step_seconds
         self._on_images = on_images
         self._on_guidance_norm = on_guidance_norm
+        self._on_cross_attention_shares = on_cross_attention_shares
         self._waiting: list[_Ticket] = []
         self._running = 0
         self._stopping = False
@@ -109,6 +114,11 @@ class DiffusersEngine(Engine, ImageGeneration):
         self._failure: str | None = None
 
     # --- API side (event loop thread) ---------------------------------------------------------
+
+    def query_grids(self, height: int, width: int) -> dict[int, tuple[int, int]]:
+        scale = self.pipe.vae_scale_factor
+        latent = (height // scale, width // scale)
+        return {layer: downsampled_grid(latent, level) for layer, level in self._downsamplings.items()}
 
     async def start(self) -> None:
         self._thread.start()
@@ -218,6 +228,7 @@ class DiffusersEngine(Engine, ImageGeneration):
                 cancelled=cancelled,
                 on_step_seconds=self._on_step_seconds,
                 on_guidance_norm=self._on_guidance_norm,
+                on_cross_attention_shares=self._on_cross_attention_shares,
             )
             for job in denoising:
                 if cancelled(job):
@@ -230,11 +241,18 @@ class DiffusersEngine(Engine, ImageGeneration):
                     tuple(heatmap.heatmaps(request.heatmap_words, (request.height, request.width)))
                     for heatmap in job.heatmaps
                 )
+                size = (request.height, request.width)
+                overlaps = tuple(
+                    heatmap.content_style_iou(request.content_style, size)
+                    for heatmap in job.heatmaps
+                    if request.content_style is not None
+                )
                 ticket.emit(
                     GeneratedImages(
                         png=tuple(_png(image) for image in images),
                         queue_seconds=started - ticket.submitted,
                         heatmaps=heatmaps,
+                        content_style_iou=overlaps,
                     )
                 )
         except Exception as exc:  # this batch fails; the engine goes on
