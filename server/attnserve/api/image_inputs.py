@@ -48,8 +48,14 @@ def to_image_request(
     allowed = PARAMETER_RANGES["guidance_scale"]
     if guidance_scale not in allowed:
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
-    _check_key_selectors(request, violations)
     geometry = engine.info.geometry
+    _check_key_selectors(request, violations)
+    if request.word_heatmaps and AttentionKind.CROSS not in geometry.kinds:
+        violations.add(
+            "word_heatmaps",
+            "word heatmaps read a UNet's cross-attention; this model is a DiT (joint attention), "
+            "whose heatmaps are not supported",
+        )
     perturbed = (
         compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
     )
@@ -104,14 +110,16 @@ def to_image_request(
 
 
 def _check_key_selectors(request: pb.GenerateImageRequest, violations: Violations) -> None:
-    """Key ranges are text-token positions: only cross-attention has text keys."""
+    """Key ranges are text-token positions: only cross-attention (a UNet's) and joint attention (a
+    DiT's, where they are the text keys) have text keys."""
+    text_kinds = (intervention_pb2.ATTENTION_KIND_CROSS, intervention_pb2.ATTENTION_KIND_JOINT)
     for i, intervention in enumerate(request.interventions.interventions):
         selector = intervention.selector
-        if selector.HasField("keys") and selector.attention != intervention_pb2.ATTENTION_KIND_CROSS:
+        if selector.HasField("keys") and selector.attention not in text_kinds:
             violations.add(
                 f"interventions.interventions[{i}].selector.attention",
-                "keys select prompt tokens, which only cross-attention layers attend to: set "
-                "attention to ATTENTION_KIND_CROSS",
+                "keys select prompt tokens, which only cross-attention and joint attention layers "
+                "attend to: set attention to ATTENTION_KIND_CROSS (a UNet) or ATTENTION_KIND_JOINT (a DiT)",
             )
 
 

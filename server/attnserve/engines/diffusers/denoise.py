@@ -2,9 +2,11 @@
 
 Each request contributes one batch row per image and branch: the unconditional branch (with
 classifier-free guidance), the conditional branch, and the perturbed branch (PAG, SoftPAG).
-One UNet call per step runs every row; each row's attention gets its own RowPlan (attention.py);
-diffusers' guiders combine each request's branches. The steps mirror diffusers'
-StableDiffusionPipeline and StableDiffusionPAGPipeline, so a request alone gives what they give.
+One call of the denoising network (a UNet, an SD3 transformer) per step runs every row; each
+row's attention gets its own RowPlan (attention.py, joint_attention.py); diffusers' guiders
+combine each request's branches. The pipeline family's adapter (families.py) encodes prompts and
+calls the network as its diffusers pipeline does (StableDiffusionPipeline and its PAG pipeline,
+StableDiffusion3Pipeline and its PAG pipeline), so a request alone gives what they give.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...attention.plan import RowPlan
+from ...attention.plan import RowPlan, ScopedOp
 from ...readouts.word_heatmaps import HeatmapAccumulator
 from ...spec.geometry import AttentionKind, ModelGeometry
 from ..base import ImageRequest
 from .attention import UNetCall
+from .families import family_of
 
 # Guiders warn on every construction that they are experimental: once per request here.
 logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
@@ -48,6 +51,10 @@ class DenoisingJob:
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
     #: One per image when the request reads heatmaps out.
     heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
+    #: Pooled text embeddings (len(branches) * num_images, P), for networks that take them (SD3).
+    pooled_embeddings: torch.Tensor | None = None
+    #: Layer -> the perturbed branch's perturbation there, as the network's layers realise it.
+    perturbation: Mapping[int, tuple[ScopedOp, ...]] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -85,50 +92,63 @@ class Denoiser:
     def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry):
         self.pipe = pipe
         self.call = call
+        self.geometry = geometry
+        self.family = family_of(pipe)
         # DAAM reads the cross-attention of the down and up blocks.
         self.heatmap_layers = frozenset(
             layer.index
             for layer in geometry.layers
             if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
         )
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        self.device = self.family.network.device
+        self.dtype = self.family.network.dtype
 
     @torch.inference_mode()
-    def encode(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """(1, T, D) text embeddings of ids padded to the text encoder's length, as diffusers'
-        encode_prompt pads them."""
-        tokenizer = self.pipe.tokenizer
-        padded = list(token_ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(token_ids))
-        ids = torch.tensor([padded], device=self.device)
-        return self.pipe.text_encoder(ids)[0].to(self.dtype)
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, T, D) text embeddings of the ids and (1, P) pooled embeddings (None for a UNet), as
+        the family's diffusers pipeline encodes a prompt."""
+        return self.family.encode(token_ids)
 
     def start(self, request: ImageRequest) -> DenoisingJob:
         branches = branches_of(request)
         n = request.num_images
-        cond = self.encode(request.prompt_token_ids).repeat(n, 1, 1)
-        uncond = self.encode(request.negative_token_ids).repeat(n, 1, 1)
+        cond, cond_pooled = self.encode(request.prompt_token_ids)
+        uncond, uncond_pooled = self.encode(request.negative_token_ids)
         by_branch = {Branch.UNCONDITIONAL: uncond, Branch.CONDITIONAL: cond, Branch.PERTURBED: cond}
+        pooled_by_branch = {
+            Branch.UNCONDITIONAL: uncond_pooled,
+            Branch.CONDITIONAL: cond_pooled,
+            Branch.PERTURBED: cond_pooled,
+        }
         generator = (
             torch.Generator(self.device).manual_seed(request.seed) if request.seed is not None else None
         )
         scale = self.pipe.vae_scale_factor
         latent = (request.height // scale, request.width // scale)
-        shape = (n, self.pipe.unet.config.in_channels, *latent)
+        shape = (n, self.family.network.config.in_channels, *latent)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         heatmaps = (
             [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
             if request.heatmap_words
             else []
         )
+        perturbation = (
+            self.family.perturbation(request.perturbed.layer_ops, self.geometry)
+            if Branch.PERTURBED in branches
+            else {}
+        )
         return DenoisingJob(
             request=request,
             branches=branches,
-            text_embeddings=torch.cat([by_branch[b] for b in branches]),
-            latents=latents * self.pipe.scheduler.init_noise_sigma,
+            text_embeddings=torch.cat([by_branch[b] for b in branches]).repeat_interleave(n, dim=0),
+            latents=self.family.initial_latents(latents),
             generator=generator,
             guider=guider_of(request),
             heatmaps=heatmaps,
+            pooled_embeddings=None
+            if cond_pooled is None
+            else torch.cat([pooled_by_branch[b] for b in branches]).repeat_interleave(n, dim=0),
+            perturbation=perturbation,
         )
 
     @torch.inference_mode()
@@ -146,23 +166,24 @@ class Denoiser:
         each image under perturbed-attention guidance at each step (perturbed_guidance_norm). A
         job that is cancelled (set by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(steps, device=self.device)
+        self.family.set_timesteps(steps, tuple(jobs[0].latents.shape[-2:]))
         for step, t in enumerate(scheduler.timesteps):
             started = time.monotonic()
             active = [job for job in jobs if not cancelled(job)]
             if not active:
                 return
             latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
-            latents = scheduler.scale_model_input(latents, t)
+            pooled = (
+                None
+                if active[0].pooled_embeddings is None
+                else torch.cat([job.pooled_embeddings for job in active])
+            )
             self.call.row_plans = _row_plans(active, step)
             self.call.readers = _heatmap_readers(active, self.heatmap_layers)
             try:
-                noise = self.pipe.unet(
-                    latents,
-                    t,
-                    encoder_hidden_states=torch.cat([job.text_embeddings for job in active]),
-                    return_dict=False,
-                )[0]
+                noise = self.family.predict(
+                    latents, t, torch.cat([job.text_embeddings for job in active]), pooled
+                )
             finally:
                 self.call.row_plans = None
                 self.call.readers = None
@@ -185,10 +206,7 @@ class Denoiser:
 
     @torch.inference_mode()
     def images(self, job: DenoisingJob, output_type: str):
-        vae = self.pipe.vae
-        image = vae.decode(
-            job.latents / vae.config.scaling_factor, return_dict=False, generator=job.generator
-        )[0]
+        image = self.family.decode(job.latents, job.generator)
         return self.pipe.image_processor.postprocess(
             image, output_type=output_type, do_denormalize=[True] * image.shape[0]
         )
@@ -239,7 +257,7 @@ def _row_plans(jobs: Sequence[DenoisingJob], step: int) -> Callable[[int], list[
                 elif branch is Branch.CONDITIONAL:
                     plan = conditional
                 else:
-                    plan = _with_ops(conditional, request.perturbed.layer_ops.get(layer, ()))
+                    plan = _with_ops(conditional, job.perturbation.get(layer, ()))
                 out.extend([plan] * request.num_images)
         return out
 
