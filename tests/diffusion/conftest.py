@@ -1,12 +1,19 @@
-"""The tiny Stable-Diffusion pipeline, loaded once: a plain diffusers copy, a PAG-pipeline copy,
-and attnserve's Denoiser over a copy with attnserve's attention processors installed."""
+"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3), loaded once each: a plain diffusers
+copy, a PAG-pipeline copy, and attnserve's Denoiser over a copy with attnserve's attention
+processors installed."""
 
 from __future__ import annotations
 
 import pytest
 from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
-from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
+from attnserve.engines.diffusers.joint_attention import install_joint_processors
+from diffusers import (
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionPipeline,
+)
 
 
 def _load(cls, path, **kwargs):
@@ -31,4 +38,24 @@ def served(tiny_sd_path):
     """(Denoiser, geometry) over a pipeline whose attention runs through attnserve's processors."""
     pipe = _load(StableDiffusionPipeline, tiny_sd_path)
     geometry, call = install_processors(pipe.unet)
+    return Denoiser(pipe, call, geometry), geometry
+
+
+@pytest.fixture(scope="session")
+def sd3_plain_pipe(tiny_sd3_path):
+    """diffusers' SD3 pipeline on tiny-sd3 (no T5, as attnserve loads it)."""
+    return _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def sd3_pag_pipe(tiny_sd3_path):
+    """diffusers' SD3 PAG pipeline on its default layers ("blocks.1")."""
+    return _load(StableDiffusion3PAGPipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def sd3_served(tiny_sd3_path):
+    """(Denoiser, geometry) over tiny-sd3 with attnserve's joint attention processors installed."""
+    pipe = _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    geometry, call = install_joint_processors(pipe.transformer)
     return Denoiser(pipe, call, geometry), geometry

@@ -78,6 +78,15 @@ def guider_of(request: ImageRequest) -> ClassifierFreeGuidance | PerturbedAttent
     """
     if request.perturbed is None or request.perturbed.scale <= 0:
         return ClassifierFreeGuidance(guidance_scale=request.guidance_scale)
+    if Branch.UNCONDITIONAL not in branches_of(request):
+        # eps_c + s (eps_c - eps_ptb), as diffusers' PAG pipelines: the guider's own formulation
+        # without classifier-free guidance would start from eps_ptb instead.
+        return PerturbedAttentionGuidance(
+            guidance_scale=0.0,
+            perturbed_guidance_scale=request.perturbed.scale,
+            perturbed_guidance_layers=[0],
+            use_original_formulation=True,
+        )
     # The layers argument names the hooks' layers, which are never installed (see above).
     return PerturbedAttentionGuidance(
         guidance_scale=request.guidance_scale,

@@ -147,7 +147,8 @@ class SD3Family:
         self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry
     ) -> Mapping[int, tuple[ScopedOp, ...]]:
         """The perturbed branch's ops: on joint layers PAG's joint perturbation (the image block
-        masked to its diagonal), on self-attention layers the identity blends as they are."""
+        masked to its diagonal) for each blend that changes anything, on self-attention layers the
+        identity blends as they are."""
         layers = geometry.layers
         return {
             index: tuple(
@@ -155,6 +156,7 @@ class SD3Family:
                 if layers[index].kind is AttentionKind.JOINT
                 else scoped
                 for scoped in ops
+                if not scoped.op.is_identity
             )
             for index, ops in layer_ops.items()
         }
