@@ -50,7 +50,7 @@ def to_image_request(
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
     geometry = engine.info.geometry
     _check_key_selectors(request, violations)
-    if request.word_heatmaps and AttentionKind.CROSS not in geometry.kinds:
+    if request.word_heatmaps.words and AttentionKind.CROSS not in geometry.kinds:
         violations.add(
             "word_heatmaps",
             "word heatmaps read a UNet's cross-attention; this model is a DiT (joint attention), "
