@@ -7,7 +7,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from attnserve.attention.heatmaps import cross_attention_probabilities, query_grid, token_maps, word_heatmap
+from attnserve.attention.heatmaps import (
+    cross_attention_probabilities,
+    key_probabilities,
+    query_grid,
+    token_maps,
+    word_heatmap,
+)
 
 LATENT = (8, 12)
 IMAGE = (16, 24)
@@ -64,3 +70,19 @@ def test_query_grid():
     assert query_grid(96, LATENT) == (8, 12)
     assert query_grid(24, LATENT) == (4, 6)
     assert query_grid(6, LATENT) == (2, 3)
+
+
+def test_key_probabilities_are_the_softmax_over_every_key_at_the_chosen_keys():
+    """A joint row: 12 image queries over 12 image and 5 text keys; the text columns of the full
+    softmax, written out per query and key."""
+    torch.manual_seed(1)
+    q, k = torch.randn(HEADS, 12, HEAD_DIM), torch.randn(HEADS, 17, HEAD_DIM)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    got = key_probabilities(q, k, scale, range(12, 17))
+    assert got.shape == (HEADS, 12, 5) and got.dtype == torch.float32
+    for h in range(HEADS):
+        for i in range(12):
+            logits = [float(q[h, i] @ k[h, j]) * scale for j in range(17)]
+            total = sum(math.exp(x) for x in logits)
+            expected = torch.tensor([math.exp(logits[j]) / total for j in range(12, 17)])
+            torch.testing.assert_close(got[h, i], expected.float(), atol=1e-6, rtol=0)

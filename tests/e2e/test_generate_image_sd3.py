@@ -99,8 +99,8 @@ def test_pag_images_are_pngs_of_the_asked_size_and_diffusers_sd3_pag(stub, tiny_
         assert np.abs(ours - np.asarray(reference).astype(int)).max() <= 1
 
 
-def test_key_emphasis_on_the_text_keys_of_joint_layers(stub):
-    emphasis = intervention_pb2.InterventionSpec(
+def _joint_emphasis() -> intervention_pb2.InterventionSpec:
+    return intervention_pb2.InterventionSpec(
         interventions=[
             intervention_pb2.Intervention(
                 selector=intervention_pb2.Selector(
@@ -111,12 +111,31 @@ def test_key_emphasis_on_the_text_keys_of_joint_layers(stub):
             )
         ]
     )
+
+
+def test_key_emphasis_on_the_text_keys_of_joint_layers(stub):
     _, plain = collect(stub, request())
-    _, edited = collect(stub, request(interventions=emphasis))
+    _, edited = collect(stub, request(interventions=_joint_emphasis()))
     difference = np.abs(
         np.asarray(decoded(plain.images[0])).astype(int) - np.asarray(decoded(edited.images[0])).astype(int)
     )
     assert difference.max() > 0
+
+
+def test_word_heatmaps_come_back_per_word_and_image(stub):
+    _, complete = collect(
+        stub, request(num_images=2, word_heatmaps=ipb.WordHeatmapsSpec(words=["cat", "photo"]))
+    )
+    assert [(h.word, h.image) for h in complete.word_heatmaps] == [
+        ("cat", 0),
+        ("photo", 0),
+        ("cat", 1),
+        ("photo", 1),
+    ]
+    for heatmap in complete.word_heatmaps:
+        values = np.asarray(heatmap.values)
+        assert (heatmap.width, heatmap.height) == (32, 32) and values.shape == (32 * 32,)
+        assert values.min() == 0 and values.max() == pytest.approx(1)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +150,10 @@ def test_key_emphasis_on_the_text_keys_of_joint_layers(stub):
                 )
             ),
         ),
-        ("word_heatmaps", request(word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]))),
+        (
+            "word_heatmaps",
+            request(word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_joint_emphasis()),
+        ),
     ],
 )
 def test_what_a_dit_does_not_take_is_refused_naming_the_field(stub, field, bad):

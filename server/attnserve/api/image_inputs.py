@@ -19,6 +19,8 @@ from ..spec.guidance import compile_guidance
 from ..spec.ranges import PARAMETER_RANGES
 from .inputs import MAX_REQUEST_ID_LENGTH
 
+#: The attention kinds where image tokens attend to text tokens (word heatmaps read them).
+_TEXT_KINDS = (AttentionKind.CROSS, AttentionKind.JOINT)
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
 #: Image sides are multiples of this (the VAE's and the UNet's downsampling).
@@ -50,12 +52,6 @@ def to_image_request(
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
     geometry = engine.info.geometry
     _check_key_selectors(request, violations)
-    if request.word_heatmaps.words and AttentionKind.CROSS not in geometry.kinds:
-        violations.add(
-            "word_heatmaps",
-            "word heatmaps read a UNet's cross-attention; this model is a DiT (joint attention), "
-            "whose heatmaps are not supported",
-        )
     perturbed = (
         compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
     )
@@ -83,13 +79,13 @@ def to_image_request(
             unsupported_reason=engine.info.unsupported_reason,
         ),
     )
-    if words and any(geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops):
+    if words and any(geometry.layers[layer].kind in _TEXT_KINDS for layer in plan.layer_ops):
         raise InvalidRequest(
             [
                 FieldViolation(
                     "word_heatmaps",
-                    "heatmaps read the unedited cross-attention: not with interventions on "
-                    "cross-attention layers",
+                    "heatmaps read the unedited attention of image tokens over text tokens: not "
+                    "with interventions on cross-attention (or a DiT's joint attention) layers",
                 )
             ]
         )

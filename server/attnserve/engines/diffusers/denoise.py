@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...attention.plan import RowPlan, ScopedOp
 from ...readouts.word_heatmaps import HeatmapAccumulator
-from ...spec.geometry import AttentionKind, ModelGeometry
+from ...spec.geometry import ModelGeometry
 from ..base import ImageRequest
 from .attention import UNetCall
 from .families import family_of
@@ -103,12 +103,7 @@ class Denoiser:
         self.call = call
         self.geometry = geometry
         self.family = family_of(pipe)
-        # DAAM reads the cross-attention of the down and up blocks.
-        self.heatmap_layers = frozenset(
-            layer.index
-            for layer in geometry.layers
-            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
-        )
+        self.heatmap_layers = self.family.heatmap_layers(geometry)
         self.device = self.family.network.device
         self.dtype = self.family.network.dtype
 

@@ -64,6 +64,14 @@ class UNetFamily:
         vae = self.pipe.vae
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
 
+    def heatmap_layers(self, geometry: ModelGeometry) -> frozenset[int]:
+        """The layers DAAM reads: the cross-attention of the down and up blocks."""
+        return frozenset(
+            layer.index
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
+        )
+
     def perturbation(
         self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry
     ) -> Mapping[int, tuple[ScopedOp, ...]]:
@@ -142,6 +150,10 @@ class SD3Family:
     def decode(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         vae = self.pipe.vae
         return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+    def heatmap_layers(self, geometry: ModelGeometry) -> frozenset[int]:
+        """The layers word heatmaps read: every joint layer (its image-to-text block)."""
+        return frozenset(layer.index for layer in geometry.layers if layer.kind is AttentionKind.JOINT)
 
     def perturbation(
         self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry

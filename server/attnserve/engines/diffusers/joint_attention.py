@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ...attention.core import attend_rows
+from ...attention.heatmaps import key_probabilities
 from ...attention.layout import MaskKind, RowLayout
 from ...attention.plan import IdentityBlend, KeyMask, KeySet, QueryRows, RowPlan, ScopedOp
 from ...spec.geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
@@ -103,6 +104,12 @@ class PlannedJointAttnProcessor:
                 text_key = attn.norm_added_k(text_key)
             text = (text_query, text_key, text_value)
 
+        if self.call.readers is not None and text is not None:
+            # Word heatmaps: the image queries' unedited probabilities at the text keys.
+            keys = torch.cat([key, text[1]], dim=2)
+            text_keys = range(num_image_tokens, keys.shape[2])
+            for row, read in self.call.readers(self.layer.index).items():
+                read(key_probabilities(query[row], keys[row], attn.scale, text_keys))
         plans = self.call.row_plans(self.layer.index) if self.call.row_plans is not None else None
         if plans is None or all(plan is None for plan in plans):
             # diffusers' own call: image tokens first.
