@@ -120,13 +120,14 @@ class PlannedJointAttnProcessor:
         else:
             if text is not None:
                 query, key, value = (torch.cat([t, x], dim=2) for x, t in zip((query, key, value), text))
-            num_text_tokens = query.shape[2] - num_image_tokens
+            # The text is the prompt; an image-only layer's tokens are all prompt, as a UNet's.
+            num_prompt_tokens = query.shape[2] - num_image_tokens if text is not None else num_image_tokens
             hidden_states, _ = attend_rows(
                 query,
                 key,
                 value,
                 scale=attn.scale,
-                layouts=[RowLayout(key_start=0, num_prompt_tokens=num_text_tokens, mask=MaskKind.FULL)]
+                layouts=[RowLayout(key_start=0, num_prompt_tokens=num_prompt_tokens, mask=MaskKind.FULL)]
                 * batch_size,
                 plans=[plan or RowPlan() for plan in plans],
             )
