@@ -2,15 +2,18 @@
 questions scored with and without interventions.
 
     PYTHONPATH=server:clients/python .venv/bin/python bench/vlm_accuracy.py \
-        --model DIR --data questions.jsonl [--spec paint.yaml ...] [--out results.json]
+        --model DIR --data questions.jsonl [--spec paint.yaml ...] [--preset paint-heads.yaml ...] \
+        [--out results.json]
     PYTHONPATH=server:clients/python .venv/bin/python bench/vlm_accuracy.py --synthetic
 
 Each line of the data file is {"image": "path (relative to the file)", "question": "...",
 "choices": ["...", ...], "answer": "..."}. Every example is scored through the transformers
 engine in-process (the Score computation, no gRPC): the answer is the choice of highest summed
 log-probability, once plainly and once under each spec file (the client's spec-file format:
-presets are not available here, write the interventions out). --synthetic builds a labelled set
-of coloured-square images and runs the built-in tiny-llava on it, with PAINT: tiny-llava has random
+presets are not available here, write the interventions out) and each preset file (what
+`attnserve calibrate` or `attnserve calibrate-paint` writes). --synthetic builds a labelled set
+of coloured-square images and runs the built-in tiny-llava on it, with PAINT and with PAINT's
+head gains calibrated on the same questions (calibration/paint_heads.py): tiny-llava has random
 weights, so its accuracy is chance and this only shows that the script works. No real VLM weights
 can be had on the machines attnserve is built on; point --model at a local LLaVA directory to
 measure a real one.
@@ -25,7 +28,10 @@ import pathlib
 import tempfile
 import time
 
+import yaml
 from attnserve.api.inputs import to_score_request
+from attnserve.attention.paint import paint_head_gains
+from attnserve.calibration.paint_heads import ImageQuestion, gain_interventions, measure_sensitivity
 from attnserve.engines.hf.engine import TransformersEngine
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.models.config import Limits
@@ -88,6 +94,14 @@ async def accuracy(served: ServedModel, examples: list[dict], folder: pathlib.Pa
     }
 
 
+async def paint_head_gains_spec(served: ServedModel, examples: list[dict], folder: pathlib.Path):
+    """PAINT with head gains calibrated on the examples' images and questions (layers 2..3)."""
+    questions = [ImageQuestion(folder / e["image"], e["question"]) for e in examples]
+    sensitivity = await measure_sensitivity(served, questions, [2, 3])
+    gains = paint_head_gains(sensitivity, step=0.5, max_gain=2.0)
+    return intervention_spec_from_dict({"interventions": gain_interventions(gains, [2, 3], 0.7, 0.3)})
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,12 +110,18 @@ async def main() -> None:
     parser.add_argument("--data", type=pathlib.Path, help="a JSONL file of labelled image questions")
     parser.add_argument("--spec", type=pathlib.Path, action="append", default=[], help="a method's spec file")
     parser.add_argument(
+        "--preset", type=pathlib.Path, action="append", default=[], help="a preset file (calibrate's output)"
+    )
+    parser.add_argument(
         "--synthetic", action="store_true", help="tiny-llava on a generated colour set, with PAINT"
     )
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
     methods = {path.stem: intervention_spec_from_dict(load_spec_file(path)) for path in args.spec}
+    for path in args.preset:
+        interventions = yaml.safe_load(path.read_text())["interventions"]
+        methods[path.stem] = intervention_spec_from_dict({"interventions": interventions})
     with tempfile.TemporaryDirectory() as scratch:
         if args.synthetic:
             model = ensure_builtin("tiny-llava", default_cache_dir())
@@ -116,6 +136,8 @@ async def main() -> None:
         await engine.start()
         served = ServedModel("model", "vlm", "transformers", engine, Limits(), {})
         try:
+            if args.synthetic:
+                methods["paint-heads"] = await paint_head_gains_spec(served, examples, data.parent)
             results = {"plain": await accuracy(served, examples, data.parent, None)}
             for name, spec in methods.items():
                 results[name] = await accuracy(served, examples, data.parent, spec)

@@ -201,5 +201,56 @@ def calibrate(
     raise typer.Exit(run_calibration(request))
 
 
+@app.command("calibrate-paint")
+def calibrate_paint(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help='Image questions, JSONL: {"image": path (relative to the file), "question": text} per line.',
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Server config naming the model; default: the packaged config.", exists=True, dir_okay=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Vision-language model name in the config; default: its first model.")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="Language model layers to modulate, e.g. 2-31; default: PAINT's 2 to the last."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=10.0, help="Rescale of local image tokens at gain 1.")
+    ] = 0.7,
+    beta: Annotated[
+        float, typer.Option(min=0.0, max=10.0, help="Rescale of summary image tokens at gain 1.")
+    ] = 0.3,
+    gain_step: Annotated[float, typer.Option(min=0.05, max=10.0, help="Gains are multiples of this.")] = 0.5,
+    max_gain: Annotated[float, typer.Option(min=0.05, max=20.0, help="Largest gain.")] = 2.0,
+) -> None:
+    """PAINT's head-specific modulation: measure each head's visual sensitivity on image questions
+    and write a PAINT preset whose rescale scales with it (docs/attention-math.md#paint-head-gains)."""
+    from .calibration.paint_heads import PaintCalibrationRequest, run_calibrate_paint
+
+    request = PaintCalibrationRequest(
+        data=data,
+        output=output,
+        config=config,
+        model=model,
+        layers=layers,
+        alpha=alpha,
+        beta=beta,
+        step=gain_step,
+        max_gain=max_gain,
+    )
+    raise typer.Exit(run_calibrate_paint(request))
+
+
 if __name__ == "__main__":
     app()

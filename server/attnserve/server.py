@@ -27,7 +27,7 @@ from .api.servicer import InferenceServicer
 from .engines.registry import ENGINES
 from .metrics import ServerMetrics
 from .models.config import ModelConfig, ServerConfig, TlsConfig
-from .models.registry import ModelRegistry, ServedModel, preset_proto
+from .models.registry import ModelRegistry, ServedModel, preset_proto, visual_recipes
 
 log = logging.getLogger("attnserve.server")
 
@@ -133,6 +133,7 @@ async def _load_model(model: ModelConfig, config: ServerConfig, metrics: ServerM
         model.engine,
         statistics_layers=[layer.index for layer in engine.info.geometry.layers if sampled and layer.causal],
         visual=engine.info.vision is not None,
+        recipes=visual_recipes(engine.info),
     )
     presets = {
         name: preset_proto(name, p.description, p.interventions, p.provenance)

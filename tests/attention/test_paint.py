@@ -9,7 +9,14 @@ import math
 
 import pytest
 import torch
-from attnserve.attention.paint import cls_patch_attention, paint_tokens, resolve_visual_keys, runs
+from attnserve.attention.paint import (
+    cls_patch_attention,
+    paint_head_gains,
+    paint_tokens,
+    resolve_visual_keys,
+    runs,
+    visual_share,
+)
 from attnserve.attention.plan import (
     ALL_STEPS,
     KeySet,
@@ -179,3 +186,31 @@ def test_the_standalone_tower_chooses_the_same_tokens(tiny_llava_path):
     _, (expected,) = vision.encode_batch(tower, [(images, spans, plan)])
     chooser = vision.PaintTokenChooser(tiny_llava_path, "float32")
     assert chooser.resolve(plan, images, spans) == expected
+
+
+def test_visual_share_sums_each_rows_image_columns():
+    rows = torch.rand(2, 3, 10).softmax(dim=-1)
+    image = torch.tensor([2, 3, 4, 7])
+    got = visual_share(rows, image)
+    for i in range(2):
+        for h in range(3):
+            expected = sum(float(rows[i, h, j]) for j in (2, 3, 4, 7))
+            assert got[i, h].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_paint_head_gains_follow_the_definition():
+    torch.manual_seed(0)
+    sensitivity = torch.rand(4, 6) * 0.5
+    step, max_gain = 0.5, 2.0
+    gains = paint_head_gains(sensitivity, step=step, max_gain=max_gain)
+    mean = sum(sensitivity.flatten().tolist()) / sensitivity.numel()
+    for (layer, head), s in zip(
+        [(i, j) for i in range(4) for j in range(6)], sensitivity.flatten().tolist(), strict=True
+    ):
+        expected = min(max(round(s / mean / step) * step, 0.0), max_gain)
+        assert gains[layer, head].item() == pytest.approx(expected, abs=1e-6)
+    # A head at the mean sensitivity keeps PAINT's own rescale; none attending gets nothing.
+    assert paint_head_gains(torch.tensor([[0.2, 0.2]]), step=0.5, max_gain=2.0).tolist() == [[1.0, 1.0]]
+    assert paint_head_gains(torch.tensor([[0.0, 0.4]]), step=0.5, max_gain=4.0).tolist() == [[0.0, 2.0]]
+    with pytest.raises(ValueError, match="no head attends"):
+        paint_head_gains(torch.zeros(2, 2), step=0.5, max_gain=2.0)

@@ -99,8 +99,10 @@ def test_get_model_describes_the_vision_side(stub):
     assert (model.limits.max_images, model.limits.max_image_pixels) == (2, MAX_PIXELS)
     assert model.limits.max_image_bytes == 8 * 1024 * 1024
     assert model_pb2.READOUT_KIND_IMAGE_ATTENTION in model.supported_readouts
+    assert list(model.supported_recipes) == ["carve", "visual_funnel"]
     text_only = stub.GetModel(pb.GetModelRequest(name="smollm2")).model
     assert list(text_only.input_modalities) == ["text"] and not text_only.HasField("vision")
+    assert not text_only.supported_recipes
 
 
 def test_png_and_jpeg_files_through_the_client_sdk(server, image_files):
@@ -284,12 +286,39 @@ def test_cli_sends_images_and_draws_the_map(server, image_files, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_carve_over_the_wire_returns_the_answer_mask_and_crop(stub, image_files):
+def recipe_counters(server) -> dict[str, float]:
+    """The live server's visual-recipe pass counters and tiny-llava's token counters."""
+    with urllib.request.urlopen(server["metrics_url"], timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    counters = {
+        s.labels["recipe"]: s.value
+        for s in families["attnserve_visual_recipe_passes"].samples
+        if s.name.endswith("_total") and s.labels["model"] == "tiny-llava"
+    }
+    for family in ("attnserve_request_prompt_tokens", "attnserve_request_generation_tokens"):
+        (counters[family],) = [
+            s.value
+            for s in families[family].samples
+            if s.name.endswith("_total") and s.labels["model"] == "tiny-llava"
+        ]
+    return counters
+
+
+def test_carve_over_the_wire_returns_the_answer_mask_and_crop(server, stub, image_files):
     data = image_files["png"].read_bytes()
+    before = recipe_counters(server)
     tokens, complete = run(stub, image_chat(data, carve=vpb.CarveRecipe(pass_max_tokens=4)))
+    after = recipe_counters(server)
     assert len(tokens) == 6 and complete.text == "".join(t.text for t in tokens)
     result = complete.visual_recipe
     assert result.passes == 3 and result.first_answer
+    # Every pass counts: the two reading passes' tokens (4 generated each, at most) join the
+    # final pass's 6, and their prompts (the image's 64 tokens each, at least) its prompt.
+    assert after["carve"] - before["carve"] == 3 and after["visual_funnel"] == before["visual_funnel"]
+    generated = after["attnserve_request_generation_tokens"] - before["attnserve_request_generation_tokens"]
+    assert 6 + 2 <= generated <= 6 + 2 * 4
+    prompt = after["attnserve_request_prompt_tokens"] - before["attnserve_request_prompt_tokens"]
+    assert prompt >= complete.usage.prompt_tokens + 2 * 64
     assert [(r.start, r.end) for r in complete.image_tokens] == [(5, 69), (69, 133)]  # image and crop
     mask = Image.open(io.BytesIO(result.mask_png))
     assert mask.size == (64, 48) and mask.mode == "L"

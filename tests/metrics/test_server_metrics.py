@@ -117,10 +117,27 @@ def test_a_loaded_model_has_its_series_at_zero_before_any_request():
     assert value(metrics, "attnserve_attention_sink_mass_ratio_count", layer="3", **MODEL) is None
     assert value(metrics, "attnserve_attention_visual_share_ratio_count", layer="0", **MODEL) is None
     assert value(metrics, "attnserve_request_finished_total", finish_reason="eos", **MODEL) == 0
-    metrics.model_loaded("tiny-llava", "vllm", statistics_layers=[0, 1], visual=True)
+    assert value(metrics, "attnserve_visual_recipe_passes_total", recipe="carve", **MODEL) is None
+    metrics.model_loaded("tiny-llava", "vllm", statistics_layers=[0, 1], visual=True, recipes=["carve"])
     vlm = {"model": "tiny-llava", "engine": "vllm", "layer": "1"}
     assert value(metrics, "attnserve_attention_visual_entropy_ratio_count", **vlm) == 0
+    assert (
+        value(
+            metrics, "attnserve_visual_recipe_passes_total", model="tiny-llava", engine="vllm", recipe="carve"
+        )
+        == 0
+    )
     assert value(metrics, "attnserve_intervention_applied_total", operation="key_mask", **MODEL) == 0
+
+
+def test_recipe_passes_count_their_reading_passes_tokens():
+    metrics = ServerMetrics()
+    metrics.recipe_passes(
+        MODEL["model"], MODEL["engine"], "visual_funnel", 2, prompt_tokens=70, generation_tokens=5
+    )
+    assert value(metrics, "attnserve_visual_recipe_passes_total", recipe="visual_funnel", **MODEL) == 2
+    assert value(metrics, "attnserve_request_prompt_tokens_total", **MODEL) == 70
+    assert value(metrics, "attnserve_request_generation_tokens_total", **MODEL) == 5
 
 
 def test_interventions_by_operation(metrics):

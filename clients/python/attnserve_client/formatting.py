@@ -64,6 +64,7 @@ def model_description(model: model_pb2.Model) -> str:
         f"inputs:      {', '.join(model.input_modalities) or '-'}",
         f"operations:  {', '.join(operations) or '-'}",
         f"readouts:    {', '.join(readouts) or '-'}",
+        f"recipes:     {', '.join(model.supported_recipes) or '-'}",
         "limits:",
         f"  max prompt tokens    {limits.max_prompt_tokens}",
         f"  max tokens           {limits.max_tokens}",

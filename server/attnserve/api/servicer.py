@@ -178,6 +178,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 grpc.StatusCode.INTERNAL, "the engine failed while generating; see server logs"
             )
         finally:
+            if recipe and recipe.outcome.passes:
+                outcome = recipe.outcome
+                self._metrics.recipe_passes(
+                    *labels,
+                    request.WhichOneof("visual_recipe"),
+                    outcome.passes,
+                    outcome.reading_prompt_tokens,
+                    outcome.reading_tokens,
+                )
             if last_time is None:
                 self._metrics.request_left_queue(*labels, finish)
             else:

@@ -60,6 +60,9 @@ class RecipeOutcome:
     """What the passes found, filled in while the recipe runs."""
 
     passes: int = 0
+    #: Prompt and generated tokens of the reading passes (the final pass is the request's own).
+    reading_prompt_tokens: int = 0
+    reading_tokens: int = 0
     first_answer: str = ""
     #: ((left, top, right, bottom), PNG) per crop fed back.
     crops: list[tuple[tuple[int, int, int, int], bytes]] = field(default_factory=list)
@@ -93,10 +96,15 @@ class VisualRecipe:
     max_image_pixels: int
     outcome: RecipeOutcome = field(default_factory=RecipeOutcome)
 
+    @property
+    def reading_passes(self) -> list[EngineRequest]:
+        """The passes run before the final one: the question, and CARVE's general query."""
+        return [self.question] + ([self.general] if self.general else [])
+
     async def generate(self, engine) -> AsyncIterator[TokenOutput]:
         # 1. The reading passes, submitted together so that they share batches; one failing (or
         # the call cancelled) cancels the other.
-        readings = [self.question] + ([self.general] if self.general else [])
+        readings = self.reading_passes
         tasks = [asyncio.ensure_future(_collect(engine, r)) for r in readings]
         try:
             answers = await asyncio.gather(*tasks)
@@ -104,6 +112,8 @@ class VisualRecipe:
             for task in tasks:
                 task.cancel()
         self.outcome.passes = len(readings) + 1
+        self.outcome.reading_prompt_tokens = sum(len(r.prompt_token_ids) for r in readings)
+        self.outcome.reading_tokens = sum(len(outputs) for outputs in answers)
         self.outcome.first_answer = "".join(out.text for out in answers[0])
         layers = self.settings.layers
         # 2. The crops, from the passes' attention, off the event loop (pixel work).
@@ -173,15 +183,13 @@ def seen_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
 def to_visual_recipe(request: pb.GenerateRequest, model: ServedModel) -> VisualRecipe:
     """The request's recipe with every pass validated; InvalidRequest names the bad field."""
     kind = request.WhichOneof("visual_recipe")
-    vision = model.engine.info.vision
-    if vision is None:
-        raise InvalidRequest(
-            [
-                FieldViolation(
-                    kind, f"model {model.name!r} is not a vision-language model; recipes read images"
-                )
-            ]
+    if not model.engine.info.runs_visual_recipes:
+        reason = (
+            "is not a vision-language model; recipes read images"
+            if model.engine.info.vision is None
+            else "cannot read image attention, which recipes need"
         )
+        raise InvalidRequest([FieldViolation(kind, f"model {model.name!r} {reason}")])
     plain = _without_recipe(request)
     original = to_engine_request(plain, model)  # the client's fields, with their own names
     violations = Violations()

@@ -30,9 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.interventions import edit_logits, edit_output, edit_probabilities, probability_heads
+from attnserve.attention.interventions import (
+    AppliedOp,
+    applied_ops,
+    edit_logits,
+    edit_output,
+    edit_probabilities,
+    probability_heads,
+    refuse_removing_every_key,
+)
 from attnserve.attention.layout import MaskKind, RowLayout
-from attnserve.attention.plan import RowPlan, ScopedOp
+from attnserve.attention.plan import ReadoutNeeds, RowPlan, ScopedOp
 from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
@@ -150,13 +158,20 @@ def attend_rows(
 def _attend_row(
     row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan
 ) -> tuple[torch.Tensor, RowReadout | None]:
-    needs = plan.needs
-    edited = edit_logits(row, ops)
+    refuse_removing_every_key(row, ops)
+    return attend(row, applied_ops(row, ops), plan.needs)
+
+
+def attend(
+    row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds
+) -> tuple[torch.Tensor, RowReadout | None]:
+    """The row's attention output (H, L, D) with the operations applied, and what needs reads."""
+    edited = edit_logits(row, applied)
 
     # Probability edits (ACT: column means for sink detection) need their heads' probabilities:
     # materialised for those heads only. Statistics read them too for heads whose bias depends on their logits,
     # and for every head when the row is small (a decode step), where that is cheapest.
-    materialise = probability_heads(row, ops)
+    materialise = probability_heads(row, applied)
     if needs.statistics:
         small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
         materialise = materialise | edited.logit_heads | small
@@ -166,7 +181,7 @@ def _attend_row(
     slot[materialised] = torch.arange(len(materialised), device=row.device)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
-        edit_probabilities(row, ops, edited, probs, slot)
+        edit_probabilities(row, applied, edited, probs, slot)
 
     # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
     # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).
@@ -179,13 +194,13 @@ def _attend_row(
         keys = [row.k, row.k * indicators[..., columns.image, None]] if columns.has_image else [row.k]
         values = torch.cat([row.v, *keys, indicators], dim=-1)
     fused, lse, out = None, None, None
-    if ops or fused_statistics:
+    if applied or fused_statistics:
         fused, lse = kernels.fused_attention(
             edited.q, row.k, values, edited.bias, row.scale, fused_statistics
         )
         out = fused[..., :head_dim]
 
-    out, kept = edit_output(row, ops, out)
+    out, kept = edit_output(row, applied, out)
     if needs.is_empty:
         return out, None
 

@@ -10,17 +10,22 @@ order; between kinds, the order of operations.OPERATIONS):
   5. OUTPUT: IdentityBlend, then HeadOutputScale, on the output.
 Output operations act on heads and query rows only; their KeySet is not used.
 The order and the identities behind it: docs/attention-math.md#order-of-operations-on-a-row.
+
+Each function takes the row's operations with their scopes (AppliedOp), in application order:
+applied_ops builds them for one request's row, attention/folded_rows.py for the folded rows of
+several requests, whose scopes span many requests' heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from attnserve.attention import kernels
 from attnserve.attention.operations import OPERATIONS, Stage
-from attnserve.attention.operations.base import EditedLogits, LogitScales, Scope
+from attnserve.attention.operations.base import EditedLogits, LogitScales, Operation, Scope
 from attnserve.attention.plan import ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
@@ -28,53 +33,71 @@ from attnserve.attention.selection import head_selection, key_selection, query_s
 _KIND_ORDER = {kind: i for i, kind in enumerate(OPERATIONS.values())}
 
 
-def at_stage(ops: Sequence[ScopedOp], stage: Stage) -> list[ScopedOp]:
-    """The ops of one stage, in application order (kinds in registry order, each kind's ops in
-    list order)."""
-    return sorted((s for s in ops if s.op.stage is stage), key=lambda s: _KIND_ORDER[type(s.op)])
+@dataclass(frozen=True)
+class AppliedOp:
+    """An operation and where it acts on the row at hand."""
+
+    op: Operation
+    scope: Scope
 
 
-def edit_logits(row: RowAttention, ops: Sequence[ScopedOp]) -> EditedLogits:
+def application_order(ops: Sequence[ScopedOp]) -> list[ScopedOp]:
+    """The ops in application order: kinds in registry order (so stages in order), each kind's
+    ops in list order."""
+    return sorted(ops, key=lambda s: _KIND_ORDER[type(s.op)])
+
+
+def applied_ops(row: RowAttention, ops: Sequence[ScopedOp]) -> list[AppliedOp]:
+    """One request's row: its ops with their scopes, in application order."""
+    return [AppliedOp(scoped.op, Scope.of(scoped, row)) for scoped in application_order(ops)]
+
+
+def at_stage(applied: Sequence[AppliedOp], stage: Stage) -> list[AppliedOp]:
+    """The ops of one stage, in application order."""
+    return [a for a in applied if a.op.stage is stage]
+
+
+def edit_logits(row: RowAttention, applied: Sequence[AppliedOp]) -> EditedLogits:
     """The LOGIT_SCALE, LOGIT_REWRITE and BIAS stages as one query gain and one bias."""
     num_heads = row.num_heads
     scales = LogitScales(torch.ones(num_heads, row.num_queries, dtype=row.dtype, device=row.device))
-    for scoped in at_stage(ops, Stage.LOGIT_SCALE):
-        scoped.op.scale_logits(scales, Scope.of(scoped, row), row)
+    for a in at_stage(applied, Stage.LOGIT_SCALE):
+        a.op.scale_logits(scales, a.scope, row)
     q = row.q * scales.query_gain[:, :, None]
 
     bias = torch.zeros(1, row.num_queries, row.num_keys, dtype=row.dtype, device=row.device)
     bias = bias.masked_fill(~row.visible, float("-inf"))
 
-    rewrites = [(scoped.op, Scope.of(scoped, row)) for scoped in at_stage(ops, Stage.LOGIT_REWRITE)]
+    rewrites = at_stage(applied, Stage.LOGIT_REWRITE)
     logit_heads = torch.zeros(num_heads, dtype=torch.bool, device=row.device)
     if scales.key_factor is not None:
         logit_heads |= (scales.key_factor != 1.0).flatten(1).any(dim=1)
-    for _, scope in rewrites:
-        logit_heads |= scope.heads
+    for a in rewrites:
+        logit_heads |= a.scope.heads
     if bool(logit_heads.any()):
         # Key-dependent factors and rewrites need these heads' logits: materialised here only.
         heads = logit_heads.nonzero().squeeze(1)
         plain = kernels.logits(q[heads], row.keys_of(heads), None, row.scale)
         edited = plain if scales.key_factor is None else plain * scales.key_factor[heads]
-        for op, scope in rewrites:
-            edited = op.rewrite_logits(edited, scope.logits.expand(num_heads, -1, -1)[heads])
+        for a in rewrites:
+            edited = a.op.rewrite_logits(edited, a.scope.logits.expand(num_heads, -1, -1)[heads])
         bias = bias.expand(num_heads, -1, -1).clone()
         bias[heads] += edited - plain
 
     result = EditedLogits(q=q, bias=bias, logit_heads=logit_heads, emphasis=[])
-    bias_ops = at_stage(ops, Stage.BIAS)
-    removing = [scoped for scoped in bias_ops if scoped.op.removes_keys]
-    if removing and not row.has_own_key:
-        _refuse_removing_every_key(row, removing)
-    for scoped in bias_ops:
-        scoped.op.edit_bias(result, Scope.of(scoped, row), row)
+    for a in at_stage(applied, Stage.BIAS):
+        a.op.edit_bias(result, a.scope, row)
     return result
 
 
-def _refuse_removing_every_key(row: RowAttention, removing: Sequence[ScopedOp]) -> None:
-    """Without an own key to keep, key-removing ops could leave a query no key at all: refused.
-    Queries of a cross-attention row see every key, so a query is left with none exactly when the
-    removals of the ops whose scope holds it cover every key of some head. Decided on CPU copies."""
+def refuse_removing_every_key(row: RowAttention, ops: Sequence[ScopedOp]) -> None:
+    """On a row without own keys (cross-attention), key-removing ops could leave a query no key
+    at all: refused. Queries of a cross-attention row see every key, so a query is left with none
+    exactly when the removals of the ops whose scope holds it cover every key of some head.
+    Decided on CPU copies."""
+    removing = [scoped for scoped in ops if scoped.op.removes_keys]
+    if row.has_own_key or not removing:
+        return
     cpu = torch.device("cpu")
     removed = torch.zeros(row.num_heads, row.num_queries, row.num_keys, dtype=torch.bool)
     for scoped in removing:
@@ -87,25 +110,29 @@ def _refuse_removing_every_key(row: RowAttention, removing: Sequence[ScopedOp]) 
         raise ValueError(f"{', '.join(names)} would leave a cross-attention query no key to attend to")
 
 
-def probability_heads(row: RowAttention, ops: Sequence[ScopedOp]) -> torch.Tensor:
+def probability_heads(row: RowAttention, applied: Sequence[AppliedOp]) -> torch.Tensor:
     """(H,) heads some PROBABILITIES-stage op acts on (their probabilities are materialised)."""
     heads = torch.zeros(row.num_heads, dtype=torch.bool, device=row.device)
-    for scoped in at_stage(ops, Stage.PROBABILITIES):
-        heads |= Scope.of(scoped, row).heads
+    for a in at_stage(applied, Stage.PROBABILITIES):
+        heads |= a.scope.heads
     return heads
 
 
 def edit_probabilities(
-    row: RowAttention, ops: Sequence[ScopedOp], edited: EditedLogits, probs: torch.Tensor, slot: torch.Tensor
+    row: RowAttention,
+    applied: Sequence[AppliedOp],
+    edited: EditedLogits,
+    probs: torch.Tensor,
+    slot: torch.Tensor,
 ) -> None:
     """The PROBABILITIES stage, in place: probs (h, L, n) of the materialised heads (slot[head] is
     a head's index in probs) and edited.bias, which gets the equivalent logit bias."""
-    for scoped in at_stage(ops, Stage.PROBABILITIES):
-        scoped.op.edit_probabilities(edited, probs, slot, Scope.of(scoped, row), row)
+    for a in at_stage(applied, Stage.PROBABILITIES):
+        a.op.edit_probabilities(edited, probs, slot, a.scope, row)
 
 
 def edit_output(
-    row: RowAttention, ops: Sequence[ScopedOp], out: torch.Tensor
+    row: RowAttention, applied: Sequence[AppliedOp], out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The OUTPUT stage on out (H, L, D).
 
@@ -113,6 +140,6 @@ def edit_output(
     the final map of query i is kept * P_i + (1 - kept) * onehot(own key).
     """
     kept = torch.ones(row.num_heads, row.num_queries, dtype=row.dtype, device=row.device)
-    for scoped in at_stage(ops, Stage.OUTPUT):
-        out, kept = scoped.op.edit_output(out, kept, Scope.of(scoped, row), row)
+    for a in at_stage(applied, Stage.OUTPUT):
+        out, kept = a.op.edit_output(out, kept, a.scope, row)
     return out, kept

@@ -90,3 +90,21 @@ def resolve_visual_keys(
 
 def needs_visual_keys(plan: RequestPlan) -> bool:
     return any(op.keys.visual is not None for ops in plan.layer_ops.values() for _, op in ops)
+
+
+def visual_share(rows: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """rows (..., keys): attention rows over a prompt whose image tokens sit at image_positions
+    (indices into keys): each row's mass on the image tokens, (...) float32."""
+    return rows.float()[..., image_positions].sum(dim=-1)
+
+
+def paint_head_gains(sensitivity: torch.Tensor, *, step: float, max_gain: float) -> torch.Tensor:
+    """PAINT's head-specific modulation (docs/attention-math.md#paint-head-gains): each head's
+    gain is its visual sensitivity (sensitivity (layers, heads), the mean visual share of its
+    last query row on calibration images) over the mean of every head's, rounded to a multiple
+    of step and clipped to [0, max_gain]. A gain of 0 leaves the head unmodulated."""
+    mean = sensitivity.float().mean()
+    if mean <= 0:
+        raise ValueError("no head attends to the image tokens; the gains are undefined")
+    gains = torch.round(sensitivity.float() / mean / step) * step
+    return gains.clamp(0.0, max_gain)

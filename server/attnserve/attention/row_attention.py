@@ -98,6 +98,10 @@ class RowAttention:
         """(n,) number of this call's query rows that see each key."""
         return self.visible.sum(dim=0)
 
+    def queries_per_key_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """(1 or len(heads), n): queries_per_key as the given heads see it (every head alike here)."""
+        return self.queries_per_key[None]
+
     def _kv_heads(self, heads: torch.Tensor) -> torch.Tensor:
         return heads // (self.num_heads // self.k.shape[0])
 

@@ -30,12 +30,12 @@ def describe_head_set(head_set: HeadSet) -> str:
     if not head_set:
         return "none"
     parts = []
-    for layer, heads in sorted(_by_layer(head_set).items()):
+    for layer, heads in sorted(heads_by_layer(head_set).items()):
         parts.append(f"{layer}:all" if heads is None else f"{layer}:{','.join(map(str, heads))}")
     return " ".join(parts)
 
 
-def _by_layer(head_set: HeadSet) -> dict[int, tuple[int, ...] | None]:
+def heads_by_layer(head_set: HeadSet) -> dict[int, tuple[int, ...] | None]:
     """layer -> its heads, None when the whole layer is in the set."""
     out: dict[int, tuple[int, ...] | None] = {}
     for layer in sorted({layer for layer, _ in head_set}):
@@ -64,7 +64,7 @@ class Method:
     def intervention(self, head_set: HeadSet) -> dict[str, Any]:
         """The intervention dict of this method on head_set (non-empty)."""
         layer_heads = []
-        for layer, heads in _by_layer(head_set).items():
+        for layer, heads in heads_by_layer(head_set).items():
             layer_heads.append({"layer": layer} if heads is None else {"layer": layer, "heads": list(heads)})
         intervention: dict[str, Any] = {"layer_heads": layer_heads}
         if self.keys is not None:

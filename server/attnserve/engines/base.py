@@ -152,6 +152,12 @@ class EngineInfo:
     #: Set for vision-language models.
     vision: VisionInfo | None = None
 
+    @property
+    def runs_visual_recipes(self) -> bool:
+        """Whether Generate's visual recipes (CARVE, Visual Funnel) can run: they read the
+        image attention of a vision-language model's passes."""
+        return self.vision is not None and "image_attention" in self.supported_readouts
+
 
 class EngineError(RuntimeError):
     """The engine failed while serving a request (INTERNAL)."""

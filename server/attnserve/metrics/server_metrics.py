@@ -183,6 +183,11 @@ class ServerMetrics:
             "Attention interventions applied, by operation.",
             ("operation",),
         )
+        self._recipe_passes = counter(
+            "attnserve_visual_recipe_passes_total",
+            "Passes run by visual recipes (reading passes and the final answer), by recipe.",
+            ("recipe",),
+        )
 
         self._denoising_step = histogram(
             "attnserve_diffusion_step_latency_seconds",
@@ -201,15 +206,23 @@ class ServerMetrics:
         )
 
     def model_loaded(
-        self, model: str, engine: str, statistics_layers: Iterable[int], visual: bool = False
+        self,
+        model: str,
+        engine: str,
+        statistics_layers: Iterable[int],
+        visual: bool = False,
+        recipes: Iterable[str] = (),
     ) -> None:
         """Creates the model's series at zero, with the attention statistics of the layers
-        whose statistics are sampled (and their image statistics for a vision-language model)."""
+        whose statistics are sampled (and their image statistics for a vision-language model)
+        and the visual recipes it runs."""
         self._series(model, engine)
         for layer in statistics_layers:
             self._layer(model, engine, layer)
             if visual:
                 self._visual_layer(model, engine, layer)
+        for recipe in recipes:
+            self._recipe_passes.labels(model=model, engine=engine, recipe=recipe)
 
     # Scheduling -------------------------------------------------------------------------------
 
@@ -258,6 +271,16 @@ class ServerMetrics:
         series.generation_length.observe(generation_tokens)
         series.e2e_latency.observe(e2e_seconds)
 
+    def recipe_passes(
+        self, model: str, engine: str, recipe: str, passes: int, prompt_tokens: int, generation_tokens: int
+    ) -> None:
+        """A visual recipe ran `passes` passes. The tokens are its reading passes' (the final
+        pass is counted as the request), so the token counters hold all the engine's work."""
+        self._recipe_passes.labels(model=model, engine=engine, recipe=recipe).inc(passes)
+        series = self._series(model, engine)
+        series.prompt_tokens.inc(prompt_tokens)
+        series.generation_tokens.inc(generation_tokens)
+
     def request_rejected(self, model: str, engine: str, code: grpc.StatusCode) -> None:
         """model and engine are a served model's, or empty when the request named none."""
         self._rejected.labels(model=model, engine=engine, code=code.name).inc()
@@ -303,8 +326,6 @@ class ServerMetrics:
         """The text exposition format, as a scrape would return it."""
         return prometheus_client.generate_latest(self.registry)
 
-    # Children cache ---------------------------------------------------------------------------
-
     # Diffusion ---------------------------------------------------------------------------------
 
     def denoising_step(self, model: str, engine: str, seconds: float) -> None:
@@ -315,6 +336,8 @@ class ServerMetrics:
 
     def perturbed_guidance_norm(self, model: str, engine: str, norm: float) -> None:
         self._guidance_norm.labels(model=model, engine=engine).observe(norm)
+
+    # Children cache ---------------------------------------------------------------------------
 
     def _series(self, model: str, engine: str) -> _ModelSeries:
         series = self._model_series.get((model, engine))

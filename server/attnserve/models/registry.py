@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from attnserve_client.spec import intervention_from_dict
-from attnserve_client.v1 import intervention_pb2, model_pb2
+from attnserve_client.v1 import inference_service_pb2, intervention_pb2, model_pb2
 
-from ..engines.base import Engine, VisionInfo, served_rpcs
+from ..engines.base import Engine, EngineInfo, VisionInfo, served_rpcs
 from ..spec.errors import ModelNotFound
 from ..spec.geometry import AttentionLayer
 from ..spec.ranges import PARAMETER_RANGES
@@ -19,6 +19,18 @@ MODEL_KINDS = {
     "vlm": model_pb2.MODEL_KIND_VLM,
     "diffusion": model_pb2.MODEL_KIND_DIFFUSION,
 }
+#: The names of GenerateRequest's visual_recipe fields ("carve", "visual_funnel").
+VISUAL_RECIPES = tuple(
+    field.name
+    for field in inference_service_pb2.GenerateRequest.DESCRIPTOR.oneofs_by_name["visual_recipe"].fields
+)
+
+
+def visual_recipes(info: EngineInfo) -> tuple[str, ...]:
+    """The visual recipes Generate runs on the model."""
+    return VISUAL_RECIPES if info.runs_visual_recipes else ()
+
+
 ENGINE_KINDS = {
     "transformers": model_pb2.ENGINE_KIND_TRANSFORMERS,
     "vllm": model_pb2.ENGINE_KIND_VLLM,
@@ -82,6 +94,7 @@ class ServedModel:
                 max_image_pixels=limits.max_image_pixels,
             ),
             vision=vision_proto(info.vision) if info.vision is not None else None,
+            supported_recipes=visual_recipes(info),
             layers=[layer_proto(layer) for layer in geo.layers],
         )
 

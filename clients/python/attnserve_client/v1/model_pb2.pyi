@@ -374,6 +374,7 @@ class Model(_message.Message):
     SUPPORTED_RPCS_FIELD_NUMBER: _builtins.int
     INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
     VISION_FIELD_NUMBER: _builtins.int
+    SUPPORTED_RECIPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     engine: Global___EngineKind.ValueType
@@ -420,6 +421,13 @@ class Model(_message.Message):
     def vision(self) -> Global___VisionGeometry:
         """Set for vision-language models."""
 
+    @_builtins.property
+    def supported_recipes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The visual recipes Generate runs for this model ("carve", "visual_funnel", the names of
+        GenerateRequest's visual_recipe fields): vision-language models whose engine reads image
+        attention. Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -441,10 +449,11 @@ class Model(_message.Message):
         supported_rpcs: _abc.Iterable[_builtins.str] | None = ...,
         input_modalities: _abc.Iterable[_builtins.str] | None = ...,
         vision: Global___VisionGeometry | None = ...,
+        supported_recipes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "vision", b"vision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "layers", b"layers", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason", "vision", b"vision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "head_dim", b"head_dim", "input_modalities", b"input_modalities", "kind", b"kind", "layers", b"layers", "limits", b"limits", "max_context_length", b"max_context_length", "name", b"name", "num_heads", b"num_heads", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "parameter_ranges", b"parameter_ranges", "presets", b"presets", "supported_operations", b"supported_operations", "supported_readouts", b"supported_readouts", "supported_recipes", b"supported_recipes", "supported_rpcs", b"supported_rpcs", "unsupported_reason", b"unsupported_reason", "vision", b"vision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,13 +39,16 @@ class Stage(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Scope:
-    """Where one operation acts on a row. heads has one entry (every head) or num_heads."""
+    """Where one operation acts on a row. heads has one entry (every head) or num_heads; keys is
+    (n,) for one request's row, or (num_heads, n) for the folded rows of several requests
+    (attention/folded_rows.py), each head's keys those of its request."""
 
     heads: torch.Tensor
     queries: torch.Tensor
     keys: torch.Tensor
-    #: The operation's keys as the plan names them (for decisions made without a device sync).
-    key_set: KeySet
+    #: The operation's keys as the plan names them (for decisions made without a device sync);
+    #: None for folded rows, whose requests each have their own.
+    key_set: KeySet | None
 
     @classmethod
     def of(cls, scoped: ScopedOp, row: RowAttention) -> Scope:
@@ -69,7 +72,21 @@ class Scope:
     @property
     def logits(self) -> torch.Tensor:
         """(1 or H, L, n) bool."""
-        return self.head_query[:, :, None] & self.keys[None, None, :]
+        return self.head_query[:, :, None] & self.keys_of_heads()[:, None, :]
+
+    def keys_of_heads(self, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """(1 or h, n) bool: the keys of every head, or of the given head indices."""
+        if self.keys.dim() == 1:
+            return self.keys[None]
+        return self.keys if heads is None else self.keys[heads]
+
+    def selects_every_key(self, row: RowAttention) -> bool:
+        """Whether the scope holds every key of the row, decided on a CPU copy (no device sync);
+        False for folded rows."""
+        if self.key_set is None:
+            return False
+        cpu = torch.device("cpu")
+        return bool(key_selection(self.key_set, row.num_keys, row.num_prompt_tokens, cpu).all())
 
     def head_indices(self, num_heads: int) -> torch.Tensor:
         return self.heads.expand(num_heads).nonzero().squeeze(1)

@@ -40,12 +40,12 @@ class SinkCalibration(Operation):
         all the mass."""
         heads = scope.head_indices(row.num_heads)
         p = probs[slot[heads]]
-        seen_by = row.queries_per_key
+        seen_by = row.queries_per_key_of(heads)  # (1 or h, n)
         column_mean = p.sum(dim=1) / seen_by.clamp(min=1)
-        eligible = scope.keys & (row.key_positions >= 1) & (seen_by > 0)
+        eligible = scope.keys_of_heads(heads) & (row.key_positions >= 1) & (seen_by > 0)
         if self.min_queries > 0:
             eligible &= seen_by >= self.min_queries
-        sinks = (column_mean > self.tau) & eligible[None, :]  # (h, n)
+        sinks = (column_mean > self.tau) & eligible  # (h, n)
         if not bool(sinks.any()):
             return
         mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)

@@ -8,7 +8,6 @@ import torch
 
 from attnserve.attention.operations.base import LogitScales, Operation, Scope, Stage
 from attnserve.attention.row_attention import RowAttention
-from attnserve.attention.selection import key_selection
 
 
 @dataclass(frozen=True)
@@ -26,10 +25,8 @@ class Temperature(Operation):
 
     def scale_logits(self, scales: LogitScales, scope: Scope, row: RowAttention) -> None:
         inverse = 1.0 / self.temperature
-        # On all of a query's keys it folds into the query; decided on the CPU copy of the
-        # key mask (no device sync).
-        cpu_keys = key_selection(scope.key_set, row.num_keys, row.num_prompt_tokens, torch.device("cpu"))
-        if bool(cpu_keys.all()):
+        # On all of a query's keys it folds into the query.
+        if scope.selects_every_key(row):
             scales.query_gain = torch.where(scope.head_query, scales.query_gain * inverse, scales.query_gain)
             return
         if scales.key_factor is None:
