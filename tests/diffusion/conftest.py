@@ -57,5 +57,5 @@ def sd3_pag_pipe(tiny_sd3_path):
 def sd3_served(tiny_sd3_path):
     """(Denoiser, geometry) over tiny-sd3 with attnserve's joint attention processors installed."""
     pipe = _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    geometry, call = install_joint_processors(pipe.transformer)
+    geometry, call = install_joint_processors(pipe.transformer, pipe.tokenizer.model_max_length)
     return Denoiser(pipe, call, geometry), geometry

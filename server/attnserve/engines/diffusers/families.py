@@ -87,7 +87,7 @@ class SD3Family:
         self.network = pipe.transformer
 
     def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
-        return install_joint_processors(self.network)
+        return install_joint_processors(self.network, self.pipe.tokenizer.model_max_length)
 
     @property
     def default_size(self) -> tuple[int, int]:

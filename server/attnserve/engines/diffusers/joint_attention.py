@@ -74,6 +74,9 @@ class PlannedJointAttnProcessor:
 
     layer: AttentionLayer
     call: UNetCall
+    #: The text tokens word heatmaps read: the prompt's encoder tokens, first in the text stream
+    #: (SD3's CLIP tokens; the T5 slots after them hold no prompt word). None: every text token.
+    num_prompt_tokens: int | None = None
 
     def __call__(
         self,
@@ -107,7 +110,10 @@ class PlannedJointAttnProcessor:
         if self.call.readers is not None and text is not None:
             # Word heatmaps: the image queries' unedited probabilities at the text keys.
             keys = torch.cat([key, text[1]], dim=2)
-            text_keys = range(num_image_tokens, keys.shape[2])
+            end = (
+                keys.shape[2] if self.num_prompt_tokens is None else num_image_tokens + self.num_prompt_tokens
+            )
+            text_keys = range(num_image_tokens, end)
             for row, read in self.call.readers(self.layer.index).items():
                 read(key_probabilities(query[row], keys[row], attn.scale, text_keys))
         plans = self.call.row_plans(self.layer.index) if self.call.row_plans is not None else None
@@ -154,10 +160,13 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
-def install_joint_processors(transformer: torch.nn.Module) -> tuple[ModelGeometry, UNetCall]:
-    """Give every attention layer of the transformer a PlannedJointAttnProcessor sharing one call."""
+def install_joint_processors(
+    transformer: torch.nn.Module, num_prompt_tokens: int | None = None
+) -> tuple[ModelGeometry, UNetCall]:
+    """Give every attention layer of the transformer a PlannedJointAttnProcessor sharing one call
+    (num_prompt_tokens: the text tokens word heatmaps read, PlannedJointAttnProcessor)."""
     geometry = dit_geometry(transformer)
     call = UNetCall()
     for layer, (_, module) in zip(geometry.layers, attention_modules(transformer)):
-        module.set_processor(PlannedJointAttnProcessor(layer, call))
+        module.set_processor(PlannedJointAttnProcessor(layer, call, num_prompt_tokens))
     return geometry, call
