@@ -19,6 +19,7 @@ from attnserve.attention.plan import (
     StepRange,
 )
 from attnserve.engines.diffusers.attention import UNetCall
+from attnserve.engines.diffusers.engine import load_pipeline
 from attnserve.engines.diffusers.joint_attention import PlannedJointAttnProcessor
 from attnserve.spec.errors import Violations
 from attnserve.spec.geometry import AttentionKind, Component
@@ -233,3 +234,11 @@ def test_plans_act_on_the_joint_rows_and_text_positions_they_name(sd3_served):
     unplanned, unplanned_text = processor(attn, image, context)
     reference, reference_text = JointAttnProcessor2_0()(attn, image, context)
     assert torch.equal(unplanned, reference) and torch.equal(unplanned_text, reference_text)
+
+
+def test_pipelines_of_other_families_are_refused_at_load(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
+    with pytest.raises(
+        ValueError, match="PixArtAlphaPipeline pipelines are not served.*StableDiffusion3Pipeline"
+    ):
+        load_pipeline(tmp_path)
