@@ -50,8 +50,8 @@ def to_image_request(
     allowed = PARAMETER_RANGES["guidance_scale"]
     if guidance_scale not in allowed:
         violations.add("guidance_scale", f"{allowed.describe()} (got {guidance_scale:g})")
-    geometry = engine.info.geometry
     _check_key_selectors(request, violations)
+    geometry = engine.info.geometry
     perturbed = (
         compile_guidance(request.pag, "pag", geometry, violations) if request.HasField("pag") else None
     )

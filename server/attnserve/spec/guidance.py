@@ -82,8 +82,8 @@ def pag_layers(
     patterns: tuple[str, ...], field: str, geometry: ModelGeometry, violations: Violations
 ) -> list[AttentionLayer]:
     """The self- and joint attention layers diffusers' PAG pipelines pick for these layer ids:
-    those whose name the id (a regular expression) is found in, except that an id ending in a number does
-    not pick a layer whose name ends in another number (pipelines/pag/pag_utils.py)."""
+    those whose name the id (a regular expression) is found in, except that an id ending in a
+    number does not pick a layer whose name ends in another number (pipelines/pag/pag_utils.py)."""
     if len(patterns) > MAX_PAG_LAYER_PATTERNS:
         violations.add(field, f"{len(patterns)} layer ids exceed the limit of {MAX_PAG_LAYER_PATTERNS}")
         return []

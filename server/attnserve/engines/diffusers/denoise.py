@@ -116,13 +116,11 @@ class Denoiser:
     def start(self, request: ImageRequest) -> DenoisingJob:
         branches = branches_of(request)
         n = request.num_images
-        cond, cond_pooled = self.encode(request.prompt_token_ids)
-        uncond, uncond_pooled = self.encode(request.negative_token_ids)
-        by_branch = {Branch.UNCONDITIONAL: uncond, Branch.CONDITIONAL: cond, Branch.PERTURBED: cond}
-        pooled_by_branch = {
-            Branch.UNCONDITIONAL: uncond_pooled,
-            Branch.CONDITIONAL: cond_pooled,
-            Branch.PERTURBED: cond_pooled,
+        conditional = self.encode(request.prompt_token_ids)
+        by_branch = {
+            Branch.UNCONDITIONAL: self.encode(request.negative_token_ids),
+            Branch.CONDITIONAL: conditional,
+            Branch.PERTURBED: conditional,
         }
         generator = (
             torch.Generator(self.device).manual_seed(request.seed) if request.seed is not None else None
@@ -144,14 +142,14 @@ class Denoiser:
         return DenoisingJob(
             request=request,
             branches=branches,
-            text_embeddings=torch.cat([by_branch[b] for b in branches]).repeat_interleave(n, dim=0),
+            text_embeddings=torch.cat([by_branch[b][0] for b in branches]).repeat_interleave(n, dim=0),
             latents=self.family.initial_latents(latents),
             generator=generator,
             guider=guider_of(request),
             heatmaps=heatmaps,
             pooled_embeddings=None
-            if cond_pooled is None
-            else torch.cat([pooled_by_branch[b] for b in branches]).repeat_interleave(n, dim=0),
+            if conditional[1] is None
+            else torch.cat([by_branch[b][1] for b in branches]).repeat_interleave(n, dim=0),
             perturbation=perturbation,
         )
 

@@ -3,8 +3,8 @@
 
 One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
 request of the same size and step count (up to max_batch_size), denoises them together
-(denoise.py: one call of the denoising network per step for all their rows, each row with its own attention plan),
-then decodes each request's images into PNG. A request whose stream is closed (cancel,
+(denoise.py: one call of the denoising network per step for all their rows, each row with its
+own attention plan), then decodes each request's images into PNG. A request whose stream is closed (cancel,
 deadline) leaves its batch before the next step.
 """
 
