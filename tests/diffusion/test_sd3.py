@@ -4,6 +4,7 @@ per row, and a mixed batch against its requests alone."""
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from attnserve.attention.plan import (
 )
 from attnserve.engines.diffusers.attention import UNetCall
 from attnserve.engines.diffusers.engine import load_pipeline
+from attnserve.engines.diffusers.families import SD3Family
 from attnserve.engines.diffusers.joint_attention import PlannedJointAttnProcessor
 from attnserve.spec.errors import Violations
 from attnserve.spec.geometry import AttentionKind, Component
@@ -242,3 +244,12 @@ def test_pipelines_of_other_families_are_refused_at_load(tmp_path):
         ValueError, match="PixArtAlphaPipeline pipelines are not served.*StableDiffusion3Pipeline"
     ):
         load_pipeline(tmp_path)
+
+
+def test_image_sides_are_multiples_the_patches_tile(sd3_served):
+    denoiser, _ = sd3_served
+    assert denoiser.family.size_multiple == 8  # tiny-sd3: VAE 2 x patch 2
+    sd3_shaped = SimpleNamespace(
+        transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)), vae_scale_factor=8
+    )
+    assert SD3Family(sd3_shaped).size_multiple == 16

@@ -23,8 +23,6 @@ from .inputs import MAX_REQUEST_ID_LENGTH
 _TEXT_KINDS = (AttentionKind.CROSS, AttentionKind.JOINT)
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
-#: Image sides are multiples of this (the VAE's and the UNet's downsampling).
-SIZE_MULTIPLE = 8
 
 
 def to_image_request(
@@ -38,8 +36,9 @@ def to_image_request(
         violations.add("prompt", "must not be empty")
     prompt_ids = _text_token_ids(request.prompt, "prompt", engine, violations)
     negative_ids = _text_token_ids(request.negative_prompt, "negative_prompt", engine, violations)
-    width = _side(request.width, "width", engine.default_size[1], limits.max_image_size, violations)
-    height = _side(request.height, "height", engine.default_size[0], limits.max_image_size, violations)
+    multiple, largest = engine.size_multiple, limits.max_image_size
+    width = _side(request.width, "width", engine.default_size[1], multiple, largest, violations)
+    height = _side(request.height, "height", engine.default_size[0], multiple, largest, violations)
     steps = request.steps or DEFAULT_STEPS
     if not 1 <= steps <= limits.max_denoising_steps:
         violations.add("steps", f"must be in [1, {limits.max_denoising_steps}] (got {steps})")
@@ -135,11 +134,9 @@ def _text_token_ids(text: str, field: str, engine: ImageGeneration, violations: 
     return ids
 
 
-def _side(value: int, field: str, default: int, largest: int, violations: Violations) -> int:
+def _side(value: int, field: str, default: int, multiple: int, largest: int, violations: Violations) -> int:
     side = value or default
-    if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE or side > largest:
-        top = largest - largest % SIZE_MULTIPLE
-        violations.add(
-            field, f"must be a multiple of {SIZE_MULTIPLE} in [{SIZE_MULTIPLE}, {top}] (got {side})"
-        )
+    if side < multiple or side % multiple or side > largest:
+        top = largest - largest % multiple
+        violations.add(field, f"must be a multiple of {multiple} in [{multiple}, {top}] (got {side})")
     return side

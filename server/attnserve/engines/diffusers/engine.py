@@ -108,6 +108,7 @@ class DiffusersEngine(Engine, ImageGeneration):
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
         self.default_size = family.default_size
+        self.size_multiple = family.size_multiple
         self.info = EngineInfo(
             geometry=geometry,
             max_context_length=self.max_text_tokens,

@@ -12,6 +12,7 @@ Each mirrors its diffusers pipeline step by step, so a request alone gives what 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,6 +37,11 @@ class UNetFamily:
 
     def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
         return install_processors(self.pipe.unet)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides: multiples of 8, as diffusers' SD pipelines ask."""
+        return 8
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -88,6 +94,12 @@ class SD3Family:
 
     def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
         return install_joint_processors(self.network, self.pipe.tokenizer.model_max_length)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides: multiples of 8 whose latents the patches tile (diffusers' SD3 pipelines
+        ask for multiples of the VAE's downsampling times the patch size: 16 for SD3)."""
+        return math.lcm(8, self.pipe.vae_scale_factor * self.network.config.patch_size)
 
     @property
     def default_size(self) -> tuple[int, int]:
