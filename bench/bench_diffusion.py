@@ -2,14 +2,16 @@
 
 Side by side, same prompt, seed, size and steps (median seconds of --repeats rounds, each
 running every configuration once, in turn):
-- diffusers' StableDiffusionPipeline vs attnserve's denoiser with no plans (the processors' cost);
-- diffusers' StableDiffusionPAGPipeline (layers "mid") vs attnserve's PAG (goal <= 1.0x);
+- diffusers' pipeline vs attnserve's denoiser with no plans (the processors' cost);
+- diffusers' PAG pipeline (its default layers: "mid" for a UNet, "blocks.1" for SD3) vs
+  attnserve's PAG on the same layers (goal <= 1.0x);
 - attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
 - --batch requests denoised as one batch vs one at a time.
-Any local Stable Diffusion directory works (--model); the default is the built-in tiny-sd, whose
-ratios say little about a real model's (its UNet is tiny).
+Any local Stable Diffusion or SD3 directory works (--model; --builtin tiny-sd3 for the built-in
+SD3-style one); the default is the built-in tiny-sd, whose ratios say little about a real
+model's (its UNet is tiny).
 
-    python bench/bench_diffusion.py [--model DIR] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
+    python bench/bench_diffusion.py [--model DIR | --builtin NAME] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from pathlib import Path
 import torch
 from attnserve.attention.plan import IdentityBlend, ScopedOp
 from attnserve.engines.base import ImageRequest
-from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import load_pipeline
+from attnserve.engines.diffusers.families import SD3Family, family_of
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
-from attnserve.spec.guidance import PerturbedGuidance, pag_layers
+from attnserve.spec.guidance import PerturbedGuidance, default_pag_layers, pag_layers
 from attnserve_client.v1 import image_generation_pb2 as gpb
-from diffusers import StableDiffusionPAGPipeline
+from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
 
 PROMPT = "a photo of a cat"
 
@@ -55,7 +57,8 @@ def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="local Stable Diffusion directory")
+    parser.add_argument("--model", type=Path, default=None, help="local Stable Diffusion or SD3 directory")
+    parser.add_argument("--builtin", default="tiny-sd", help="built-in pipeline when --model is not given")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -63,17 +66,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    path = args.model or ensure_builtin("tiny-sd", default_cache_dir())
+    path = args.model or ensure_builtin(args.builtin, default_cache_dir())
 
     plain_pipe = load_pipeline(path, device=args.device)
-    pag_pipe = StableDiffusionPAGPipeline.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, pag_applied_layers=["mid"], safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).to(args.device)  # fmt: skip
-    pag_pipe.set_progress_bar_config(disable=True)
     served = load_pipeline(path, device=args.device)
-    geometry, call = install_processors(served.unet)
+    family = family_of(served)
+    geometry, call = family.install_processors()
     denoiser = Denoiser(served, call, geometry)
+    if isinstance(family, SD3Family):
+        pag_pipe = StableDiffusion3PAGPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, text_encoder_3=None, tokenizer_3=None
+        ).to(args.device)
+    else:
+        pag_pipe = StableDiffusionPAGPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, pag_applied_layers=["mid"], safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        ).to(args.device)  # fmt: skip
+    pag_pipe.set_progress_bar_config(disable=True)
 
     tokenizer = served.tokenizer
     request = ImageRequest(
@@ -88,8 +97,8 @@ def main() -> None:
         num_images=1,
     )
     violations = Violations()
-    mid = pag_layers(("mid",), "pag.layers", geometry, violations)
-    pag = PerturbedGuidance(3.0, 0.0, {layer.index: (ScopedOp(IdentityBlend(1.0)),) for layer in mid})
+    layers = pag_layers(default_pag_layers(geometry), "pag.layers", geometry, violations)
+    pag = PerturbedGuidance(3.0, 0.0, {layer.index: (ScopedOp(IdentityBlend(1.0)),) for layer in layers})
     words = compile_words(
         gpb.WordHeatmapsSpec(words=["cat"]),
         request.prompt_token_ids,
@@ -110,7 +119,7 @@ def main() -> None:
 
     def theirs(pipe, **kwargs):
         pipe(
-            PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+            PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=7.5,
             generator=torch.Generator(args.device).manual_seed(0), output_type="np", **kwargs,
         )  # fmt: skip
 

@@ -11,6 +11,7 @@ from attnserve.attention.heatmaps import (
     IOU_THRESHOLDS,
     cross_attention_probabilities,
     heatmap_iou,
+    key_probabilities,
     query_grid,
     token_maps,
     word_heatmap,
@@ -118,3 +119,19 @@ def test_heatmap_iou_of_equal_disjoint_and_empty_maps():
     torch.testing.assert_close(heatmap_iou(a, 1 - a), torch.zeros(9))
     # Nothing reaches any threshold: no union, IoU 0.
     torch.testing.assert_close(heatmap_iou(torch.zeros(4, 4), torch.full((4, 4), 0.05)), torch.zeros(9))
+
+
+def test_key_probabilities_are_the_softmax_over_every_key_at_the_chosen_keys():
+    """A joint row: 12 image queries over 12 image and 5 text keys; the text columns of the full
+    softmax, written out per query and key."""
+    torch.manual_seed(1)
+    q, k = torch.randn(HEADS, 12, HEAD_DIM), torch.randn(HEADS, 17, HEAD_DIM)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    got = key_probabilities(q, k, scale, range(12, 17))
+    assert got.shape == (HEADS, 12, 5) and got.dtype == torch.float32
+    for h in range(HEADS):
+        for i in range(12):
+            logits = [float(q[h, i] @ k[h, j]) * scale for j in range(17)]
+            total = sum(math.exp(x) for x in logits)
+            expected = torch.tensor([math.exp(logits[j]) / total for j in range(12, 17)])
+            torch.testing.assert_close(got[h, i], expected.float(), atol=1e-6, rtol=0)

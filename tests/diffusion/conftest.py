@@ -1,6 +1,6 @@
-"""The tiny Stable-Diffusion pipeline, loaded once: a plain diffusers copy, a PAG-pipeline copy,
-attnserve's Denoiser over a copy with attnserve's attention processors installed, and the served
-model the API layer validates requests against."""
+"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3), loaded once each: a plain diffusers
+copy, a PAG-pipeline copy, attnserve's Denoiser over a copy with attnserve's attention processors
+installed, and tiny-sd as the API layer sees it (the served model requests are validated against)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import pytest
 from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import DiffusersEngine
+from attnserve.engines.diffusers.joint_attention import install_joint_processors
 from attnserve.models.config import Limits
 from attnserve.models.registry import ServedModel
-from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionPipeline,
+)
 
 
 def _load(cls, path, **kwargs):
@@ -43,3 +49,23 @@ def served_model(tiny_sd_path):
     """tiny-sd as the API layer sees it (its engine's worker thread never started: the tests use
     its request inputs, and run them on `served`)."""
     return ServedModel("tiny-sd", "diffusion", "diffusers", DiffusersEngine(tiny_sd_path), Limits(), {})
+
+
+@pytest.fixture(scope="session")
+def sd3_plain_pipe(tiny_sd3_path):
+    """diffusers' SD3 pipeline on tiny-sd3 (no T5, as attnserve loads it)."""
+    return _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def sd3_pag_pipe(tiny_sd3_path):
+    """diffusers' SD3 PAG pipeline on its default layers ("blocks.1")."""
+    return _load(StableDiffusion3PAGPipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def sd3_served(tiny_sd3_path):
+    """(Denoiser, geometry) over tiny-sd3 with attnserve's joint attention processors installed."""
+    pipe = _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    geometry, call = install_joint_processors(pipe.transformer, pipe.tokenizer.model_max_length)
+    return Denoiser(pipe, call, geometry), geometry

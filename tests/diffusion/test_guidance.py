@@ -1,6 +1,7 @@
 """PAG and SoftPAG per request: against diffusers' own PAG pipeline, each other, the paper's
 formula, and rows of a mixed batch against themselves alone."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -76,3 +77,23 @@ def test_guidance_combination_is_the_papers_formula(served):
                 math.sqrt(sum(d * d for d in difference) / len(difference)), rel=1e-6
             )
         assert len(norms) == 2
+
+
+def test_guidance_without_the_unconditional_branch_is_the_pipelines_formula(served):
+    """guidance_scale 1: eps = eps_c + s(t) (eps_c - eps_ptb), as diffusers' PAG pipelines (the
+    guider's default formulation would start from eps_ptb)."""
+    denoiser, _ = served
+    torch.manual_seed(1)
+    eps_c, eps_p = torch.randn(2, 1, 4, 4, 4).unbind()
+    guidance = PerturbedGuidance(scale=3.0, adaptive_scale=0.0, layer_ops={})
+    request = dataclasses.replace(image_request(denoiser, guidance), guidance_scale=1.0)
+    job = DenoisingJob(
+        request=request,
+        branches=(Branch.CONDITIONAL, Branch.PERTURBED),
+        text_embeddings=torch.empty(0),
+        latents=torch.empty(0),
+        generator=None,
+        guider=guider_of(request),
+    )
+    got = _guide(job, torch.cat([eps_c, eps_p]), 0, torch.tensor(901))
+    torch.testing.assert_close(got, eps_c + 3.0 * (eps_c - eps_p), atol=1e-5, rtol=0)

@@ -165,7 +165,11 @@ def test_bad_soft_pag_preset_names_the_field(geometry, soft, field, text):
 @pytest.mark.parametrize(
     ("msg", "field", "text"),
     [
-        (gpb.PerturbedAttentionGuidance(layers=["nowhere"]), "pag.layers[0]", "matches no self-attention"),
+        (
+            gpb.PerturbedAttentionGuidance(layers=["nowhere"]),
+            "pag.layers[0]",
+            "matches no self- or joint attention",
+        ),
         (gpb.PerturbedAttentionGuidance(layers=["mid("]), "pag.layers[0]", "not a regular expression"),
         (gpb.PerturbedAttentionGuidance(layers=["x" * 129]), "pag.layers[0]", "longer than 128"),
         (gpb.PerturbedAttentionGuidance(scale=101), "pag.scale", "[0, 100]"),
@@ -174,7 +178,7 @@ def test_bad_soft_pag_preset_names_the_field(geometry, soft, field, text):
         (
             gpb.PerturbedAttentionGuidance(soft=gpb.SoftPerturbation(heads=[ipb.LayerHeads(layer=7)])),
             "pag.soft.heads[0].layer",
-            "not a self-attention layer",
+            "not a self- or joint attention layer",
         ),
         (
             gpb.PerturbedAttentionGuidance(soft=gpb.SoftPerturbation(heads=[ipb.LayerHeads(layer=8)])),

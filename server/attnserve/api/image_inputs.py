@@ -21,10 +21,10 @@ from ..spec.ranges import PARAMETER_RANGES
 from ..spec.words import word_positions
 from .inputs import MAX_REQUEST_ID_LENGTH
 
+#: The attention kinds where image tokens attend to text tokens (word heatmaps read them).
+_TEXT_KINDS = (AttentionKind.CROSS, AttentionKind.JOINT)
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
-#: Image sides are multiples of this (the VAE's and the UNet's downsampling).
-SIZE_MULTIPLE = 8
 
 
 def to_image_request(
@@ -38,8 +38,9 @@ def to_image_request(
         violations.add("prompt", "must not be empty")
     prompt_ids = _text_token_ids(request.prompt, "prompt", engine, violations)
     negative_ids = _text_token_ids(request.negative_prompt, "negative_prompt", engine, violations)
-    width = _side(request.width, "width", engine.default_size[1], limits.max_image_size, violations)
-    height = _side(request.height, "height", engine.default_size[0], limits.max_image_size, violations)
+    multiple, largest = engine.size_multiple, limits.max_image_size
+    width = _side(request.width, "width", engine.default_size[1], multiple, largest, violations)
+    height = _side(request.height, "height", engine.default_size[0], multiple, largest, violations)
     steps = request.steps or DEFAULT_STEPS
     if not 1 <= steps <= limits.max_denoising_steps:
         violations.add("steps", f"must be in [1, {limits.max_denoising_steps}] (got {steps})")
@@ -92,15 +93,13 @@ def to_image_request(
         ),
     )
     plan = with_layout(plan, layout_ops)
-    if (words or content_style) and any(
-        geometry.layers[layer].kind is AttentionKind.CROSS for layer in plan.layer_ops
-    ):
+    if (words or content_style) and any(geometry.layers[layer].kind in _TEXT_KINDS for layer in plan.layer_ops):
         raise InvalidRequest(
             [
                 FieldViolation(
                     "word_heatmaps",
-                    "heatmaps read the unedited cross-attention: not with interventions on "
-                    "cross-attention layers or a layout",
+                    "heatmaps read the unedited attention of image tokens over text tokens: not "
+                    "with interventions on cross-attention (or a DiT's joint attention) layers or a layout",
                 )
             ]
         )
@@ -122,14 +121,16 @@ def to_image_request(
 
 
 def _check_key_selectors(request: pb.GenerateImageRequest, violations: Violations) -> None:
-    """Key ranges are text-token positions: only cross-attention has text keys."""
+    """Key ranges are text-token positions: only cross-attention (a UNet's) and joint attention (a
+    DiT's, where they are the text keys) have text keys."""
+    text_kinds = (intervention_pb2.ATTENTION_KIND_CROSS, intervention_pb2.ATTENTION_KIND_JOINT)
     for i, intervention in enumerate(request.interventions.interventions):
         selector = intervention.selector
-        if selector.HasField("keys") and selector.attention != intervention_pb2.ATTENTION_KIND_CROSS:
+        if selector.HasField("keys") and selector.attention not in text_kinds:
             violations.add(
                 f"interventions.interventions[{i}].selector.attention",
-                "keys select prompt tokens, which only cross-attention layers attend to: set "
-                "attention to ATTENTION_KIND_CROSS",
+                "keys select prompt tokens, which only cross-attention and joint attention layers "
+                "attend to: set attention to ATTENTION_KIND_CROSS (a UNet) or ATTENTION_KIND_JOINT (a DiT)",
             )
 
 
@@ -149,11 +150,9 @@ def _text_token_ids(text: str, field: str, engine: ImageGeneration, violations: 
     return ids
 
 
-def _side(value: int, field: str, default: int, largest: int, violations: Violations) -> int:
+def _side(value: int, field: str, default: int, multiple: int, largest: int, violations: Violations) -> int:
     side = value or default
-    if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE or side > largest:
-        top = largest - largest % SIZE_MULTIPLE
-        violations.add(
-            field, f"must be a multiple of {SIZE_MULTIPLE} in [{SIZE_MULTIPLE}, {top}] (got {side})"
-        )
+    if side < multiple or side % multiple or side > largest:
+        top = largest - largest % multiple
+        violations.add(field, f"must be a multiple of {multiple} in [{multiple}, {top}] (got {side})")
     return side

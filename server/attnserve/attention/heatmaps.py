@@ -1,7 +1,9 @@
 """DAAM's cross-attention heatmaps per prompt word (Tang et al., "What the DAAM", castorini/daam).
 
 For one image: every cross-attention call of the UNet's down and up blocks in the conditional
-branch gives per head a map over the image tokens for each text token. Each map is upsampled
+branch gives per head a map over the image tokens for each text token (on an SD3 transformer,
+every joint attention call: the image queries' probabilities at the text keys, shares of the
+whole joint row). Each map is upsampled
 bicubically to the latent grid and clamped at 0; the maps are averaged over heads and layers
 and summed over steps. A word's map is the mean over its tokens' maps, upsampled to the image
 size and min-max normalised to [0, 1] (docs/attention-math.md#word-heatmaps-daam). Two sets of
@@ -21,6 +23,17 @@ def cross_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float
     """(H, Lq, Lk) probabilities of one row's unedited cross-attention, in float32.
     q (H, Lq, D), k (H, Lk, D)."""
     return torch.softmax(scale * q.float() @ k.float().transpose(-1, -2), dim=-1)
+
+
+def key_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, keys: range) -> torch.Tensor:
+    """(H, Lq, len(keys)) probabilities of one row's unedited attention over all of k, at the key
+    indices `keys` (a joint row's text keys), in float32: one fused call whose values are those
+    keys' indicator columns (docs/attention-math.md#identity-v), so the (Lq, Lk) map over every
+    key is never held. q (H, Lq, D), k (H, Lk, D)."""
+    indicators = torch.zeros(k.shape[-2], len(keys), dtype=torch.float32, device=k.device)
+    indicators[torch.tensor(keys, device=k.device), torch.arange(len(keys), device=k.device)] = 1.0
+    values = indicators.expand(k.shape[0], -1, -1)
+    return F.scaled_dot_product_attention(q.float(), k.float(), values, scale=scale)
 
 
 def token_maps(probs: torch.Tensor, grid: tuple[int, int], latent: tuple[int, int]) -> torch.Tensor:

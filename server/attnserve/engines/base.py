@@ -244,6 +244,8 @@ class ImageGeneration(abc.ABC):
     max_text_tokens: int
     #: (height, width) in pixels when a request leaves them unset.
     default_size: tuple[int, int]
+    #: Image sides are multiples of this (the VAE's downsampling, times a DiT's patch size).
+    size_multiple: int = 8
 
     @abc.abstractmethod
     def generate_image(self, request: ImageRequest) -> AsyncIterator[DenoisingProgress | GeneratedImages]:

@@ -3,7 +3,11 @@ model's geometry and compiled into the perturbed branch's operations per layer.
 
 The perturbation is attention.core's IdentityBlend (output (1 - u) o_i + u v_i): weight 1 on
 every head of whole layers for PAG, weight u on chosen heads for SoftPAG (named in soft.heads, or
-by a SoftPAG preset of the model in soft.preset).
+by a SoftPAG preset of the model in soft.preset). On a DiT's joint attention layers PAG's
+identity is the image block's (diffusers' PAGJointAttnProcessor2_0): the engine realises the
+blend there as the image-to-image block masked to its diagonal, which is PAG's map for u = 1
+only, so SoftPAG takes u = 1 (or 0) on joint layers
+(docs/attention-math.md#perturbed-attention-guidance).
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ from attnserve_client.v1 import image_generation_pb2, intervention_pb2
 
 from ..attention.plan import IdentityBlend, ScopedOp
 from .errors import Violations, quoted
-from .geometry import AttentionKind, AttentionLayer, ModelGeometry
+from .geometry import AttentionKind, AttentionLayer, Component, ModelGeometry
 from .ranges import ranged_value
 from .selectors import check_index, checked_heads
 
-#: diffusers' default PAG layers.
+#: diffusers' default PAG layers: its UNet PAG pipelines' ("mid"), and its SD3 PAG pipeline's
+#: ("blocks.1", the second transformer block).
 DEFAULT_PAG_LAYERS = ("mid",)
+DEFAULT_DIT_PAG_LAYERS = ("blocks.1",)
+#: The kinds of layer PAG perturbs: diffusers' PAG pipelines take every attention layer that is
+#: not cross-attention.
+PERTURBED_KINDS = frozenset({AttentionKind.SELF, AttentionKind.JOINT})
 DEFAULT_PAG_SCALE = 3.0
 MAX_PAG_LAYER_PATTERNS = 16
 MAX_PAG_LAYER_PATTERN_LENGTH = 128
@@ -60,18 +69,25 @@ def compile_guidance(
             violations.add(f"{field}.layers", "leave empty with soft: SoftPAG names its layers in soft.heads")
         layer_ops = _soft_ops(msg.soft, f"{field}.soft", geometry, presets, violations)
     else:
-        patterns = tuple(msg.layers) or DEFAULT_PAG_LAYERS
+        patterns = tuple(msg.layers) or default_pag_layers(geometry)
         layers = pag_layers(patterns, f"{field}.layers", geometry, violations)
         layer_ops = {layer.index: (ScopedOp(IdentityBlend(1.0)),) for layer in layers}
     return PerturbedGuidance(scale=scale, adaptive_scale=adaptive, layer_ops=layer_ops)
 
 
+def default_pag_layers(geometry: ModelGeometry) -> tuple[str, ...]:
+    """diffusers' default PAG layer ids for the model: its SD3 pipeline's for a DiT."""
+    if any(layer.component is Component.DIT_BLOCK for layer in geometry.layers):
+        return DEFAULT_DIT_PAG_LAYERS
+    return DEFAULT_PAG_LAYERS
+
+
 def pag_layers(
     patterns: tuple[str, ...], field: str, geometry: ModelGeometry, violations: Violations
 ) -> list[AttentionLayer]:
-    """The self-attention layers diffusers' PAG pipelines pick for these layer ids: those whose
-    name the id (a regular expression) is found in, except that an id ending in a number does
-    not pick a layer whose name ends in another number (pipelines/pag/pag_utils.py)."""
+    """The self- and joint attention layers diffusers' PAG pipelines pick for these layer ids:
+    those whose name the id (a regular expression) is found in, except that an id ending in a
+    number does not pick a layer whose name ends in another number (pipelines/pag/pag_utils.py)."""
     if len(patterns) > MAX_PAG_LAYER_PATTERNS:
         violations.add(field, f"{len(patterns)} layer ids exceed the limit of {MAX_PAG_LAYER_PATTERNS}")
         return []
@@ -88,14 +104,14 @@ def pag_layers(
         hits = [
             layer
             for layer in geometry.layers
-            if layer.kind is AttentionKind.SELF
+            if layer.kind in PERTURBED_KINDS
             and search(layer.name) is not None
             and not _fake_integral_match(pattern, layer.name)
         ]
         if not hits:
             violations.add(
                 f"{field}[{i}]",
-                f"{quoted(pattern)} matches no self-attention layer; GetModel lists the layers",
+                f"{quoted(pattern)} matches no self- or joint attention layer; GetModel lists the layers",
             )
         selected |= {layer.index: layer for layer in hits}
     return [selected[index] for index in sorted(selected)]
@@ -116,7 +132,7 @@ def _soft_ops(
     if not msg.preset:
         u = ranged_value(msg, "u", 1.0, "pag.soft.u", field, violations)
         if not msg.heads:
-            violations.add(f"{field}.heads", "name at least one self-attention layer and its heads")
+            violations.add(f"{field}.heads", "name at least one self- or joint attention layer and its heads")
         return _head_ops(msg.heads, u, f"{field}.heads", geometry, violations)
     if msg.heads:
         violations.add(f"{field}.heads", "leave empty with preset: the preset names the heads")
@@ -165,16 +181,24 @@ def _head_ops(
     geometry: ModelGeometry,
     violations: Violations,
 ) -> dict[int, tuple[ScopedOp, ...]]:
-    """IdentityBlend(u) on each self-attention layer's heads."""
+    """IdentityBlend(u) on each self- or joint attention layer's heads."""
     ops: dict[int, tuple[ScopedOp, ...]] = {}
     for i, layer_heads in enumerate(heads_of_layers):
         at = f"{field}[{i}]"
         if not check_index(layer_heads.layer, geometry.num_layers, f"{at}.layer", "layer", violations):
             continue
         layer = geometry.layers[layer_heads.layer]
-        if layer.kind is not AttentionKind.SELF:
+        if layer.kind not in PERTURBED_KINDS:
             violations.add(
-                f"{at}.layer", f"layer {layer.index} ({quoted(layer.name)}) is not a self-attention layer"
+                f"{at}.layer",
+                f"layer {layer.index} ({quoted(layer.name)}) is not a self- or joint attention layer",
+            )
+            continue
+        if layer.kind is AttentionKind.JOINT and u not in (0.0, 1.0):
+            violations.add(
+                "pag.soft.u",
+                f"on joint attention (layer {layer.index}, {quoted(layer.name)}) SoftPAG takes u = 1 "
+                "(PAG's perturbation on the chosen heads) or 0, not a blend in between",
             )
             continue
         if layer.index in ops:

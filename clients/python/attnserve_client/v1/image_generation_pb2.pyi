@@ -48,7 +48,9 @@ class GenerateImageRequest(_message.Message):
     negative_prompt: _builtins.str
     """The unconditional branch's prompt; empty is the empty prompt."""
     width: _builtins.int
-    """Pixels, each a multiple of 8 up to the server's max_image_size; 0 takes the model's default."""
+    """Pixels, each a multiple of 8 (of 16 on SD3 models: the VAE times the patch size) up to the
+    server's max_image_size; 0 takes the model's default.
+    """
     height: _builtins.int
     steps: _builtins.int
     """Denoising steps, 1 to the server's max_denoising_steps; 0 takes 50."""

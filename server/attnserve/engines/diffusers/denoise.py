@@ -2,9 +2,11 @@
 
 Each request contributes one batch row per image and branch: the unconditional branch (with
 classifier-free guidance), the conditional branch, and the perturbed branch (PAG, SoftPAG).
-One UNet call per step runs every row; each row's attention gets its own RowPlan (attention.py);
-diffusers' guiders combine each request's branches. The steps mirror diffusers'
-StableDiffusionPipeline and StableDiffusionPAGPipeline, so a request alone gives what they give.
+One call of the denoising network (a UNet, an SD3 transformer) per step runs every row; each
+row's attention gets its own RowPlan (attention.py, joint_attention.py); diffusers' guiders
+combine each request's branches. The pipeline family's adapter (families.py) encodes prompts and
+calls the network as its diffusers pipeline does (StableDiffusionPipeline and its PAG pipeline,
+StableDiffusion3Pipeline and its PAG pipeline), so a request alone gives what they give.
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...attention.plan import RowPlan
+from ...attention.plan import RowPlan, ScopedOp
 from ...attention.prompt_share import prompt_part_shares
 from ...readouts.word_heatmaps import HeatmapAccumulator
 from ...spec.geometry import AttentionKind, ModelGeometry
 from ..base import ImageRequest
 from ..readouts import StatisticsSampler
 from .attention import UNetCall
+from .families import family_of
 
 # Guiders warn on every construction that they are experimental: once per request here.
 logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
@@ -50,6 +53,10 @@ class DenoisingJob:
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
     #: One per image when the request reads heatmaps out.
     heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
+    #: Pooled text embeddings (len(branches) * num_images, P), for networks that take them (SD3).
+    pooled_embeddings: torch.Tensor | None = None
+    #: Layer -> the perturbed branch's perturbation there, as the network's layers realise it.
+    perturbation: Mapping[int, tuple[ScopedOp, ...]] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -73,6 +80,15 @@ def guider_of(request: ImageRequest) -> ClassifierFreeGuidance | PerturbedAttent
     """
     if request.perturbed is None or request.perturbed.scale <= 0:
         return ClassifierFreeGuidance(guidance_scale=request.guidance_scale)
+    if Branch.UNCONDITIONAL not in branches_of(request):
+        # eps_c + s (eps_c - eps_ptb), as diffusers' PAG pipelines: the guider's own formulation
+        # without classifier-free guidance would start from eps_ptb instead.
+        return PerturbedAttentionGuidance(
+            guidance_scale=0.0,
+            perturbed_guidance_scale=request.perturbed.scale,
+            perturbed_guidance_layers=[0],
+            use_original_formulation=True,
+        )
     # The layers argument names the hooks' layers, which are never installed (see above).
     return PerturbedAttentionGuidance(
         guidance_scale=request.guidance_scale,
@@ -87,55 +103,63 @@ class Denoiser:
     def __init__(self, pipe, call: UNetCall, geometry: ModelGeometry, statistics_sample_rate: float = 0.0):
         self.pipe = pipe
         self.call = call
+        self.geometry = geometry
+        self.family = family_of(pipe)
+        self.heatmap_layers = self.family.heatmap_layers(geometry)
+        # The cross-attention share metric reads a UNet's cross-attention layers (a DiT has none:
+        # its image tokens meet the text in joint attention, and it exports no shares).
         self.cross_layers = frozenset(
             layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS
         )
         # Which steps (and which image's conditional row) feed the cross-attention share metric.
         self._share_sampler = StatisticsSampler(statistics_sample_rate)
-        # DAAM reads the cross-attention of the down and up blocks.
-        self.heatmap_layers = frozenset(
-            layer.index
-            for layer in geometry.layers
-            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
-        )
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        self.device = self.family.network.device
+        self.dtype = self.family.network.dtype
 
     @torch.inference_mode()
-    def encode(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """(1, T, D) text embeddings of ids padded to the text encoder's length, as diffusers'
-        encode_prompt pads them."""
-        tokenizer = self.pipe.tokenizer
-        padded = list(token_ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(token_ids))
-        ids = torch.tensor([padded], device=self.device)
-        return self.pipe.text_encoder(ids)[0].to(self.dtype)
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, T, D) text embeddings of the ids and (1, P) pooled embeddings (None for a UNet), as
+        the family's diffusers pipeline encodes a prompt."""
+        return self.family.encode(token_ids)
 
     def start(self, request: ImageRequest) -> DenoisingJob:
         branches = branches_of(request)
         n = request.num_images
-        cond = self.encode(request.prompt_token_ids).repeat(n, 1, 1)
-        uncond = self.encode(request.negative_token_ids).repeat(n, 1, 1)
-        by_branch = {Branch.UNCONDITIONAL: uncond, Branch.CONDITIONAL: cond, Branch.PERTURBED: cond}
+        conditional = self.encode(request.prompt_token_ids)
+        by_branch = {
+            Branch.UNCONDITIONAL: self.encode(request.negative_token_ids),
+            Branch.CONDITIONAL: conditional,
+            Branch.PERTURBED: conditional,
+        }
         generator = (
             torch.Generator(self.device).manual_seed(request.seed) if request.seed is not None else None
         )
         scale = self.pipe.vae_scale_factor
         latent = (request.height // scale, request.width // scale)
-        shape = (n, self.pipe.unet.config.in_channels, *latent)
+        shape = (n, self.family.network.config.in_channels, *latent)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         heatmaps = (
             [HeatmapAccumulator(latent, len(self.heatmap_layers)) for _ in range(n)]
             if request.reads_heatmaps
             else []
         )
+        perturbation = (
+            self.family.perturbation(request.perturbed.layer_ops, self.geometry)
+            if Branch.PERTURBED in branches
+            else {}
+        )
         return DenoisingJob(
             request=request,
             branches=branches,
-            text_embeddings=torch.cat([by_branch[b] for b in branches]),
-            latents=latents * self.pipe.scheduler.init_noise_sigma,
+            text_embeddings=torch.cat([by_branch[b][0] for b in branches]).repeat_interleave(n, dim=0),
+            latents=self.family.initial_latents(latents),
             generator=generator,
             guider=guider_of(request),
             heatmaps=heatmaps,
+            pooled_embeddings=None
+            if conditional[1] is None
+            else torch.cat([by_branch[b][1] for b in branches]).repeat_interleave(n, dim=0),
+            perturbation=perturbation,
         )
 
     @torch.inference_mode()
@@ -156,26 +180,27 @@ class Denoiser:
         prompt_part_shares, averaged over the cross-attention layers). A job that is cancelled
         (set by another thread) leaves the batch before the next step."""
         scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(steps, device=self.device)
+        self.family.set_timesteps(steps, tuple(jobs[0].latents.shape[-2:]))
         for step, t in enumerate(scheduler.timesteps):
             started = time.monotonic()
             active = [job for job in jobs if not cancelled(job)]
             if not active:
                 return
             latents = torch.cat([job.latents.repeat(len(job.branches), 1, 1, 1) for job in active])
-            latents = scheduler.scale_model_input(latents, t)
+            pooled = (
+                None
+                if active[0].pooled_embeddings is None
+                else torch.cat([job.pooled_embeddings for job in active])
+            )
             self.call.row_plans = _row_plans(active, step)
             shares: list[torch.Tensor] = []
             self.call.readers = _readers(
                 active, self.heatmap_layers, self.cross_layers, self._sampled_share(active, shares.append)
             )
             try:
-                noise = self.pipe.unet(
-                    latents,
-                    t,
-                    encoder_hidden_states=torch.cat([job.text_embeddings for job in active]),
-                    return_dict=False,
-                )[0]
+                noise = self.family.predict(
+                    latents, t, torch.cat([job.text_embeddings for job in active]), pooled
+                )
             finally:
                 self.call.row_plans = None
                 self.call.readers = None
@@ -216,10 +241,7 @@ class Denoiser:
 
     @torch.inference_mode()
     def images(self, job: DenoisingJob, output_type: str):
-        vae = self.pipe.vae
-        image = vae.decode(
-            job.latents / vae.config.scaling_factor, return_dict=False, generator=job.generator
-        )[0]
+        image = self.family.decode(job.latents, job.generator)
         return self.pipe.image_processor.postprocess(
             image, output_type=output_type, do_denormalize=[True] * image.shape[0]
         )
@@ -270,7 +292,7 @@ def _row_plans(jobs: Sequence[DenoisingJob], step: int) -> Callable[[int], list[
                 elif branch is Branch.CONDITIONAL:
                     plan = conditional
                 else:
-                    plan = _with_ops(conditional, request.perturbed.layer_ops.get(layer, ()))
+                    plan = _with_ops(conditional, job.perturbation.get(layer, ()))
                 out.extend([plan] * request.num_images)
         return out
 

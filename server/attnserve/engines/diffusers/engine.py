@@ -1,9 +1,10 @@
-"""The diffusers engine: text-to-image requests on one local Stable Diffusion (UNet) pipeline.
+"""The diffusers engine: text-to-image requests on one local Stable Diffusion pipeline, a UNet one
+(SD 1.x / 2.x) or an SD3 one (a DiT with joint attention); families.py holds what differs.
 
 One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
 request of the same size and step count (up to max_batch_size), denoises them together
-(denoise.py: one UNet call per step for all their rows, each row with its own attention plan),
-then decodes each request's images into PNG. A request whose stream is closed (cancel,
+(denoise.py: one call of the denoising network per step for all their rows, each row with its
+own attention plan), then decodes each request's images into PNG. A request whose stream is closed (cancel,
 deadline) leaves its batch before the next step.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import threading
 import time
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
@@ -32,24 +34,40 @@ from ..base import (
     ImageGeneration,
     ImageRequest,
 )
-from .attention import install_processors, query_downsamplings
 from .denoise import Denoiser, DenoisingJob
+from .families import family_of
 
 log = logging.getLogger("attnserve.engines.diffusers")
 
 
+#: The pipeline classes (model_index.json's _class_name) served, and the class that loads each.
+PIPELINES = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionPAGPipeline": StableDiffusionPipeline,
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+    "StableDiffusion3PAGPipeline": StableDiffusion3Pipeline,
+}
+
+
 def load_pipeline(
     model_path: Path, *, dtype: str = "float32", device: str = "cpu"
-) -> StableDiffusionPipeline:
-    """A local Stable Diffusion pipeline directory (safetensors), without a safety checker."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path,
-        dtype=getattr(torch, dtype),
-        local_files_only=True,
-        use_safetensors=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
+    """A local Stable Diffusion (UNet) or SD3 pipeline directory (safetensors), its family read
+    from model_index.json; without a safety checker, and SD3 without its T5 encoder."""
+    class_name = json.loads((Path(model_path) / "model_index.json").read_text()).get("_class_name")
+    pipeline = PIPELINES.get(class_name)
+    if pipeline is None:
+        raise ValueError(
+            f"{model_path}: {class_name} pipelines are not served by the diffusers engine "
+            f"(it serves {', '.join(sorted(PIPELINES))})"
+        )
+    extra = (
+        {"text_encoder_3": None, "tokenizer_3": None}
+        if pipeline is StableDiffusion3Pipeline
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
+    pipe = pipeline.from_pretrained(
+        model_path, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **extra
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -71,7 +89,7 @@ class _Ticket:
 
 
 class DiffusersEngine(Engine, ImageGeneration):
-    """Serve GenerateImage requests of one local UNet pipeline from one worker thread."""
+    """Serve GenerateImage requests of one local UNet or SD3 pipeline from one worker thread."""
 
     def __init__(
         self,
@@ -87,13 +105,14 @@ class DiffusersEngine(Engine, ImageGeneration):
         on_cross_attention_shares: Callable[[tuple[float, ...]], None] = lambda shares: None,
     ):
         self.pipe = load_pipeline(model_path, dtype=dtype, device=device)
-        geometry, call = install_processors(self.pipe.unet)
-        self._downsamplings = query_downsamplings(self.pipe.unet, geometry)
+        family = family_of(self.pipe)
+        geometry, call = family.install_processors()
+        self._downsamplings = family.query_downsamplings(geometry)
         self._denoiser = Denoiser(self.pipe, call, geometry, statistics_sample_rate)
         self.tokenizer = self.pipe.tokenizer
         self.max_text_tokens = self.pipe.tokenizer.model_max_length
-        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.default_size = (side, side)
+        self.default_size = family.default_size
+        self.size_multiple = family.size_multiple
         self.info = EngineInfo(
             geometry=geometry,
             max_context_length=self.max_text_tokens,

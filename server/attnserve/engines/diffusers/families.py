@@ -1,0 +1,205 @@
+"""What differs between the pipeline families the diffusers engine serves, one small adapter each:
+how prompts become conditioning, how the denoising network is called, how latents start and end.
+
+- UNetFamily: Stable Diffusion 1.x / 2.x (StableDiffusionPipeline): a UNet over CLIP text
+  embeddings, its own attention processors (attention.py);
+- SD3Family: Stable Diffusion 3 (StableDiffusion3Pipeline): an SD3Transformer2DModel with joint
+  attention (joint_attention.py) over two CLIP encoders' embeddings and their pooled outputs, a
+  flow-matching scheduler and a VAE with a shift factor. The T5 encoder is not loaded: diffusers
+  then feeds zeros in its place, as here.
+Each mirrors its diffusers pipeline step by step, so a request alone gives what the pipeline gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+from ...attention.plan import ScopedOp
+from ...spec.geometry import AttentionKind, ModelGeometry
+from .attention import UNetCall, install_processors, query_downsamplings
+from .joint_attention import install_joint_processors, joint_perturbation
+
+#: diffusers' default max_sequence_length: the T5 token slots its SD3 pipelines fill with zeros
+#: when the T5 encoder is not loaded.
+T5_TOKENS = 256
+
+
+class UNetFamily:
+    """Stable Diffusion 1.x / 2.x: UNet2DConditionModel, one CLIP text encoder."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.network = pipe.unet
+
+    def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
+        return install_processors(self.pipe.unet)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides: multiples of 8, as diffusers' SD pipelines ask."""
+        return 8
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.network.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, None]:
+        """(1, T, D) text embeddings of ids padded to the text encoder's length, as diffusers'
+        encode_prompt pads them; no pooled embeddings."""
+        ids = _padded(token_ids, self.pipe.tokenizer, self.network.device)
+        return self.pipe.text_encoder(ids)[0].to(self.network.dtype), None
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * self.pipe.scheduler.init_noise_sigma
+
+    def set_timesteps(self, steps: int, latent_size: tuple[int, int]) -> None:
+        self.pipe.scheduler.set_timesteps(steps, device=self.network.device)
+
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, pooled: None
+    ) -> torch.Tensor:
+        latents = self.pipe.scheduler.scale_model_input(latents, t)
+        return self.network(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+
+    def heatmap_layers(self, geometry: ModelGeometry) -> frozenset[int]:
+        """The layers DAAM reads: the cross-attention of the down and up blocks."""
+        return frozenset(
+            layer.index
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS and not layer.name.startswith("mid_block")
+        )
+
+    def perturbation(
+        self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry
+    ) -> Mapping[int, tuple[ScopedOp, ...]]:
+        """The perturbed branch's ops: PAG's identity blends on self-attention as they are."""
+        return layer_ops
+
+    def query_downsamplings(self, geometry: ModelGeometry) -> dict[int, int]:
+        """Cross-attention layer -> times the latent grid is halved there (layout binding)."""
+        return query_downsamplings(self.network, geometry)
+
+
+class SD3Family:
+    """Stable Diffusion 3: SD3Transformer2DModel, two CLIP encoders with projection, no T5."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.network = pipe.transformer
+
+    def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
+        return install_joint_processors(self.network, self.pipe.tokenizer.model_max_length)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides: multiples of 8 whose latents the patches tile (diffusers' SD3 pipelines
+        ask for multiples of the VAE's downsampling times the patch size: 16 for SD3)."""
+        return math.lcm(8, self.pipe.vae_scale_factor * self.network.config.patch_size)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.network.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    @property
+    def num_text_tokens(self) -> int:
+        """The joint attention's text tokens: the CLIP tokens, then the T5 slots (zeros)."""
+        return self.pipe.tokenizer.model_max_length + T5_TOKENS
+
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, D) joint text embeddings and (1, P) pooled embeddings, as diffusers' SD3
+        encode_prompt makes them without T5: each CLIP encoder's penultimate hidden states side by
+        side, padded to the transformer's width, then zeros for the T5 tokens; the pooled
+        (projected) outputs side by side."""
+        device, dtype = self.network.device, self.network.dtype
+        hidden, pooled = [], []
+        for tokenizer, encoder in (
+            (self.pipe.tokenizer, self.pipe.text_encoder),
+            (self.pipe.tokenizer_2, self.pipe.text_encoder_2),
+        ):
+            out = encoder(_padded(token_ids, tokenizer, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(dtype))
+            pooled.append(out[0])
+        clip = torch.cat(hidden, dim=-1)
+        width = self.network.config.joint_attention_dim
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        t5 = torch.zeros(1, T5_TOKENS, width, device=device, dtype=dtype)
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def set_timesteps(self, steps: int, latent_size: tuple[int, int]) -> None:
+        scheduler = self.pipe.scheduler
+        extra = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.network.config.patch_size
+            extra["mu"] = calculate_shift(
+                (latent_size[0] // patch) * (latent_size[1] // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(steps, device=self.network.device, **extra)
+
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        return self.network(
+            hidden_states=latents,
+            timestep=t.expand(latents.shape[0]),
+            encoder_hidden_states=embeddings,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+    def heatmap_layers(self, geometry: ModelGeometry) -> frozenset[int]:
+        """The layers word heatmaps read: every joint layer (its image-to-text block)."""
+        return frozenset(layer.index for layer in geometry.layers if layer.kind is AttentionKind.JOINT)
+
+    def perturbation(
+        self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry
+    ) -> Mapping[int, tuple[ScopedOp, ...]]:
+        """The perturbed branch's ops: on joint layers PAG's joint perturbation (the image block
+        masked to its diagonal) for each blend that changes anything, on self-attention layers the
+        identity blends as they are."""
+        layers = geometry.layers
+        return {
+            index: tuple(
+                joint_perturbation(scoped, self.num_text_tokens)
+                if layers[index].kind is AttentionKind.JOINT
+                else scoped
+                for scoped in ops
+                if not scoped.op.is_identity
+            )
+            for index, ops in layer_ops.items()
+        }
+
+    def query_downsamplings(self, geometry: ModelGeometry) -> dict[int, int]:
+        """None: layout binding acts on cross-attention layers, which an SD3 transformer lacks."""
+        return {}
+
+
+def family_of(pipe) -> UNetFamily | SD3Family:
+    """The adapter of a loaded pipeline (one with a transformer is SD3's)."""
+    return SD3Family(pipe) if getattr(pipe, "transformer", None) is not None else UNetFamily(pipe)
+
+
+def _padded(token_ids: Sequence[int], tokenizer, device: torch.device) -> torch.Tensor:
+    """(1, model_max_length) ids padded with the tokenizer's pad token."""
+    padded = list(token_ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(token_ids))
+    return torch.tensor([padded], device=device)
