@@ -93,7 +93,9 @@ def to_image_request(
         ),
     )
     plan = with_layout(plan, layout_ops)
-    if (words or content_style) and any(geometry.layers[layer].kind in _TEXT_KINDS for layer in plan.layer_ops):
+    if (words or content_style) and any(
+        geometry.layers[layer].kind in _TEXT_KINDS for layer in plan.layer_ops
+    ):
         raise InvalidRequest(
             [
                 FieldViolation(
