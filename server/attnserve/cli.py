@@ -52,6 +52,16 @@ class CalibrationEngine(str, Enum):
     vllm = "vllm"
 
 
+#: The calibration commands' shared options.
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="Server config naming the model; default: the packaged config.", exists=True, dir_okay=False
+    ),
+]
+PresetFile = Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)]
+
+
 @app.callback()
 def main() -> None:
     """attnserve server commands."""
@@ -88,7 +98,7 @@ def serve(
 
 @app.command()
 def calibrate(
-    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
+    output: PresetFile,
     data: Annotated[
         list[Path] | None,
         typer.Argument(
@@ -99,12 +109,7 @@ def calibrate(
             dir_okay=False,
         ),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            help="Server config naming the model; default: the packaged config.", exists=True, dir_okay=False
-        ),
-    ] = None,
+    config: ConfigFile = None,
     model: Annotated[
         str | None, typer.Option(help="Model name in the config; default: its first model.")
     ] = None,
@@ -291,13 +296,8 @@ def calibrate_paint(
             dir_okay=False,
         ),
     ],
-    output: Annotated[Path, typer.Option(help="Preset file to write (YAML).", dir_okay=False)],
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            help="Server config naming the model; default: the packaged config.", exists=True, dir_okay=False
-        ),
-    ] = None,
+    output: PresetFile,
+    config: ConfigFile = None,
     model: Annotated[
         str | None, typer.Option(help="Vision-language model name in the config; default: its first model.")
     ] = None,
