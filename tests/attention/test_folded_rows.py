@@ -89,7 +89,12 @@ def test_equal_operations_of_different_requests_share_one_application():
     act, rescale = SINGLE_OPS["act"], SINGLE_OPS["rescale"]
     other_act = ScopedOp(act.op.__class__(tau=0.3))
     rows = fold_decode_rows(
-        batch.q[:, :, 0], batch.k, batch.v, lengths=[12, 10, 8], prompt_lengths=[12, 10, 8], scale=batch.scale
+        batch.q[:, :, 0],
+        batch.k,
+        batch.v,
+        key_starts=[0, 2, 4],
+        prompt_lengths=[12, 10, 8],
+        scale=batch.scale,
     )
     applied = folded_applied_ops(rows, [(act, rescale), (rescale, act), (other_act,)])
     # Rescale comes before ACT in every request (registry order); the two ACTs with different
@@ -97,5 +102,5 @@ def test_equal_operations_of_different_requests_share_one_application():
     assert [a.op for a in applied] == [rescale.op, act.op, other_act.op]
     heads_per_application = [a.scope.heads.view(3, NUM_HEADS).any(dim=1).tolist() for a in applied]
     assert heads_per_application == [[True, True, False], [True, True, False], [False, False, True]]
-    # Each request's keys are its own: request 2 has 8 keys.
-    assert not applied[2].scope.keys[2 * NUM_HEADS :, 8:].any()
+    # Each request's keys are its own: request 2's 8 keys start at index 4.
+    assert not applied[2].scope.keys[2 * NUM_HEADS :, :4].any()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, left_padded_keys_first
+from attnserve.attention.folded_rows import attend_folded, fold_decode_rows
 from attnserve.attention.interventions import (
     AppliedOp,
     applied_ops,
@@ -183,15 +183,15 @@ def attend_decode_rows(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    lengths: Sequence[int],
+    key_starts: Sequence[int],
     prompt_lengths: Sequence[int],
     scale: float,
     ops: Sequence[tuple[ScopedOp, ...]],
 ) -> torch.Tensor:
     """Decode rows of several requests in one pass: q (B, H, D) each request's query (its last
-    token); k, v (B, Hkv, n, D) with request b's keys at 0..lengths[b]-1. Returns (B, H, D) in
-    float32 (or float64), ops[b] applied to request b."""
-    return attend_folded(fold_decode_rows(q, k, v, lengths, prompt_lengths, scale), ops)
+    token); k, v (B, Hkv, n, D) left-padded, request b's keys at key_starts[b]..n-1. Returns
+    (B, H, D) in float32 (or float64), ops[b] applied to request b."""
+    return attend_folded(fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale), ops)
 
 
 def _attend_folded(
@@ -207,12 +207,11 @@ def _attend_folded(
     if len(rows) < q.shape[0]:
         index = torch.tensor(list(rows), device=q.device)
         q, k, v = q[index], k[index], v[index]
-    starts = [layouts[b].key_start for b in rows]
     return attend_decode_rows(
         q[:, :, 0],
-        left_padded_keys_first(k, starts),
-        left_padded_keys_first(v, starts),
-        lengths=[k.shape[2] - start for start in starts],
+        k,
+        v,
+        key_starts=[layouts[b].key_start for b in rows],
         prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],
         scale=scale,
         ops=[ops[b] for b in rows],

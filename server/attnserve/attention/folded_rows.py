@@ -2,8 +2,8 @@
 
 In a decode step each request has one query, the newest token, which sees all of its keys
 (positions 0..n_b-1; causal and block-causal layouts alike). Request b's head h becomes head
-b*H + h of one RowAttention whose keys are every request's, right-padded to the longest (padding
-unseen). Each stage of the core then runs once for the batch: an operation's scope spans the
+b*H + h of one RowAttention whose keys are every request's, left-padded to the longest as the
+batch holds them (padding unseen). Each stage of the core then runs once for the batch: an operation's scope spans the
 heads of every request holding that operation at the same place in its plan, each with its own
 keys (docs/attention-math.md#folded-rows). The math is the core's own (interventions.py and the
 operations); only the scaffolding around it is shared, which is most of a row's cost.
@@ -27,11 +27,12 @@ from attnserve.attention.selection import head_selection, key_selection, query_s
 
 @dataclass
 class FoldedRows(RowAttention):
-    """q (B*H, 1, D); k, v (B*Hkv, n, D), request b's keys at 0..lengths[b]-1. layout is unused:
-    every request's query is its last token, seeing all of its keys."""
+    """q (B*H, 1, D); k, v (B*Hkv, n, D) left-padded: request b's keys at key_starts[b]..n-1, so
+    every request's own key (its query's token) is the last. layout is unused: every request's
+    query sees all of its keys."""
 
-    #: (B,) keys of each request.
-    lengths: torch.Tensor
+    #: (B,) index of each request's token 0.
+    key_starts: torch.Tensor
     #: Prompt length of each request (positions from it on are generated tokens).
     prompt_lengths: tuple[int, ...]
     heads_per_request: int
@@ -49,40 +50,43 @@ class FoldedRows(RowAttention):
         return True
 
     @cached_property
-    def _head_lengths(self) -> torch.Tensor:
-        return self.lengths.repeat_interleave(self.heads_per_request)
+    def _positions(self) -> torch.Tensor:
+        """(B*H, n): each key's token position in its head's request (negative on padding)."""
+        starts = self.key_starts.repeat_interleave(self.heads_per_request)
+        return self.key_positions[None, :] - starts[:, None]
 
     @cached_property
     def visible(self) -> torch.Tensor:
         """(B*H, 1, n): each head sees its request's keys."""
-        return (self.key_positions[None, :] < self._head_lengths[:, None])[:, None, :]
+        return (self._positions >= 0)[:, None, :]
 
     @cached_property
     def own_key(self) -> torch.Tensor:
-        """(B*H, 1, n): each request's last key."""
-        return (self.key_positions[None, :] == self._head_lengths[:, None] - 1)[:, None, :]
+        """(1, 1, n): the last key, every request's own."""
+        return (self.key_positions == self.num_keys - 1)[None, None, :]
 
     def queries_per_key_of(self, heads: torch.Tensor) -> torch.Tensor:
         """(len(heads), n): 1 on the keys the head's query sees, 0 elsewhere."""
         return self.visible[heads, 0].long()
 
+    def key_positions_of(self, heads: torch.Tensor) -> torch.Tensor:
+        return self._positions[heads]
+
     def own_values(self) -> torch.Tensor:
         """(B*H, 1, D) value of each request's last key."""
-        kv_lengths = self.lengths.repeat_interleave(self.k.shape[0] // self.num_requests)
-        own = self.v[torch.arange(self.v.shape[0], device=self.device), kv_lengths - 1]
-        return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
+        return self.v[:, -1].repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
 
 
 def fold_decode_rows(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    lengths: Sequence[int],
+    key_starts: Sequence[int],
     prompt_lengths: Sequence[int],
     scale: float,
 ) -> FoldedRows:
-    """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) with request b's keys at
-    0..lengths[b]-1 (the rest unseen). Computed in float32 (or float64), as RowAttention."""
+    """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) left-padded, request b's keys at
+    key_starts[b]..n-1. Computed in float32 (or float64), as RowAttention."""
     batch, num_heads, head_dim = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     return FoldedRows(
@@ -91,19 +95,10 @@ def fold_decode_rows(
         v=v.flatten(0, 1).to(dtype),
         scale=scale,
         layout=None,
-        lengths=torch.tensor(list(lengths), device=q.device),
+        key_starts=torch.tensor(list(key_starts), device=q.device),
         prompt_lengths=tuple(prompt_lengths),
         heads_per_request=num_heads,
     )
-
-
-def left_padded_keys_first(k: torch.Tensor, key_starts: Sequence[int]) -> torch.Tensor:
-    """(B, Hkv, Lk, D) keys (or values) left-padded by key_starts -> the same with each row's
-    keys moved to 0..Lk-key_start-1 (zeros after them)."""
-    packed = torch.zeros_like(k)
-    for row, start in enumerate(key_starts):
-        packed[row, :, : k.shape[2] - start] = k[row, :, start:]
-    return packed
 
 
 def folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
@@ -139,10 +134,12 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
     for request, scoped in members:
         if not query_selection(scoped.query_rows, scoped.last_query_only, 1, cpu)[0]:
             continue  # the op does not act on this request's one query row
-        length = int(rows.lengths[request])
+        start = int(rows.key_starts[request])
         span = slice(request * num_heads, (request + 1) * num_heads)
         heads[span] = head_selection(scoped.heads, num_heads, cpu)
-        keys[span, :length] = key_selection(scoped.keys, length, rows.prompt_lengths[request], cpu)
+        keys[span, start:] = key_selection(
+            scoped.keys, rows.num_keys - start, rows.prompt_lengths[request], cpu
+        )
     return Scope(
         heads=heads.to(rows.device),
         queries=torch.ones(1, dtype=torch.bool, device=rows.device),

@@ -102,6 +102,10 @@ class RowAttention:
         """(1 or len(heads), n): queries_per_key as the given heads see it (every head alike here)."""
         return self.queries_per_key[None]
 
+    def key_positions_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """(1 or len(heads), n): each key's token position as the given heads see it."""
+        return self.key_positions[None]
+
     def _kv_heads(self, heads: torch.Tensor) -> torch.Tensor:
         return heads // (self.num_heads // self.k.shape[0])
 

@@ -42,7 +42,7 @@ class SinkCalibration(Operation):
         p = probs[slot[heads]]
         seen_by = row.queries_per_key_of(heads)  # (1 or h, n)
         column_mean = p.sum(dim=1) / seen_by.clamp(min=1)
-        eligible = scope.keys_of_heads(heads) & (row.key_positions >= 1) & (seen_by > 0)
+        eligible = scope.keys_of_heads(heads) & (row.key_positions_of(heads) >= 1) & (seen_by > 0)
         if self.min_queries > 0:
             eligible &= seen_by >= self.min_queries
         sinks = (column_mean > self.tau) & eligible  # (h, n)

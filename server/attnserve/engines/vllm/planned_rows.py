@@ -168,22 +168,23 @@ def _attend_decoding(
     read_kv: KVReader,
 ) -> None:
     """The step's planned decode rows that read nothing out: one pass for all (folded_rows.py),
-    their keys and values gathered right-padded."""
+    their keys and values gathered into one left-padded batch."""
     rows = [planned.row for planned, _ in decoding]
     seq_lens = [planned.seq_len for planned, _ in decoding]
     kv = [read_kv(row, seq_len) for row, seq_len in zip(rows, seq_lens)]
     num_kv_heads, _, head_dim = kv[0][0].shape
-    k = query.new_zeros(len(rows), num_kv_heads, max(seq_lens), head_dim, dtype=kv[0][0].dtype)
+    longest = max(seq_lens)
+    k = query.new_zeros(len(rows), num_kv_heads, longest, head_dim, dtype=kv[0][0].dtype)
     v = torch.zeros_like(k)
     for i, (row_k, row_v) in enumerate(kv):
-        k[i, :, : row_k.shape[1]] = row_k
-        v[i, :, : row_v.shape[1]] = row_v
+        k[i, :, longest - row_k.shape[1] :] = row_k
+        v[i, :, longest - row_v.shape[1] :] = row_v
     tokens = torch.tensor([starts[row] for row in rows], device=query.device)
     edited = attend_decode_rows(
         query[tokens],
         k,
         v,
-        lengths=seq_lens,
+        key_starts=[longest - seq_len for seq_len in seq_lens],
         prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
         scale=scale,
         ops=[effective_ops(plan) for _, plan in decoding],

@@ -1,0 +1,113 @@
+"""attention.core alone: one decode step of one layer for a batch of planned rows, folded into one
+pass (attention/folded_rows.py) against the same rows one at a time (the per-row path), beside
+the plain SDPA call of the whole batch. No engine: this is the arithmetic plus the core's own
+Python, per layer, which the engines pay once per planned layer and step.
+
+    PYTHONPATH=server .venv/bin/python bench/bench_core.py [--rows 16] [--keys 160] [--repeats 200] \
+        [--threads 1] [--out bench/results/core-decode-cpu.json]
+
+Shapes default to SmolLM2-135M's layers (9 query heads, 3 KV heads, head size 64), fp32, each
+row with its own length (keys - row .. keys). Medians of the repeats, in milliseconds per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from attnserve.attention.core import attend, attend_rows, effective_ops, plain_attention
+from attnserve.attention.interventions import applied_ops
+from attnserve.attention.layout import RowLayout
+from attnserve.attention.operations import (
+    HeadOutputScale,
+    IdentityBlend,
+    KeyEmphasis,
+    LogitRescale,
+    SinkCalibration,
+)
+from attnserve.attention.plan import NO_NEEDS, KeySet, RowPlan, ScopedOp
+from attnserve.attention.row_attention import RowAttention
+
+PLANS = {
+    "sink_calibration (ACT)": (ScopedOp(SinkCalibration(tau=0.1, beta=0.4)),),
+    "key_emphasis (PASTA)": (ScopedOp(KeyEmphasis(0.01), keys=KeySet(ranges=((0, 24),), invert=True)),),
+    "logit_rescale x2 (PAINT)": (
+        ScopedOp(LogitRescale(0.7), keys=KeySet(ranges=((5, 69),)), last_query_only=True),
+        ScopedOp(LogitRescale(0.3), keys=KeySet(ranges=((20, 30),)), last_query_only=True),
+    ),
+    "identity_blend + head_output_scale": (
+        ScopedOp(IdentityBlend(0.5), heads=(0, 3)),
+        ScopedOp(HeadOutputScale(0.0), heads=(5,)),
+    ),
+}
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(max(3, repeats // 10)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--keys", type=int, default=160)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows, keys = args.rows, args.keys
+    q = torch.randn(rows, args.heads, 1, args.head_dim)
+    k = torch.randn(rows, args.kv_heads, keys, args.head_dim)
+    v = torch.randn(rows, args.kv_heads, keys, args.head_dim)
+    scale = args.head_dim**-0.5
+    layouts = [RowLayout(key_start=row, num_prompt_tokens=keys - row - 8) for row in range(rows)]
+
+    def one_at_a_time(plans):
+        for b, plan in enumerate(plans):
+            row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
+            attend(row, applied_ops(row, effective_ops(plan)), NO_NEEDS)
+
+    results = {
+        "plain SDPA of the batch": median_ms(
+            lambda: plain_attention(q, k, v, scale=scale, layouts=layouts), args.repeats
+        )
+    }
+    print(f"plain SDPA of the batch: {results['plain SDPA of the batch']:.3f} ms")
+    for name, ops in PLANS.items():
+        plans = [RowPlan(ops=ops)] * rows
+        folded = median_ms(
+            lambda plans=plans: attend_rows(q, k, v, scale=scale, layouts=layouts, plans=plans), args.repeats
+        )
+        alone = median_ms(lambda plans=plans: one_at_a_time(plans), args.repeats)
+        results[name] = {"folded_ms": folded, "one_at_a_time_ms": alone, "speedup": alone / folded}
+        print(f"{name}: folded {folded:.3f} ms, one at a time {alone:.3f} ms ({alone / folded:.1f}x)")
+    report = {
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "settings": vars(args) | {"out": str(args.out) if args.out else None},
+        "milliseconds_per_layer": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
