@@ -9,9 +9,10 @@ running every configuration once, in turn):
 - --batch requests denoised as one batch vs one at a time.
 Any local Stable Diffusion or SD3 directory works (--model; --builtin tiny-sd3 for the built-in
 SD3-style one); the default is the built-in tiny-sd, whose ratios say little about a real
-model's (its UNet is tiny).
+model's (its UNet is tiny). --wide DIR builds (once) and runs a pipeline at Stable Diffusion
+1.5's width with random weights (wide_sd.py): a real model's cost at the size asked.
 
-    python bench/bench_diffusion.py [--model DIR | --builtin NAME] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
+    python bench/bench_diffusion.py [--model DIR | --builtin NAME | --wide DIR] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from attnserve.spec.errors import Violations
 from attnserve.spec.guidance import PerturbedGuidance, default_pag_layers, pag_layers
 from attnserve_client.v1 import image_generation_pb2 as gpb
 from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+from wide_sd import build_wide_sd
 
 PROMPT = "a photo of a cat"
 
@@ -63,10 +65,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--wide", type=Path, default=None, help="SD 1.5-width pipeline directory (built if missing)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     path = args.model or ensure_builtin(args.builtin, default_cache_dir())
+    if args.wide is not None:
+        if not args.wide.exists():
+            build_wide_sd(args.wide, ensure_builtin("tiny-sd", default_cache_dir()))
+        path = args.wide
 
     plain_pipe = load_pipeline(path, device=args.device)
     served = load_pipeline(path, device=args.device)
