@@ -53,7 +53,8 @@ class DenoisingJob:
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
     #: One per image when the request reads heatmaps out.
     heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
-    #: Pooled text embeddings (len(branches) * num_images, P), for networks that take them (SD3).
+    #: The text encoding's second part for networks that take one (len(branches) * num_images, P):
+    #: pooled text embeddings (SD3), the text attention mask (PixArt).
     pooled_embeddings: torch.Tensor | None = None
     #: Layer -> the perturbed branch's perturbation there, as the network's layers realise it.
     perturbation: Mapping[int, tuple[ScopedOp, ...]] = field(default_factory=dict)

@@ -1,0 +1,199 @@
+"""PixArt-Sigma (a DiT with cross-attention over T5 tokens) on the diffusers engine: the geometry,
+requests without plans left as diffusers' pipeline computes them (text padding masked), PAG against
+diffusers' PixArt-Sigma PAG pipeline, a mixed batch against its requests alone, word heatmaps."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from attnserve.attention.plan import KeyEmphasis, KeySet, RequestPlan, RowPlan, ScopedOp, StepRange
+from attnserve.engines.base import ImageRequest
+from attnserve.engines.diffusers.attention import PlannedAttnProcessor, UNetCall
+from attnserve.readouts.word_heatmaps import compile_words
+from attnserve.spec.errors import Violations
+from attnserve.spec.geometry import AttentionKind, Component
+from attnserve.spec.guidance import compile_guidance
+from attnserve_client.v1 import image_generation_pb2 as gpb
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from .helpers import GUIDANCE, PROMPT, SIZE, STEPS
+
+TOLERANCE = 1e-5
+LAYERS = (
+    "transformer_blocks.0.attn1",
+    "transformer_blocks.0.attn2",
+    "transformer_blocks.1.attn1",
+    "transformer_blocks.1.attn2",
+)
+#: As attnserve runs PixArt: the asked size, the caption as it is.
+PIPELINE_OPTIONS = {"use_resolution_binning": False, "clean_caption": False}
+
+
+def reference_images(pipe, seed=0, num_images=1, prompt=PROMPT, **kwargs):
+    return pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **PIPELINE_OPTIONS,
+        **({"guidance_scale": GUIDANCE} | kwargs),
+    ).images
+
+
+def image_request(denoiser, perturbed=None, seed=0, num_images=1, plan=None, prompt=PROMPT):
+    tokenizer = denoiser.family.tokenizer
+    extra = {} if plan is None else {"plan": plan}
+    return ImageRequest(
+        request_id=f"r{seed}",
+        prompt_token_ids=tuple(tokenizer(prompt).input_ids),
+        negative_token_ids=tuple(tokenizer("").input_ids),
+        width=SIZE,
+        height=SIZE,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        seed=seed,
+        num_images=num_images,
+        perturbed=perturbed,
+        **extra,
+    )
+
+
+def generate(denoiser, requests):
+    jobs = [denoiser.start(request) for request in requests]
+    denoiser.run(jobs, STEPS, lambda job, step, timestep: None)
+    return [denoiser.images(job, "np") for job in jobs]
+
+
+def pag(geometry, scale=3.0, adaptive_scale=0.0):
+    violations = Violations()
+    msg = gpb.PerturbedAttentionGuidance(scale=scale, adaptive_scale=adaptive_scale)
+    guidance = compile_guidance(msg, "pag", geometry, violations)
+    assert violations.items == []
+    return guidance
+
+
+def emphasis_plan(geometry, alpha=0.05, ranges=((1, 3),)) -> RequestPlan:
+    """key_emphasis on T5 tokens 1..2 ("photo of") on every cross-attention layer."""
+    ops = ((StepRange(), ScopedOp(KeyEmphasis(alpha), keys=KeySet(ranges=ranges))),)
+    return RequestPlan(
+        layer_ops={layer.index: ops for layer in geometry.layers if layer.kind is AttentionKind.CROSS}
+    )
+
+
+def test_geometry_lists_self_and_cross_attention_of_the_dit_blocks(pixart_served):
+    denoiser, geometry = pixart_served
+    assert [layer.name for layer in geometry.layers] == list(LAYERS)
+    assert [layer.kind for layer in geometry.layers] == [AttentionKind.SELF, AttentionKind.CROSS] * 2
+    assert {layer.component for layer in geometry.layers} == {Component.DIT_BLOCK}
+    assert denoiser.family.max_text_tokens == 300
+
+
+def test_prompts_are_tokenized_as_the_pipeline_preprocesses_them(pixart_served):
+    denoiser, _ = pixart_served
+    tokenizer = denoiser.family.tokenizer
+    assert tokenizer("  A Photo of a CAT ").input_ids == tokenizer(PROMPT).input_ids
+    assert tokenizer(PROMPT).input_ids[-1] == denoiser.pipe.tokenizer.eos_token_id
+
+
+def test_no_plans_is_bit_identical_to_the_unmodified_pipeline(pixart_served, pixart_plain_pipe):
+    denoiser, _ = pixart_served
+    for seed, num_images in ((0, 1), (3, 2)):
+        [ours] = generate(denoiser, [image_request(denoiser, seed=seed, num_images=num_images)])
+        assert np.array_equal(ours, reference_images(pixart_plain_pipe, seed=seed, num_images=num_images))
+
+
+def test_default_pag_layers_are_diffusers_pixart_choice(pixart_served):
+    _, geometry = pixart_served
+    chosen = [geometry.layers[index].name for index in pag(geometry).layer_ops]
+    assert chosen == ["transformer_blocks.1.attn1"]  # PixArtSigmaPAGPipeline's "blocks.1"
+
+
+@pytest.mark.parametrize("guidance_scale", [GUIDANCE, 1.0])
+def test_pag_equals_diffusers_pixart_sigma_pag_pipeline(pixart_served, pixart_pag_pipe, guidance_scale):
+    """A constant scale: diffusers' PixArt PAG pipeline fails with an adaptive one (it hands the
+    guidance the timestep expanded to the batch)."""
+    denoiser, geometry = pixart_served
+    request = dataclasses.replace(image_request(denoiser, pag(geometry, 4.0)), guidance_scale=guidance_scale)
+    [ours] = generate(denoiser, [request])
+    theirs = reference_images(pixart_pag_pipe, pag_scale=4.0, guidance_scale=guidance_scale)
+    assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+def test_mixed_batch_gives_each_request_what_it_gives_alone(pixart_served, pixart_plain_pipe):
+    """Prompts of different lengths (different text padding), plain, PAG and key_emphasis on the
+    cross-attention keys."""
+    denoiser, geometry = pixart_served
+    requests = [
+        image_request(denoiser, seed=1),
+        image_request(denoiser, pag(geometry), seed=2, prompt="a red house by the sea at night"),
+        image_request(denoiser, seed=3, num_images=2, plan=emphasis_plan(geometry)),
+        image_request(denoiser, pag(geometry, 4.0, 0.004), seed=4, plan=emphasis_plan(geometry)),
+    ]
+    together = generate(denoiser, requests)
+    for request, images in zip(requests, together):
+        [alone] = generate(denoiser, [request])
+        assert images.shape == alone.shape
+        assert np.abs(images - alone).max() < TOLERANCE
+    assert np.abs(together[0] - reference_images(pixart_plain_pipe, seed=1)).max() < TOLERANCE
+    assert np.abs(together[2] - reference_images(pixart_plain_pipe, seed=3, num_images=2)).max() > 1e-3
+
+
+@torch.no_grad()
+def test_planned_cross_attention_sees_only_each_rows_unpadded_text_keys(pixart_served):
+    """One cross-attention call with PixArt's padding bias: rows with an identity plan match
+    diffusers' masked SDPA, and key_emphasis on a row's tokens 1..2 is the bias written out."""
+    denoiser, geometry = pixart_served
+    layer = geometry.layers[1]
+    attn = denoiser.pipe.transformer.get_submodule(layer.name)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 16, attn.query_dim, generator=generator)
+    text = torch.randn(3, 300, attn.cross_attention_dim, generator=generator)
+    lengths = torch.tensor([5, 12, 300])
+    mask = (torch.arange(300)[None] < lengths[:, None]).float()
+    bias = ((1 - mask) * -10000.0)[:, None]  # as PixArtTransformer2DModel passes it
+    call = UNetCall()
+    processor = PlannedAttnProcessor(layer, call)
+    reference = AttnProcessor2_0()(attn, image, text, attention_mask=bias)
+    call.row_plans = lambda index: [RowPlan(), None, RowPlan()]
+    torch.testing.assert_close(processor(attn, image, text, attention_mask=bias), reference)
+    alpha = 0.05
+    emphasis = RowPlan(ops=(ScopedOp(KeyEmphasis(alpha), keys=KeySet(ranges=((1, 3),))),))
+    call.row_plans = lambda index: [None, emphasis, None]
+    out = processor(attn, image, text, attention_mask=bias)
+    q = attn.to_q(image[1]).double().view(16, attn.heads, -1).transpose(0, 1)
+    k, v = (
+        proj(text[1, :12]).double().view(12, attn.heads, -1).transpose(0, 1)
+        for proj in (attn.to_k, attn.to_v)
+    )
+    logits = q @ k.transpose(1, 2) * attn.scale
+    logits[:, :, 1:3] += np.log(alpha)
+    expected = (torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(16, -1).float()
+    torch.testing.assert_close(out[1], attn.to_out[0](expected), atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(out[0], reference[0])
+
+
+def test_heatmaps_read_the_unpadded_t5_tokens_and_leave_images_alone(pixart_served, pixart_plain_pipe):
+    denoiser, _ = pixart_served
+    request = image_request(denoiser)
+    violations = Violations()
+    words = compile_words(
+        gpb.WordHeatmapsSpec(words=["cat", "photo"]),
+        request.prompt_token_ids,
+        denoiser.family.tokenizer,
+        4096,
+        10**6,
+        violations,
+    )
+    assert violations.items == []
+    request = dataclasses.replace(request, heatmap_words=words)
+    jobs = [denoiser.start(request)]
+    denoiser.run(jobs, STEPS, lambda job, step, timestep: None)
+    maps = jobs[0].heatmaps[0].heatmaps(words, (SIZE, SIZE))
+    assert [m.shape for m in maps] == [(SIZE, SIZE)] * 2
+    assert all(float(m.min()) == 0.0 and float(m.max()) == 1.0 for m in maps)
+    assert not torch.equal(maps[0], maps[1])
+    assert np.array_equal(denoiser.images(jobs[0], "np"), reference_images(pixart_plain_pipe))
