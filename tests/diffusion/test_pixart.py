@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from attnserve.attention.plan import KeyEmphasis, KeySet, RequestPlan, RowPlan, ScopedOp, StepRange
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.attention import PlannedAttnProcessor, UNetCall
@@ -176,7 +177,54 @@ def test_planned_cross_attention_sees_only_each_rows_unpadded_text_keys(pixart_s
     torch.testing.assert_close(out[0], reference[0])
 
 
-def test_heatmaps_read_the_unpadded_t5_tokens_and_leave_images_alone(pixart_served, pixart_plain_pipe):
+class CapturingMaskedProcessor(AttnProcessor2_0):
+    """diffusers' processor, keeping the conditional row's (batch [u, c]) cross-attention
+    probabilities, written out with the text mask's bias."""
+
+    def __init__(self, captured):
+        super().__init__()
+        self.captured = captured
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            q = attn.to_q(hidden_states[1]).double().view(hidden_states.shape[1], attn.heads, -1)
+            k = (
+                attn.to_k(encoder_hidden_states[1])
+                .double()
+                .view(encoder_hidden_states.shape[1], attn.heads, -1)
+            )
+            logits = q.transpose(0, 1) @ k.permute(1, 2, 0) * attn.scale + attention_mask[1].double()
+            self.captured.append(torch.softmax(logits, dim=-1).float())
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def daam_reference(plain_pipe, positions):
+    captured = []
+    original = plain_pipe.transformer.attn_processors
+    plain_pipe.transformer.set_attn_processor(CapturingMaskedProcessor(captured))
+    try:
+        reference_images(plain_pipe)
+    finally:
+        plain_pipe.transformer.set_attn_processor(original)
+    latent = SIZE // plain_pipe.vae_scale_factor
+    per_step = 2  # cross-attention layers
+    total = torch.zeros(captured[0].shape[-1], latent, latent)
+    for probs in captured:
+        heads, queries, keys = probs.shape
+        side = int(queries**0.5)
+        for h in range(heads):
+            grid = probs[h].T.reshape(keys, 1, side, side)
+            total += (
+                F.interpolate(grid, size=(latent, latent), mode="bicubic").clamp_min(0)[:, 0]
+                / heads
+                / per_step
+            )
+    word = total[list(positions)].mean(0)
+    image = F.interpolate(word[None, None], size=(SIZE, SIZE), mode="bicubic")[0, 0]
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def test_heatmaps_are_daams_aggregation_of_diffusers_masked_cross_attention(pixart_served, pixart_plain_pipe):
     denoiser, _ = pixart_served
     request = image_request(denoiser)
     violations = Violations()
@@ -193,7 +241,9 @@ def test_heatmaps_read_the_unpadded_t5_tokens_and_leave_images_alone(pixart_serv
     jobs = [denoiser.start(request)]
     denoiser.run(jobs, STEPS, lambda job, step, timestep: None)
     maps = jobs[0].heatmaps[0].heatmaps(words, (SIZE, SIZE))
-    assert [m.shape for m in maps] == [(SIZE, SIZE)] * 2
-    assert all(float(m.min()) == 0.0 and float(m.max()) == 1.0 for m in maps)
-    assert not torch.equal(maps[0], maps[1])
+    for word, heatmap in zip(words, maps):
+        assert heatmap.shape == (SIZE, SIZE)
+        torch.testing.assert_close(
+            heatmap, daam_reference(pixart_plain_pipe, word.positions), atol=1e-5, rtol=0
+        )
     assert np.array_equal(denoiser.images(jobs[0], "np"), reference_images(pixart_plain_pipe))
