@@ -3,6 +3,7 @@ requests without plans left as diffusers' pipeline computes them (text padding m
 diffusers' PixArt-Sigma PAG pipeline, a mixed batch against its requests alone, word heatmaps."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from attnserve.attention.plan import KeyEmphasis, KeySet, RequestPlan, RowPlan, ScopedOp, StepRange
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.attention import PlannedAttnProcessor, UNetCall
+from attnserve.engines.diffusers.families import PixArtFamily
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
 from attnserve.spec.geometry import AttentionKind, Component
@@ -91,6 +93,15 @@ def test_geometry_lists_self_and_cross_attention_of_the_dit_blocks(pixart_served
     assert [layer.kind for layer in geometry.layers] == [AttentionKind.SELF, AttentionKind.CROSS] * 2
     assert {layer.component for layer in geometry.layers} == {Component.DIT_BLOCK}
     assert denoiser.family.max_text_tokens == 300
+
+
+def test_image_sides_are_multiples_the_patches_tile(pixart_served):
+    denoiser, _ = pixart_served
+    assert denoiser.family.size_multiple == 8  # tiny-pixart: VAE 2 x patch 2
+    pixart_shaped = SimpleNamespace(
+        transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)), vae_scale_factor=8
+    )
+    assert PixArtFamily(pixart_shaped).size_multiple == 16
 
 
 def test_prompts_are_tokenized_as_the_pipeline_preprocesses_them(pixart_served):
