@@ -91,3 +91,10 @@ def pixart_served(tiny_pixart_path):
     pipe = _load(PixArtSigmaPipeline, tiny_pixart_path)
     geometry, call = family_of(pipe).install_processors()
     return Denoiser(pipe, call, geometry), geometry
+
+
+@pytest.fixture(scope="session")
+def pixart_served_model(tiny_pixart_path):
+    """tiny-pixart as the API layer sees it (its engine's worker thread never started)."""
+    engine = DiffusersEngine(tiny_pixart_path)
+    return ServedModel("tiny-pixart", "diffusion", "diffusers", engine, Limits(), {})

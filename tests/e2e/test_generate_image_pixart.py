@@ -130,6 +130,13 @@ def test_prompts_are_lowercased_and_key_emphasis_acts_on_the_t5_keys(stub):
     assert np.abs(pixels(plain.images[0]) - pixels(edited.images[0])).max() > 0
 
 
+def test_a_layout_binds_the_cross_attention(stub):
+    _, plain = collect(stub, request())
+    binding = ipb.LayoutBinding(x0=0.5, y0=0, x1=1, y1=1, words=["cat"], strength=20.0)
+    _, bound = collect(stub, request(layout=[binding]))
+    assert np.abs(pixels(plain.images[0]) - pixels(bound.images[0])).max() > 0
+
+
 def test_word_heatmaps_come_back_per_word(stub):
     _, complete = collect(stub, request(word_heatmaps=ipb.WordHeatmapsSpec(words=["cat", "photo"])))
     assert [(h.word, h.image) for h in complete.word_heatmaps] == [("cat", 0), ("photo", 0)]
@@ -147,7 +154,13 @@ def test_word_heatmaps_come_back_per_word(stub):
             "word_heatmaps",
             request(word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]), interventions=_cross_emphasis()),
         ),
-        ("layout", request(layout=[ipb.LayoutBinding(x0=0.5, y0=0, x1=1, y1=1, words=["cat"])])),
+        (
+            "word_heatmaps",
+            request(
+                word_heatmaps=ipb.WordHeatmapsSpec(words=["cat"]),
+                layout=[ipb.LayoutBinding(x0=0.5, y0=0, x1=1, y1=1, words=["cat"])],
+            ),
+        ),
     ],
 )
 def test_what_pixart_does_not_take_is_refused_naming_the_field(stub, field, bad):

@@ -35,9 +35,7 @@ def compile_layout(
         violations.add("layout", f"{len(bindings)} bindings exceed the limit of {MAX_BINDINGS}")
         return {}
     if not grids:
-        violations.add(
-            "layout", "layout binding needs a UNet's cross-attention layers, which this model has not"
-        )
+        violations.add("layout", "this model has no cross-attention over a grid of image tokens to bind")
         return {}
     ops: dict[int, tuple[ScopedOp, ...]] = {layer: () for layer in grids}
     for i, binding in enumerate(bindings):

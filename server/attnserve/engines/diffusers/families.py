@@ -296,8 +296,16 @@ class PixArtFamily:
         return layer_ops
 
     def query_downsamplings(self, geometry: ModelGeometry) -> dict[int, int]:
-        """None: layout binding is not offered on PixArt yet."""
-        return {}
+        """Cross-attention layer -> times the latent grid is halved there (layout binding): every
+        block sees the grid of patches, row-major; none for a patch size that is no power of 2."""
+        patch = self.network.config.patch_size
+        if patch & (patch - 1):
+            return {}
+        return {
+            layer.index: patch.bit_length() - 1
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS
+        }
 
 
 @dataclass(frozen=True)
