@@ -57,11 +57,12 @@ class UNetFamily:
 
     @property
     def tokenizer(self):
-        """What tokenizes prompts for encode, and its token limit."""
+        """What tokenizes prompts for encode."""
         return self.pipe.tokenizer
 
     @property
     def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (start and end tokens included)."""
         return self.pipe.tokenizer.model_max_length
 
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, None]:
@@ -133,11 +134,12 @@ class SD3Family:
 
     @property
     def tokenizer(self):
-        """What tokenizes prompts for encode, and its token limit."""
+        """What tokenizes prompts for encode."""
         return self.pipe.tokenizer
 
     @property
     def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (start and end tokens included)."""
         return self.pipe.tokenizer.model_max_length
 
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +250,7 @@ class PixArtFamily:
 
     @property
     def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (its end token included)."""
         return PIXART_TEXT_TOKENS
 
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
