@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from attnserve.attention.plan import KeyEmphasis, KeySet, RequestPlan, RowPlan, ScopedOp, StepRange
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.attention import PlannedAttnProcessor, UNetCall
+from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.families import PixArtFamily
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
@@ -258,3 +259,13 @@ def test_heatmaps_are_daams_aggregation_of_diffusers_masked_cross_attention(pixa
             heatmap, daam_reference(pixart_plain_pipe, word.positions), atol=1e-5, rtol=0
         )
     assert np.array_equal(denoiser.images(jobs[0], "np"), reference_images(pixart_plain_pipe))
+
+
+def test_no_cross_attention_shares_are_sampled(pixart_served):
+    """The share metric splits CLIP tokens at their start token, which T5 tokens lack."""
+    denoiser, geometry = pixart_served
+    sampling = Denoiser(denoiser.pipe, denoiser.call, geometry, statistics_sample_rate=1.0)
+    shares = []
+    job = sampling.start(image_request(sampling))
+    sampling.run([job], STEPS, lambda job, step, timestep: None, on_cross_attention_shares=shares.append)
+    assert sampling.cross_layers == frozenset() and shares == []
