@@ -19,7 +19,7 @@ from attnserve.spec.errors import Violations
 from attnserve.spec.geometry import AttentionKind, Component
 from attnserve.spec.guidance import compile_guidance
 from attnserve_client.v1 import image_generation_pb2 as gpb
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0
 
 from .helpers import GUIDANCE, PROMPT, SIZE, STEPS
 
@@ -119,10 +119,20 @@ def test_no_plans_is_bit_identical_to_the_unmodified_pipeline(pixart_served, pix
         assert np.array_equal(ours, reference_images(pixart_plain_pipe, seed=seed, num_images=num_images))
 
 
-def test_default_pag_layers_are_diffusers_pixart_choice(pixart_served):
+def test_default_pag_layers_are_diffusers_pixart_choice(pixart_served, pixart_pag_pipe):
     _, geometry = pixart_served
-    chosen = [geometry.layers[index].name for index in pag(geometry).layer_ops]
-    assert chosen == ["transformer_blocks.1.attn1"]  # PixArtSigmaPAGPipeline's "blocks.1"
+    chosen = {geometry.layers[index].name for index in pag(geometry).layer_ops}
+    pipe = pixart_pag_pipe
+    pipe._set_pag_attn_processor(pipe.pag_applied_layers, do_classifier_free_guidance=True)
+    try:
+        theirs = {
+            name.removesuffix(".processor")
+            for name, processor in pipe.transformer.attn_processors.items()
+            if isinstance(processor, PAGCFGIdentitySelfAttnProcessor2_0)
+        }
+    finally:
+        pipe.transformer.set_attn_processor(AttnProcessor2_0())
+    assert chosen == theirs == {"transformer_blocks.1.attn1"}
 
 
 @pytest.mark.parametrize("guidance_scale", [GUIDANCE, 1.0])
