@@ -3,14 +3,14 @@
 Side by side, same prompt, seed, size and steps (median seconds of --repeats rounds, each
 running every configuration once, in turn):
 - diffusers' pipeline vs attnserve's denoiser with no plans (the processors' cost);
-- diffusers' PAG pipeline (its default layers: "mid" for a UNet, "blocks.1" for SD3) vs
+- diffusers' PAG pipeline (its default layers: "mid" for a UNet, "blocks.1" for SD3 and PixArt) vs
   attnserve's PAG on the same layers (goal <= 1.0x);
 - attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
 - --batch requests denoised as one batch vs one at a time.
-Any local Stable Diffusion or SD3 directory works (--model; --builtin tiny-sd3 for the built-in
-SD3-style one); the default is the built-in tiny-sd, whose ratios say little about a real
-model's (its UNet is tiny). --wide DIR builds (once) and runs a pipeline at Stable Diffusion
-1.5's width with random weights (wide_sd.py): a real model's cost at the size asked.
+Any local Stable Diffusion, SD3 or PixArt-Sigma directory works (--model; --builtin tiny-sd3 or
+tiny-pixart for the built-in DiTs); the default is the built-in tiny-sd, whose ratios say little
+about a real model's (its UNet is tiny). --wide DIR builds (once) and runs a pipeline at Stable
+Diffusion 1.5's width with random weights (wide_sd.py): a real model's cost at the size asked.
 
     python bench/bench_diffusion.py [--model DIR | --builtin NAME | --wide DIR] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
 """
@@ -31,13 +31,13 @@ from attnserve.attention.plan import IdentityBlend, ScopedOp
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import load_pipeline
-from attnserve.engines.diffusers.families import SD3Family, family_of
+from attnserve.engines.diffusers.families import PixArtFamily, SD3Family, family_of
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
 from attnserve.spec.guidance import PerturbedGuidance, default_pag_layers, pag_layers
 from attnserve_client.v1 import image_generation_pb2 as gpb
-from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+from diffusers import PixArtSigmaPAGPipeline, StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
 from wide_sd import build_wide_sd
 
 PROMPT = "a photo of a cat"
@@ -82,10 +82,16 @@ def main() -> None:
     family = family_of(served)
     geometry, call = family.install_processors()
     denoiser = Denoiser(served, call, geometry)
+    # PixArt: the asked size, the caption as it is (as attnserve runs it).
+    pipeline_options = {}
     if isinstance(family, SD3Family):
         pag_pipe = StableDiffusion3PAGPipeline.from_pretrained(
             path, local_files_only=True, use_safetensors=True, text_encoder_3=None, tokenizer_3=None
         ).to(args.device)
+    elif isinstance(family, PixArtFamily):
+        pag_pipe = PixArtSigmaPAGPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        pag_pipe = pag_pipe.to(args.device)
+        pipeline_options = {"use_resolution_binning": False, "clean_caption": False}
     else:
         pag_pipe = StableDiffusionPAGPipeline.from_pretrained(
             path, local_files_only=True, use_safetensors=True, pag_applied_layers=["mid"], safety_checker=None,
@@ -93,7 +99,7 @@ def main() -> None:
         ).to(args.device)  # fmt: skip
     pag_pipe.set_progress_bar_config(disable=True)
 
-    tokenizer = served.tokenizer
+    tokenizer = family.tokenizer
     request = ImageRequest(
         request_id="bench",
         prompt_token_ids=tuple(tokenizer(PROMPT).input_ids),
@@ -129,7 +135,8 @@ def main() -> None:
     def theirs(pipe, **kwargs):
         pipe(
             PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=7.5,
-            generator=torch.Generator(args.device).manual_seed(0), output_type="np", **kwargs,
+            generator=torch.Generator(args.device).manual_seed(0), output_type="np", **pipeline_options,
+            **kwargs,
         )  # fmt: skip
 
     batch = [dataclasses.replace(request, seed=i) for i in range(args.batch)]

@@ -1,4 +1,4 @@
-"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3), loaded once each: a plain diffusers
+"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3, tiny-pixart), loaded once each: a plain diffusers
 copy, a PAG-pipeline copy, attnserve's Denoiser over a copy with attnserve's attention processors
 installed, and tiny-sd as the API layer sees it (the served model requests are validated against)."""
 
@@ -8,10 +8,13 @@ import pytest
 from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import DiffusersEngine
+from attnserve.engines.diffusers.families import family_of
 from attnserve.engines.diffusers.joint_attention import install_joint_processors
 from attnserve.models.config import Limits
 from attnserve.models.registry import ServedModel
 from diffusers import (
+    PixArtSigmaPAGPipeline,
+    PixArtSigmaPipeline,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPAGPipeline,
@@ -69,3 +72,29 @@ def sd3_served(tiny_sd3_path):
     pipe = _load(StableDiffusion3Pipeline, tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
     geometry, call = install_joint_processors(pipe.transformer, pipe.tokenizer.model_max_length)
     return Denoiser(pipe, call, geometry), geometry
+
+
+@pytest.fixture(scope="session")
+def pixart_plain_pipe(tiny_pixart_path):
+    return _load(PixArtSigmaPipeline, tiny_pixart_path)
+
+
+@pytest.fixture(scope="session")
+def pixart_pag_pipe(tiny_pixart_path):
+    """diffusers' PixArt-Sigma PAG pipeline on its default layers ("blocks.1")."""
+    return _load(PixArtSigmaPAGPipeline, tiny_pixart_path)
+
+
+@pytest.fixture(scope="session")
+def pixart_served(tiny_pixart_path):
+    """(Denoiser, geometry) over tiny-pixart with attnserve's processors installed."""
+    pipe = _load(PixArtSigmaPipeline, tiny_pixart_path)
+    geometry, call = family_of(pipe).install_processors()
+    return Denoiser(pipe, call, geometry), geometry
+
+
+@pytest.fixture(scope="session")
+def pixart_served_model(tiny_pixart_path):
+    """tiny-pixart as the API layer sees it (its engine's worker thread never started)."""
+    engine = DiffusersEngine(tiny_pixart_path)
+    return ServedModel("tiny-pixart", "diffusion", "diffusers", engine, Limits(), {})

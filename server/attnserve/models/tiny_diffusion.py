@@ -9,6 +9,11 @@ The built-in `tiny-sd3` is an SD3-style DiT pipeline of the same spirit: two CLI
 with projection (hidden 32) sharing that tokenizer, no T5 (diffusers' SD3 pipeline then feeds
 zeros in its place), an SD3Transformer2DModel of two joint-attention blocks, a tiny VAE and a
 flow-matching Euler scheduler.
+
+The built-in `tiny-pixart` is a PixArt-Sigma-style DiT pipeline: a T5 tokenizer built in code
+(a Unigram model over the corpus words and single letters), a 2-layer T5 encoder (d_model 32), a
+PixArtTransformer2DModel of two blocks (self-attention over the image tokens, cross-attention over
+the T5 tokens), a tiny VAE and a DDIM scheduler.
 """
 
 from __future__ import annotations
@@ -205,6 +210,81 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> None:
         tokenizer_2=tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+#: PixArt-Sigma's max_sequence_length: the T5 tokens its pipelines encode a prompt into.
+PIXART_TEXT_LENGTH = 300
+
+
+def _t5_tokenizer():
+    """A T5 tokenizer (no vocabulary file: none can be downloaded): a Unigram model whose pieces
+    are the corpus words and single letters, so every lowercase prompt tokenizes; </s> ends it."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = [f"\u2581{word}" for word in dict.fromkeys(_CORPUS_WORDS)]
+    letters = ["\u2581", *string.ascii_lowercase]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(word, -1.0) for word in words] + [(letter, -5.0) for letter in letters]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=PIXART_TEXT_LENGTH,
+    )
+
+
+def build_tiny_pixart(out_dir: Path, seed: int = 0) -> None:
+    """Build the tiny PixArt-Sigma-style pipeline with weights from `seed` into out_dir."""
+    import torch
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        # Learned sigma: the pipeline keeps the first 4 channels.
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=32,
+        sample_size=8,
+        patch_size=2,
+        use_additional_conditions=False,
+        caption_channels=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_vae(),
+        transformer=transformer,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
 

@@ -5,7 +5,8 @@ The engine sets the plans of every row before each UNet call (UNetCall); a layer
 have none computes exactly what diffusers' AttnProcessor2_0 computes (one SDPA call, bit-identical
 to the unmodified pipeline). Otherwise the whole batch goes to attend_rows, self-attention (attn1)
 laid out as full rows over the image tokens, cross-attention (attn2) as image queries over the
-text keys (attention/layout.py).
+text keys (attention/layout.py). A cross-attention mask that hides padded text keys (PixArt's)
+is honoured: the row's keys are its unpadded ones.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def attention_modules(unet: torch.nn.Module) -> list[tuple[str, Attention]]:
     return [(name, module) for name, module in unet.named_modules() if isinstance(module, Attention)]
 
 
-def unet_geometry(unet: torch.nn.Module) -> ModelGeometry:
-    """Every attention layer of the UNet: attn1 (self over the image tokens), attn2 (cross over
-    the text tokens), named by module path ("mid_block.attentions.0.transformer_blocks.0.attn1")."""
+def unet_geometry(unet: torch.nn.Module, component: Component = Component.UNET_BLOCK) -> ModelGeometry:
+    """Every attention layer of the UNet (or of a DiT with cross-attention, PixArt's: component
+    DIT_BLOCK): attn1 (self over the image tokens), attn2 (cross over the text tokens), named by
+    module path ("mid_block.attentions.0.transformer_blocks.0.attn1")."""
     return ModelGeometry(
         tuple(
             AttentionLayer(
@@ -44,7 +46,7 @@ def unet_geometry(unet: torch.nn.Module) -> ModelGeometry:
                 index=index,
                 kind=AttentionKind.CROSS if module.is_cross_attention else AttentionKind.SELF,
                 causal=False,
-                component=Component.UNET_BLOCK,
+                component=component,
                 num_heads=module.heads,
                 num_kv_heads=module.heads,
                 head_dim=module.inner_dim // module.heads,
@@ -87,8 +89,10 @@ class PlannedAttnProcessor:
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size = hidden_states.shape[0]
         if attention_mask is not None:
-            # Text-to-image UNets pass none; a mask would need a layout of its own.
-            raise ValueError("attention masks are not supported by attnserve's UNet attention")
+            # PixArt's text padding: an additive mask over the cross-attention's keys.
+            num_keys = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, num_keys, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -109,22 +113,30 @@ class PlannedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        num_keys = key.shape[2]
+        lengths = [num_keys] * batch_size if attention_mask is None else self._key_lengths(attention_mask)
         if self.call.readers is not None:
             for row, read in self.call.readers(self.layer.index).items():
-                read(cross_attention_probabilities(query[row], key[row], attn.scale))
+                read(cross_attention_probabilities(query[row], key[row, :, : lengths[row]], attn.scale))
         plans = self.call.row_plans(self.layer.index) if self.call.row_plans is not None else None
         if plans is None or all(plan is None for plan in plans):
             # diffusers' own call (scale left to SDPA's default, as AttnProcessor2_0 does).
             hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
         else:
+            if attention_mask is not None:
+                # Each row's valid keys moved last: the padding before them is the layout's.
+                key, value = (
+                    torch.stack([row.roll(num_keys - n, dims=-2) for row, n in zip(tensor, lengths)])
+                    for tensor in (key, value)
+                )
             hidden_states, _ = attend_rows(
                 query,
                 key,
                 value,
                 scale=attn.scale,
-                layouts=[self._layout(query.shape[2], key.shape[2])] * batch_size,
+                layouts=[self._layout(num_keys, n) for n in lengths],
                 plans=[plan or RowPlan() for plan in plans],
             )
 
@@ -138,10 +150,26 @@ class PlannedAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _layout(self, num_queries: int, num_keys: int) -> RowLayout:
+    def _key_lengths(self, attention_mask: torch.Tensor) -> list[int]:
+        """How many keys each row sees under an additive mask that hides its padded text keys
+        (0 on the first n keys, a large negative bias after them: right padding)."""
+        if self.layer.kind is not AttentionKind.CROSS:
+            raise ValueError("attnserve's attention takes masks on cross-attention (text padding) only")
+        visible = attention_mask[:, 0, 0] == 0
+        lengths = visible.sum(dim=-1)
+        positions = torch.arange(visible.shape[-1], device=visible.device)
+        if not torch.equal(visible, positions[None, :] < lengths[:, None]):
+            raise ValueError("a cross-attention mask must hide the text keys after each row's first n")
+        return lengths.tolist()
+
+    def _layout(self, num_keys: int, length: int) -> RowLayout:
+        """A row of `length` keys (its first ones; the rest padding), laid out as padding first."""
         if self.layer.kind is AttentionKind.CROSS:
             return RowLayout(
-                key_start=0, num_prompt_tokens=num_keys, mask=MaskKind.FULL, cross_attention=True
+                key_start=num_keys - length,
+                num_prompt_tokens=length,
+                mask=MaskKind.FULL,
+                cross_attention=True,
             )
         return RowLayout(key_start=0, num_prompt_tokens=num_keys, mask=MaskKind.FULL)
 
@@ -165,9 +193,11 @@ def query_downsamplings(unet: torch.nn.Module, geometry: ModelGeometry) -> dict[
     return levels
 
 
-def install_processors(unet: torch.nn.Module) -> tuple[ModelGeometry, UNetCall]:
-    """Give every attention layer of the UNet a PlannedAttnProcessor sharing one UNetCall."""
-    geometry = unet_geometry(unet)
+def install_processors(
+    unet: torch.nn.Module, component: Component = Component.UNET_BLOCK
+) -> tuple[ModelGeometry, UNetCall]:
+    """Give every attention layer of the UNet (or DiT) a PlannedAttnProcessor sharing one UNetCall."""
+    geometry = unet_geometry(unet, component)
     call = UNetCall()
     for layer, (_, module) in zip(geometry.layers, attention_modules(unet)):
         module.set_processor(PlannedAttnProcessor(layer, call))

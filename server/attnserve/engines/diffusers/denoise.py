@@ -5,8 +5,8 @@ classifier-free guidance), the conditional branch, and the perturbed branch (PAG
 One call of the denoising network (a UNet, an SD3 transformer) per step runs every row; each
 row's attention gets its own RowPlan (attention.py, joint_attention.py); diffusers' guiders
 combine each request's branches. The pipeline family's adapter (families.py) encodes prompts and
-calls the network as its diffusers pipeline does (StableDiffusionPipeline and its PAG pipeline,
-StableDiffusion3Pipeline and its PAG pipeline), so a request alone gives what they give.
+calls the network as its diffusers pipeline does (StableDiffusionPipeline, StableDiffusion3Pipeline,
+PixArtSigmaPipeline and their PAG pipelines), so a request alone gives what they give.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...attention.plan import RowPlan, ScopedOp
 from ...attention.prompt_share import prompt_part_shares
 from ...readouts.word_heatmaps import HeatmapAccumulator
-from ...spec.geometry import AttentionKind, ModelGeometry
+from ...spec.geometry import AttentionKind, Component, ModelGeometry
 from ..base import ImageRequest
 from ..readouts import StatisticsSampler
 from .attention import UNetCall
@@ -53,7 +53,8 @@ class DenoisingJob:
     guider: ClassifierFreeGuidance | PerturbedAttentionGuidance
     #: One per image when the request reads heatmaps out.
     heatmaps: list[HeatmapAccumulator] = field(default_factory=list)
-    #: Pooled text embeddings (len(branches) * num_images, P), for networks that take them (SD3).
+    #: The text encoding's second part for networks that take one (len(branches) * num_images, P):
+    #: pooled text embeddings (SD3), the text attention mask (PixArt).
     pooled_embeddings: torch.Tensor | None = None
     #: Layer -> the perturbed branch's perturbation there, as the network's layers realise it.
     perturbation: Mapping[int, tuple[ScopedOp, ...]] = field(default_factory=dict)
@@ -106,10 +107,13 @@ class Denoiser:
         self.geometry = geometry
         self.family = family_of(pipe)
         self.heatmap_layers = self.family.heatmap_layers(geometry)
-        # The cross-attention share metric reads a UNet's cross-attention layers (a DiT has none:
-        # its image tokens meet the text in joint attention, and it exports no shares).
+        # The cross-attention share metric reads a UNet's cross-attention layers, over CLIP tokens
+        # that start with a start token (SD3 has none: its image tokens meet the text in joint
+        # attention; PixArt's T5 tokens have no start token; neither exports shares).
         self.cross_layers = frozenset(
-            layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS
+            layer.index
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS and layer.component is Component.UNET_BLOCK
         )
         # Which steps (and which image's conditional row) feed the cross-attention share metric.
         self._share_sampler = StatisticsSampler(statistics_sample_rate)
@@ -118,8 +122,9 @@ class Denoiser:
 
     @torch.inference_mode()
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(1, T, D) text embeddings of the ids and (1, P) pooled embeddings (None for a UNet), as
-        the family's diffusers pipeline encodes a prompt."""
+        """(1, T, D) text embeddings of the ids and the encoding's second part: (1, P) pooled
+        embeddings (SD3), the (1, T) text attention mask (PixArt), None (a UNet); as the family's
+        diffusers pipeline encodes a prompt."""
         return self.family.encode(token_ids)
 
     def start(self, request: ImageRequest) -> DenoisingJob:

@@ -1,5 +1,6 @@
 """The diffusers engine: text-to-image requests on one local Stable Diffusion pipeline, a UNet one
-(SD 1.x / 2.x) or an SD3 one (a DiT with joint attention); families.py holds what differs.
+(SD 1.x / 2.x), an SD3 one (a DiT with joint attention) or a PixArt-Sigma one (a DiT with
+cross-attention over T5 tokens); families.py holds what differs.
 
 One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
 request of the same size and step count (up to max_batch_size), denoises them together
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
@@ -46,14 +47,16 @@ PIPELINES = {
     "StableDiffusionPAGPipeline": StableDiffusionPipeline,
     "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
     "StableDiffusion3PAGPipeline": StableDiffusion3Pipeline,
+    "PixArtSigmaPipeline": PixArtSigmaPipeline,
+    "PixArtSigmaPAGPipeline": PixArtSigmaPipeline,
 }
 
 
 def load_pipeline(
     model_path: Path, *, dtype: str = "float32", device: str = "cpu"
-) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
-    """A local Stable Diffusion (UNet) or SD3 pipeline directory (safetensors), its family read
-    from model_index.json; without a safety checker, and SD3 without its T5 encoder."""
+) -> StableDiffusionPipeline | StableDiffusion3Pipeline | PixArtSigmaPipeline:
+    """A local Stable Diffusion (UNet), SD3 or PixArt-Sigma pipeline directory (safetensors), its
+    family read from model_index.json; without a safety checker, and SD3 without its T5 encoder."""
     class_name = json.loads((Path(model_path) / "model_index.json").read_text()).get("_class_name")
     pipeline = PIPELINES.get(class_name)
     if pipeline is None:
@@ -61,11 +64,11 @@ def load_pipeline(
             f"{model_path}: {class_name} pipelines are not served by the diffusers engine "
             f"(it serves {', '.join(sorted(PIPELINES))})"
         )
-    extra = (
-        {"text_encoder_3": None, "tokenizer_3": None}
-        if pipeline is StableDiffusion3Pipeline
-        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    )
+    extra = {}
+    if pipeline is StableDiffusion3Pipeline:
+        extra = {"text_encoder_3": None, "tokenizer_3": None}
+    elif pipeline is StableDiffusionPipeline:
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipe = pipeline.from_pretrained(
         model_path, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **extra
     ).to(device)
@@ -109,8 +112,8 @@ class DiffusersEngine(Engine, ImageGeneration):
         geometry, call = family.install_processors()
         self._downsamplings = family.query_downsamplings(geometry)
         self._denoiser = Denoiser(self.pipe, call, geometry, statistics_sample_rate)
-        self.tokenizer = self.pipe.tokenizer
-        self.max_text_tokens = self.pipe.tokenizer.model_max_length
+        self.tokenizer = family.tokenizer
+        self.max_text_tokens = family.max_text_tokens
         self.default_size = family.default_size
         self.size_multiple = family.size_multiple
         self.info = EngineInfo(

@@ -6,7 +6,10 @@ how prompts become conditioning, how the denoising network is called, how latent
 - SD3Family: Stable Diffusion 3 (StableDiffusion3Pipeline): an SD3Transformer2DModel with joint
   attention (joint_attention.py) over two CLIP encoders' embeddings and their pooled outputs, a
   flow-matching scheduler and a VAE with a shift factor. The T5 encoder is not loaded: diffusers
-  then feeds zeros in its place, as here.
+  then feeds zeros in its place, as here;
+- PixArtFamily: PixArt-Sigma (PixArtSigmaPipeline): a PixArtTransformer2DModel whose blocks have
+  self-attention over the image tokens and cross-attention over T5 tokens (attention.py's
+  processors, the text padding masked), predicting a learned sigma beside the noise.
 Each mirrors its diffusers pipeline step by step, so a request alone gives what the pipeline gives.
 """
 
@@ -14,18 +17,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+from diffusers import PixArtTransformer2DModel
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ...attention.plan import ScopedOp
-from ...spec.geometry import AttentionKind, ModelGeometry
+from ...spec.geometry import AttentionKind, Component, ModelGeometry
 from .attention import UNetCall, install_processors, query_downsamplings
 from .joint_attention import install_joint_processors, joint_perturbation
 
 #: diffusers' default max_sequence_length: the T5 token slots its SD3 pipelines fill with zeros
 #: when the T5 encoder is not loaded.
 T5_TOKENS = 256
+#: PixArt-Sigma pipelines' max_sequence_length: the T5 tokens a prompt is padded to.
+PIXART_TEXT_TOKENS = 300
 
 
 class UNetFamily:
@@ -47,6 +54,16 @@ class UNetFamily:
     def default_size(self) -> tuple[int, int]:
         side = self.network.config.sample_size * self.pipe.vae_scale_factor
         return side, side
+
+    @property
+    def tokenizer(self):
+        """What tokenizes prompts for encode."""
+        return self.pipe.tokenizer
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (start and end tokens included)."""
+        return self.pipe.tokenizer.model_max_length
 
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, None]:
         """(1, T, D) text embeddings of ids padded to the text encoder's length, as diffusers'
@@ -114,6 +131,16 @@ class SD3Family:
     def num_text_tokens(self) -> int:
         """The joint attention's text tokens: the CLIP tokens, then the T5 slots (zeros)."""
         return self.pipe.tokenizer.model_max_length + T5_TOKENS
+
+    @property
+    def tokenizer(self):
+        """What tokenizes prompts for encode."""
+        return self.pipe.tokenizer
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (start and end tokens included)."""
+        return self.pipe.tokenizer.model_max_length
 
     def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, T, D) joint text embeddings and (1, P) pooled embeddings, as diffusers' SD3
@@ -194,12 +221,118 @@ class SD3Family:
         return {}
 
 
-def family_of(pipe) -> UNetFamily | SD3Family:
-    """The adapter of a loaded pipeline (one with a transformer is SD3's)."""
-    return SD3Family(pipe) if getattr(pipe, "transformer", None) is not None else UNetFamily(pipe)
+class PixArtFamily:
+    """PixArt-Sigma: PixArtTransformer2DModel with cross-attention over a T5 encoder's tokens.
+    No resolution binning: the image is denoised at the asked size."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.network = pipe.transformer
+
+    def install_processors(self) -> tuple[ModelGeometry, UNetCall]:
+        return install_processors(self.network, Component.DIT_BLOCK)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides: multiples of 8 whose latents the patches tile."""
+        return math.lcm(8, self.pipe.vae_scale_factor * self.network.config.patch_size)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        side = self.network.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        """The T5 tokenizer of the prompt lowercased and stripped, as the PixArt pipelines
+        preprocess captions (without clean_caption)."""
+        return CaptionTokenizer(self.pipe.tokenizer)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The most tokens a prompt may have (its end token included)."""
+        return PIXART_TEXT_TOKENS
+
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, D) T5 embeddings of the ids padded to PIXART_TEXT_TOKENS and their (1, T)
+        attention mask (the padding 0), as diffusers' PixArt encode_prompt makes them; the mask
+        travels as the encoding's second part, where SD3 has its pooled embeddings."""
+        device = self.network.device
+        ids = _padded(token_ids, self.pipe.tokenizer, device, PIXART_TEXT_TOKENS)
+        mask = (torch.arange(PIXART_TEXT_TOKENS, device=device) < len(token_ids)).long()[None]
+        embeddings = self.pipe.text_encoder(ids, attention_mask=mask)[0]
+        return embeddings.to(self.pipe.text_encoder.dtype), mask
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * self.pipe.scheduler.init_noise_sigma
+
+    def set_timesteps(self, steps: int, latent_size: tuple[int, int]) -> None:
+        self.pipe.scheduler.set_timesteps(steps, device=self.network.device)
+
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise: the first in_channels of the output (the rest is the learned sigma)."""
+        latents = self.pipe.scheduler.scale_model_input(latents, t)
+        noise = self.network(
+            latents,
+            encoder_hidden_states=embeddings,
+            encoder_attention_mask=mask,
+            timestep=t[None].expand(latents.shape[0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        return noise[:, : self.network.config.in_channels]
+
+    def decode(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    def heatmap_layers(self, geometry: ModelGeometry) -> frozenset[int]:
+        """The layers word heatmaps read: every cross-attention layer (one per block)."""
+        return frozenset(layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS)
+
+    def perturbation(
+        self, layer_ops: Mapping[int, tuple[ScopedOp, ...]], geometry: ModelGeometry
+    ) -> Mapping[int, tuple[ScopedOp, ...]]:
+        """The perturbed branch's ops: PAG's identity blends on self-attention as they are."""
+        return layer_ops
+
+    def query_downsamplings(self, geometry: ModelGeometry) -> dict[int, int]:
+        """Cross-attention layer -> times the latent grid is halved there (layout binding): every
+        block sees the grid of patches, row-major; none for a patch size that is no power of 2."""
+        patch = self.network.config.patch_size
+        if patch & (patch - 1):
+            return {}
+        return {
+            layer.index: patch.bit_length() - 1
+            for layer in geometry.layers
+            if layer.kind is AttentionKind.CROSS
+        }
 
 
-def _padded(token_ids: Sequence[int], tokenizer, device: torch.device) -> torch.Tensor:
-    """(1, model_max_length) ids padded with the tokenizer's pad token."""
-    padded = list(token_ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(token_ids))
+@dataclass(frozen=True)
+class CaptionTokenizer:
+    """A tokenizer called on text lowercased and stripped."""
+
+    tokenizer: object
+
+    def __call__(self, text: str, **kwargs):
+        return self.tokenizer(text.lower().strip(), **kwargs)
+
+
+def family_of(pipe) -> UNetFamily | SD3Family | PixArtFamily:
+    """The adapter of a loaded pipeline: by its denoising network's class."""
+    network = getattr(pipe, "transformer", None)
+    if network is None:
+        return UNetFamily(pipe)
+    return PixArtFamily(pipe) if isinstance(network, PixArtTransformer2DModel) else SD3Family(pipe)
+
+
+def _padded(
+    token_ids: Sequence[int], tokenizer, device: torch.device, length: int | None = None
+) -> torch.Tensor:
+    """(1, length) ids padded with the tokenizer's pad token (length: its model_max_length)."""
+    length = length or tokenizer.model_max_length
+    padded = list(token_ids) + [tokenizer.pad_token_id] * (length - len(token_ids))
     return torch.tensor([padded], device=device)
