@@ -7,9 +7,9 @@ running every configuration once, in turn):
   attnserve's PAG on the same layers (goal <= 1.0x);
 - attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
 - --batch requests denoised as one batch vs one at a time.
-Any local Stable Diffusion or SD3 directory works (--model; --builtin tiny-sd3 for the built-in
-SD3-style one); the default is the built-in tiny-sd, whose ratios say little about a real
-model's (its UNet is tiny).
+Any local Stable Diffusion, SDXL or SD3 directory works (--model; --builtin tiny-sdxl or tiny-sd3
+for the built-in SDXL- and SD3-style ones); the default is the built-in tiny-sd, whose ratios say
+little about a real model's (its UNet is tiny).
 
     python bench/bench_diffusion.py [--model DIR | --builtin NAME] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
 """
@@ -30,13 +30,13 @@ from attnserve.attention.plan import IdentityBlend, ScopedOp
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import load_pipeline
-from attnserve.engines.diffusers.families import SD3Family, family_of
+from attnserve.engines.diffusers.families import SD3Family, SDXLFamily, family_of
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
 from attnserve.spec.guidance import PerturbedGuidance, default_pag_layers, pag_layers
 from attnserve_client.v1 import image_generation_pb2 as gpb
-from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
 
 PROMPT = "a photo of a cat"
 
@@ -57,7 +57,9 @@ def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="local Stable Diffusion or SD3 directory")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="local Stable Diffusion, SDXL or SD3 directory"
+    )
     parser.add_argument("--builtin", default="tiny-sd", help="built-in pipeline when --model is not given")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
@@ -76,6 +78,10 @@ def main() -> None:
     if isinstance(family, SD3Family):
         pag_pipe = StableDiffusion3PAGPipeline.from_pretrained(
             path, local_files_only=True, use_safetensors=True, text_encoder_3=None, tokenizer_3=None
+        ).to(args.device)
+    elif isinstance(family, SDXLFamily):
+        pag_pipe = StableDiffusionXLPAGPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, add_watermarker=False
         ).to(args.device)
     else:
         pag_pipe = StableDiffusionPAGPipeline.from_pretrained(

@@ -1,5 +1,5 @@
 """The diffusers engine: text-to-image requests on one local Stable Diffusion pipeline, a UNet one
-(SD 1.x / 2.x) or an SD3 one (a DiT with joint attention); families.py holds what differs.
+(SD 1.x / 2.x, SDXL) or an SD3 one (a DiT with joint attention); families.py holds what differs.
 
 One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
 request of the same size and step count (up to max_batch_size), denoises them together
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
@@ -44,16 +44,29 @@ log = logging.getLogger("attnserve.engines.diffusers")
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionPAGPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusionXLPAGPipeline": StableDiffusionXLPipeline,
     "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
     "StableDiffusion3PAGPipeline": StableDiffusion3Pipeline,
+}
+
+#: What each pipeline class loads without.
+WITHOUT = {
+    StableDiffusionPipeline: {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    },
+    StableDiffusionXLPipeline: {"add_watermarker": False},
+    StableDiffusion3Pipeline: {"text_encoder_3": None, "tokenizer_3": None},
 }
 
 
 def load_pipeline(
     model_path: Path, *, dtype: str = "float32", device: str = "cpu"
-) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
-    """A local Stable Diffusion (UNet) or SD3 pipeline directory (safetensors), its family read
-    from model_index.json; without a safety checker, and SD3 without its T5 encoder."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+    """A local Stable Diffusion (UNet), SDXL or SD3 pipeline directory (safetensors), its family
+    read from model_index.json; without SD's safety checker, SDXL's watermarker or SD3's T5 encoder."""
     class_name = json.loads((Path(model_path) / "model_index.json").read_text()).get("_class_name")
     pipeline = PIPELINES.get(class_name)
     if pipeline is None:
@@ -61,13 +74,12 @@ def load_pipeline(
             f"{model_path}: {class_name} pipelines are not served by the diffusers engine "
             f"(it serves {', '.join(sorted(PIPELINES))})"
         )
-    extra = (
-        {"text_encoder_3": None, "tokenizer_3": None}
-        if pipeline is StableDiffusion3Pipeline
-        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    )
     pipe = pipeline.from_pretrained(
-        model_path, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **extra
+        model_path,
+        dtype=getattr(torch, dtype),
+        local_files_only=True,
+        use_safetensors=True,
+        **WITHOUT[pipeline],
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
