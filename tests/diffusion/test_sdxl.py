@@ -19,7 +19,8 @@ from attnserve_client.v1 import image_generation_pb2 as gpb
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0
 
-from .helpers import generate, image_request, reference_images, soft_pag
+from .helpers import SIZE, generate, image_request, reference_images, soft_pag
+from .test_word_heatmaps import WORDS, heatmap_request, heatmaps_of
 
 TOLERANCE = 1e-5
 BLOCKS = (
@@ -148,3 +149,29 @@ def test_a_float16_vae_that_asks_for_it_decodes_in_float32(tiny_sdxl_path):
         assert np.array_equal(images[force_upcast], reference_images(theirs))
         assert ours.vae.dtype == torch.float16
     assert np.abs(images[True] - images[False]).max() > 0
+
+
+def test_word_heatmaps_read_the_cross_attention_without_changing_the_images(sdxl_served, sdxl_plain_pipe):
+    denoiser, geometry = sdxl_served
+    cross = {layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS}
+    assert denoiser.heatmap_layers == {
+        i for i in cross if not geometry.layers[i].name.startswith("mid_block")
+    }
+    request = heatmap_request(denoiser, num_images=2)
+    [[first, second]] = heatmaps_of(denoiser, [request])
+    for heatmaps in (first, second):
+        assert len(heatmaps) == len(WORDS)
+        for values in heatmaps:
+            assert values.shape == (SIZE, SIZE)
+            assert values.min() == 0 and values.max() == pytest.approx(1)
+    assert not torch.equal(first[0], second[0])  # each image's own maps
+    [images] = generate(denoiser, [request])
+    assert np.array_equal(images, reference_images(sdxl_plain_pipe, num_images=2))
+
+
+def test_layouts_see_each_cross_attention_layer_at_its_grid(sdxl_served):
+    """tiny-sdxl halves the latent grid once (its first block's downsampler): every cross-attention
+    layer runs there."""
+    denoiser, geometry = sdxl_served
+    cross = [layer.index for layer in geometry.layers if layer.kind is AttentionKind.CROSS]
+    assert denoiser.family.query_downsamplings(geometry) == dict.fromkeys(cross, 1)
