@@ -1,6 +1,6 @@
-"""SDXL on the diffusers engine: the geometry, conditioning as diffusers' SDXL pipeline builds it
-(rows without plans bit-identical to it), PAG against diffusers' SDXL PAG pipeline, and a mixed
-batch against its requests alone."""
+"""SDXL on the diffusers engine: the geometry, conditioning and decoding as diffusers' SDXL
+pipeline does them (rows without plans bit-identical to it), PAG against diffusers' SDXL PAG
+pipeline, a mixed batch against its requests alone, word heatmaps and layout grids."""
 
 import dataclasses
 
