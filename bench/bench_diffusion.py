@@ -7,10 +7,11 @@ running every configuration once, in turn):
   attnserve's PAG on the same layers (goal <= 1.0x);
 - attnserve with DAAM word heatmaps vs without (goal <= 1.10x);
 - --batch requests denoised as one batch vs one at a time.
-Any local Stable Diffusion, SD3 or PixArt-Sigma directory works (--model; --builtin tiny-sd3 or
-tiny-pixart for the built-in DiTs); the default is the built-in tiny-sd, whose ratios say little
-about a real model's (its UNet is tiny). --wide DIR builds (once) and runs a pipeline at Stable
-Diffusion 1.5's width with random weights (wide_sd.py): a real model's cost at the size asked.
+Any local Stable Diffusion, SDXL, SD3 or PixArt-Sigma directory works (--model; --builtin
+tiny-sdxl, tiny-sd3 or tiny-pixart for the built-in ones); the default is the built-in tiny-sd,
+whose ratios say little about a real model's (its UNet is tiny). --wide DIR builds (once) and
+runs a pipeline at Stable Diffusion 1.5's width with random weights (wide_sd.py): a real model's
+cost at the size asked.
 
     python bench/bench_diffusion.py [--model DIR | --builtin NAME | --wide DIR] [--size 64] [--steps 10] [--repeats 3] [--batch 4] [--out FILE]
 """
@@ -31,13 +32,18 @@ from attnserve.attention.plan import IdentityBlend, ScopedOp
 from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.engine import load_pipeline
-from attnserve.engines.diffusers.families import PixArtFamily, SD3Family, family_of
+from attnserve.engines.diffusers.families import PixArtFamily, SD3Family, SDXLFamily, family_of
 from attnserve.models.builtin import default_cache_dir, ensure_builtin
 from attnserve.readouts.word_heatmaps import compile_words
 from attnserve.spec.errors import Violations
 from attnserve.spec.guidance import PerturbedGuidance, default_pag_layers, pag_layers
 from attnserve_client.v1 import image_generation_pb2 as gpb
-from diffusers import PixArtSigmaPAGPipeline, StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+from diffusers import (
+    PixArtSigmaPAGPipeline,
+    StableDiffusion3PAGPipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionXLPAGPipeline,
+)
 from wide_sd import build_wide_sd
 
 PROMPT = "a photo of a cat"
@@ -59,7 +65,9 @@ def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="local Stable Diffusion or SD3 directory")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="local Stable Diffusion, SDXL or SD3 directory"
+    )
     parser.add_argument("--builtin", default="tiny-sd", help="built-in pipeline when --model is not given")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
@@ -92,6 +100,10 @@ def main() -> None:
         pag_pipe = PixArtSigmaPAGPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
         pag_pipe = pag_pipe.to(args.device)
         pipeline_options = {"use_resolution_binning": False, "clean_caption": False}
+    elif isinstance(family, SDXLFamily):
+        pag_pipe = StableDiffusionXLPAGPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, add_watermarker=False
+        ).to(args.device)
     else:
         pag_pipe = StableDiffusionPAGPipeline.from_pretrained(
             path, local_files_only=True, use_safetensors=True, pag_applied_layers=["mid"], safety_checker=None,

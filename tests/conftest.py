@@ -49,6 +49,14 @@ def tiny_pixart_path() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_path() -> pathlib.Path:
+    """The built-in tiny SDXL-style UNet pipeline (built in code, seeded), built once like tiny-sd."""
+    from attnserve.models.builtin import ensure_builtin
+
+    return ensure_builtin("tiny-sdxl", REPO_ROOT / ".cache" / "test-models")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> pathlib.Path:
     """A tiny CLIP model and processor (models/tiny_diffusion.py, seeded), for HeadHunter's
     clip-score objective; a few seconds to build."""

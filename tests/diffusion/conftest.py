@@ -1,4 +1,4 @@
-"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3, tiny-pixart), loaded once each: a plain diffusers
+"""The tiny Stable-Diffusion pipelines (tiny-sd, tiny-sd3, tiny-sdxl, tiny-pixart), loaded once each: a plain diffusers
 copy, a PAG-pipeline copy, attnserve's Denoiser over a copy with attnserve's attention processors
 installed, and tiny-sd as the API layer sees it (the served model requests are validated against)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from attnserve.engines.diffusers.attention import install_processors
 from attnserve.engines.diffusers.denoise import Denoiser
-from attnserve.engines.diffusers.engine import DiffusersEngine
+from attnserve.engines.diffusers.engine import DiffusersEngine, load_pipeline
 from attnserve.engines.diffusers.families import family_of
 from attnserve.engines.diffusers.joint_attention import install_joint_processors
 from attnserve.models.config import Limits
@@ -19,6 +19,8 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPAGPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPAGPipeline,
+    StableDiffusionXLPipeline,
 )
 
 
@@ -98,3 +100,23 @@ def pixart_served_model(tiny_pixart_path):
     """tiny-pixart as the API layer sees it (its engine's worker thread never started)."""
     engine = DiffusersEngine(tiny_pixart_path)
     return ServedModel("tiny-pixart", "diffusion", "diffusers", engine, Limits(), {})
+
+
+@pytest.fixture(scope="session")
+def sdxl_plain_pipe(tiny_sdxl_path):
+    """diffusers' SDXL pipeline on tiny-sdxl (no watermarker, as attnserve loads it)."""
+    return _load(StableDiffusionXLPipeline, tiny_sdxl_path, add_watermarker=False)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pag_pipe(tiny_sdxl_path):
+    """diffusers' SDXL PAG pipeline on its default layers ("mid")."""
+    return _load(StableDiffusionXLPAGPipeline, tiny_sdxl_path, add_watermarker=False)
+
+
+@pytest.fixture(scope="session")
+def sdxl_served(tiny_sdxl_path):
+    """(Denoiser, geometry) over tiny-sdxl as the engine loads it, with attnserve's processors."""
+    pipe = load_pipeline(tiny_sdxl_path)
+    geometry, call = install_processors(pipe.unet)
+    return Denoiser(pipe, call, geometry), geometry

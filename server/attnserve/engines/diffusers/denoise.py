@@ -141,6 +141,9 @@ class Denoiser:
         )
         scale = self.pipe.vae_scale_factor
         latent = (request.height // scale, request.width // scale)
+        # Timesteps first, as the pipelines set them: a scheduler's starting noise (Euler's
+        # init_noise_sigma) depends on them.
+        self.family.set_timesteps(request.steps, latent)
         shape = (n, self.family.network.config.in_channels, *latent)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         heatmaps = (

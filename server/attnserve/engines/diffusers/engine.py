@@ -1,5 +1,5 @@
 """The diffusers engine: text-to-image requests on one local Stable Diffusion pipeline, a UNet one
-(SD 1.x / 2.x), an SD3 one (a DiT with joint attention) or a PixArt-Sigma one (a DiT with
+(SD 1.x / 2.x, SDXL), an SD3 one (a DiT with joint attention) or a PixArt-Sigma one (a DiT with
 cross-attention over T5 tokens); families.py holds what differs.
 
 One worker thread owns the pipeline. It takes the oldest waiting request and every waiting
@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from ...attention.layout_binding import downsampled_grid
 from ...attention.plan import OPERATIONS
@@ -45,18 +50,33 @@ log = logging.getLogger("attnserve.engines.diffusers")
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionPAGPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusionXLPAGPipeline": StableDiffusionXLPipeline,
     "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
     "StableDiffusion3PAGPipeline": StableDiffusion3Pipeline,
     "PixArtSigmaPipeline": PixArtSigmaPipeline,
     "PixArtSigmaPAGPipeline": PixArtSigmaPipeline,
 }
 
+#: What each pipeline class loads without.
+WITHOUT = {
+    StableDiffusionPipeline: {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    },
+    StableDiffusionXLPipeline: {"add_watermarker": False},
+    StableDiffusion3Pipeline: {"text_encoder_3": None, "tokenizer_3": None},
+    PixArtSigmaPipeline: {},
+}
+
 
 def load_pipeline(
     model_path: Path, *, dtype: str = "float32", device: str = "cpu"
-) -> StableDiffusionPipeline | StableDiffusion3Pipeline | PixArtSigmaPipeline:
-    """A local Stable Diffusion (UNet), SD3 or PixArt-Sigma pipeline directory (safetensors), its
-    family read from model_index.json; without a safety checker, and SD3 without its T5 encoder."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | PixArtSigmaPipeline:
+    """A local Stable Diffusion (UNet), SDXL, SD3 or PixArt-Sigma pipeline directory (safetensors),
+    its family read from model_index.json; without SD's safety checker, SDXL's watermarker or SD3's
+    T5 encoder."""
     class_name = json.loads((Path(model_path) / "model_index.json").read_text()).get("_class_name")
     pipeline = PIPELINES.get(class_name)
     if pipeline is None:
@@ -64,13 +84,12 @@ def load_pipeline(
             f"{model_path}: {class_name} pipelines are not served by the diffusers engine "
             f"(it serves {', '.join(sorted(PIPELINES))})"
         )
-    extra = {}
-    if pipeline is StableDiffusion3Pipeline:
-        extra = {"text_encoder_3": None, "tokenizer_3": None}
-    elif pipeline is StableDiffusionPipeline:
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipe = pipeline.from_pretrained(
-        model_path, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **extra
+        model_path,
+        dtype=getattr(torch, dtype),
+        local_files_only=True,
+        use_safetensors=True,
+        **WITHOUT[pipeline],
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,6 +3,9 @@ how prompts become conditioning, how the denoising network is called, how latent
 
 - UNetFamily: Stable Diffusion 1.x / 2.x (StableDiffusionPipeline): a UNet over CLIP text
   embeddings, its own attention processors (attention.py);
+- SDXLFamily: Stable Diffusion XL (StableDiffusionXLPipeline): the same UNet attention over two
+  CLIP encoders' hidden states side by side, and the second's pooled output with the image's
+  size and crop as the UNet's added conditioning;
 - SD3Family: Stable Diffusion 3 (StableDiffusion3Pipeline): an SD3Transformer2DModel with joint
   attention (joint_attention.py) over two CLIP encoders' embeddings and their pooled outputs, a
   flow-matching scheduler and a VAE with a shift factor. The T5 encoder is not loaded: diffusers
@@ -104,6 +107,56 @@ class UNetFamily:
     def query_downsamplings(self, geometry: ModelGeometry) -> dict[int, int]:
         """Cross-attention layer -> times the latent grid is halved there (layout binding)."""
         return query_downsamplings(self.network, geometry)
+
+
+class SDXLFamily(UNetFamily):
+    """Stable Diffusion XL: UNet2DConditionModel with added text and time conditioning, two CLIP
+    encoders (the second with projection)."""
+
+    def encode(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, D) text embeddings and (1, P) pooled embeddings, as diffusers' SDXL encode_prompt
+        makes them: both encoders' penultimate hidden states side by side, the second's pooled
+        (projected) output. An empty text (start and end tokens only) is zeros where the pipeline
+        forces zeros for an empty negative prompt: the API refuses empty prompts, so only a
+        negative prompt can be empty."""
+        pipe, device, dtype = self.pipe, self.network.device, self.network.dtype
+        hidden = []
+        for tokenizer, encoder in (
+            (pipe.tokenizer, pipe.text_encoder),
+            (pipe.tokenizer_2, pipe.text_encoder_2),
+        ):
+            out = encoder(_padded(token_ids, tokenizer, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(dtype))
+        embeddings, pooled = torch.cat(hidden, dim=-1), out[0].to(dtype)  # out: the second's
+        if pipe.config.force_zeros_for_empty_prompt and list(token_ids) == pipe.tokenizer("").input_ids:
+            return torch.zeros_like(embeddings), torch.zeros_like(pooled)
+        return embeddings, pooled
+
+    def predict(
+        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet with SDXL's added conditioning: the pooled embeddings, and the time ids the
+        pipeline makes by default (original size and target size the image's, crop at 0, 0)."""
+        height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=latents.device)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(embeddings.dtype).expand(len(latents), -1)}
+        latents = self.pipe.scheduler.scale_model_input(latents, t)
+        return self.network(
+            latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def decode(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """As the pipeline decodes: a float16 VAE that asks for it (force_upcast: SDXL's overflows
+        in float16) decodes in float32."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
 
 class SD3Family:
@@ -311,6 +364,17 @@ class PixArtFamily:
         }
 
 
+def family_of(pipe) -> UNetFamily | SDXLFamily | SD3Family | PixArtFamily:
+    """The adapter of a loaded pipeline: by its denoising network's class, and a UNet one with a
+    second text encoder is SDXL's."""
+    network = getattr(pipe, "transformer", None)
+    if network is not None:
+        return PixArtFamily(pipe) if isinstance(network, PixArtTransformer2DModel) else SD3Family(pipe)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXLFamily(pipe)
+    return UNetFamily(pipe)
+
+
 @dataclass(frozen=True)
 class CaptionTokenizer:
     """A tokenizer called on text lowercased and stripped."""
@@ -319,14 +383,6 @@ class CaptionTokenizer:
 
     def __call__(self, text: str, **kwargs):
         return self.tokenizer(text.lower().strip(), **kwargs)
-
-
-def family_of(pipe) -> UNetFamily | SD3Family | PixArtFamily:
-    """The adapter of a loaded pipeline: by its denoising network's class."""
-    network = getattr(pipe, "transformer", None)
-    if network is None:
-        return UNetFamily(pipe)
-    return PixArtFamily(pipe) if isinstance(network, PixArtTransformer2DModel) else SD3Family(pipe)
 
 
 def _padded(
