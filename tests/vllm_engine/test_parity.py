@@ -36,6 +36,14 @@ async def test_every_operation_has_a_parity_case(vllm_engine):
     assert set(OPERATION_SPECS) == set(OPERATIONS) == set(vllm_engine.info.supported_operations)
 
 
+async def test_a_prompt_is_never_split_across_steps(vllm_engine):
+    """Plans see whole prompts, as on the transformers engine (sink calibration's column means are
+    over the call's query rows): chunked prefill is off, and a step's budget holds any prompt."""
+    scheduler = vllm_engine._llm.vllm_config.scheduler_config
+    assert not scheduler.enable_chunked_prefill
+    assert scheduler.max_num_batched_tokens >= vllm_engine.info.max_context_length
+
+
 async def test_plain_tokens_equal_transformers(vllm_outputs, transformers_outputs, prompts):
     ours, theirs = vllm_outputs["plain"], transformers_outputs["plain"]
     assert len(ours) == len(prompts) >= 20

@@ -143,10 +143,24 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
                 }
             },
             **self._cuda_graph_args(),
+            **self._whole_prompt_args(),
             **({"limit_mm_per_prompt": {"image": self._max_images}} if self.info.vision else {}),
         )
         loggers = [_kv_cache_usage_logger(self._on_kv_cache_usage)] if self._on_kv_cache_usage else None
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
+
+    def _whole_prompt_args(self) -> dict:
+        # An attention call over part of a prompt would change what the plans compute: sink
+        # calibration's column means are over the call's query rows, which the transformers
+        # engine (and the papers) take to be the whole prompt. With interventions on, vLLM
+        # never splits a prompt across steps (no chunked prefill); its step budget then holds
+        # the longest prompt.
+        from vllm.config import SchedulerConfig
+
+        if self.info.unsupported_reason:
+            return {}
+        budget = max(self.info.max_context_length, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
+        return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
 
     def _cuda_graph_args(self) -> dict:
         # The backend runs per-request Python inside the attention op: keep attention out of
