@@ -3,7 +3,9 @@ socket, called through raw stubs and through the client SDK."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import time
 
 import grpc
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 
 from .conftest import running_server
 from .helpers import field_violations
+from .test_grpcurl import grpcurl
 
 pytestmark = pytest.mark.e2e
 
@@ -374,3 +377,21 @@ def test_metrics_count_steps_and_images(stub, image_server):
         if line.startswith("attnserve_diffusion_cross_attention_share_ratio_count") and MODEL in line
     ]
     assert sorted(line.split('part="')[1].split('"')[0] for line in shares) == ["end", "start", "words"]
+
+
+def test_grpcurl_generates_an_image(image_server):
+    """A third-party client through server reflection: JSON in, a step event per denoising step,
+    then the PNG (base64 in JSON) of the asked size."""
+    data = {"model": MODEL, "prompt": "a photo of a cat", "width": 40, "height": 24, "steps": 2, "seed": 1}
+    data["pag"] = {"scale": 3}
+    out = grpcurl(image_server["target"], "attnserve.v1.InferenceService/GenerateImage", data=data)
+    assert out.returncode == 0, out.stderr
+    decoder, text, events, pos = json.JSONDecoder(), out.stdout.strip(), [], 0
+    while pos < len(text):
+        event, pos = decoder.raw_decode(text, pos)
+        events.append(event)
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    assert [event["step"].get("step", 0) for event in events[:-1]] == [0, 1]  # JSON omits a 0
+    (image,) = events[-1]["complete"]["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(image["png"]))).size == (40, 24)
