@@ -28,7 +28,7 @@ def reference_images(pipe, seed=0, num_images=1, **kwargs):
 
 
 def image_request(denoiser, perturbed=None, seed=0, num_images=1, plan=None, prompt=PROMPT):
-    tokenizer = denoiser.pipe.tokenizer
+    tokenizer = denoiser.family.tokenizer  # as the engine tokenizes (PixArt lowercases the caption)
     extra = {} if plan is None else {"plan": plan}
     return ImageRequest(
         request_id=f"r{seed}",

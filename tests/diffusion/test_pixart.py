@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attnserve.attention.plan import KeyEmphasis, KeySet, RequestPlan, RowPlan, ScopedOp, StepRange
-from attnserve.engines.base import ImageRequest
 from attnserve.engines.diffusers.attention import PlannedAttnProcessor, UNetCall
 from attnserve.engines.diffusers.denoise import Denoiser
 from attnserve.engines.diffusers.families import PixArtFamily
@@ -21,7 +20,7 @@ from attnserve.spec.guidance import compile_guidance
 from attnserve_client.v1 import image_generation_pb2 as gpb
 from diffusers.models.attention_processor import AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0
 
-from .helpers import GUIDANCE, PROMPT, SIZE, STEPS
+from .helpers import GUIDANCE, PROMPT, SIZE, STEPS, generate, image_request
 
 TOLERANCE = 1e-5
 LAYERS = (
@@ -46,30 +45,6 @@ def reference_images(pipe, seed=0, num_images=1, prompt=PROMPT, **kwargs):
         **PIPELINE_OPTIONS,
         **({"guidance_scale": GUIDANCE} | kwargs),
     ).images
-
-
-def image_request(denoiser, perturbed=None, seed=0, num_images=1, plan=None, prompt=PROMPT):
-    tokenizer = denoiser.family.tokenizer
-    extra = {} if plan is None else {"plan": plan}
-    return ImageRequest(
-        request_id=f"r{seed}",
-        prompt_token_ids=tuple(tokenizer(prompt).input_ids),
-        negative_token_ids=tuple(tokenizer("").input_ids),
-        width=SIZE,
-        height=SIZE,
-        steps=STEPS,
-        guidance_scale=GUIDANCE,
-        seed=seed,
-        num_images=num_images,
-        perturbed=perturbed,
-        **extra,
-    )
-
-
-def generate(denoiser, requests):
-    jobs = [denoiser.start(request) for request in requests]
-    denoiser.run(jobs, STEPS, lambda job, step, timestep: None)
-    return [denoiser.images(job, "np") for job in jobs]
 
 
 def pag(geometry, scale=3.0, adaptive_scale=0.0):
