@@ -17,10 +17,12 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 
+from ...attention.folded_rows import ScopeMemo
 from ...attention.plan import EMPTY_PLAN, RequestPlan
 from ...attention.readout import LayerStatistics
 from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
+from .paged_kv import KVSlots
 
 log = logging.getLogger("attnserve.engines.vllm.worker")
 
@@ -70,6 +72,10 @@ class StepContext:
     sampled_statistics: list[tuple[int, LayerStatistics]] = field(default_factory=list)
     #: id(attention metadata) -> (query_start_loc, seq_lens) as lists; one metadata per KV group.
     bounds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    #: (id(attention metadata), batch rows) -> where those rows' keys sit in the paged cache.
+    kv_slots: dict[tuple[int, tuple[int, ...]], KVSlots] = field(default_factory=dict)
+    #: The folded decode rows' scopes, shared by the step's layers (attention/folded_rows.py).
+    scope_memo: ScopeMemo = field(default_factory=dict)
 
     def message(self) -> StepMessage:
         finished_steps = []
