@@ -10,6 +10,7 @@ order than one worker's).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -88,7 +89,7 @@ async def run_engine(path, cache_dir, tensor_parallel_size: int) -> dict:
     sampled = []
     engine = VllmEngine(
         path,
-        max_batch_size=8,
+        max_batch_size=len(PROMPTS) * (len(CASES) + 1),
         statistics_sample_rate=1.0,
         on_statistics=lambda layer, stats: sampled.append((layer, stats)),
         settings=VllmSettings(enforce_eager=True, kv_cache_gib=1, tensor_parallel_size=tensor_parallel_size),
@@ -103,10 +104,17 @@ async def run_engine(path, cache_dir, tensor_parallel_size: int) -> dict:
         assert engine._llm.vllm_config.parallel_config.tensor_parallel_size == tensor_parallel_size
         outputs = {"supported_operations": engine.info.supported_operations}
         prompts = [chat_ids(engine, text) for text in PROMPTS]
-        outputs["plain"] = await generate_all(engine, prompts, [EMPTY_PLAN] * len(prompts))
+        plans = {"plain": [EMPTY_PLAN] * len(prompts)}
         for name, spec in CASES.items():
-            plans = [compile_for(engine, ids, [spec], max_tokens=MAX_TOKENS) for ids in prompts]
-            outputs[name] = await generate_all(engine, prompts, plans, max_tokens=MAX_TOKENS)
+            plans[name] = [compile_for(engine, ids, [spec], max_tokens=MAX_TOKENS) for ids in prompts]
+        # Every case in one batch: a step of this tiny model costs its fixed overhead mostly.
+        results = await asyncio.gather(
+            *(
+                generate_all(engine, prompts, case_plans, max_tokens=MAX_TOKENS)
+                for case_plans in plans.values()
+            )
+        )
+        outputs.update(zip(plans, results))
         # Alone in its steps, so that every step samples this request's statistics.
         sampled.clear()
         plan = compile_for(engine, prompts[1], [READOUT_INTERVENTION], READOUT_SPEC, max_tokens=MAX_TOKENS)

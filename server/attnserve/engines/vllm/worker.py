@@ -138,10 +138,10 @@ class StepPlanner:
         if not any(planned.reads_out for planned in step.rows):
             return
         calls = [planned.calls for planned in step.rows]
-        if self._shard is not None:
+        if self._shard is not None and any(calls):  # the same rows and calls on every worker
             calls = gather_row_calls(calls)
-            if calls is None:  # not the first worker: it has handed its readouts over
-                return
+        if self._shard is not None and self._shard.rank > 0:
+            return  # the first worker publishes every worker's readouts
         if self._publisher is not None:
             message = step.message(calls)
             if message.requests or message.sampled_statistics:
