@@ -143,7 +143,7 @@ def measure_keys(args: argparse.Namespace, keys: int) -> dict:
         "scale": scale,
     }
     folded_rows = fold_decode_rows(q, k, v, decode["key_starts"], decode["prompt_lengths"], scale)
-    block_mask = padding_block_mask(folded_rows.key_starts, keys)
+    block_mask = padding_block_mask(torch.tensor(folded_rows.key_starts), keys)
     result = {}
     for name, plan_ops in PLANS.items():
         ops = [effective_ops(RowPlan(ops=plan_ops))] * rows

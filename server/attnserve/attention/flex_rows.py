@@ -144,7 +144,7 @@ def attend_decode_rows_flex(
         )
     rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale)
     applied = folded_applied_ops(rows, ops)
-    block_mask = padding_block_mask(rows.key_starts, rows.num_keys)
+    block_mask = padding_block_mask(torch.tensor(rows.key_starts, device=rows.device), rows.num_keys)
     out = flex_decode(rows, logit_edits(rows, applied), block_mask, compiled=compiled)
     out, _ = edit_output(rows, applied, out)
     return out.reshape(rows.num_requests, rows.heads_per_request, -1)

@@ -170,14 +170,8 @@ def apply_row_plans(
         )
         if effective_ops(plan):
             output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
-        if readout is None:
-            continue
-        if planned.sampled and readout.statistics is not None:
-            step.sampled_statistics.append((layer_index, readout.statistics))
-        if planned.reports:
-            planned.readouts.add(
-                planned.plan, CallSite(layer_index, planned.step, planned.seq_len - 1), readout
-            )
+        if readout is not None:  # recorded after the forward (worker.StepPlanner.publish)
+            planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
     if decoding:
         _attend_decoding(decoding, query, output, scale, starts, read_kv, step)
 
