@@ -395,7 +395,7 @@ async def test_an_image_from_the_encoder_cache_gets_the_same_paint(vllm_run, tra
 
 async def test_paint_needs_the_towers_penultimate_layer(tiny_llava_path):
     """vLLM builds the tower up to the feature layer; the engine offers PAINT's selectors only
-    where that includes the penultimate layer."""
+    where that includes the penultimate layer, and where each patch is one image token."""
     from attnserve.engines.vllm.engine import _tower_has_paint_layers
     from transformers import AutoConfig
 
@@ -405,3 +405,5 @@ async def test_paint_needs_the_towers_penultimate_layer(tiny_llava_path):
     assert not _tower_has_paint_layers(config)
     config.vision_feature_layer = [-3, -1]
     assert _tower_has_paint_layers(config)
+    config.vision_feature_select_strategy = "full"  # the CLS token too
+    assert not _tower_has_paint_layers(config)

@@ -449,8 +449,9 @@ def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None) -> None:
 
 
 def _tower_has_paint_layers(config) -> bool:
-    """Whether the CLIP tower vLLM builds for this LLaVA-family config runs the encoder layers
-    PAINT reads (vLLM builds it up to the deepest feature layer only; tower_captures.py)."""
+    """Whether PAINT's tokens can be chosen in vLLM's worker (tower_captures.py): a LLaVA with a
+    CLIP tower, one image token per patch (the "default" feature strategy), and a tower that
+    runs the encoder layers PAINT reads (vLLM builds it up to the deepest feature layer only)."""
     from vllm.model_executor.models.utils import get_layer_index
 
     num_layers = config.vision_config.num_hidden_layers
@@ -459,7 +460,8 @@ def _tower_has_paint_layers(config) -> bool:
         feature_layers = [feature_layers]
     built = max(get_layer_index(layer, num_layers) for layer in feature_layers)
     _, penultimate = paint_layers(num_layers)
-    return config.vision_config.model_type == "clip_vision_model" and penultimate < built
+    llava_with_clip = config.model_type == "llava" and config.vision_config.model_type == "clip_vision_model"
+    return llava_with_clip and config.vision_feature_select_strategy == "default" and penultimate < built
 
 
 def _why_no_interventions(config, settings: VllmSettings) -> str | None:
