@@ -203,14 +203,15 @@ async def run_all(engine) -> dict:
     }
 
 
-async def cached_image_runs(one) -> list[list[int]]:
+async def cached_image_runs(one) -> list[tuple[list[int], dict]]:
     """PAINT on an image the tower already encoded for a plain request: two requests one after
-    the other, then two together; vLLM serves the image's features from its encoder cache."""
+    the other, then two together; vLLM serves the image's features from its encoder cache. Each
+    run's tokens and its prefill's layer 2 maps (PAINT rescales that row)."""
     question, colours = PROMPTS[1]
-    painted = request(question, colours, paint(local=2.0, summary=1.0))
+    painted = request(question, colours, paint(local=2.0, summary=1.0), CHOICE_READOUTS)
     await one(request(question, colours, []))
-    runs = [(await one(painted))[0], (await one(painted))[0]]
-    return runs + [tokens for tokens, _ in await asyncio.gather(one(painted), one(painted))]
+    runs = [await one(painted), await one(painted), *await asyncio.gather(one(painted), one(painted))]
+    return [(tokens, outs[0].step_readouts["image_attention"].maps) for tokens, outs in runs]
 
 
 async def carve_by_hand(one, run) -> dict:
@@ -389,8 +390,14 @@ async def test_paint_takes_the_tokens_the_towers_attention_selects(
 
 
 async def test_an_image_from_the_encoder_cache_gets_the_same_paint(vllm_run, transformers_run):
-    ours, theirs = vllm_run["cached_image"], transformers_run["cached_image"]
-    assert ours == theirs == [theirs[0]] * 4
+    (tokens, maps), plain = transformers_run["cached_image"][0], transformers_run["choices"][("plain", 1)]
+    assert maps.keys() == plain.keys()
+    assert any(maps[key] != pytest.approx(plain[key], abs=1e-3) for key in maps)  # PAINT acted
+    for our_tokens, our_maps in vllm_run["cached_image"]:
+        assert our_tokens == tokens
+        assert our_maps.keys() == maps.keys()
+        for key in maps:
+            assert our_maps[key] == pytest.approx(maps[key], abs=1e-4), key
 
 
 async def test_paint_needs_the_towers_penultimate_layer(tiny_llava_path):

@@ -67,7 +67,7 @@ class TowerCaptures:
             self._rows = {h: rows for h, rows in self._rows.items() if h in runner.encoder_cache}
         if not scheduler_output.scheduled_encoder_inputs:
             return encode()
-        # The encoder's order: vLLM encodes the items of this batching, grouped by modality.
+        # vLLM encodes the step's items in this order (grouped by modality).
         hashes, items, _ = runner._batch_mm_inputs_from_scheduler(scheduler_output)
         images = [h for h, (modality, _) in zip(hashes, items) if modality == "image"]
         self._recording = ([], [])
@@ -76,7 +76,7 @@ class TowerCaptures:
             first, penultimate = (torch.cat(rows) if rows else None for rows in self._recording)
         finally:
             self._recording = None
-        if first is None or len(first) != len(images) or len(penultimate) != len(images):
+        if first is None or penultimate is None or not len(first) == len(penultimate) == len(images):
             log.warning("the vision tower's attention was not seen for this step's %d images", len(images))
             return outputs
         for i, image in enumerate(images):
