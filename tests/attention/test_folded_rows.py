@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from attnserve.attention.core import attend, effective_ops
+from attnserve.attention.core import attend, attend_decode_rows, effective_ops
 from attnserve.attention.folded_rows import fold_decode_rows, folded_applied_ops
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import MaskKind
@@ -104,3 +104,47 @@ def test_equal_operations_of_different_requests_share_one_application():
     assert heads_per_application == [[True, True, False], [True, True, False], [False, False, True]]
     # Each request's keys are its own: request 2's 8 keys start at index 4.
     assert not applied[2].scope.keys[2 * NUM_HEADS :, :4].any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_right_padded_rows_equal_left_padded_and_a_scope_memo_changes_nothing(seed):
+    """vLLM's paged cache is read right-padded (engines/vllm/paged_kv.py), with whatever a block's
+    earlier owner left in the padding; layers of a step share one scope memo."""
+    rng = random.Random(seed)
+    key_starts = tuple(rng.randint(0, 9) for _ in range(7))
+    batch = make_batch(num_queries=1, num_keys=14, key_starts=key_starts, generated=2, seed=seed)
+    ops = [effective_ops(plan) for plan in random_plans(len(key_starts), seed)]
+    prompt_lengths = [layout.num_prompt_tokens for layout in batch.layouts]
+    left = attend_decode_rows(
+        batch.q[:, :, 0],
+        batch.k,
+        batch.v,
+        key_starts=key_starts,
+        prompt_lengths=prompt_lengths,
+        scale=batch.scale,
+        ops=ops,
+    )
+
+    num_keys = batch.k.shape[2]
+    right_k = torch.randn_like(batch.k) * 100
+    right_v = torch.randn_like(batch.v) * 100
+    for b, start in enumerate(key_starts):
+        right_k[b, :, : num_keys - start] = batch.k[b, :, start:]
+        right_v[b, :, : num_keys - start] = batch.v[b, :, start:]
+    # Keys as paged_kv hands them over: a transposed view of a contiguous K^T.
+    right_k = right_k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    memo = {}
+    for _ in range(2):
+        right = attend_decode_rows(
+            batch.q[:, :, 0],
+            right_k,
+            right_v,
+            key_starts=[0] * len(key_starts),
+            key_ends=[num_keys - start for start in key_starts],
+            prompt_lengths=prompt_lengths,
+            scale=batch.scale,
+            ops=ops,
+            scope_memo=memo,
+        )
+        torch.testing.assert_close(right, left, atol=1e-6, rtol=0)
+    assert len(memo) == 1

@@ -59,8 +59,10 @@ async def generate(engine, prompt_ids, plan=EMPTY_PLAN, max_tokens=MAX_TOKENS):
     return [out async for out in engine.generate(request)]
 
 
-async def generate_all(engine, prompts, plans):
-    return await asyncio.gather(*(generate(engine, ids, plan) for ids, plan in zip(prompts, plans)))
+async def generate_all(engine, prompts, plans, max_tokens=MAX_TOKENS):
+    return await asyncio.gather(
+        *(generate(engine, ids, plan, max_tokens) for ids, plan in zip(prompts, plans))
+    )
 
 
 def tokens(outputs) -> list[int]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import attend_folded, fold_decode_rows
+from attnserve.attention.folded_rows import ScopeMemo, attend_folded, fold_decode_rows
 from attnserve.attention.interventions import (
     AppliedOp,
     applied_ops,
@@ -187,11 +187,16 @@ def attend_decode_rows(
     prompt_lengths: Sequence[int],
     scale: float,
     ops: Sequence[tuple[ScopedOp, ...]],
+    key_ends: Sequence[int] | None = None,
+    scope_memo: ScopeMemo | None = None,
 ) -> torch.Tensor:
     """Decode rows of several requests in one pass: q (B, H, D) each request's query (its last
-    token); k, v (B, Hkv, n, D) left-padded, request b's keys at key_starts[b]..n-1. Returns
-    (B, H, D) in float32 (or float64), ops[b] applied to request b."""
-    return attend_folded(fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale), ops)
+    token); k, v (B, Hkv, n, D) padded, request b's keys at key_starts[b]..key_ends[b]-1
+    (key_ends default: n, left-padded). Returns (B, H, D) in float32 (or float64), ops[b] applied
+    to request b. A caller that runs the same rows through several layers passes one scope_memo
+    to all of them (folded_rows.py)."""
+    rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale, key_ends)
+    return attend_folded(rows, ops, scope_memo)
 
 
 def _attend_folded(

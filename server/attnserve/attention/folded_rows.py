@@ -2,11 +2,13 @@
 
 In a decode step each request has one query, the newest token, which sees all of its keys
 (positions 0..n_b-1; causal and block-causal layouts alike). Request b's head h becomes head
-b*H + h of one RowAttention whose keys are every request's, left-padded to the longest as the
-batch holds them (padding unseen). Each stage of the core then runs once for the batch: an operation's scope spans the
-heads of every request holding that operation at the same place in its plan, each with its own
-keys (docs/attention-math.md#folded-rows). The math is the core's own (interventions.py and the
-operations); only the scaffolding around it is shared, which is most of a row's cost.
+b*H + h of one RowAttention whose keys are every request's, padded to the longest as the batch
+holds them (left-padded in attend_rows' batches, right-padded as read from vLLM's paged cache;
+padding unseen). Each stage of the core then runs once for the batch: an operation's scope
+spans the heads of every request holding that operation at the same place in its plan, each
+with its own keys (docs/attention-math.md#folded-rows). The math is the core's own
+(interventions.py and the operations); only the scaffolding around it is shared, which is most
+of a row's cost.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from attnserve.attention.selection import head_selection, key_selection, query_s
 
 @dataclass
 class FoldedRows(RowAttention):
-    """q (B*H, 1, D); k, v (B*Hkv, n, D) left-padded: request b's keys at key_starts[b]..n-1, so
-    every request's own key (its query's token) is the last. layout is unused: every request's
-    query sees all of its keys."""
+    """q (B*H, 1, D); k, v (B*Hkv, n, D) padded: request b's keys at key_starts[b]..key_ends[b]-1,
+    the last of them its own key (its query's token). layout is unused: every request's query
+    sees all of its keys."""
 
-    #: (B,) index of each request's token 0.
-    key_starts: torch.Tensor
+    #: Index of each request's token 0.
+    key_starts: tuple[int, ...]
+    #: One past each request's own key.
+    key_ends: tuple[int, ...]
     #: Prompt length of each request (positions from it on are generated tokens).
     prompt_lengths: tuple[int, ...]
     heads_per_request: int
@@ -49,21 +53,26 @@ class FoldedRows(RowAttention):
     def has_own_key(self) -> bool:
         return True
 
+    def _per_head(self, per_request: tuple[int, ...]) -> torch.Tensor:
+        """(B*H, 1) the request's number for each head."""
+        values = torch.tensor(per_request, device=self.device)
+        return values.repeat_interleave(self.heads_per_request)[:, None]
+
     @cached_property
     def _positions(self) -> torch.Tensor:
         """(B*H, n): each key's token position in its head's request (negative on padding)."""
-        starts = self.key_starts.repeat_interleave(self.heads_per_request)
-        return self.key_positions[None, :] - starts[:, None]
+        return self.key_positions[None, :] - self._per_head(self.key_starts)
 
     @cached_property
     def visible(self) -> torch.Tensor:
         """(B*H, 1, n): each head sees its request's keys."""
-        return (self._positions >= 0)[:, None, :]
+        ends = self._per_head(self.key_ends)
+        return ((self._positions >= 0) & (self.key_positions[None, :] < ends))[:, None, :]
 
     @cached_property
     def own_key(self) -> torch.Tensor:
-        """(1, 1, n): the last key, every request's own."""
-        return (self.key_positions == self.num_keys - 1)[None, None, :]
+        """(B*H, 1, n): each request's last key."""
+        return (self.key_positions[None, :] == self._per_head(self.key_ends) - 1)[:, None, :]
 
     def queries_per_key_of(self, heads: torch.Tensor) -> torch.Tensor:
         """(len(heads), n): 1 on the keys the head's query sees, 0 elsewhere."""
@@ -74,7 +83,10 @@ class FoldedRows(RowAttention):
 
     def own_values(self) -> torch.Tensor:
         """(B*H, 1, D) value of each request's last key."""
-        return self.v[:, -1].repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
+        kv_heads_per_request = self.k.shape[0] // self.num_requests
+        last = torch.tensor(self.key_ends, device=self.device).repeat_interleave(kv_heads_per_request) - 1
+        own = self.v[torch.arange(self.k.shape[0], device=self.device), last]
+        return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
 
 
 def fold_decode_rows(
@@ -84,9 +96,11 @@ def fold_decode_rows(
     key_starts: Sequence[int],
     prompt_lengths: Sequence[int],
     scale: float,
+    key_ends: Sequence[int] | None = None,
 ) -> FoldedRows:
-    """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) left-padded, request b's keys at
-    key_starts[b]..n-1. Computed in float32 (or float64), as RowAttention."""
+    """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) padded, request b's keys at
+    key_starts[b]..key_ends[b]-1 (key_ends default: n, left-padded). Computed in float32 (or
+    float64), as RowAttention."""
     batch, num_heads, head_dim = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     return FoldedRows(
@@ -95,17 +109,44 @@ def fold_decode_rows(
         v=v.flatten(0, 1).to(dtype),
         scale=scale,
         layout=None,
-        key_starts=torch.tensor(list(key_starts), device=q.device),
+        key_starts=tuple(key_starts),
+        key_ends=tuple(key_ends) if key_ends is not None else (k.shape[2],) * batch,
         prompt_lengths=tuple(prompt_lengths),
         heads_per_request=num_heads,
     )
 
 
-def folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
+#: Folded scopes already built, by the rows' geometry and the requests' operations: a decode
+#: step's layers often repeat a plan, and the scopes depend on nothing else (no tensor values).
+ScopeMemo = dict[tuple, list[AppliedOp]]
+
+
+def folded_applied_ops(
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: ScopeMemo | None = None
+) -> list[AppliedOp]:
     """The requests' operations with folded scopes, in application order. The i-th operation of
     a kind in each request's plan is grouped with the equal ones of other requests (same
     parameters, heads and query rows): requests hold one operation per (kind, i), so groups of
-    the same (kind, i) touch disjoint heads and their order does not matter."""
+    the same (kind, i) touch disjoint heads and their order does not matter. With a memo (owned
+    by the caller, e.g. for one engine step), equal calls share their scopes."""
+    if memo is None:
+        return _folded_applied_ops(rows, ops_per_request)
+    memo_key = (
+        rows.key_starts,
+        rows.key_ends,
+        rows.prompt_lengths,
+        rows.heads_per_request,
+        rows.num_keys,
+        rows.device,
+        tuple(map(tuple, ops_per_request)),
+    )
+    applied = memo.get(memo_key)
+    if applied is None:
+        applied = memo[memo_key] = _folded_applied_ops(rows, ops_per_request)
+    return applied
+
+
+def _folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
     groups: dict[tuple, list[tuple[int, ScopedOp]]] = {}
     for request, ops in enumerate(ops_per_request):
         seen: Counter[type] = Counter()
@@ -134,12 +175,10 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
     for request, scoped in members:
         if not query_selection(scoped.query_rows, scoped.last_query_only, 1, cpu)[0]:
             continue  # the op does not act on this request's one query row
-        start = int(rows.key_starts[request])
+        start, end = rows.key_starts[request], rows.key_ends[request]
         span = slice(request * num_heads, (request + 1) * num_heads)
         heads[span] = head_selection(scoped.heads, num_heads, cpu)
-        keys[span, start:] = key_selection(
-            scoped.keys, rows.num_keys - start, rows.prompt_lengths[request], cpu
-        )
+        keys[span, start:end] = key_selection(scoped.keys, end - start, rows.prompt_lengths[request], cpu)
     return Scope(
         heads=heads.to(rows.device),
         queries=torch.ones(1, dtype=torch.bool, device=rows.device),
@@ -148,9 +187,11 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
     )
 
 
-def attend_folded(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> torch.Tensor:
+def attend_folded(
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: ScopeMemo | None = None
+) -> torch.Tensor:
     """(B, H, D): each request's attention output with its operations applied (no readouts)."""
     from attnserve.attention.core import attend  # core dispatches here: imported when used
 
-    out, _ = attend(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
+    out, _ = attend(rows, folded_applied_ops(rows, ops_per_request, memo), NO_NEEDS)
     return out.reshape(rows.num_requests, rows.heads_per_request, -1)

@@ -58,8 +58,15 @@ def fused_attention(
 
     The CPU flash kernel returns the lse with the output but wants one head size: zero columns
     appended to q and k leave every dot product unchanged, so everything is padded to the widest.
-    Elsewhere SDPA gives the output and a chunked pass the lse.
+    Elsewhere SDPA gives the output and a chunked pass the lse. SDPA is slow on keys that are a
+    transposed view (engines/vllm/paged_kv.py reads them so): with one query row per head (a
+    decode step), those are materialised instead, as fast as SDPA at that size; longer rows get
+    a contiguous copy.
     """
+    if k.stride(-1) != 1:
+        if q.shape[1] == 1:
+            return _one_query_attention(q, k, values, bias, scale, with_lse)
+        k = k.contiguous()
     head_dim, value_dim = q.shape[-1], values.shape[-1]
     q_in, k_in, values_in = q, k, values
     if value_dim != head_dim:
@@ -76,3 +83,15 @@ def fused_attention(
     )[0, ..., :value_dim]
     lse = chunked_logsumexp(q, k, bias, scale) if with_lse else None
     return out, lse
+
+
+def _one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float, with_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fused_attention for q (H, 1, D), whose one query sees at least one key."""
+    scores = logits(q, k, bias.expand(q.shape[0], 1, -1), scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    num_kv_heads, num_keys, value_dim = values.shape
+    grouped = probs.reshape(num_kv_heads, -1, num_keys) @ values
+    return grouped.reshape(q.shape[0], 1, value_dim), lse if with_lse else None

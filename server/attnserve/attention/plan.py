@@ -8,6 +8,7 @@ that layer and step and hands the rows and their RowPlans to attention.core.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -199,6 +200,25 @@ class RequestPlan:
         if not ops and needs.is_empty:
             return None
         return RowPlan(ops=ops, needs=needs)
+
+    def for_head_shard(self, first: int, count: int) -> RequestPlan:
+        """The plan as a tensor-parallel worker holding query heads [first, first + count) applies
+        it to its own heads: each op's heads become local indices (global head = first + local),
+        an op with none of its heads there is dropped, and every head (None) stays every head.
+        Readouts are kept: the worker reads them out on its heads (the engine gathers them)."""
+        layer_ops = {}
+        for layer, scoped_ops in self.layer_ops.items():
+            local_ops = []
+            for steps, scoped in scoped_ops:
+                if scoped.heads is not None:
+                    heads = tuple(h - first for h in scoped.heads if first <= h < first + count)
+                    if not heads:
+                        continue
+                    scoped = dataclasses.replace(scoped, heads=heads)
+                local_ops.append((steps, scoped))
+            if local_ops:
+                layer_ops[layer] = tuple(local_ops)
+        return dataclasses.replace(self, layer_ops=layer_ops)
 
 
 EMPTY_PLAN = RequestPlan()

@@ -63,3 +63,35 @@ class RowReadout:
     last_query_rows: torch.Tensor | None = None
     #: The row's prompt length (keys at positions beyond it are generated tokens).
     num_prompt_tokens: int = 0
+
+
+def merge_head_shards(shards: list[RowReadout]) -> RowReadout:
+    """One row's readout of one call from the readouts of disjoint head shards that hold as many
+    heads each, in head order (tensor parallelism): the last query rows stacked, the statistics'
+    head means averaged over the shards (every statistic is a head mean, or a count that all
+    shards share)."""
+    first = shards[0]
+    rows = None
+    if first.last_query_rows is not None:
+        rows = torch.cat([shard.last_query_rows for shard in shards])
+    statistics = None
+    if first.statistics is not None:
+        parts = [shard.statistics for shard in shards]
+        statistics = LayerStatistics(
+            query_count=parts[0].query_count,
+            entropy=_mean([p.entropy for p in parts]),
+            normalized_entropy=_mean([p.normalized_entropy for p in parts]),
+            sink_mass=_mean([p.sink_mass for p in parts]),
+            sink_mass_first4=_mean([p.sink_mass_first4 for p in parts]),
+            hidden_sinks=_mean([p.hidden_sinks for p in parts]),
+            range_mass=[_mean(masses) for masses in zip(*(p.range_mass for p in parts))],
+            image_query_count=parts[0].image_query_count,
+            image_mass=_mean([p.image_mass for p in parts]),
+            image_entropy=_mean([p.image_entropy for p in parts]),
+        )
+    return RowReadout(statistics=statistics, last_query_rows=rows, num_prompt_tokens=first.num_prompt_tokens)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean over shards; None (does not apply) stays None."""
+    return None if values[0] is None else sum(values) / len(values)

@@ -79,7 +79,9 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             from ..hf.vision import language_model_geometry, vision_info
 
             vision = vision_info(config)
-            chooses_visual_tokens = _tower_has_paint_layers(config)
+            # Under tensor parallelism each worker's tower holds only its share of the heads,
+            # whose mean CLS row would differ from worker to worker.
+            chooses_visual_tokens = _tower_has_paint_layers(config) and settings.tensor_parallel_size == 1
             geometry = language_model_geometry(config)
             config = config.text_config
         else:
@@ -124,7 +126,9 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
         self._channel = ReadoutChannel(f"ipc://{self._socket_dir.name}/readouts", self._on_statistics)
         self._channel.start()
         if self._device == "cpu":
-            set_cpu_environment(self._settings.kv_cache_gib, self._cache_dir)
+            set_cpu_environment(
+                self._settings.kv_cache_gib, self._cache_dir, self._settings.tensor_parallel_size
+            )
         settings = self._settings
         args = AsyncEngineArgs(
             model=str(self._model_path),
@@ -436,13 +440,14 @@ def _kv_cache_usage_logger(report: Callable[[float], None]):
     return KVCacheUsageLogger
 
 
-def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None) -> None:
+def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None, num_workers: int = 1) -> None:
     """vLLM's CPU settings are environment variables read by its (spawned) processes; values
     already set win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
-    # By default vLLM binds its worker to one core; use every core this process may use.
-    cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
+    # By default vLLM binds each worker to one core; share every core this process may use.
+    os.environ.setdefault(
+        "VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(sorted(os.sched_getaffinity(0)), num_workers)
+    )
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if cache_dir is not None:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
@@ -464,10 +469,27 @@ def _tower_has_paint_layers(config) -> bool:
     return llava_with_clip and config.vision_feature_select_strategy == "default" and penultimate < built
 
 
+def cpu_thread_binding(cores: list[int], num_workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for num_workers (tensor-parallel) workers: each worker's cores,
+    separated by '|' as vLLM's OMPProcessManager parses them; contiguous, the first workers take
+    one more where the cores do not divide evenly, and all share them when there are fewer
+    cores than workers."""
+    if len(cores) < num_workers:
+        return "|".join([",".join(map(str, cores))] * num_workers)
+    share, extra = divmod(len(cores), num_workers)
+    groups, start = [], 0
+    for worker in range(num_workers):
+        end = start + share + (worker < extra)
+        groups.append(",".join(map(str, cores[start:end])))
+        start = end
+    return "|".join(groups)
+
+
 def _why_no_interventions(config, settings: VllmSettings) -> str | None:
-    """Why the attention core cannot reproduce this deployment's attention, if it cannot."""
-    if settings.tensor_parallel_size > 1 or settings.pipeline_parallel_size > 1:
-        return "tensor or pipeline parallelism splits heads and layers over workers"
+    """Why the attention core cannot reproduce this deployment's attention, if it cannot.
+    Tensor parallelism keeps whole heads on each worker (worker.py applies plans per shard)."""
+    if settings.pipeline_parallel_size > 1:
+        return "pipeline parallelism splits the layers over workers"
     for name in ("sliding_window", "attn_logit_softcapping", "alibi"):
         if getattr(config, name, None):
             return f"the model's attention uses {name}"

@@ -21,12 +21,13 @@ from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...readouts import CallSite
 from . import worker
-from .worker import PlannedRow
+from .paged_kv import KVSlots
+from .worker import PlannedRow, StepContext
 
-#: (batch row, sequence length) -> keys and values (Hkv, seq_len, D) of that row's request.
-KVReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-#: (kv_cache, the row's block ids, seq_len) -> k, v (num_kv_heads, seq_len, head_dim).
-PagedKVReader = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+#: (batch rows, their sequence lengths) -> the rows' keys and values (B, Hkv, n, D), right-padded.
+KVReader = Callable[[list[int], list[int]], tuple[torch.Tensor, torch.Tensor]]
+#: (kv_cache, slots) -> k, v (B, num_kv_heads, n, head_dim): one layout's gather (paged_kv.py).
+PagedKVReader = Callable[[torch.Tensor, KVSlots], tuple[torch.Tensor, torch.Tensor]]
 
 
 class PlannedRowsMixin:
@@ -88,7 +89,12 @@ class PlannedRowsMixin:
                 "attnserve recomputes plain softmax attention only (no window, softcap, ALiBi or sinks)"
             )
         read = self.paged_kv_reader(layer)
-        block_table = attn_metadata.block_table
+        step, metadata_id = worker.current_step(), id(attn_metadata)
+
+        def read_kv(rows: list[int], seq_lens: list[int]):
+            slots = _kv_slots(step, metadata_id, attn_metadata.block_table, rows, seq_lens, kv_cache.shape[2])
+            return read(kv_cache, slots)
+
         apply_row_plans(
             _layer_index(layer.layer_name),
             query,
@@ -96,9 +102,26 @@ class PlannedRowsMixin:
             scale=self.scale,
             query_start_loc=attn_metadata.query_start_loc,
             seq_lens=attn_metadata.seq_lens,
-            metadata_id=id(attn_metadata),
-            read_kv=lambda row, seq_len: read(kv_cache, block_table[row], seq_len),
+            metadata_id=metadata_id,
+            read_kv=read_kv,
         )
+
+
+def _kv_slots(
+    step: StepContext,
+    metadata_id: int,
+    block_table: torch.Tensor,
+    rows: list[int],
+    seq_lens: list[int],
+    block_size: int,
+) -> KVSlots:
+    """Where the rows' keys sit: worked out once per step and KV cache group, read by every layer."""
+    key = (metadata_id, tuple(rows))
+    slots = step.kv_slots.get(key)
+    if slots is None:
+        index = torch.tensor(rows, device=block_table.device)
+        slots = step.kv_slots[key] = KVSlots.of(block_table[index], seq_lens, block_size)
+    return slots
 
 
 def apply_row_plans(
@@ -136,27 +159,21 @@ def apply_row_plans(
         if last - first == 1 and folds(plan):
             decoding.append((planned, plan))
             continue
-        k, v = read_kv(row, planned.seq_len)
+        k, v = read_kv([row], [planned.seq_len])
         edited, (readout,) = attend_rows(
             query[first:last].transpose(0, 1)[None],
-            k[None],
-            v[None],
+            k[:, :, : planned.seq_len],
+            v[:, :, : planned.seq_len],
             scale=scale,
             layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.layout_prompt_tokens)],
             plans=[plan],
         )
         if effective_ops(plan):
             output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
-        if readout is None:
-            continue
-        if planned.sampled and readout.statistics is not None:
-            step.sampled_statistics.append((layer_index, readout.statistics))
-        if planned.reports:
-            planned.readouts.add(
-                planned.plan, CallSite(layer_index, planned.step, planned.seq_len - 1), readout
-            )
+        if readout is not None:  # recorded after the forward (worker.StepPlanner.publish)
+            planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
     if decoding:
-        _attend_decoding(decoding, query, output, scale, starts, read_kv)
+        _attend_decoding(decoding, query, output, scale, starts, read_kv, step)
 
 
 def _attend_decoding(
@@ -166,28 +183,24 @@ def _attend_decoding(
     scale: float,
     starts: list[int],
     read_kv: KVReader,
+    step: StepContext,
 ) -> None:
     """The step's planned decode rows that read nothing out: one pass for all (folded_rows.py),
-    their keys and values gathered into one left-padded batch."""
+    their keys and values gathered into one right-padded batch."""
     rows = [planned.row for planned, _ in decoding]
     seq_lens = [planned.seq_len for planned, _ in decoding]
-    kv = [read_kv(row, seq_len) for row, seq_len in zip(rows, seq_lens)]
-    num_kv_heads, _, head_dim = kv[0][0].shape
-    longest = max(seq_lens)
-    k = query.new_zeros(len(rows), num_kv_heads, longest, head_dim, dtype=kv[0][0].dtype)
-    v = torch.zeros_like(k)
-    for i, (row_k, row_v) in enumerate(kv):
-        k[i, :, longest - row_k.shape[1] :] = row_k
-        v[i, :, longest - row_v.shape[1] :] = row_v
+    k, v = read_kv(rows, seq_lens)
     tokens = torch.tensor([starts[row] for row in rows], device=query.device)
     edited = attend_decode_rows(
         query[tokens],
         k,
         v,
-        key_starts=[longest - seq_len for seq_len in seq_lens],
+        key_starts=[0] * len(rows),
+        key_ends=seq_lens,
         prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
         scale=scale,
         ops=[effective_ops(plan) for _, plan in decoding],
+        scope_memo=step.scope_memo,
     )
     output[tokens] = edited.to(output.dtype)
 

@@ -5,9 +5,10 @@ runner hook (install_runner_hook) wraps the model runner's forward: before each 
 builds a StepContext from the runner's persistent batch (batch row i is input_batch.req_ids[i],
 the row order the attention metadata uses), the attention backends apply it layer by layer
 (planned_rows.apply_row_plans), and after the forward the step's readouts go out on the side
-channel. A second hook wraps the runner's encoder pass to record the vision tower's attention
-that PAINT's token choice reads (tower_captures.py); a request's PAINT keys are resolved when its
-plan is first decoded, at its prefill.
+channel. Under tensor parallelism every worker applies the plans to its own heads and the first
+one publishes the readouts of all (tensor_parallel.py). A second hook wraps the runner's encoder
+pass to record the vision tower's attention that PAINT's token choice reads (tower_captures.py);
+a request's PAINT keys are resolved when its plan is first decoded, at its prefill.
 
 Everything here runs in vLLM's worker process; a forward without planned requests and without
 a statistics sample sets no context, so the backends run the engine's kernel alone.
@@ -19,11 +20,15 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 
+from ...attention.folded_rows import ScopeMemo
 from ...attention.paint import needs_visual_keys
 from ...attention.plan import EMPTY_PLAN, RequestPlan
-from ...attention.readout import LayerStatistics
+from ...attention.readout import RowReadout
+from ...readouts import CallSite
 from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
+from .paged_kv import KVSlots
+from .tensor_parallel import HeadShard, RowCalls, gather_row_calls, head_shard
 from .tower_captures import TowerCaptures
 
 log = logging.getLogger("attnserve.engines.vllm.worker")
@@ -44,6 +49,7 @@ class PlannedRow:
     row: int
     #: The server's key for the request (not vLLM's internal request id).
     key: str
+    #: The request's plan for this worker's heads (all of them without tensor parallelism).
     plan: RequestPlan
     num_prompt_tokens: int
     #: Score rows: the prompt's length; the answer's positions after it count as generated
@@ -55,7 +61,12 @@ class PlannedRow:
     reports: bool
     #: Set by the first attention call of the step.
     seq_len: int = -1
-    readouts: StepReadouts = field(default_factory=StepReadouts)
+    #: The step's attention calls that read something out, in call order.
+    calls: list[tuple[CallSite, RowReadout]] = field(default_factory=list)
+
+    @property
+    def reads_out(self) -> bool:
+        return self.reports or self.sampled
 
     @property
     def step(self) -> int:
@@ -71,17 +82,27 @@ class PlannedRow:
 @dataclass
 class StepContext:
     rows: list[PlannedRow]
-    sampled_statistics: list[tuple[int, LayerStatistics]] = field(default_factory=list)
     #: id(attention metadata) -> (query_start_loc, seq_lens) as lists; one metadata per KV group.
     bounds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    #: (id(attention metadata), batch rows) -> where those rows' keys sit in the paged cache.
+    kv_slots: dict[tuple[int, tuple[int, ...]], KVSlots] = field(default_factory=dict)
+    #: The folded decode rows' scopes, shared by the step's layers (attention/folded_rows.py).
+    scope_memo: ScopeMemo = field(default_factory=dict)
 
-    def message(self) -> StepMessage:
-        finished_steps = []
-        for planned in self.rows:
+    def message(self, calls: RowCalls) -> StepMessage:
+        """The step's message from each row's calls (this worker's, or all workers' merged)."""
+        message = StepMessage()
+        for planned, row_calls in zip(self.rows, calls):
+            readouts = StepReadouts()
+            for call, readout in row_calls:
+                if planned.sampled and readout.statistics is not None:
+                    message.sampled_statistics.append((call.layer, readout.statistics))
+                if planned.reports:
+                    readouts.add(planned.plan, call, readout)
             if planned.reports and planned.seq_len >= 0:
                 complete = planned.seq_len >= planned.num_prompt_tokens
-                finished_steps.append((planned.key, planned.step, complete, planned.readouts))
-        return StepMessage(requests=finished_steps, sampled_statistics=self.sampled_statistics)
+                message.requests.append((planned.key, planned.step, complete, readouts))
+        return message
 
 
 _current: StepContext | None = None
@@ -90,13 +111,15 @@ _current: StepContext | None = None
 class StepPlanner:
     """Builds each step's context from the runner's batch; owns the worker's side-channel end."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, shard: HeadShard | None):
+        self._shard = shard
         self._sampler = StatisticsSampler(float(settings.get("statistics_sample_rate", 0.0)))
         self._publisher = (
             ReadoutPublisher(settings["readout_channel"]) if "readout_channel" in settings else None
         )
-        #: vLLM request id -> (server key, plan, answer start), decoded once per request.
-        self._plans: dict[str, tuple[str, RequestPlan, int | None]] = {}
+        #: vLLM request id -> (server key, plan for this worker's heads, answer start, whether
+        #: the whole plan touches attention), decoded once per request.
+        self._plans: dict[str, tuple[str, RequestPlan, int | None, bool]] = {}
 
     def context(self, runner) -> StepContext | None:
         batch = runner.input_batch
@@ -108,8 +131,10 @@ class StepPlanner:
             self._plans = {r: self._plans[r] for r in req_ids if r in self._plans}
         rows = []
         for row, req_id in enumerate(req_ids):
-            key, plan, answer_start = self._plan_of(runner, runner.requests[req_id])
-            if plan.touches_attention or row == sampled_row:
+            key, plan, answer_start, touches_attention = self._plan_of(runner, runner.requests[req_id])
+            # Every worker plans the same rows (the collectives in publish, and the finite KV
+            # writes of planned_rows.py, follow them), though a plan may act on none of its heads.
+            if touches_attention or row == sampled_row:
                 state = runner.requests[req_id]
                 reports = bool(plan.readouts)
                 rows.append(
@@ -120,12 +145,19 @@ class StepPlanner:
         return StepContext(rows) if rows else None
 
     def publish(self, step: StepContext) -> None:
+        if not any(planned.reads_out for planned in step.rows):
+            return
+        calls = [planned.calls for planned in step.rows]
+        if self._shard is not None and any(calls):  # the same rows and calls on every worker
+            calls = gather_row_calls(calls)
+        if self._shard is not None and self._shard.rank > 0:
+            return  # the first worker publishes every worker's readouts
         if self._publisher is not None:
-            message = step.message()
+            message = step.message(calls)
             if message.requests or message.sampled_statistics:
                 self._publisher.send(message)
 
-    def _plan_of(self, runner, state) -> tuple[str, RequestPlan, int | None]:
+    def _plan_of(self, runner, state) -> tuple[str, RequestPlan, int | None, bool]:
         cached = self._plans.get(state.req_id)
         if cached is None:
             extra = (state.sampling_params.extra_args if state.sampling_params is not None else None) or {}
@@ -137,8 +169,11 @@ class StepPlanner:
                         "PAINT's tokens need the vision tower's attention, which was not hooked"
                     )
                 plan = captures.resolve(plan, state.mm_features)
+            touches_attention = plan.touches_attention
+            if self._shard is not None:
+                plan = plan.for_head_shard(self._shard.first_head, self._shard.num_local_heads)
             key = extra.get(CHANNEL_KEY, state.req_id)
-            cached = self._plans[state.req_id] = (key, plan, extra.get(ANSWER_START_KEY))
+            cached = self._plans[state.req_id] = (key, plan, extra.get(ANSWER_START_KEY), touches_attention)
         return cached
 
 
@@ -165,7 +200,7 @@ def install_runner_hook() -> None:
         planner = getattr(self, "_attnserve_planner", None)
         if planner is None:
             settings = (self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-            planner = self._attnserve_planner = StepPlanner(settings)
+            planner = self._attnserve_planner = StepPlanner(settings, head_shard(self))
         step = planner.context(self)
         if step is None:
             return forward(self, *args, **kwargs)
