@@ -167,27 +167,6 @@ def test_engine_selection_matches_transformers_eager_attention(tiny_llava_path):
     assert expected["paint_local"]
 
 
-def test_the_standalone_tower_chooses_the_same_tokens(tiny_llava_path):
-    """The vLLM engine chooses PAINT's tokens with the CLIP tower loaded on its own."""
-    from attnserve.engines.hf import vision
-    from PIL import Image
-
-    processor, model = vision.load_vision_language_model(tiny_llava_path, dtype=torch.float32, device="cpu")
-    tower = vision.VisionTower(model, processor, torch.device("cpu"))
-    images = [Image.new("RGB", (40, 40), colour) for colour in ("teal", "orange")]
-    for image in images:
-        image.paste((20, 20, 20), (20, 10, 36, 30))
-    spans = [(2, 66), (66, 130)]
-    ops = tuple(
-        (ALL_STEPS, ScopedOp(LogitRescale(0.7), keys=KeySet(visual=VisualKeys((0, 1), part))))
-        for part in ("paint_local", "paint_summary")
-    )
-    plan = RequestPlan(layer_ops={3: ops})
-    _, (expected,) = vision.encode_batch(tower, [(images, spans, plan)])
-    chooser = vision.PaintTokenChooser(tiny_llava_path, "float32")
-    assert chooser.resolve(plan, images, spans) == expected
-
-
 def test_visual_share_sums_each_rows_image_columns():
     rows = torch.rand(2, 3, 10).softmax(dim=-1)
     image = torch.tensor([2, 3, 4, 7])

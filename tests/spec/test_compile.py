@@ -828,6 +828,16 @@ def test_paint_tokens_are_left_for_the_engine_to_choose():
     assert keys == P.KeySet(visual=P.VisualKeys(images=(0, 1), part="paint_summary"))
 
 
+def test_paint_tokens_are_refused_where_the_engine_cannot_choose_them():
+    """vLLM builds its tower up to the feature layer; one that stops before PAINT's
+    penultimate layer cannot choose the tokens (engines/vllm/engine.py)."""
+    context = make_context(image_spans=IMAGE_SPANS, chooses_visual_tokens=False)
+    with pytest.raises(Unsupported, match=r"image_tokens\.tokens: PAINT's tokens"):
+        compile_interventions(image_keys(tokens=ipb.VISUAL_TOKENS_PAINT_LOCAL), context=context)
+    all_tokens = single_op(compile_interventions(image_keys(), context=context)).keys
+    assert all_tokens == P.KeySet(ranges=IMAGE_SPANS)  # every image token needs no choice
+
+
 def test_image_token_violations_name_the_field():
     field = "interventions.interventions[0].selector.keys.image_tokens"
     assert violation_fields([image_keys()]) == [field]  # the request has no images

@@ -2,8 +2,10 @@
 multimodal processor and vision tower, image tokens on the same positions, and the same greedy
 tokens for plain requests and under every operation on image-token keys, in one mixed batch;
 image attention maps, image statistics and Score's candidate log-probabilities equal to 1e-4; the visual recipes (CARVE, Visual Funnel) give the same
-tokens, masks and crops, and a CARVE recipe equals its passes sent as ordinary requests. PAINT's tokens are chosen by a transformers copy of the
-vision tower on vLLM and by the engine's hooked tower on transformers: the same tokens."""
+tokens, masks and crops, and a CARVE recipe equals its passes sent as ordinary requests. PAINT's
+tokens are chosen from vLLM's own tower pass in its worker and from the engine's hooked tower on
+transformers: the tokens its rescale acts on (read from image attention maps) are the same and
+are those the tower's attention selects, also for an image served from vLLM's encoder cache."""
 
 from __future__ import annotations
 
@@ -51,6 +53,23 @@ def image_keys(*images: int) -> ipb.KeySelector:
     return ipb.KeySelector(image_tokens=ipb.ImageTokens(images=images))
 
 
+def paint(layers=(2, 3), local: float = 0.7, summary: float = 0.3) -> list[ipb.Intervention]:
+    """PAINT's rescales (a part with alpha 0 is left out), the last query row."""
+    parts = ((ipb.VISUAL_TOKENS_PAINT_LOCAL, local), (ipb.VISUAL_TOKENS_PAINT_SUMMARY, summary))
+    return [
+        ipb.Intervention(
+            selector=ipb.Selector(
+                layers=list(layers),
+                queries=ipb.QUERY_SCOPE_LAST,
+                keys=ipb.KeySelector(image_tokens=ipb.ImageTokens(tokens=tokens)),
+            ),
+            logit_rescale=ipb.LogitRescale(alpha=alpha),
+        )
+        for tokens, alpha in parts
+        if alpha
+    ]
+
+
 def op(**kwargs) -> list[ipb.Intervention]:
     selector = kwargs.pop("selector", ipb.Selector(keys=image_keys()))
     return [ipb.Intervention(selector=selector, **kwargs)]
@@ -74,11 +93,23 @@ OPERATIONS = {
     "sink_calibration": op(
         selector=ipb.Selector(layers=[1, 2]), sink_calibration=ipb.SinkCalibration(tau=0.2)
     ),
+    "paint": paint(local=2.0, summary=1.0),
 }
 READOUTS = rpb.ReadoutSpec(
     image_attention=rpb.ImageAttentionSpec(layers=[1, 3], per_head=True), layer_statistics=True
 )
 
+
+#: The prefill's last row in layer 2, per head: where a rescale on layer 2 shows which keys it took.
+CHOICE_READOUTS = rpb.ReadoutSpec(
+    image_attention=rpb.ImageAttentionSpec(layers=[2], per_head=True, steps=[0])
+)
+#: Each PAINT part alone on layer 2, strong enough to move every key it takes.
+CHOICES = {
+    "plain": [],
+    "paint_local": paint(layers=[2], local=5.0, summary=0),
+    "paint_summary": paint(layers=[2], local=0, summary=5.0),
+}
 
 RECIPES = {
     "carve": {"carve": vpb.CarveRecipe()},
@@ -149,7 +180,19 @@ async def run_all(engine) -> dict:
         )
     )
     solo_plain = [await one(request(*prompt, [])) for prompt in PROMPTS]
+    choice_cases = [(name, i) for name in CHOICES for i in range(len(PROMPTS))]
+    choices = await asyncio.gather(
+        *(one(request(*PROMPTS[i], CHOICES[name], CHOICE_READOUTS)) for name, i in choice_cases)
+    )
     return {
+        "choices": {
+            case: outs[0].step_readouts["image_attention"].maps
+            for case, (_, outs) in zip(choice_cases, choices)
+        },
+        "choice_requests": {
+            i: to_engine_request(request(*PROMPTS[i], paint()), served) for i in range(len(PROMPTS))
+        },
+        "cached_image": await cached_image_runs(one),
         "cases": dict(zip(cases, (r[0] for r in results))),
         "scores": dict(zip(cases, scores)),
         "maps": [r[1] for r in results[len(cases) :]],
@@ -158,6 +201,17 @@ async def run_all(engine) -> dict:
         "recipes": dict(zip(RECIPES, recipes)),
         "carve_by_hand": await carve_by_hand(one, recipes[0][1]),
     }
+
+
+async def cached_image_runs(one) -> list[tuple[list[int], dict]]:
+    """PAINT on an image the tower already encoded for a plain request: two requests one after
+    the other, then two together; vLLM serves the image's features from its encoder cache. Each
+    run's tokens and its prefill's layer 2 maps (PAINT rescales that row)."""
+    question, colours = PROMPTS[1]
+    painted = request(question, colours, paint(local=2.0, summary=1.0), CHOICE_READOUTS)
+    await one(request(question, colours, []))
+    runs = [await one(painted), await one(painted), *await asyncio.gather(one(painted), one(painted))]
+    return [(tokens, outs[0].step_readouts["image_attention"].maps) for tokens, outs in runs]
 
 
 async def carve_by_hand(one, run) -> dict:
@@ -297,3 +351,66 @@ async def test_carve_is_its_passes_as_ordinary_requests(vllm_run, transformers_r
         assert (mask == by_hand["mask"]).all() and mask.any()
         assert recipe.outcome.crops[0][0] == by_hand["box"]
         assert tokens == by_hand["final"]
+
+
+def acted_on(painted: dict, plain: dict) -> dict[int, list[int]]:
+    """Per image, the patches a rescale on the row took: a logit rescale multiplies the
+    probability of each key it takes by its own factor and every other key's by the row's
+    common renormalisation (the median ratio: a PAINT part takes under half the patches)."""
+    taken: dict[int, list[int]] = {}
+    for (image, layer, head), weights in plain.items():
+        ratio = torch.tensor(painted[(image, layer, head)], dtype=torch.float64) / torch.tensor(weights)
+        patches = ((ratio / ratio.median() - 1).abs() > 1e-3).nonzero().flatten().tolist()
+        assert taken.setdefault(image, patches) == patches, "the rescale takes the same keys in every head"
+    return taken
+
+
+async def test_paint_takes_the_tokens_the_towers_attention_selects(
+    vllm_run, transformers_run, tiny_llava_path
+):
+    from attnserve.engines.hf import vision
+
+    processor, model = vision.load_vision_language_model(tiny_llava_path, dtype=torch.float32, device="cpu")
+    tower = vision.VisionTower(model, processor, torch.device("cpu"))
+    for i in range(len(PROMPTS)):
+        engine_request = transformers_run["choice_requests"][i]
+        _, (resolved,) = vision.encode_batch(
+            tower, [(engine_request.images, engine_request.image_spans, engine_request.plan)]
+        )
+        (_, local), (_, summary) = resolved.layer_ops[2]
+        for part, chosen in (("paint_local", local), ("paint_summary", summary)):
+            expected = {
+                image: [p - start for a, b in chosen.keys.ranges for p in range(a, b) if start <= p < end]
+                for image, (start, end) in enumerate(engine_request.image_spans)
+            }
+            runs = [run["choices"] for run in (vllm_run, transformers_run)]
+            for choices in runs:
+                assert acted_on(choices[(part, i)], choices[("plain", i)]) == expected, (part, i)
+        assert local.keys.ranges != ((0, 0),)  # PAINT takes some local tokens
+
+
+async def test_an_image_from_the_encoder_cache_gets_the_same_paint(vllm_run, transformers_run):
+    (tokens, maps), plain = transformers_run["cached_image"][0], transformers_run["choices"][("plain", 1)]
+    assert maps.keys() == plain.keys()
+    assert any(maps[key] != pytest.approx(plain[key], abs=1e-3) for key in maps)  # PAINT acted
+    for our_tokens, our_maps in vllm_run["cached_image"]:
+        assert our_tokens == tokens
+        assert our_maps.keys() == maps.keys()
+        for key in maps:
+            assert our_maps[key] == pytest.approx(maps[key], abs=1e-4), key
+
+
+async def test_paint_needs_the_towers_penultimate_layer(tiny_llava_path):
+    """vLLM builds the tower up to the feature layer; the engine offers PAINT's selectors only
+    where that includes the penultimate layer, and where each patch is one image token."""
+    from attnserve.engines.vllm.engine import _tower_has_paint_layers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llava_path, local_files_only=True)
+    assert config.vision_feature_layer == -2 and _tower_has_paint_layers(config)
+    config.vision_feature_layer = -3
+    assert not _tower_has_paint_layers(config)
+    config.vision_feature_layer = [-3, -1]
+    assert _tower_has_paint_layers(config)
+    config.vision_feature_select_strategy = "full"  # the CLS token too
+    assert not _tower_has_paint_layers(config)

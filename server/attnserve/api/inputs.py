@@ -137,6 +137,7 @@ def _spec_context(
         supported_readouts=model.engine.info.supported_readouts,
         unsupported_reason=model.engine.info.unsupported_reason,
         image_spans=image_spans,
+        chooses_visual_tokens=model.engine.info.chooses_visual_tokens,
     )
 
 

@@ -37,7 +37,8 @@ def paint_tokens(first_layer: torch.Tensor, penultimate_layer: torch.Tensor) -> 
     (patches,) in the encoder's first and penultimate layers."""
     num_patches = first_layer.shape[0]
     top = torch.topk(first_layer.float(), max(1, int(TOP_FRACTION * num_patches))).indices
-    q1, q3 = torch.quantile(penultimate_layer.float(), torch.tensor([0.25, 0.75]))
+    quartiles = torch.tensor([0.25, 0.75], device=penultimate_layer.device)
+    q1, q3 = torch.quantile(penultimate_layer.float(), quartiles)
     summary = (penultimate_layer > q3 + IQR_FENCE * (q3 - q1)).nonzero().squeeze(1)
     local = sorted(set(top.tolist()) - set(summary.tolist()))
     return local, sorted(summary.tolist())
@@ -86,6 +87,20 @@ def resolve_visual_keys(
         layer: tuple((steps, scoped(op)) for steps, op in ops) for layer, ops in plan.layer_ops.items()
     }
     return dataclasses.replace(plan, layer_ops=layer_ops)
+
+
+def resolve_paint_keys(
+    plan: RequestPlan,
+    image_spans: Sequence[tuple[int, int]],
+    first_layer: torch.Tensor,
+    penultimate_layer: torch.Tensor,
+) -> RequestPlan:
+    """The plan with PAINT's tokens chosen for the request's images: first_layer and
+    penultimate_layer (images, patches) are each image's CLS->patch attention in those encoder
+    layers, image k's tokens at image_spans[k]."""
+    chosen = [paint_tokens(first, penultimate) for first, penultimate in zip(first_layer, penultimate_layer)]
+    tokens = {"paint_local": [c[0] for c in chosen], "paint_summary": [c[1] for c in chosen]}
+    return resolve_visual_keys(plan, image_spans, tokens)
 
 
 def needs_visual_keys(plan: RequestPlan) -> bool:

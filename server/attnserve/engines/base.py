@@ -159,6 +159,9 @@ class EngineInfo:
     input_modalities: frozenset[str] = frozenset({"text"})
     #: Set for vision-language models.
     vision: VisionInfo | None = None
+    #: Whether the engine reads the vision tower's attention to choose image tokens (PAINT's
+    #: local and summary selectors).
+    chooses_visual_tokens: bool = True
 
     @property
     def runs_visual_recipes(self) -> bool:

@@ -44,6 +44,8 @@ class SpecContext:
     unsupported_reason: str | None = None
     #: Half-open prompt positions of each image's tokens (vision-language models).
     image_spans: tuple[tuple[int, int], ...] = ()
+    #: Whether the engine can choose PAINT's image tokens (it reads the vision tower's attention).
+    chooses_visual_tokens: bool = True
     #: A prompt word's token positions, every occurrence (diffusion models); None where key
     #: selectors take no words.
     word_positions: Callable[[str], tuple[int, ...]] | None = None
@@ -223,6 +225,13 @@ def _key_set(keys: intervention_pb2.KeySelector, field: str, ctx: SpecContext, v
             violations.add(f"{field}.image_tokens.tokens", f"unknown value {keys.image_tokens.tokens}")
         elif part == "all":
             ranges = tuple(ranges) + tuple(ctx.image_spans[i] for i in images)
+        elif not ctx.chooses_visual_tokens:
+            raise Unsupported(
+                _unsupported(
+                    f"{field}.image_tokens.tokens: PAINT's tokens (they need the vision tower's attention)",
+                    ctx,
+                )
+            )
         else:
             visual = P.VisualKeys(images=images, part=part)
     if keys.words:

@@ -4,15 +4,13 @@ images, its encoder's attention hooked to read the CLS query's rows.
 The language model's layers use the "attnserve" attention (attention.py) like any causal LM; the
 vision encoder's layers use "attnserve_vision": the engine's own SDPA, plus, when a forward
 carries an `attnserve_vision` VisionCapture, the CLS->patch attention of the layers PAINT's
-token selection reads (the first and the penultimate). The vLLM engine, whose tower runs inside
-vLLM's worker, chooses PAINT's tokens with PaintTokenChooser: the same capture on the CLIP tower
-loaded on its own.
+token selection reads (the first and the penultimate). The vLLM engine reads the same rows from
+vLLM's own tower pass in its worker (engines/vllm/tower_captures.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,13 +18,7 @@ import torch
 from transformers import AttentionInterface, AutoProcessor, LlavaForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ...attention.paint import (
-    cls_patch_attention,
-    needs_visual_keys,
-    paint_layers,
-    paint_tokens,
-    resolve_visual_keys,
-)
+from ...attention.paint import cls_patch_attention, needs_visual_keys, paint_layers, resolve_paint_keys
 from ...attention.plan import RequestPlan
 from ...spec.geometry import ModelGeometry
 from ..base import VisionInfo
@@ -51,12 +43,9 @@ class VisionCapture:
         self, plan: RequestPlan, image_spans: Sequence[tuple[int, int]], first_image: int
     ) -> RequestPlan:
         """plan with PAINT's tokens chosen for its images, images first_image.. of the capture."""
-        first, penultimate = (self.cls_rows[layer] for layer in self.layers)
-        chosen = [
-            paint_tokens(first[i], penultimate[i]) for i in range(first_image, first_image + len(image_spans))
-        ]
-        tokens = {"paint_local": [c[0] for c in chosen], "paint_summary": [c[1] for c in chosen]}
-        return resolve_visual_keys(plan, image_spans, tokens)
+        images = slice(first_image, first_image + len(image_spans))
+        first, penultimate = (self.cls_rows[layer][images] for layer in self.layers)
+        return resolve_paint_keys(plan, image_spans, first, penultimate)
 
 
 def vision_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -173,55 +162,3 @@ def encode_batch(
             plans[b] = capture.resolve(plan, spans, first)
         first += len(row_images)
     return {"image": features}, plans
-
-
-class PaintTokenChooser:
-    """PAINT's token choice for an engine whose own vision tower attnserve does not hook (vLLM
-    runs the tower in its worker, through its own attention op): the model's CLIP tower loaded
-    on its own in transformers (weights `vision_tower.vision_model.*`), on the CPU, on first use.
-    It runs once per PAINT request, before the request is submitted; the engine's tower then
-    computes the same attention for the language model."""
-
-    PREFIX = "vision_tower.vision_model."
-
-    def __init__(self, model_path: Path, dtype: str):
-        self._model_path = model_path
-        self._dtype = getattr(torch, dtype)
-        self._loaded = None
-        self._lock = threading.Lock()
-
-    def _load(self):
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = self._load_tower()
-            return self._loaded
-
-    def _load_tower(self):
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
-
-        register()
-        config = AutoConfig.from_pretrained(self._model_path, local_files_only=True).vision_config
-        config._attn_implementation = VISION_ATTN_IMPLEMENTATION
-        tower = CLIPVisionModel(config).eval().to(self._dtype)
-        state = {}
-        for file in sorted(self._model_path.glob("*.safetensors")):
-            with safe_open(file, "pt") as weights:
-                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if key.startswith(self.PREFIX):
-                        state[key[len(self.PREFIX) :]] = weights.get_tensor(key)
-        tower.load_state_dict(state, strict=True)
-        for i, layer in enumerate(tower.encoder.layers):
-            layer.self_attn.attnserve_vision_layer = i
-        processor = AutoImageProcessor.from_pretrained(self._model_path, local_files_only=True)
-        return tower, processor
-
-    @torch.inference_mode()
-    def resolve(
-        self, plan: RequestPlan, images: Sequence, image_spans: Sequence[tuple[int, int]]
-    ) -> RequestPlan:
-        tower, processor = self._load()
-        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(self._dtype)
-        capture = VisionCapture(tower.config.num_hidden_layers)
-        tower(pixel_values=pixels, attnserve_vision=capture)
-        return capture.resolve(plan, image_spans, 0)

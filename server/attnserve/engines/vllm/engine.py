@@ -15,7 +15,6 @@ answer's tokens but the last, and whose sampled position gives the last one's
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from ...attention.paint import needs_visual_keys
+from ...attention.paint import paint_layers
 from ...attention.plan import OPERATIONS
 from ...attention.readout import LayerStatistics
 from ...models.config import VllmSettings
@@ -75,12 +74,14 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         vision = None
-        self._paint = None
+        chooses_visual_tokens = False
         if hasattr(config, "vision_config"):
-            from ..hf.vision import PaintTokenChooser, language_model_geometry, vision_info
+            from ..hf.vision import language_model_geometry, vision_info
 
             vision = vision_info(config)
-            self._paint = PaintTokenChooser(model_path, dtype)
+            # Under tensor parallelism each worker's tower holds only its share of the heads,
+            # whose mean CLS row would differ from worker to worker.
+            chooses_visual_tokens = _tower_has_paint_layers(config) and settings.tensor_parallel_size == 1
             geometry = language_model_geometry(config)
             config = config.text_config
         else:
@@ -98,6 +99,7 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             unsupported_reason=refusal,
             input_modalities=frozenset({"text", "image"} if vision else {"text"}),
             vision=vision,
+            chooses_visual_tokens=chooses_visual_tokens,
         )
         self._max_images = max_images
         self._model_path = model_path
@@ -211,7 +213,6 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             raise EngineDead(self.failure or "the vLLM engine is not running")
         # vLLM needs ids unique among live requests; clients may reuse theirs.
         key = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
-        request = dataclasses.replace(request, plan=await self._resolved_plan(request))
         plan = request.plan
         reports = bool(plan.readouts)
         inbox = self._channel.register(key) if reports else None
@@ -265,9 +266,10 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             await stream.aclose()
 
     async def score(self, request: ScoreRequest) -> list[float]:
-        plan = await self._resolved_plan(request)
         queries = [
-            AnswerQuery(request.prompt_token_ids, candidate, plan, request.images, request.image_spans)
+            AnswerQuery(
+                request.prompt_token_ids, candidate, request.plan, request.images, request.image_spans
+            )
             for candidate in request.candidate_token_ids
         ]
         scores = await self.score_answers(queries)
@@ -329,12 +331,6 @@ class VllmEngine(Engine, TextGeneration, CandidateScoring):
             for task in tasks:  # after a failure (or a cancel), the other rows leave vLLM
                 task.cancel()
         return scores
-
-    async def _resolved_plan(self, request: EngineRequest | ScoreRequest):
-        """The request's plan with PAINT's visual tokens chosen (before vLLM sees the request)."""
-        if not needs_visual_keys(request.plan):
-            return request.plan
-        return await asyncio.to_thread(self._paint.resolve, request.plan, request.images, request.image_spans)
 
     def _prompt(self, request: EngineRequest, key: str):
         prompt = vllm_prompt(request)
@@ -455,6 +451,22 @@ def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None, num_workers
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if cache_dir is not None:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
+
+
+def _tower_has_paint_layers(config) -> bool:
+    """Whether PAINT's tokens can be chosen in vLLM's worker (tower_captures.py): a LLaVA with a
+    CLIP tower, one image token per patch (the "default" feature strategy), and a tower that
+    runs the encoder layers PAINT reads (vLLM builds it up to the deepest feature layer only)."""
+    from vllm.model_executor.models.utils import get_layer_index
+
+    num_layers = config.vision_config.num_hidden_layers
+    feature_layers = config.vision_feature_layer
+    if isinstance(feature_layers, int):
+        feature_layers = [feature_layers]
+    built = max(get_layer_index(layer, num_layers) for layer in feature_layers)
+    _, penultimate = paint_layers(num_layers)
+    llava_with_clip = config.model_type == "llava" and config.vision_config.model_type == "clip_vision_model"
+    return llava_with_clip and config.vision_feature_select_strategy == "default" and penultimate < built
 
 
 def cpu_thread_binding(cores: list[int], num_workers: int) -> str:

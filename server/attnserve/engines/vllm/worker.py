@@ -6,7 +6,9 @@ builds a StepContext from the runner's persistent batch (batch row i is input_ba
 the row order the attention metadata uses), the attention backends apply it layer by layer
 (planned_rows.apply_row_plans), and after the forward the step's readouts go out on the side
 channel. Under tensor parallelism every worker applies the plans to its own heads and the first
-one publishes the readouts of all (tensor_parallel.py).
+one publishes the readouts of all (tensor_parallel.py). A second hook wraps the runner's encoder
+pass to record the vision tower's attention that PAINT's token choice reads (tower_captures.py);
+a request's PAINT keys are resolved when its plan is first decoded, at its prefill.
 
 Everything here runs in vLLM's worker process; a forward without planned requests and without
 a statistics sample sets no context, so the backends run the engine's kernel alone.
@@ -19,6 +21,7 @@ import pickle
 from dataclasses import dataclass, field
 
 from ...attention.folded_rows import ScopeMemo
+from ...attention.paint import needs_visual_keys
 from ...attention.plan import EMPTY_PLAN, RequestPlan
 from ...attention.readout import RowReadout
 from ...readouts import CallSite
@@ -26,6 +29,7 @@ from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
 from .paged_kv import KVSlots
 from .tensor_parallel import HeadShard, RowCalls, gather_row_calls, head_shard
+from .tower_captures import TowerCaptures
 
 log = logging.getLogger("attnserve.engines.vllm.worker")
 
@@ -127,7 +131,7 @@ class StepPlanner:
             self._plans = {r: self._plans[r] for r in req_ids if r in self._plans}
         rows = []
         for row, req_id in enumerate(req_ids):
-            key, plan, answer_start, touches_attention = self._plan_of(runner.requests[req_id])
+            key, plan, answer_start, touches_attention = self._plan_of(runner, runner.requests[req_id])
             # Every worker plans the same rows (the collectives in publish, and the finite KV
             # writes of planned_rows.py, follow them), though a plan may act on none of its heads.
             if touches_attention or row == sampled_row:
@@ -153,11 +157,18 @@ class StepPlanner:
             if message.requests or message.sampled_statistics:
                 self._publisher.send(message)
 
-    def _plan_of(self, state) -> tuple[str, RequestPlan, int | None, bool]:
+    def _plan_of(self, runner, state) -> tuple[str, RequestPlan, int | None, bool]:
         cached = self._plans.get(state.req_id)
         if cached is None:
             extra = (state.sampling_params.extra_args if state.sampling_params is not None else None) or {}
             plan = pickle.loads(extra[PLAN_KEY]) if PLAN_KEY in extra else EMPTY_PLAN
+            if needs_visual_keys(plan):  # first seen at its prefill: its images were just encoded
+                captures = getattr(runner, "_attnserve_captures", None)
+                if captures is None:
+                    raise RuntimeError(
+                        "PAINT's tokens need the vision tower's attention, which was not hooked"
+                    )
+                plan = captures.resolve(plan, state.mm_features)
             touches_attention = plan.touches_attention
             if self._shard is not None:
                 plan = plan.for_head_shard(self._shard.first_head, self._shard.num_local_heads)
@@ -168,12 +179,21 @@ class StepPlanner:
 
 def install_runner_hook() -> None:
     """Wrap GPUModelRunner._model_forward (the CPU runner inherits it) so that every forward of
-    a real batch runs inside its StepContext. Idempotent."""
+    a real batch runs inside its StepContext, and its encoder pass so that the vision tower's
+    attention is recorded. Idempotent."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     forward = GPUModelRunner._model_forward
     if getattr(forward, "_attnserve", False):
         return
+    encode = GPUModelRunner._execute_mm_encoder
+
+    def execute_mm_encoder_with_captures(self, scheduler_output):
+        if not hasattr(self, "_attnserve_captures"):
+            self._attnserve_captures = TowerCaptures.of_model(self.get_model())
+        if self._attnserve_captures is None:
+            return encode(self, scheduler_output)
+        return self._attnserve_captures.record(self, scheduler_output, lambda: encode(self, scheduler_output))
 
     def model_forward_with_plans(self, *args, **kwargs):
         global _current
@@ -193,6 +213,7 @@ def install_runner_hook() -> None:
 
     model_forward_with_plans._attnserve = True
     GPUModelRunner._model_forward = model_forward_with_plans
+    GPUModelRunner._execute_mm_encoder = execute_mm_encoder_with_captures
 
 
 def current_step() -> StepContext | None:
