@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_core import median_ms
 from bench_engine import prompt_ids
 from bench_vllm import heavy_plan, preset_plan
 from transformers import AutoConfig, AutoTokenizer
@@ -28,26 +28,16 @@ from transformers import AutoConfig, AutoTokenizer
 FP32_BYTES = 4
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def memory_bandwidth(megabytes: int = 512, repeats: int = 9) -> float:
     """Bytes per second moved by a copy (read + write) of a tensor far larger than the caches."""
     source = torch.ones(megabytes * 2**20 // FP32_BYTES)
     target = torch.empty_like(source)
-    return 2 * source.numel() * FP32_BYTES / median_seconds(lambda: target.copy_(source), repeats)
+    return 2 * source.numel() * FP32_BYTES / (median_ms(lambda: target.copy_(source), repeats) / 1000)
 
 
 def gemm_flops(size: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats)
+    return 2 * size**3 / (median_ms(lambda: a @ b, repeats) / 1000)
 
 
 def planned_layers(name: str, num_layers: int) -> int:
