@@ -440,14 +440,21 @@ def _kv_cache_usage_logger(report: Callable[[float], None]):
     return KVCacheUsageLogger
 
 
+#: The VLLM_CPU_OMP_THREADS_BIND value this process set itself (None: it set none).
+_thread_binding_set_here: str | None = None
+
+
 def set_cpu_environment(kv_cache_gib: float, cache_dir: Path | None, num_workers: int = 1) -> None:
     """vLLM's CPU settings are environment variables read by its (spawned) processes; values
-    already set win."""
+    already set win, except a thread binding this function set for an engine loaded before
+    (another model may have another number of workers)."""
+    global _thread_binding_set_here
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
     # By default vLLM binds each worker to one core; share every core this process may use.
-    os.environ.setdefault(
-        "VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(sorted(os.sched_getaffinity(0)), num_workers)
-    )
+    current = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if current is None or current == _thread_binding_set_here:
+        binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), num_workers)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding_set_here = binding
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if cache_dir is not None:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
