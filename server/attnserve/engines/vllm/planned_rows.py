@@ -62,8 +62,9 @@ class PlannedRowsMixin:
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
-        if worker.current_step() is not None:
-            self._apply_plans(layer, query, output, kv_cache, attn_metadata)
+        step = worker.current_step()
+        if step is not None:
+            self._apply_plans(step, layer, query, output, kv_cache, attn_metadata)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -81,7 +82,7 @@ class PlannedRowsMixin:
         """How this backend's KV cache is read back (paged_kv.py)."""
         raise NotImplementedError
 
-    def _apply_plans(self, layer, query, output, kv_cache, attn_metadata) -> None:
+    def _apply_plans(self, step: StepContext, layer, query, output, kv_cache, attn_metadata) -> None:
         if attn_metadata is None or self.attn_type != AttentionType.DECODER:
             return
         if not self._plain_softmax:
@@ -89,13 +90,14 @@ class PlannedRowsMixin:
                 "attnserve recomputes plain softmax attention only (no window, softcap, ALiBi or sinks)"
             )
         read = self.paged_kv_reader(layer)
-        step, metadata_id = worker.current_step(), id(attn_metadata)
+        metadata_id = id(attn_metadata)
 
         def read_kv(rows: list[int], seq_lens: list[int]):
             slots = _kv_slots(step, metadata_id, attn_metadata.block_table, rows, seq_lens, kv_cache.shape[2])
             return read(kv_cache, slots)
 
         apply_row_plans(
+            step,
             _layer_index(layer.layer_name),
             query,
             output,
@@ -125,6 +127,7 @@ def _kv_slots(
 
 
 def apply_row_plans(
+    step: StepContext,
     layer_index: int,
     query: torch.Tensor,
     output: torch.Tensor,
@@ -141,9 +144,6 @@ def apply_row_plans(
     query (T, H, D) are the batch's queries; a request's query tokens are the last ones of its
     sequence, its keys and values come from the paged cache through read_kv.
     """
-    step = worker.current_step()
-    if step is None:
-        return
     bounds = step.bounds.get(metadata_id)
     if bounds is None:
         bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
