@@ -25,14 +25,18 @@ def decode_batch(seed: int, key_starts=(0, 3, 5, 9)):
     return make_batch(num_queries=1, num_keys=14, key_starts=key_starts, generated=3, seed=seed)
 
 
-def assert_flex_matches(batch, plans: list[RowPlan], compiled: bool = False) -> torch.Tensor:
-    """The flex path equals attend_decode_rows and the reference on every row; returns it."""
-    arguments = {
+def decode_arguments(batch) -> dict:
+    """attend_decode_rows' arguments for the batch's rows, but their operations."""
+    return {
         "key_starts": [layout.key_start for layout in batch.layouts],
         "prompt_lengths": [layout.num_prompt_tokens for layout in batch.layouts],
         "scale": batch.scale,
-        "ops": [effective_ops(plan) for plan in plans],
     }
+
+
+def assert_flex_matches(batch, plans: list[RowPlan], compiled: bool = False) -> torch.Tensor:
+    """The flex path equals attend_decode_rows and the reference on every row; returns it."""
+    arguments = decode_arguments(batch) | {"ops": [effective_ops(plan) for plan in plans]}
     q = batch.q[:, :, 0]
     flex = attend_decode_rows_flex(q, batch.k, batch.v, compiled=compiled, **arguments)
     core = attend_decode_rows(q, batch.k, batch.v, **arguments)
@@ -49,14 +53,7 @@ def test_each_covered_operation_equals_the_core_and_the_reference(name):
     batch = decode_batch(seed=1)
     plans = [RowPlan(ops=(COVERED[name],))] * len(batch.layouts)
     plain = attend_decode_rows_flex(
-        batch.q[:, :, 0],
-        batch.k,
-        batch.v,
-        key_starts=[layout.key_start for layout in batch.layouts],
-        prompt_lengths=[layout.num_prompt_tokens for layout in batch.layouts],
-        scale=batch.scale,
-        ops=[()] * len(plans),
-        compiled=False,
+        batch.q[:, :, 0], batch.k, batch.v, ops=[()] * len(plans), compiled=False, **decode_arguments(batch)
     )
     edited = assert_flex_matches(batch, plans)
     assert not torch.allclose(edited, plain, atol=1e-4)  # the operation did something
@@ -89,12 +86,4 @@ def test_sink_calibration_is_refused():
     ops = [(SINGLE_OPS["act"],), (SINGLE_OPS["emphasis"],), (), ()]
     assert not covers(ops)
     with pytest.raises(ValueError, match="apply only"):
-        attend_decode_rows_flex(
-            batch.q[:, :, 0],
-            batch.k,
-            batch.v,
-            key_starts=[layout.key_start for layout in batch.layouts],
-            prompt_lengths=[layout.num_prompt_tokens for layout in batch.layouts],
-            scale=batch.scale,
-            ops=ops,
-        )
+        attend_decode_rows_flex(batch.q[:, :, 0], batch.k, batch.v, ops=ops, **decode_arguments(batch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from attnserve.attention.plan import IdentityBlend, ScopedOp
 from attnserve.engines.base import ImageRequest
@@ -25,6 +26,26 @@ def reference_images(pipe, seed=0, num_images=1, **kwargs):
         output_type="np",
         **kwargs,
     ).images
+
+
+def assert_seeds_reproduce(pipe, **kwargs):
+    """The pipeline's images (2 steps) are the same for the same seed and differ for another."""
+
+    def image(seed):
+        return pipe(
+            PROMPT,
+            num_inference_steps=2,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            **kwargs,
+        ).images
+
+    first, again, other = image(0), image(0), image(1)
+    assert first.shape == (1, SIZE, SIZE, 3)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
 
 
 def image_request(denoiser, perturbed=None, seed=0, num_images=1, plan=None, prompt=PROMPT):

@@ -2,11 +2,11 @@
 loads it from its directory (the T5 tokenizer built in code included), its transformer's blocks
 have self- and cross-attention, and a seed gives the same image twice."""
 
-import numpy as np
-import torch
 from diffusers import PixArtSigmaPipeline
 from diffusers.models.attention_processor import Attention
 from transformers import T5TokenizerFast
+
+from .helpers import assert_seeds_reproduce
 
 
 def test_tiny_pixart_loads_and_generates_deterministically(tiny_pixart_path):
@@ -25,22 +25,7 @@ def test_tiny_pixart_loads_and_generates_deterministically(tiny_pixart_path):
     }
     assert pipe.transformer.config.out_channels == 2 * pipe.transformer.config.in_channels  # learned sigma
 
-    def image(seed):
-        return pipe(
-            "a photo of a cat",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-            use_resolution_binning=False,
-            clean_caption=False,
-        ).images
-
-    first, again, other = image(0), image(0), image(1)
-    assert first.shape == (1, 32, 32, 3)
-    assert np.array_equal(first, again)
-    assert np.abs(first - other).max() > 1e-3
+    assert_seeds_reproduce(pipe, use_resolution_binning=False, clean_caption=False)
 
 
 def test_the_t5_tokenizer_round_trips_and_pads_as_the_pipeline_asks(tiny_pixart_path):

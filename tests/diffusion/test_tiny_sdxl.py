@@ -2,9 +2,9 @@
 directory, its UNet takes SDXL's added text and time conditioning, and a seed gives the same image
 twice."""
 
-import numpy as np
-import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+from .helpers import assert_seeds_reproduce
 
 
 def test_tiny_sdxl_loads_and_generates_deterministically(tiny_sdxl_path):
@@ -24,17 +24,4 @@ def test_tiny_sdxl_loads_and_generates_deterministically(tiny_sdxl_path):
     )
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
 
-    def image(seed):
-        return pipe(
-            "a photo of a cat",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-        ).images
-
-    first, again, other = image(0), image(0), image(1)
-    assert first.shape == (1, 32, 32, 3)
-    assert np.array_equal(first, again)
-    assert np.abs(first - other).max() > 1e-3
+    assert_seeds_reproduce(pipe)

@@ -147,6 +147,19 @@ def running_server(
                 proc.kill()
 
 
+@contextlib.contextmanager
+def diffusion_server(folder, name: str, model_path, max_denoising_steps: int = 50) -> Iterator[dict]:
+    """A server (running_server) serving one diffusion model on the diffusers engine, its config
+    and log in folder."""
+    config = {
+        "limits": {"max_image_size": 256, "max_denoising_steps": max_denoising_steps},
+        "models": [{"name": name, "kind": "diffusion", "engine": "diffusers", "path": str(model_path)}],
+    }
+    (folder / "attnserve.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "attnserve.yaml", folder / "server.log") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def server_process(server_config, tmp_path_factory):
     with running_server(server_config, tmp_path_factory.mktemp("logs") / "server.log") as server:

@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import yaml
 from attnserve_client import AttnserveError, Client
 from attnserve_client.cli import app
 from attnserve_client.v1 import image_generation_pb2 as ipb
@@ -22,7 +21,7 @@ from attnserve_client.v1 import intervention_pb2
 from PIL import Image
 from typer.testing import CliRunner
 
-from .conftest import running_server
+from .conftest import diffusion_server
 from .helpers import field_violations
 from .test_grpcurl import grpcurl
 
@@ -33,13 +32,8 @@ MODEL = "tiny-sd"
 
 @pytest.fixture(scope="module")
 def image_server(tmp_path_factory, tiny_sd_path):
-    config = {
-        "limits": {"max_image_size": 256, "max_denoising_steps": 400},
-        "models": [{"name": MODEL, "kind": "diffusion", "engine": "diffusers", "path": str(tiny_sd_path)}],
-    }
     folder = tmp_path_factory.mktemp("diffusion-server")
-    (folder / "attnserve.yaml").write_text(yaml.safe_dump(config))
-    with running_server(folder / "attnserve.yaml", folder / "server.log") as server:
+    with diffusion_server(folder, MODEL, tiny_sd_path, max_denoising_steps=400) as server:
         yield server
 
 

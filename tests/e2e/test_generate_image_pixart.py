@@ -7,13 +7,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import yaml
 from attnserve_client.v1 import image_generation_pb2 as ipb
 from attnserve_client.v1 import inference_service_pb2 as pb
 from attnserve_client.v1 import inference_service_pb2_grpc as pb_grpc
 from attnserve_client.v1 import intervention_pb2, model_pb2
 
-from .conftest import running_server
+from .conftest import diffusion_server
 from .helpers import field_violations
 from .test_generate_image import collect, decoded
 
@@ -24,16 +23,8 @@ MODEL = "tiny-pixart"
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory, tiny_pixart_path):
-    config = {
-        "limits": {"max_image_size": 256, "max_denoising_steps": 50},
-        "models": [
-            {"name": MODEL, "kind": "diffusion", "engine": "diffusers", "path": str(tiny_pixart_path)}
-        ],
-    }
-    folder = tmp_path_factory.mktemp("pixart-server")
-    (folder / "attnserve.yaml").write_text(yaml.safe_dump(config))
     with (
-        running_server(folder / "attnserve.yaml", folder / "server.log") as server,
+        diffusion_server(tmp_path_factory.mktemp("pixart-server"), MODEL, tiny_pixart_path) as server,
         grpc.insecure_channel(server["target"]) as channel,
     ):
         yield pb_grpc.InferenceServiceStub(channel)
