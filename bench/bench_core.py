@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from attnserve.attention.core import attend, attend_rows, effective_ops, plain_attention
+from attnserve.attention.core import attend, attend_rows, effective_ops, plain_attention, prepare
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import RowLayout
 from attnserve.attention.operations import (
@@ -84,7 +84,7 @@ def main() -> None:
     def one_at_a_time(plans):
         for b, plan in enumerate(plans):
             row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
-            attend(row, applied_ops(row, effective_ops(plan)), NO_NEEDS)
+            attend(row, prepare(row, applied_ops(row, effective_ops(plan)), NO_NEEDS), NO_NEEDS)
 
     results = {
         "plain SDPA of the batch": median_ms(

@@ -31,8 +31,8 @@ from attnserve.attention.core import attend_decode_rows, effective_ops, plain_at
 from attnserve.attention.flex_rows import (
     attend_decode_rows_flex,
     flex_decode,
-    logit_edits,
     padding_block_mask,
+    score_mod_parameters,
 )
 from attnserve.attention.folded_rows import fold_decode_rows, folded_applied_ops
 from attnserve.attention.layout import RowLayout
@@ -150,7 +150,7 @@ def measure_keys(args: argparse.Namespace, keys: int) -> dict:
         started = time.perf_counter()
         attend_decode_rows_flex(q, k, v, ops=ops, **decode)
         first_call = time.perf_counter() - started
-        edits = logit_edits(folded_rows, folded_applied_ops(folded_rows, ops))
+        edits = score_mod_parameters(folded_rows, folded_applied_ops(folded_rows, ops))
         calls = {
             "plain": lambda: plain_attention(q[:, :, None], k, v, scale=scale, layouts=layouts),
             "folded": lambda ops=ops: attend_decode_rows(q, k, v, ops=ops, **decode),

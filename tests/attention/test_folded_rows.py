@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-from attnserve.attention.core import attend, attend_decode_rows, effective_ops
-from attnserve.attention.folded_rows import fold_decode_rows, folded_applied_ops
+from attnserve.attention.core import attend, attend_decode_rows, effective_ops, prepare
+from attnserve.attention.folded_rows import FoldedMemo, fold_decode_rows, folded_applied_ops
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import MaskKind
 from attnserve.attention.plan import NO_NEEDS, KeySet, QueryRows, RowPlan, ScopedOp
@@ -24,7 +24,7 @@ def per_row(batch, plans, rows) -> torch.Tensor:
     outputs = []
     for b in rows:
         row = RowAttention.from_batch(batch.q, batch.k, batch.v, b, batch.layouts[b], batch.scale)
-        out, _ = attend(row, applied_ops(row, effective_ops(plans[b])), NO_NEEDS)
+        out, _ = attend(row, prepare(row, applied_ops(row, effective_ops(plans[b])), NO_NEEDS), NO_NEEDS)
         outputs.append(out[:, 0])
     return torch.stack(outputs)
 
@@ -107,9 +107,9 @@ def test_equal_operations_of_different_requests_share_one_application():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_right_padded_rows_equal_left_padded_and_a_scope_memo_changes_nothing(seed):
+def test_right_padded_rows_equal_left_padded_and_a_step_memo_changes_nothing(seed):
     """vLLM's paged cache is read right-padded (engines/vllm/paged_kv.py), with whatever a block's
-    earlier owner left in the padding; layers of a step share one scope memo."""
+    earlier owner left in the padding; layers of a step share one FoldedMemo."""
     rng = random.Random(seed)
     key_starts = tuple(rng.randint(0, 9) for _ in range(7))
     batch = make_batch(num_queries=1, num_keys=14, key_starts=key_starts, generated=2, seed=seed)
@@ -133,7 +133,7 @@ def test_right_padded_rows_equal_left_padded_and_a_scope_memo_changes_nothing(se
         right_v[b, :, : num_keys - start] = batch.v[b, :, start:]
     # Keys as paged_kv hands them over: a transposed view of a contiguous K^T.
     right_k = right_k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    memo = {}
+    memo = FoldedMemo()
     for _ in range(2):
         right = attend_decode_rows(
             batch.q[:, :, 0],
@@ -144,7 +144,7 @@ def test_right_padded_rows_equal_left_padded_and_a_scope_memo_changes_nothing(se
             prompt_lengths=prompt_lengths,
             scale=batch.scale,
             ops=ops,
-            scope_memo=memo,
+            memo=memo,
         )
         torch.testing.assert_close(right, left, atol=1e-6, rtol=0)
-    assert len(memo) == 1
+    assert len(memo.geometries) == len(memo.prepared) == 1

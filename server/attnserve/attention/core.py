@@ -15,11 +15,14 @@ their padding cut off. In float32:
 - pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
   logits are materialised only for heads whose bias depends on them (LogitRescale,
   temperature on part of the keys);
-- ACT materialises the probabilities of its heads (sink detection needs column means) and
-  turns its reweighting into more bias (docs/attention-math.md#identity-b), before the fused
-  call;
+- ACT materialises the probabilities of its heads (sink detection needs column means),
+  reweights them, and those heads take their output from them (P V); the fused call serves the
+  other heads;
 - output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o; identity U there);
 - statistics reuse the fused call (lse, values := [V | K | indicator columns]).
+What depends only on a row's geometry and operations (scopes, the bias, which heads are
+materialised) is prepared once (prepare) and shared by calls with equal geometry: the layers of
+an engine step, through a FoldedMemo for folded rows.
 The identities, the order of the operations and the statistics: docs/attention-math.md.
 Pure torch; works on CPU and CUDA tensors.
 """
@@ -27,18 +30,21 @@ Pure torch; works on CPU and CUDA tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import ScopeMemo, attend_folded, fold_decode_rows
+from attnserve.attention.folded_rows import FoldedMemo, attend_folded, fold_decode_rows
 from attnserve.attention.interventions import (
     AppliedOp,
+    LogitEdits,
     applied_ops,
     edit_logits,
     edit_output,
     edit_probabilities,
+    prepare_logit_edits,
     probability_heads,
     refuse_removing_every_key,
 )
@@ -131,10 +137,12 @@ def attend_rows(
     scale: float,
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
+    memo: FoldedMemo | None = None,
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
     """Attention of a left-padded batch with plans[b] applied to row b, laid out as layouts[b]
     (layout.py). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
-    when the row asks for none). Padded query rows of edited rows are zero."""
+    when the row asks for none). Padded query rows of edited rows are zero. A caller that runs
+    the same rows through several layers (an engine step) passes one memo to all of them."""
     _check(q, k, v, layouts, plans)
     row_ops = [effective_ops(plan) for plan in plans]
     plain_rows = [b for b, ops in enumerate(row_ops) if not ops]
@@ -149,7 +157,7 @@ def attend_rows(
 
     folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b])]
     if folded:
-        output[folded, :, 0] = _attend_folded(q, k, v, scale, layouts, row_ops, folded).to(q.dtype)
+        output[folded, :, 0] = _attend_folded(q, k, v, scale, layouts, row_ops, folded, memo).to(q.dtype)
 
     readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
@@ -188,15 +196,15 @@ def attend_decode_rows(
     scale: float,
     ops: Sequence[tuple[ScopedOp, ...]],
     key_ends: Sequence[int] | None = None,
-    scope_memo: ScopeMemo | None = None,
+    memo: FoldedMemo | None = None,
 ) -> torch.Tensor:
     """Decode rows of several requests in one pass: q (B, H, D) each request's query (its last
     token); k, v (B, Hkv, n, D) padded, request b's keys at key_starts[b]..key_ends[b]-1
     (key_ends default: n, left-padded). Returns (B, H, D) in float32 (or float64), ops[b] applied
-    to request b. A caller that runs the same rows through several layers passes one scope_memo
-    to all of them (folded_rows.py)."""
-    rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale, key_ends)
-    return attend_folded(rows, ops, scope_memo)
+    to request b. A caller that runs the same rows through several layers passes one memo to all
+    of them (folded_rows.py)."""
+    rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale, key_ends, memo)
+    return attend_folded(rows, ops, memo)
 
 
 def _attend_folded(
@@ -207,6 +215,7 @@ def _attend_folded(
     layouts: Sequence[RowLayout],
     ops: Sequence[tuple[ScopedOp, ...]],
     rows: Sequence[int],
+    memo: FoldedMemo | None,
 ) -> torch.Tensor:
     """(len(rows), H, D): the outputs of the given decode rows of a left-padded batch."""
     if len(rows) < q.shape[0]:
@@ -220,6 +229,7 @@ def _attend_folded(
         prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],
         scale=scale,
         ops=[ops[b] for b in rows],
+        memo=memo,
     )
 
 
@@ -227,46 +237,80 @@ def _attend_row(
     row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan
 ) -> tuple[torch.Tensor, RowReadout | None]:
     refuse_removing_every_key(row, ops)
-    return attend(row, applied_ops(row, ops), plan.needs)
+    return attend(row, prepare(row, applied_ops(row, ops), plan.needs), plan.needs)
 
 
-def attend(
-    row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds
-) -> tuple[torch.Tensor, RowReadout | None]:
-    """The row's attention output (H, L, D) with the operations applied, and what needs reads."""
-    edited = edit_logits(row, applied)
+@dataclass(frozen=True)
+class PreparedOps:
+    """What attend needs of a row's operations besides its queries, keys and values: decided by
+    the row's geometry and the operations alone, so rows of equal geometry and operations share
+    it (folded rows: the layers of an engine step, folded_rows.py)."""
 
-    # Probability edits (ACT: column means for sink detection) need their heads' probabilities:
-    # materialised for those heads only. Statistics read them too for heads whose bias depends on their logits,
-    # and for every head when the row is small (a decode step), where that is cheapest.
+    applied: list[AppliedOp]
+    logit_edits: LogitEdits
+    #: Heads whose probabilities are materialised (sorted), and the others.
+    materialised: torch.Tensor
+    fused_heads: torch.Tensor
+    #: (H,) each head's index in the materialised probabilities, -1 for fused heads.
+    slot: torch.Tensor
+
+
+def prepare(row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds) -> PreparedOps:
+    """Probability edits (ACT: column means for sink detection) need their heads' probabilities:
+    materialised for those heads only. Statistics read them too for heads whose bias depends on
+    their logits, and for every head when the row is small (a decode step), where that is
+    cheapest."""
+    logit_edits = prepare_logit_edits(row, applied)
     materialise = probability_heads(row, applied)
     if needs.statistics:
         small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
-        materialise = materialise | edited.logit_heads | small
+        materialise = materialise | logit_edits.logit_heads | small
     materialised = materialise.nonzero().squeeze(1)
-    fused_heads = (~materialise).nonzero().squeeze(1)
     slot = torch.full((row.num_heads,), -1, dtype=torch.long, device=row.device)
     slot[materialised] = torch.arange(len(materialised), device=row.device)
+    return PreparedOps(
+        applied=list(applied),
+        logit_edits=logit_edits,
+        materialised=materialised,
+        fused_heads=(~materialise).nonzero().squeeze(1),
+        slot=slot,
+    )
+
+
+def attend(
+    row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds
+) -> tuple[torch.Tensor, RowReadout | None]:
+    """The row's attention output (H, L, D) with the operations applied, and what needs reads."""
+    applied, materialised, fused_heads, slot = (
+        prepared.applied,
+        prepared.materialised,
+        prepared.fused_heads,
+        prepared.slot,
+    )
+    edited = edit_logits(row, prepared.logit_edits)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
-        edit_probabilities(row, applied, edited, probs, slot)
+        edit_probabilities(row, applied, probs, slot)
 
-    # One fused call gives the output and, for statistics of the other heads, the lse, sum_j p_ij k_j
-    # and the masses on the indicator columns (docs/attention-math.md#identity-h, #identity-v).
+    # One fused call for the other heads gives their output and, for their statistics, the lse,
+    # sum_j p_ij k_j and the masses on the indicator columns (docs/attention-math.md#identity-h,
+    # #identity-v).
     fused_statistics = needs.statistics and len(fused_heads) > 0
     columns = mass_columns(row, needs, edited) if needs.statistics else None
     head_dim = row.v.shape[-1]
-    values = row.v
-    if fused_statistics:
-        indicators = columns.indicators[None].expand(row.k.shape[0], -1, -1)
-        keys = [row.k, row.k * indicators[..., columns.image, None]] if columns.has_image else [row.k]
-        values = torch.cat([row.v, *keys, indicators], dim=-1)
     fused, lse, out = None, None, None
-    if applied or fused_statistics:
-        fused, lse = kernels.fused_attention(
-            edited.q, row.k, values, edited.bias, row.scale, fused_statistics
-        )
-        out = fused[..., :head_dim]
+    if len(fused_heads) and (applied or fused_statistics):
+        keys, values = row.keys_of(fused_heads), row.values_of(fused_heads)
+        if fused_statistics:
+            indicators = columns.indicators[None].expand(keys.shape[0], -1, -1)
+            key_sums = [keys, keys * indicators[..., columns.image, None]] if columns.has_image else [keys]
+            values = torch.cat([values, *key_sums, indicators], dim=-1)
+        every_head = len(fused_heads) == row.num_heads
+        q = edited.q if every_head else edited.q[fused_heads]
+        bias = edited.bias if every_head or edited.bias.shape[0] == 1 else edited.bias[fused_heads]
+        fused, lse = kernels.fused_attention(q, keys, values, bias, row.scale, fused_statistics)
+    if applied:
+        out = _head_outputs(row, prepared, fused, probs)
 
     out, kept = edit_output(row, applied, out)
     if needs.is_empty:
@@ -276,13 +320,11 @@ def attend(
     if needs.statistics:
         parts = []
         if fused_statistics:
-            key_means_end = values.shape[-1] - columns.indicators.shape[-1]
-            key_means = fused[fused_heads, :, head_dim:key_means_end]
-            masses = fused[fused_heads, :, key_means_end:]
+            key_means_end = fused.shape[-1] - columns.indicators.shape[-1]
+            key_means = fused[..., head_dim:key_means_end]
+            masses = fused[..., key_means_end:]
             parts.append(
-                fused_pieces(
-                    row, edited, fused_heads, lse[fused_heads], key_means, masses, columns, kept[fused_heads]
-                )
+                fused_pieces(row, edited, fused_heads, lse, key_means, masses, columns, kept[fused_heads])
             )
         if probs is not None:
             parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
@@ -291,3 +333,20 @@ def attend(
     if needs.last_query_rows:
         readout.last_query_rows = last_query_rows(row, edited, probs, slot, kept).float()
     return out, readout
+
+
+def _head_outputs(
+    row: RowAttention, prepared: PreparedOps, fused: torch.Tensor | None, probs: torch.Tensor | None
+) -> torch.Tensor:
+    """(H, L, Dv): the fused heads' outputs from the fused call, the materialised heads' from
+    their (edited) probabilities."""
+    head_dim = row.v.shape[-1]
+    if probs is None:
+        return fused[..., :head_dim]
+    from_probs = kernels.weighted_values(probs, row.values_of(prepared.materialised))
+    if fused is None:
+        return from_probs
+    out = torch.empty(row.num_heads, row.num_queries, head_dim, dtype=from_probs.dtype, device=row.device)
+    out[prepared.fused_heads] = fused[..., :head_dim]
+    out[prepared.materialised] = from_probs
+    return out

@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attnserve.attention.folded_rows import FoldedRows, fold_decode_rows, folded_applied_ops
-from attnserve.attention.interventions import AppliedOp, edit_logits, edit_output
+from attnserve.attention.interventions import AppliedOp, edit_logits, edit_output, prepare_logit_edits
 from attnserve.attention.operations import (
     HeadOutputScale,
     IdentityBlend,
@@ -50,7 +50,7 @@ def covers(ops_per_request: Sequence[Sequence[ScopedOp]]) -> bool:
 
 
 @dataclass(frozen=True)
-class LogitEdits:
+class ScoreModParameters:
     """(B, H, n) each: request b's head h edits the logit s of key j to
     s * (positive_gain if s >= 0 else negative_gain) + bias; bias is -inf on removed keys and
     padding (their gains 0)."""
@@ -60,8 +60,8 @@ class LogitEdits:
     bias: torch.Tensor
 
 
-def logit_edits(rows: FoldedRows, applied: Sequence[AppliedOp]) -> LogitEdits:
-    """The logit stages of the applied operations (folded scopes of rows) as LogitEdits."""
+def score_mod_parameters(rows: FoldedRows, applied: Sequence[AppliedOp]) -> ScoreModParameters:
+    """The logit stages of the applied operations (folded scopes of rows) as ScoreModParameters."""
     num_heads, num_keys = rows.num_heads, rows.num_keys
     # One probe row whose head has three queries with the logits 0, 1 and -1 on every key: the
     # folded scopes (one query) broadcast over them. float64: the differences below lose
@@ -74,13 +74,15 @@ def logit_edits(rows: FoldedRows, applied: Sequence[AppliedOp]) -> LogitEdits:
         v=None,
         scale=1.0,
     )
-    edited = edit_logits(probe, applied).logits(probe, torch.arange(num_heads, device=rows.device))
+    edited = edit_logits(probe, prepare_logit_edits(probe, applied)).logits(
+        probe, torch.arange(num_heads, device=rows.device)
+    )
     additive, at_one, at_minus_one = edited.unbind(dim=1)  # (B*H, n) each
     removed = additive == float("-inf")
     positive = torch.where(removed, 0.0, at_one - additive)
     negative = torch.where(removed, 0.0, additive - at_minus_one)
     shape = (rows.num_requests, rows.heads_per_request, num_keys)
-    return LogitEdits(*(t.to(rows.dtype).reshape(shape) for t in (positive, negative, additive)))
+    return ScoreModParameters(*(t.to(rows.dtype).reshape(shape) for t in (positive, negative, additive)))
 
 
 def _flex_call(q, k, v, positive_gain, negative_gain, bias, block_mask, scale):
@@ -114,7 +116,7 @@ def padding_block_mask(key_starts: torch.Tensor, num_keys: int) -> BlockMask:
 
 
 def flex_decode(
-    rows: FoldedRows, edits: LogitEdits, block_mask=None, *, compiled: bool = True
+    rows: FoldedRows, edits: ScoreModParameters, block_mask=None, *, compiled: bool = True
 ) -> torch.Tensor:
     """(B*H, 1, D): the folded rows' attention with the logit edits inside the flex kernel."""
     batch, num_heads = rows.num_requests, rows.heads_per_request
@@ -145,6 +147,6 @@ def attend_decode_rows_flex(
     rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale)
     applied = folded_applied_ops(rows, ops)
     block_mask = padding_block_mask(torch.tensor(rows.key_starts, device=rows.device), rows.num_keys)
-    out = flex_decode(rows, logit_edits(rows, applied), block_mask, compiled=compiled)
+    out = flex_decode(rows, score_mod_parameters(rows, applied), block_mask, compiled=compiled)
     out, _ = edit_output(rows, applied, out)
     return out.reshape(rows.num_requests, rows.heads_per_request, -1)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,12 +27,15 @@ from attnserve.attention.plan import NO_NEEDS, ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
 
+if TYPE_CHECKING:
+    from attnserve.attention.core import PreparedOps
 
-@dataclass
-class FoldedRows(RowAttention):
-    """q (B*H, 1, D); k, v (B*Hkv, n, D) padded: request b's keys at key_starts[b]..key_ends[b]-1,
-    the last of them its own key (its query's token). layout is unused: every request's query
-    sees all of its keys."""
+
+@dataclass(frozen=True)
+class FoldedGeometry:
+    """Where each request's keys sit among the folded rows' n keys: all that the rows' masks and
+    scopes depend on. Equal geometries (the layers of an engine step) share one instance through
+    a FoldedMemo, so its tensors are built once."""
 
     #: Index of each request's token 0.
     key_starts: tuple[int, ...]
@@ -40,6 +44,67 @@ class FoldedRows(RowAttention):
     #: Prompt length of each request (positions from it on are generated tokens).
     prompt_lengths: tuple[int, ...]
     heads_per_request: int
+    num_keys: int
+    device: torch.device
+
+    def per_head(self, per_request: tuple[int, ...]) -> torch.Tensor:
+        """(B*H, 1) the request's number for each head."""
+        values = torch.tensor(per_request, device=self.device)
+        return values.repeat_interleave(self.heads_per_request)[:, None]
+
+    @cached_property
+    def key_positions(self) -> torch.Tensor:
+        return torch.arange(self.num_keys, device=self.device)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """(B*H, n): each key's token position in its head's request (negative on padding)."""
+        return self.key_positions[None, :] - self.per_head(self.key_starts)
+
+    @cached_property
+    def visible(self) -> torch.Tensor:
+        """(B*H, 1, n): each head sees its request's keys."""
+        ends = self.per_head(self.key_ends)
+        return ((self.positions >= 0) & (self.key_positions[None, :] < ends))[:, None, :]
+
+    @cached_property
+    def queries_per_key(self) -> torch.Tensor:
+        """(B*H, n): 1 on the keys the head's query sees, 0 elsewhere."""
+        return self.visible[:, 0].long()
+
+    @cached_property
+    def own_key(self) -> torch.Tensor:
+        """(B*H, 1, n): each request's last key."""
+        return (self.key_positions[None, :] == self.per_head(self.key_ends) - 1)[:, None, :]
+
+    @cached_property
+    def own_key_index(self) -> torch.Tensor:
+        """(B,) index of each request's last key."""
+        return torch.tensor(self.key_ends, device=self.device) - 1
+
+
+@dataclass
+class FoldedRows(RowAttention):
+    """q (B*H, 1, D); k, v (B*Hkv, n, D) padded as geometry says, each request's last key its own
+    (its query's token). layout is unused: every request's query sees all of its keys."""
+
+    geometry: FoldedGeometry
+
+    @property
+    def key_starts(self) -> tuple[int, ...]:
+        return self.geometry.key_starts
+
+    @property
+    def key_ends(self) -> tuple[int, ...]:
+        return self.geometry.key_ends
+
+    @property
+    def prompt_lengths(self) -> tuple[int, ...]:
+        return self.geometry.prompt_lengths
+
+    @property
+    def heads_per_request(self) -> int:
+        return self.geometry.heads_per_request
 
     @property
     def num_requests(self) -> int:
@@ -53,40 +118,40 @@ class FoldedRows(RowAttention):
     def has_own_key(self) -> bool:
         return True
 
-    def _per_head(self, per_request: tuple[int, ...]) -> torch.Tensor:
-        """(B*H, 1) the request's number for each head."""
-        values = torch.tensor(per_request, device=self.device)
-        return values.repeat_interleave(self.heads_per_request)[:, None]
+    @property
+    def key_positions(self) -> torch.Tensor:
+        return self.geometry.key_positions
 
-    @cached_property
-    def _positions(self) -> torch.Tensor:
-        """(B*H, n): each key's token position in its head's request (negative on padding)."""
-        return self.key_positions[None, :] - self._per_head(self.key_starts)
-
-    @cached_property
+    @property
     def visible(self) -> torch.Tensor:
-        """(B*H, 1, n): each head sees its request's keys."""
-        ends = self._per_head(self.key_ends)
-        return ((self._positions >= 0) & (self.key_positions[None, :] < ends))[:, None, :]
+        return self.geometry.visible
 
-    @cached_property
+    @property
     def own_key(self) -> torch.Tensor:
-        """(B*H, 1, n): each request's last key."""
-        return (self.key_positions[None, :] == self._per_head(self.key_ends) - 1)[:, None, :]
+        return self.geometry.own_key
 
     def queries_per_key_of(self, heads: torch.Tensor) -> torch.Tensor:
         """(len(heads), n): 1 on the keys the head's query sees, 0 elsewhere."""
-        return self.visible[heads, 0].long()
+        return self.geometry.queries_per_key[heads]
 
     def key_positions_of(self, heads: torch.Tensor) -> torch.Tensor:
-        return self._positions[heads]
+        return self.geometry.positions[heads]
 
     def own_values(self) -> torch.Tensor:
         """(B*H, 1, D) value of each request's last key."""
         kv_heads_per_request = self.k.shape[0] // self.num_requests
-        last = torch.tensor(self.key_ends, device=self.device).repeat_interleave(kv_heads_per_request) - 1
+        last = self.geometry.own_key_index.repeat_interleave(kv_heads_per_request)
         own = self.v[torch.arange(self.k.shape[0], device=self.device), last]
         return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
+
+
+@dataclass
+class FoldedMemo:
+    """What the folded passes of one engine step share: its layers repeat the rows' geometry and,
+    often, their operations. Owned by the caller (the step)."""
+
+    geometries: dict[FoldedGeometry, FoldedGeometry] = field(default_factory=dict)
+    prepared: dict[tuple, PreparedOps] = field(default_factory=dict)
 
 
 def fold_decode_rows(
@@ -97,56 +162,38 @@ def fold_decode_rows(
     prompt_lengths: Sequence[int],
     scale: float,
     key_ends: Sequence[int] | None = None,
+    memo: FoldedMemo | None = None,
 ) -> FoldedRows:
     """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) padded, request b's keys at
     key_starts[b]..key_ends[b]-1 (key_ends default: n, left-padded). Computed in float32 (or
     float64), as RowAttention."""
     batch, num_heads, head_dim = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
+    geometry = FoldedGeometry(
+        key_starts=tuple(key_starts),
+        key_ends=tuple(key_ends) if key_ends is not None else (k.shape[2],) * batch,
+        prompt_lengths=tuple(prompt_lengths),
+        heads_per_request=num_heads,
+        num_keys=k.shape[2],
+        device=q.device,
+    )
+    if memo is not None:
+        geometry = memo.geometries.setdefault(geometry, geometry)
     return FoldedRows(
         q=q.reshape(batch * num_heads, 1, head_dim).to(dtype),
         k=k.flatten(0, 1).to(dtype),
         v=v.flatten(0, 1).to(dtype),
         scale=scale,
         layout=None,
-        key_starts=tuple(key_starts),
-        key_ends=tuple(key_ends) if key_ends is not None else (k.shape[2],) * batch,
-        prompt_lengths=tuple(prompt_lengths),
-        heads_per_request=num_heads,
+        geometry=geometry,
     )
 
 
-#: Folded scopes already built, by the rows' geometry and the requests' operations: a decode
-#: step's layers often repeat a plan, and the scopes depend on nothing else (no tensor values).
-ScopeMemo = dict[tuple, list[AppliedOp]]
-
-
-def folded_applied_ops(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: ScopeMemo | None = None
-) -> list[AppliedOp]:
+def folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
     """The requests' operations with folded scopes, in application order. The i-th operation of
     a kind in each request's plan is grouped with the equal ones of other requests (same
     parameters, heads and query rows): requests hold one operation per (kind, i), so groups of
-    the same (kind, i) touch disjoint heads and their order does not matter. With a memo (owned
-    by the caller, e.g. for one engine step), equal calls share their scopes."""
-    if memo is None:
-        return _folded_applied_ops(rows, ops_per_request)
-    memo_key = (
-        rows.key_starts,
-        rows.key_ends,
-        rows.prompt_lengths,
-        rows.heads_per_request,
-        rows.num_keys,
-        rows.device,
-        tuple(map(tuple, ops_per_request)),
-    )
-    applied = memo.get(memo_key)
-    if applied is None:
-        applied = memo[memo_key] = _folded_applied_ops(rows, ops_per_request)
-    return applied
-
-
-def _folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
+    the same (kind, i) touch disjoint heads and their order does not matter."""
     groups: dict[tuple, list[tuple[int, ScopedOp]]] = {}
     for request, ops in enumerate(ops_per_request):
         seen: Counter[type] = Counter()
@@ -187,11 +234,26 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
     )
 
 
+def prepare_folded(
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: FoldedMemo | None = None
+) -> PreparedOps:
+    """core.prepare for the folded rows; with a memo, equal calls share it."""
+    from attnserve.attention.core import prepare  # core dispatches here: imported when used
+
+    if memo is None:
+        return prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
+    key = (rows.geometry, rows.dtype, tuple(map(tuple, ops_per_request)))
+    prepared = memo.prepared.get(key)
+    if prepared is None:
+        prepared = memo.prepared[key] = prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
+    return prepared
+
+
 def attend_folded(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: ScopeMemo | None = None
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: FoldedMemo | None = None
 ) -> torch.Tensor:
     """(B, H, D): each request's attention output with its operations applied (no readouts)."""
-    from attnserve.attention.core import attend  # core dispatches here: imported when used
+    from attnserve.attention.core import attend
 
-    out, _ = attend(rows, folded_applied_ops(rows, ops_per_request, memo), NO_NEEDS)
+    out, _ = attend(rows, prepare_folded(rows, ops_per_request, memo), NO_NEEDS)
     return out.reshape(rows.num_requests, rows.heads_per_request, -1)

@@ -5,8 +5,8 @@ order; between kinds, the order of operations.OPERATIONS):
   1. LOGIT_SCALE: Temperature, folded into the query or into per-key factors;
   2. LOGIT_REWRITE: LogitRescale, on the tempered logit; 1 and 2 become one additive bias;
   3. BIAS: the KeyEmphasis and KeyMask biases;
-  4. softmax; PROBABILITIES: SinkCalibration (ACT) on the materialised probabilities, folded
-     into the bias of the one fused softmax-and-PV call (made outside this module);
+  4. softmax; PROBABILITIES: SinkCalibration (ACT) on the materialised probabilities, whose
+     heads then take their output from them (core.attend);
   5. OUTPUT: IdentityBlend, then HeadOutputScale, on the output.
 Output operations act on heads and query rows only; their KeySet is not used.
 The order and the identities behind it: docs/attention-math.md#order-of-operations-on-a-row.
@@ -25,7 +25,7 @@ import torch
 
 from attnserve.attention import kernels
 from attnserve.attention.operations import OPERATIONS, Stage
-from attnserve.attention.operations.base import EditedLogits, LogitScales, Operation, Scope
+from attnserve.attention.operations.base import EditedLogits, KeyBias, LogitScales, Operation, Scope
 from attnserve.attention.plan import ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
@@ -62,37 +62,66 @@ def at_stage(applied: Sequence[AppliedOp], stage: Stage) -> list[AppliedOp]:
     return [a for a in applied if a.op.stage is stage]
 
 
-def edit_logits(row: RowAttention, applied: Sequence[AppliedOp]) -> EditedLogits:
-    """The LOGIT_SCALE, LOGIT_REWRITE and BIAS stages as one query gain and one bias."""
-    num_heads = row.num_heads
-    scales = LogitScales(torch.ones(num_heads, row.num_queries, dtype=row.dtype, device=row.device))
-    for a in at_stage(applied, Stage.LOGIT_SCALE):
-        a.op.scale_logits(scales, a.scope, row)
-    q = row.q * scales.query_gain[:, :, None]
+@dataclass(frozen=True)
+class LogitEdits:
+    """The LOGIT_SCALE, LOGIT_REWRITE and BIAS stages of a row's operations, as far as the row's
+    geometry decides them (no query or key values): rows of equal geometry and operations share
+    them (folded rows: the layers of an engine step, folded_rows.py)."""
 
-    bias = torch.zeros(1, row.num_queries, row.num_keys, dtype=row.dtype, device=row.device)
-    bias = bias.masked_fill(~row.visible, float("-inf"))
+    #: None when no LOGIT_SCALE operation acts (every factor 1).
+    scales: LogitScales | None
+    rewrites: list[AppliedOp]
+    #: (H,) heads whose bias comes from their own logits (key-dependent temperature, rewrites).
+    logit_heads: torch.Tensor
+    #: Their indices; None when there are none.
+    logit_head_indices: torch.Tensor | None
+    #: The visibility (-inf where a key is not seen) and the BIAS stage.
+    key_bias: KeyBias
+
+
+def prepare_logit_edits(row: RowAttention, applied: Sequence[AppliedOp]) -> LogitEdits:
+    """The pre-softmax stages of the ops on a row of this geometry (edit_logits applies them)."""
+    scale_ops = at_stage(applied, Stage.LOGIT_SCALE)
+    scales = LogitScales(torch.ones(row.num_heads, row.num_queries, dtype=row.dtype, device=row.device))
+    for a in scale_ops:
+        a.op.scale_logits(scales, a.scope, row)
 
     rewrites = at_stage(applied, Stage.LOGIT_REWRITE)
-    logit_heads = torch.zeros(num_heads, dtype=torch.bool, device=row.device)
+    logit_heads = torch.zeros(row.num_heads, dtype=torch.bool, device=row.device)
     if scales.key_factor is not None:
         logit_heads |= (scales.key_factor != 1.0).flatten(1).any(dim=1)
     for a in rewrites:
         logit_heads |= a.scope.heads
-    if bool(logit_heads.any()):
-        # Key-dependent factors and rewrites need these heads' logits: materialised here only.
-        heads = logit_heads.nonzero().squeeze(1)
-        plain = kernels.logits(q[heads], row.keys_of(heads), None, row.scale)
-        edited = plain if scales.key_factor is None else plain * scales.key_factor[heads]
-        for a in rewrites:
-            edited = a.op.rewrite_logits(edited, a.scope.logits.expand(num_heads, -1, -1)[heads])
-        bias = bias.expand(num_heads, -1, -1).clone()
-        bias[heads] += edited - plain
 
-    result = EditedLogits(q=q, bias=bias, logit_heads=logit_heads, emphasis=[])
+    bias = torch.zeros(1, row.num_queries, row.num_keys, dtype=row.dtype, device=row.device)
+    key_bias = KeyBias(bias=bias.masked_fill(~row.visible, float("-inf")), emphasis=[])
     for a in at_stage(applied, Stage.BIAS):
-        a.op.edit_bias(result, a.scope, row)
-    return result
+        a.op.edit_bias(key_bias, a.scope, row)
+    return LogitEdits(
+        scales=scales if scale_ops else None,
+        rewrites=rewrites,
+        logit_heads=logit_heads,
+        logit_head_indices=logit_heads.nonzero().squeeze(1) if bool(logit_heads.any()) else None,
+        key_bias=key_bias,
+    )
+
+
+def edit_logits(row: RowAttention, edits: LogitEdits) -> EditedLogits:
+    """The pre-softmax stages on the row's queries and keys: one query gain and one bias. The
+    rewrites' changes are added to the BIAS stage's bias; a -inf there stays -inf."""
+    scales = edits.scales
+    q = row.q if scales is None else row.q * scales.query_gain[:, :, None]
+    bias = edits.key_bias.bias
+    heads = edits.logit_head_indices
+    if heads is not None:
+        # Key-dependent factors and rewrites need these heads' logits: materialised here only.
+        plain = kernels.logits(q[heads], row.keys_of(heads), None, row.scale)
+        edited = plain if scales is None or scales.key_factor is None else plain * scales.key_factor[heads]
+        for a in edits.rewrites:
+            edited = a.op.rewrite_logits(edited, a.scope.logits.expand(row.num_heads, -1, -1)[heads])
+        bias = bias.expand(row.num_heads, -1, -1).clone()
+        bias[heads] += edited - plain
+    return EditedLogits(q=q, bias=bias, logit_heads=edits.logit_heads, emphasis=edits.key_bias.emphasis)
 
 
 def refuse_removing_every_key(row: RowAttention, ops: Sequence[ScopedOp]) -> None:
@@ -124,16 +153,12 @@ def probability_heads(row: RowAttention, applied: Sequence[AppliedOp]) -> torch.
 
 
 def edit_probabilities(
-    row: RowAttention,
-    applied: Sequence[AppliedOp],
-    edited: EditedLogits,
-    probs: torch.Tensor,
-    slot: torch.Tensor,
+    row: RowAttention, applied: Sequence[AppliedOp], probs: torch.Tensor, slot: torch.Tensor
 ) -> None:
-    """The PROBABILITIES stage, in place: probs (h, L, n) of the materialised heads (slot[head] is
-    a head's index in probs) and edited.bias, which gets the equivalent logit bias."""
+    """The PROBABILITIES stage, in place on probs (h, L, n) of the materialised heads (slot[head]
+    is a head's index in probs)."""
     for a in at_stage(applied, Stage.PROBABILITIES):
-        a.op.edit_probabilities(edited, probs, slot, a.scope, row)
+        a.op.edit_probabilities(probs, slot, a.scope, row)
 
 
 def edit_output(

@@ -91,7 +91,13 @@ def _one_query_attention(
     """fused_attention for q (H, 1, D), whose one query sees at least one key."""
     scores = logits(q, k, bias.expand(q.shape[0], 1, -1), scale)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    num_kv_heads, num_keys, value_dim = values.shape
+    return weighted_values(torch.exp(scores - lse[..., None]), values), lse if with_lse else None
+
+
+def weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """probs @ values: (h, L, Dv) for probs (h, L, n) and values (h / g, n, Dv), each value head
+    serving g consecutive query heads (as logits)."""
+    num_heads, num_queries, num_keys = probs.shape
+    num_kv_heads, _, value_dim = values.shape
     grouped = probs.reshape(num_kv_heads, -1, num_keys) @ values
-    return grouped.reshape(q.shape[0], 1, value_dim), lse if with_lse else None
+    return grouped.reshape(num_heads, num_queries, value_dim)

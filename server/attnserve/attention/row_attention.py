@@ -128,3 +128,7 @@ class RowAttention:
         """Keys for kernels.logits with the queries of `heads` (sorted, unique): K itself when
         that is every head, else the heads' own copies."""
         return self.k if len(heads) == self.num_heads else self.k[self._kv_heads(heads)]
+
+    def values_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """V for the given query heads, as keys_of gives K."""
+        return self.v if len(heads) == self.num_heads else self.v[self._kv_heads(heads)]

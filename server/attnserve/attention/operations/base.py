@@ -112,6 +112,16 @@ class EmphasisTerm:
 
 
 @dataclass
+class KeyBias:
+    """What the BIAS stage builds, from the row's geometry alone: the additive logit bias (1 or H,
+    L, n), -inf where a key is not seen, and the KeyEmphasis terms in it."""
+
+    bias: torch.Tensor
+    #: The KeyEmphasis terms of the bias (the statistics correct the entropy for them).
+    emphasis: list[EmphasisTerm]
+
+
+@dataclass
 class EditedLogits:
     """The row's pre-softmax edits in fused form: logits = scale * q . k + bias.
 
@@ -158,15 +168,15 @@ class Operation:
         """LOGIT_REWRITE: logits (h, L, n) with the selected (h, L, n) ones rewritten."""
         raise NotImplementedError
 
-    def edit_bias(self, edited: EditedLogits, scope: Scope, row: RowAttention) -> None:
-        """BIAS: add to edited.bias (and record what the statistics need), in place."""
+    def edit_bias(self, key_bias: KeyBias, scope: Scope, row: RowAttention) -> None:
+        """BIAS: add to key_bias.bias (and record what the statistics need), in place."""
         raise NotImplementedError
 
     def edit_probabilities(
-        self, edited: EditedLogits, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
+        self, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
     ) -> None:
         """PROBABILITIES: edit probs (h, L, n) of the materialised heads (slot[head] is a head's
-        index in probs) in place, and put the equivalent logit bias into edited.bias."""
+        index in probs) in place; those heads' output is then probs @ V."""
         raise NotImplementedError
 
     def edit_output(

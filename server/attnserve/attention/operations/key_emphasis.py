@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnserve.attention.operations.base import EditedLogits, EmphasisTerm, Operation, Scope, Stage
+from attnserve.attention.operations.base import EmphasisTerm, KeyBias, Operation, Scope, Stage
 from attnserve.attention.row_attention import RowAttention
 
 
@@ -25,8 +25,8 @@ class KeyEmphasis(Operation):
     def is_identity(self) -> bool:
         return self.alpha == 1.0
 
-    def edit_bias(self, edited: EditedLogits, scope: Scope, row: RowAttention) -> None:
+    def edit_bias(self, key_bias: KeyBias, scope: Scope, row: RowAttention) -> None:
         log_alpha = math.log(self.alpha) if self.alpha > 0 else float("-inf")
-        edited.bias = torch.where(scope.logits, edited.bias + log_alpha, edited.bias)
+        key_bias.bias = torch.where(scope.logits, key_bias.bias + log_alpha, key_bias.bias)
         if self.alpha > 0:
-            edited.emphasis.append(EmphasisTerm(scope.head_query, scope.keys, log_alpha))
+            key_bias.emphasis.append(EmphasisTerm(scope.head_query, scope.keys, log_alpha))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnserve.attention.operations.base import EditedLogits, Operation, Scope, Stage
+from attnserve.attention.operations.base import KeyBias, Operation, Scope, Stage
 from attnserve.attention.row_attention import RowAttention
 
 
@@ -21,5 +21,5 @@ class KeyMask(Operation):
     def is_identity(self) -> bool:
         return False
 
-    def edit_bias(self, edited: EditedLogits, scope: Scope, row: RowAttention) -> None:
-        edited.bias = edited.bias.masked_fill(scope.logits & ~row.own_key, float("-inf"))
+    def edit_bias(self, key_bias: KeyBias, scope: Scope, row: RowAttention) -> None:
+        key_bias.bias = key_bias.bias.masked_fill(scope.logits & ~row.own_key, float("-inf"))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnserve.attention.operations.base import EditedLogits, Operation, Scope, Stage
+from attnserve.attention.operations.base import Operation, Scope, Stage
 from attnserve.attention.row_attention import RowAttention
 
 
@@ -29,15 +29,14 @@ class SinkCalibration(Operation):
         return self.beta == 1.0
 
     def edit_probabilities(
-        self, edited: EditedLogits, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
+        self, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
     ) -> None:
         """Sinks (positions >= 1 in the scope's keys) have a mean probability > tau over the query
         rows that see them. A row with sink mass m keeps beta * p on sinks and scales the other
-        keys by (1 - beta m) / (1 - m): a reweighting, so (docs/attention-math.md#identity-b)
-        exactly the logit bias log(beta (1 - m) / (1 - beta m)) on the sinks. The fused call then
-        gives the output; this avoids the form beta o_S + (1 - beta m)/(1 - m) (o - o_S), whose
-        subtraction loses float32 precision by a factor 1 / (1 - m) when the sinks hold almost
-        all the mass."""
+        keys by (1 - beta m) / (1 - m), with 1 - m summed over the other keys directly: as m -> 1
+        the difference would lose all precision. The heads' output is these probabilities times V
+        (core.attend), never o - o_S, whose subtraction loses float32 precision by a factor
+        1 / (1 - m) when the sinks hold almost all the mass."""
         heads = scope.head_indices(row.num_heads)
         p = probs[slot[heads]]
         seen_by = row.queries_per_key_of(heads)  # (1 or h, n)
@@ -49,7 +48,6 @@ class SinkCalibration(Operation):
         if not bool(sinks.any()):
             return
         mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)
-        # 1 - m summed directly: it would lose all precision to cancellation as m -> 1.
         rest = (p * ~sinks[:, None, :]).sum(dim=-1)
         # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
         changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
@@ -58,7 +56,3 @@ class SinkCalibration(Operation):
         probs[slot[heads]] = torch.where(
             sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
         )
-        sink_bias = torch.log(sink_factor / hand_back)  # 0 on unchanged rows, -inf when beta = 0
-        bias = edited.bias.expand(row.num_heads, -1, -1).clone()
-        bias[heads] = torch.where(sinks[:, None, :], bias[heads] + sink_bias[:, :, None], bias[heads])
-        edited.bias = bias

@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ...attention.core import attend_rows, effective_ops
+from ...attention.folded_rows import FoldedMemo
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...attention.readout import RowReadout
@@ -39,6 +40,8 @@ class BatchAttention:
         self.layouts = layouts
         self._plan_for = plan_for
         self.on_readouts = on_readouts
+        #: The folded decode rows' geometry and prepared operations, shared by the step's layers.
+        self.folded_memo = FoldedMemo()
 
     def planned_rows(self, layer: int) -> tuple[list[int], list[RowPlan]]:
         rows, plans = [], []
@@ -69,6 +72,7 @@ def attnserve_attention(module, query, key, value, attention_mask, scaling=None,
         scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         layouts=[batch.layouts[r] for r in rows],
         plans=plans,
+        memo=batch.folded_memo,
     )
     for j, (row, plan) in enumerate(zip(rows, plans)):
         if effective_ops(plan):  # rows with readouts only keep the engine's own output

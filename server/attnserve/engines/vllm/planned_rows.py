@@ -200,7 +200,7 @@ def _attend_decoding(
         prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
         scale=scale,
         ops=[effective_ops(plan) for _, plan in decoding],
-        scope_memo=step.scope_memo,
+        memo=step.folded_memo,
     )
     output[tokens] = edited.to(output.dtype)
 
