@@ -9,11 +9,12 @@ import random
 import pytest
 import torch
 from attnserve.attention.core import attend, attend_decode_rows, effective_ops, prepare
-from attnserve.attention.folded_rows import FoldedMemo, fold_decode_rows, folded_applied_ops
+from attnserve.attention.folded_rows import fold_decode_rows, folded_applied_ops
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import MaskKind
 from attnserve.attention.plan import NO_NEEDS, KeySet, QueryRows, RowPlan, ScopedOp
 from attnserve.attention.row_attention import RowAttention
+from attnserve.attention.step_memo import StepMemo
 from harness import COMBINATION, FULL_NEEDS, SINGLE_OPS, assert_matches_reference, make_batch, run
 
 NUM_HEADS = 6
@@ -109,7 +110,7 @@ def test_equal_operations_of_different_requests_share_one_application():
 @pytest.mark.parametrize("seed", range(6))
 def test_right_padded_rows_equal_left_padded_and_a_step_memo_changes_nothing(seed):
     """vLLM's paged cache is read right-padded (engines/vllm/paged_kv.py), with whatever a block's
-    earlier owner left in the padding; layers of a step share one FoldedMemo."""
+    earlier owner left in the padding; layers of a step share one StepMemo."""
     rng = random.Random(seed)
     key_starts = tuple(rng.randint(0, 9) for _ in range(7))
     batch = make_batch(num_queries=1, num_keys=14, key_starts=key_starts, generated=2, seed=seed)
@@ -133,7 +134,7 @@ def test_right_padded_rows_equal_left_padded_and_a_step_memo_changes_nothing(see
         right_v[b, :, : num_keys - start] = batch.v[b, :, start:]
     # Keys as paged_kv hands them over: a transposed view of a contiguous K^T.
     right_k = right_k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    memo = FoldedMemo()
+    memo = StepMemo()
     for _ in range(2):
         right = attend_decode_rows(
             batch.q[:, :, 0],

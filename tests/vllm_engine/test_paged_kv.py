@@ -1,5 +1,5 @@
 """paged_kv reads back what vLLM's own CPU cache-write op stored: requests of different lengths
-in shuffled blocks, gathered in one call, right-padded, the padding finite."""
+in shuffled blocks, gathered in one call, right-padded to the longest, the padding finite."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def write_cpu_vec(kv_cache: torch.Tensor, key, value, slot_mapping) -> None:
 
 
 @pytest.mark.parametrize("seq_lens", [[1], [70, 5, 33, 64], [32, 31]])
-def test_read_cpu_vec_gathers_every_request_left_padded(seq_lens):
+def test_read_cpu_vec_gathers_every_request_right_padded(seq_lens):
     generator = torch.Generator().manual_seed(sum(seq_lens))
     kv_cache = torch.full((NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM), float("nan"))
     blocks = torch.randperm(NUM_BLOCKS, generator=generator)
@@ -49,8 +49,8 @@ def test_read_cpu_vec_gathers_every_request_left_padded(seq_lens):
     slots = KVSlots.of(block_table, seq_lens, BLOCK_SIZE)
     k, v = read_cpu_vec(kv_cache, slots)
 
-    padded = -(-max(seq_lens) // BLOCK_SIZE) * BLOCK_SIZE
-    assert k.shape == v.shape == (len(seq_lens), NUM_KV_HEADS, padded, HEAD_DIM)
+    assert k.shape == v.shape == (len(seq_lens), NUM_KV_HEADS, max(seq_lens), HEAD_DIM)
+    assert k.transpose(2, 3).is_contiguous() and v.is_contiguous()
     for b, (own_k, own_v) in enumerate(written):
         assert torch.equal(k[b, :, : seq_lens[b]], own_k)
         assert torch.equal(v[b, :, : seq_lens[b]], own_v)

@@ -4,7 +4,7 @@ of size 32, so each worker holds 2 and 1; SmolLM2's 9 and 3 do not split in two)
 
 Each engine starts once (TP 2 first, then TP 1, never both at once on two cores) and runs every
 case; greedy tokens must be equal under each operation with heads on both workers and on one,
-and readouts and sampled statistics within 1e-4 (the workers' partial sums add up in another
+Score's log-probabilities, readouts and sampled statistics within 1e-4 (the workers' partial sums add up in another
 order than one worker's).
 """
 
@@ -16,10 +16,12 @@ import os
 import pytest
 import pytest_asyncio
 from attnserve.attention.plan import EMPTY_PLAN, OPERATIONS
+from attnserve.engines.base import ScoreRequest
+from attnserve.engines.prompts import answer_token_ids
 from attnserve.engines.vllm.engine import VllmEngine, cpu_thread_binding
 from attnserve.models.config import VllmSettings
 
-from .cases import chat_ids, compile_for, generate, generate_all, tokens
+from .cases import SCORE_CANDIDATES, chat_ids, compile_for, generate, generate_all, tokens
 from .prompts import QUESTIONS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -115,6 +117,15 @@ async def run_engine(path, cache_dir, tensor_parallel_size: int) -> dict:
             )
         )
         outputs.update(zip(plans, results))
+        candidates = tuple(answer_token_ids(engine.tokenizer, text) for text in SCORE_CANDIDATES)
+        score_plans = {"plain": EMPTY_PLAN} | {name: plans[name][0] for name in CASES}
+        scores = await asyncio.gather(
+            *(
+                engine.score(ScoreRequest(f"score-{name}", prompts[0], candidates, plan))
+                for name, plan in score_plans.items()
+            )
+        )
+        outputs["scores"] = dict(zip(score_plans, scores))
         # Alone in its steps, so that every step samples this request's statistics.
         sampled.clear()
         plan = compile_for(engine, prompts[1], [READOUT_INTERVENTION], READOUT_SPEC, max_tokens=MAX_TOKENS)
@@ -149,6 +160,16 @@ async def test_operation_tokens_equal(outputs, case):
         assert [out.logprob for out in o] == pytest.approx([out.logprob for out in t], abs=1e-4)
     # The operation really acted: the first token's logprob moved for some prompt.
     assert any(abs(o[0].logprob - p[0].logprob) > 1e-3 for o, p in zip(theirs, plain))
+
+
+async def test_scores_equal(outputs):
+    """Score under tensor parallelism: the plan on every prompt position, on each worker's heads."""
+    ours, theirs = outputs[2]["scores"], outputs[1]["scores"]
+    assert list(ours) == list(theirs) == ["plain", *CASES]
+    for name in theirs:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-4), name
+    # The operations acted on the scores too.
+    assert any(abs(o - p) > 1e-3 for name in CASES for o, p in zip(theirs[name], theirs["plain"]))
 
 
 def rows_of(output) -> list:

@@ -22,7 +22,7 @@ their padding cut off. In float32:
 - statistics reuse the fused call (lse, values := [V | K | indicator columns]).
 What depends only on a row's geometry and operations (scopes, the bias, which heads are
 materialised) is prepared once (prepare) and shared by calls with equal geometry: the layers of
-an engine step, through a FoldedMemo for folded rows.
+an engine step, through a StepMemo for folded rows.
 The identities, the order of the operations and the statistics: docs/attention-math.md.
 Pure torch; works on CPU and CUDA tensors.
 """
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import FoldedMemo, attend_folded, fold_decode_rows
+from attnserve.attention.folded_rows import attend_folded, fold_decode_rows
 from attnserve.attention.interventions import (
     AppliedOp,
     LogitEdits,
@@ -60,6 +60,7 @@ from attnserve.attention.statistics import (
     mass_columns,
     materialised_pieces,
 )
+from attnserve.attention.step_memo import StepMemo
 
 #: With statistics, rows with at most this many logits (heads x queries x keys: a decode step,
 #: a short prompt) materialise every head's probabilities; larger rows use the fused identities.
@@ -137,7 +138,7 @@ def attend_rows(
     scale: float,
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
-    memo: FoldedMemo | None = None,
+    memo: StepMemo | None = None,
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
     """Attention of a left-padded batch with plans[b] applied to row b, laid out as layouts[b]
     (layout.py). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
@@ -164,7 +165,7 @@ def attend_rows(
         if (not ops and plan.needs.is_empty) or b in folded:
             continue
         row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
-        row_output, readouts[b] = _attend_row(row, ops, plan)
+        row_output, readouts[b] = _attend_row(row, ops, plan, memo)
         if ops:
             output[b, :, q.shape[2] - row.num_queries :] = row_output.to(q.dtype)
     return output, readouts
@@ -196,7 +197,7 @@ def attend_decode_rows(
     scale: float,
     ops: Sequence[tuple[ScopedOp, ...]],
     key_ends: Sequence[int] | None = None,
-    memo: FoldedMemo | None = None,
+    memo: StepMemo | None = None,
 ) -> torch.Tensor:
     """Decode rows of several requests in one pass: q (B, H, D) each request's query (its last
     token); k, v (B, Hkv, n, D) padded, request b's keys at key_starts[b]..key_ends[b]-1
@@ -215,7 +216,7 @@ def _attend_folded(
     layouts: Sequence[RowLayout],
     ops: Sequence[tuple[ScopedOp, ...]],
     rows: Sequence[int],
-    memo: FoldedMemo | None,
+    memo: StepMemo | None,
 ) -> torch.Tensor:
     """(len(rows), H, D): the outputs of the given decode rows of a left-padded batch."""
     if len(rows) < q.shape[0]:
@@ -234,10 +235,17 @@ def _attend_folded(
 
 
 def _attend_row(
-    row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan
+    row: RowAttention, ops: tuple[ScopedOp, ...], plan: RowPlan, memo: StepMemo | None
 ) -> tuple[torch.Tensor, RowReadout | None]:
     refuse_removing_every_key(row, ops)
-    return attend(row, prepare(row, applied_ops(row, ops), plan.needs), plan.needs)
+
+    def build() -> PreparedOps:
+        return prepare(row, applied_ops(row, ops), plan.needs)
+
+    if memo is None:
+        return attend(row, build(), plan.needs)
+    geometry = (row.layout, row.num_heads, row.num_queries, row.num_keys, row.dtype, row.device)
+    return attend(row, memo.prepared_for((geometry, ops, plan.needs), build), plan.needs)
 
 
 @dataclass(frozen=True)

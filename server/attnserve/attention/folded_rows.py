@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from attnserve.attention.operations.base import Scope
 from attnserve.attention.plan import NO_NEEDS, ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
+from attnserve.attention.step_memo import StepMemo
 
 if TYPE_CHECKING:
     from attnserve.attention.core import PreparedOps
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 class FoldedGeometry:
     """Where each request's keys sit among the folded rows' n keys: all that the rows' masks and
     scopes depend on. Equal geometries (the layers of an engine step) share one instance through
-    a FoldedMemo, so its tensors are built once."""
+    a StepMemo (step_memo.py), so its tensors are built once."""
 
     #: Index of each request's token 0.
     key_starts: tuple[int, ...]
@@ -145,15 +146,6 @@ class FoldedRows(RowAttention):
         return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
 
 
-@dataclass
-class FoldedMemo:
-    """What the folded passes of one engine step share: its layers repeat the rows' geometry and,
-    often, their operations. Owned by the caller (the step)."""
-
-    geometries: dict[FoldedGeometry, FoldedGeometry] = field(default_factory=dict)
-    prepared: dict[tuple, PreparedOps] = field(default_factory=dict)
-
-
 def fold_decode_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,7 +154,7 @@ def fold_decode_rows(
     prompt_lengths: Sequence[int],
     scale: float,
     key_ends: Sequence[int] | None = None,
-    memo: FoldedMemo | None = None,
+    memo: StepMemo | None = None,
 ) -> FoldedRows:
     """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) padded, request b's keys at
     key_starts[b]..key_ends[b]-1 (key_ends default: n, left-padded). Computed in float32 (or
@@ -235,22 +227,21 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
 
 
 def prepare_folded(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: FoldedMemo | None = None
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: StepMemo | None = None
 ) -> PreparedOps:
     """core.prepare for the folded rows; with a memo, equal calls share it."""
     from attnserve.attention.core import prepare  # core dispatches here: imported when used
 
-    if memo is None:
+    def build() -> PreparedOps:
         return prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
-    key = (rows.geometry, rows.dtype, tuple(map(tuple, ops_per_request)))
-    prepared = memo.prepared.get(key)
-    if prepared is None:
-        prepared = memo.prepared[key] = prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
-    return prepared
+
+    if memo is None:
+        return build()
+    return memo.prepared_for((rows.geometry, rows.dtype, tuple(map(tuple, ops_per_request))), build)
 
 
 def attend_folded(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: FoldedMemo | None = None
+    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: StepMemo | None = None
 ) -> torch.Tensor:
     """(B, H, D): each request's attention output with its operations applied (no readouts)."""
     from attnserve.attention.core import attend

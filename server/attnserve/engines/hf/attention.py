@@ -16,10 +16,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ...attention.core import attend_rows, effective_ops
-from ...attention.folded_rows import FoldedMemo
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...attention.readout import RowReadout
+from ...attention.step_memo import StepMemo
 
 ATTN_IMPLEMENTATION = "attnserve"
 
@@ -40,8 +40,8 @@ class BatchAttention:
         self.layouts = layouts
         self._plan_for = plan_for
         self.on_readouts = on_readouts
-        #: The folded decode rows' geometry and prepared operations, shared by the step's layers.
-        self.folded_memo = FoldedMemo()
+        #: What the planned rows' attention calls share across the step's layers.
+        self.step_memo = StepMemo()
 
     def planned_rows(self, layer: int) -> tuple[list[int], list[RowPlan]]:
         rows, plans = [], []
@@ -72,7 +72,7 @@ def attnserve_attention(module, query, key, value, attention_mask, scaling=None,
         scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         layouts=[batch.layouts[r] for r in rows],
         plans=plans,
-        memo=batch.folded_memo,
+        memo=batch.step_memo,
     )
     for j, (row, plan) in enumerate(zip(rows, plans)):
         if effective_ops(plan):  # rows with readouts only keep the engine's own output

@@ -149,31 +149,51 @@ def apply_row_plans(
         bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
     starts, lengths = bounds
     decoding: list[tuple[PlannedRow, RowPlan]] = []
+    one_by_one: list[tuple[PlannedRow, RowPlan]] = []
     for planned in step.rows:
         row = planned.row
         planned.seq_len = lengths[row]
         plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
         if plan is None:
             continue
-        first, last = starts[row], starts[row + 1]
-        if last - first == 1 and folds(plan):
+        if starts[row + 1] - starts[row] == 1 and folds(plan):
             decoding.append((planned, plan))
-            continue
-        k, v = read_kv([row], [planned.seq_len])
+        else:
+            one_by_one.append((planned, plan))
+    if decoding:
+        _attend_decoding(decoding, query, output, scale, starts, read_kv, step)
+    if one_by_one:
+        _attend_one_by_one(one_by_one, layer_index, query, output, scale, starts, read_kv, step)
+
+
+def _attend_one_by_one(
+    rows: list[tuple[PlannedRow, RowPlan]],
+    layer_index: int,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    scale: float,
+    starts: list[int],
+    read_kv: KVReader,
+    step: StepContext,
+) -> None:
+    """Planned rows that do not fold (prefill chunks, rows with readouts): their keys and values
+    in one gather, then attention.core one row at a time."""
+    k, v = read_kv([planned.row for planned, _ in rows], [planned.seq_len for planned, _ in rows])
+    for i, (planned, plan) in enumerate(rows):
+        first, last = starts[planned.row], starts[planned.row + 1]
         edited, (readout,) = attend_rows(
             query[first:last].transpose(0, 1)[None],
-            k[:, :, : planned.seq_len],
-            v[:, :, : planned.seq_len],
+            k[i : i + 1, :, : planned.seq_len],
+            v[i : i + 1, :, : planned.seq_len],
             scale=scale,
             layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.layout_prompt_tokens)],
             plans=[plan],
+            memo=step.step_memo,
         )
         if effective_ops(plan):
             output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
         if readout is not None:  # recorded after the forward (worker.StepPlanner.publish)
             planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
-    if decoding:
-        _attend_decoding(decoding, query, output, scale, starts, read_kv, step)
 
 
 def _attend_decoding(
@@ -200,7 +220,7 @@ def _attend_decoding(
         prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
         scale=scale,
         ops=[effective_ops(plan) for _, plan in decoding],
-        memo=step.folded_memo,
+        memo=step.step_memo,
     )
     output[tokens] = edited.to(output.dtype)
 

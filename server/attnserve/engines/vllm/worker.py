@@ -20,10 +20,10 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 
-from ...attention.folded_rows import FoldedMemo
 from ...attention.paint import needs_visual_keys
 from ...attention.plan import EMPTY_PLAN, RequestPlan
 from ...attention.readout import RowReadout
+from ...attention.step_memo import StepMemo
 from ...readouts import CallSite
 from ..readouts import StatisticsSampler, StepReadouts
 from .channel import ReadoutPublisher, StepMessage
@@ -86,9 +86,8 @@ class StepContext:
     bounds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     #: (id(attention metadata), batch rows) -> where those rows' keys sit in the paged cache.
     kv_slots: dict[tuple[int, tuple[int, ...]], KVSlots] = field(default_factory=dict)
-    #: The folded decode rows' geometry and prepared operations, shared by the step's layers
-    #: (attention/folded_rows.py).
-    folded_memo: FoldedMemo = field(default_factory=FoldedMemo)
+    #: What the planned rows' attention calls share across the step's layers (attention/step_memo.py).
+    step_memo: StepMemo = field(default_factory=StepMemo)
 
     def message(self, calls: RowCalls) -> StepMessage:
         """The step's message from each row's calls (this worker's, or all workers' merged)."""
