@@ -139,6 +139,8 @@ class EditedLogits:
 
     def logits(self, row: RowAttention, heads: torch.Tensor) -> torch.Tensor:
         """Materialised (len(heads), L, n) logits of the given query heads."""
+        if len(heads) == row.num_heads:
+            return kernels.logits(self.q, row.k, self.bias, row.scale)
         bias = self.bias if self.bias.shape[0] == 1 else self.bias[heads]
         return kernels.logits(self.q[heads], row.keys_of(heads), bias, row.scale)
 
