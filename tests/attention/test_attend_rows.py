@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from attnserve.attention.core import attend_rows
 from attnserve.attention.plan import (
     HeadOutputScale,
     IdentityBlend,
@@ -67,6 +68,30 @@ def test_mixed_batch_of_plans():
     _, readouts = run(batch, plans)
     assert readouts[0] is None and readouts[3] is None
     assert readouts[2].statistics is None and readouts[2].last_query_rows.shape == (6, 14 - 2)
+
+
+def test_without_plain_outputs_only_edited_rows_are_computed():
+    """Engines keep their own kernel's output for rows that read out only (plain_outputs False)."""
+    batch = make_batch(num_queries=12, num_keys=14, key_starts=(0, 6, 2, 9, 4), generated=2)
+    plans = [
+        RowPlan(needs=ReadoutNeeds(statistics=True)),
+        RowPlan(ops=COMBINATION[:5], needs=FULL_NEEDS),
+        RowPlan(),
+        RowPlan(ops=(SINGLE_OPS["emphasis"],)),
+        RowPlan(needs=FULL_NEEDS),
+    ]
+    expected, expected_readouts = run(batch, plans)
+    out, readouts = attend_rows(
+        batch.q, batch.k, batch.v, scale=batch.scale, layouts=batch.layouts, plans=plans, plain_outputs=False
+    )
+    assert not out[[0, 2, 4]].any()
+    assert torch.equal(out[[1, 3]], expected[[1, 3]])
+    for ours, theirs in zip(readouts, expected_readouts):
+        assert (ours is None) == (theirs is None)
+        if theirs is not None:
+            assert ours.statistics == theirs.statistics
+            if theirs.last_query_rows is not None:
+                assert torch.equal(ours.last_query_rows, theirs.last_query_rows)
 
 
 @pytest.mark.parametrize("min_queries", [0, 3, 6])

@@ -139,15 +139,18 @@ def attend_rows(
     layouts: Sequence[RowLayout],
     plans: Sequence[RowPlan],
     memo: StepMemo | None = None,
+    plain_outputs: bool = True,
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
     """Attention of a left-padded batch with plans[b] applied to row b, laid out as layouts[b]
     (layout.py). Returns the output (B, H, Lq, D) in q's dtype and one RowReadout per row (None
     when the row asks for none). Padded query rows of edited rows are zero. A caller that runs
-    the same rows through several layers (an engine step) passes one memo to all of them."""
+    the same rows through several layers (an engine step) passes one memo to all of them. With
+    plain_outputs False, rows whose plan edits nothing (readouts only) are left zero: for
+    engines that keep their own kernel's output for them."""
     _check(q, k, v, layouts, plans)
     row_ops = [effective_ops(plan) for plan in plans]
-    plain_rows = [b for b, ops in enumerate(row_ops) if not ops]
-    if len(plain_rows) == len(plans):
+    plain_rows = [b for b, ops in enumerate(row_ops) if not ops] if plain_outputs else []
+    if plain_rows and len(plain_rows) == len(plans):
         output = plain_attention(q, k, v, scale=scale, layouts=layouts)
     else:
         output = torch.zeros_like(q)

@@ -73,6 +73,7 @@ def attnserve_attention(module, query, key, value, attention_mask, scaling=None,
         layouts=[batch.layouts[r] for r in rows],
         plans=plans,
         memo=batch.step_memo,
+        plain_outputs=False,
     )
     for j, (row, plan) in enumerate(zip(rows, plans)):
         if effective_ops(plan):  # rows with readouts only keep the engine's own output

@@ -189,6 +189,7 @@ def _attend_one_by_one(
             layouts=[RowLayout(key_start=0, num_prompt_tokens=planned.layout_prompt_tokens)],
             plans=[plan],
             memo=step.step_memo,
+            plain_outputs=False,
         )
         if effective_ops(plan):
             output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
