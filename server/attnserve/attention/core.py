@@ -21,8 +21,8 @@ their padding cut off. In float32:
 - output ops edit the fused output (o' = (1-u) o + u v_own, o' = c o; identity U there);
 - statistics reuse the fused call (lse, values := [V | K | indicator columns]).
 What depends only on a row's geometry and operations (scopes, the bias, which heads are
-materialised) is prepared once (prepare) and shared by calls with equal geometry: the layers of
-an engine step, through a StepMemo for folded rows.
+materialised) is prepared once (prepare) and shared by calls with equal geometry and
+operations: the layers of an engine step, through its StepMemo (step_memo.py).
 The identities, the order of the operations and the statistics: docs/attention-math.md.
 Pure torch; works on CPU and CUDA tensors.
 """
