@@ -45,6 +45,7 @@ from attnserve.attention.interventions import (
     edit_output,
     edit_probabilities,
     prepare_logit_edits,
+    prepare_probabilities,
     probability_heads,
     refuse_removing_every_key,
 )
@@ -264,6 +265,8 @@ class PreparedOps:
     fused_heads: torch.Tensor
     #: (H,) each head's index in the materialised probabilities, -1 for fused heads.
     slot: torch.Tensor
+    #: What each PROBABILITIES-stage op needs of its scope (interventions.prepare_probabilities).
+    probability_edits: list[object]
 
 
 def prepare(row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds) -> PreparedOps:
@@ -285,6 +288,7 @@ def prepare(row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds
         materialised=materialised,
         fused_heads=(~materialise).nonzero().squeeze(1),
         slot=slot,
+        probability_edits=prepare_probabilities(row, applied, slot),
     )
 
 
@@ -301,7 +305,7 @@ def attend(
     edited = edit_logits(row, prepared.logit_edits)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
-        edit_probabilities(row, applied, probs, slot)
+        edit_probabilities(row, applied, prepared.probability_edits, probs)
 
     # One fused call for the other heads gives their output and, for their statistics, the lse,
     # sum_j p_ij k_j and the masses on the indicator columns (docs/attention-math.md#identity-h,

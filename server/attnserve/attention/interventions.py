@@ -152,13 +152,20 @@ def probability_heads(row: RowAttention, applied: Sequence[AppliedOp]) -> torch.
     return heads
 
 
+def prepare_probabilities(
+    row: RowAttention, applied: Sequence[AppliedOp], slot: torch.Tensor
+) -> list[object]:
+    """What the PROBABILITIES-stage ops need of their scopes and the row's geometry, in order."""
+    return [a.op.prepare_probabilities(a.scope, slot, row) for a in at_stage(applied, Stage.PROBABILITIES)]
+
+
 def edit_probabilities(
-    row: RowAttention, applied: Sequence[AppliedOp], probs: torch.Tensor, slot: torch.Tensor
+    row: RowAttention, applied: Sequence[AppliedOp], prepared: Sequence[object], probs: torch.Tensor
 ) -> None:
-    """The PROBABILITIES stage, in place on probs (h, L, n) of the materialised heads (slot[head]
-    is a head's index in probs)."""
-    for a in at_stage(applied, Stage.PROBABILITIES):
-        a.op.edit_probabilities(probs, slot, a.scope, row)
+    """The PROBABILITIES stage, in place on probs (h, L, n) of the materialised heads, each op
+    with what prepare_probabilities gave it."""
+    for a, op_prepared in zip(at_stage(applied, Stage.PROBABILITIES), prepared):
+        a.op.edit_probabilities(probs, op_prepared, row)
 
 
 def edit_output(

@@ -174,11 +174,15 @@ class Operation:
         """BIAS: add to key_bias.bias (and record what the statistics need), in place."""
         raise NotImplementedError
 
-    def edit_probabilities(
-        self, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
-    ) -> None:
-        """PROBABILITIES: edit probs (h, L, n) of the materialised heads (slot[head] is a head's
-        index in probs) in place; those heads' output is then probs @ V."""
+    def prepare_probabilities(self, scope: Scope, slot: torch.Tensor, row: RowAttention) -> object:
+        """PROBABILITIES: what edit_probabilities needs of the scope and the row's geometry alone
+        (no probabilities), built once per geometry (core.prepare); slot[head] is a head's index
+        in the materialised probabilities."""
+        raise NotImplementedError
+
+    def edit_probabilities(self, probs: torch.Tensor, prepared: object, row: RowAttention) -> None:
+        """PROBABILITIES: edit probs (h, L, n) of the materialised heads in place, with what
+        prepare_probabilities gave; those heads' output is then probs @ V."""
         raise NotImplementedError
 
     def edit_output(

@@ -28,31 +28,50 @@ class SinkCalibration(Operation):
     def is_identity(self) -> bool:
         return self.beta == 1.0
 
-    def edit_probabilities(
-        self, probs: torch.Tensor, slot: torch.Tensor, scope: Scope, row: RowAttention
-    ) -> None:
-        """Sinks (positions >= 1 in the scope's keys) have a mean probability > tau over the query
-        rows that see them. A row with sink mass m keeps beta * p on sinks and scales the other
-        keys by (1 - beta m) / (1 - m), with 1 - m summed over the other keys directly: as m -> 1
-        the difference would lose all precision. The heads' output is these probabilities times V
-        (core.attend), never o - o_S, whose subtraction loses float32 precision by a factor
-        1 / (1 - m) when the sinks hold almost all the mass."""
+    def prepare_probabilities(self, scope: Scope, slot: torch.Tensor, row: RowAttention) -> SinkCandidates:
+        """Sink candidates: keys of the scope at positions >= 1, seen by at least one (and at
+        least min_queries) of the call's query rows."""
         heads = scope.head_indices(row.num_heads)
-        p = probs[slot[heads]]
         seen_by = row.queries_per_key_of(heads)  # (1 or h, n)
-        column_mean = p.sum(dim=1) / seen_by.clamp(min=1)
         eligible = scope.keys_of_heads(heads) & (row.key_positions_of(heads) >= 1) & (seen_by > 0)
         if self.min_queries > 0:
             eligible &= seen_by >= self.min_queries
-        sinks = (column_mean > self.tau) & eligible  # (h, n)
+        return SinkCandidates(
+            slots=slot[heads], seen_by=seen_by.clamp(min=1), eligible=eligible, queries=scope.queries
+        )
+
+    def edit_probabilities(self, probs: torch.Tensor, prepared: SinkCandidates, row: RowAttention) -> None:
+        """Sinks are the candidates whose mean probability over the query rows that see them
+        exceeds tau. A row with sink mass m keeps beta * p on sinks and scales the other keys by
+        (1 - beta m) / (1 - m), with 1 - m summed over the other keys directly: as m -> 1 the
+        difference would lose all precision. The heads' output is these probabilities times V
+        (core.attend), never o - o_S, whose subtraction loses float32 precision by a factor
+        1 / (1 - m) when the sinks hold almost all the mass."""
+        p = probs[prepared.slots]
+        sinks = (p.sum(dim=1) / prepared.seen_by > self.tau) & prepared.eligible  # (h, n)
         if not bool(sinks.any()):
             return
         mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)
         rest = (p * ~sinks[:, None, :]).sum(dim=-1)
         # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
-        changed = scope.queries[None, :] & (mass > 0) & (rest > 0)
+        changed = prepared.queries[None, :] & (mass > 0) & (rest > 0)
         hand_back = torch.where(changed, (1 - self.beta * mass) / rest, 1.0)
         sink_factor = torch.where(changed, torch.full_like(mass, self.beta), 1.0)
-        probs[slot[heads]] = torch.where(
+        probs[prepared.slots] = torch.where(
             sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
         )
+
+
+@dataclass(frozen=True)
+class SinkCandidates:
+    """SinkCalibration's scope on a row's geometry: for each of its heads (h), where the head's
+    probabilities sit, and its keys that may be sinks."""
+
+    #: (h,) the heads' indices in the materialised probabilities.
+    slots: torch.Tensor
+    #: (1 or h, n) how many query rows see each key, at least 1.
+    seen_by: torch.Tensor
+    #: (h, n) keys that may be sinks.
+    eligible: torch.Tensor
+    #: (L,) query rows whose probabilities are reweighted.
+    queries: torch.Tensor
