@@ -144,6 +144,8 @@ def apply_row_plans(
     query (T, H, D) are the batch's queries; a request's query tokens are the last ones of its
     sequence, its keys and values come from the paged cache through read_kv.
     """
+    if step.layers_with_work is not None and layer_index not in step.layers_with_work:
+        return
     bounds = step.bounds.get(metadata_id)
     if bounds is None:
         bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import pickle
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ...attention.paint import needs_visual_keys
 from ...attention.plan import EMPTY_PLAN, RequestPlan
@@ -88,6 +89,14 @@ class StepContext:
     kv_slots: dict[tuple[int, tuple[int, ...]], KVSlots] = field(default_factory=dict)
     #: What the planned rows' attention calls share across the step's layers (attention/step_memo.py).
     step_memo: StepMemo = field(default_factory=StepMemo)
+
+    @cached_property
+    def layers_with_work(self) -> frozenset[int] | None:
+        """The layers some row's plan has operations on; None (every layer) when a row reads
+        out. The other layers' calls skip the rows at once."""
+        if any(planned.reads_out for planned in self.rows):
+            return None
+        return frozenset(layer for planned in self.rows for layer in planned.plan.layer_ops)
 
     def message(self, calls: RowCalls) -> StepMessage:
         """The step's message from each row's calls (this worker's, or all workers' merged)."""
