@@ -36,8 +36,13 @@ class SinkCalibration(Operation):
         eligible = scope.keys_of_heads(heads) & (row.key_positions_of(heads) >= 1) & (seen_by > 0)
         if self.min_queries > 0:
             eligible &= seen_by >= self.min_queries
+        every_materialised_head = len(heads) == int((slot >= 0).sum())
         return SinkCandidates(
-            slots=slot[heads], seen_by=seen_by.clamp(min=1), eligible=eligible, queries=scope.queries
+            slots=None if every_materialised_head else slot[heads],
+            # One query row: an eligible key's mean probability is its probability.
+            seen_by=None if row.num_queries == 1 else seen_by.clamp(min=1),
+            eligible=eligible,
+            queries=None if bool(scope.queries.all()) else scope.queries,
         )
 
     def edit_probabilities(self, probs: torch.Tensor, prepared: SinkCandidates, row: RowAttention) -> None:
@@ -47,19 +52,24 @@ class SinkCalibration(Operation):
         difference would lose all precision. The heads' output is these probabilities times V
         (core.attend), never o - o_S, whose subtraction loses float32 precision by a factor
         1 / (1 - m) when the sinks hold almost all the mass."""
-        p = probs[prepared.slots]
-        sinks = (p.sum(dim=1) / prepared.seen_by > self.tau) & prepared.eligible  # (h, n)
+        p = probs if prepared.slots is None else probs[prepared.slots]
+        means = p.sum(dim=1) if prepared.seen_by is None else p.sum(dim=1) / prepared.seen_by
+        sinks = (means > self.tau) & prepared.eligible  # (h, n)
         if not bool(sinks.any()):
             return
-        mass = (p * sinks[:, None, :]).sum(dim=-1)  # (h, L)
-        rest = (p * ~sinks[:, None, :]).sum(dim=-1)
+        on_sinks = p * sinks[:, None, :]
+        mass = on_sinks.sum(dim=-1)  # (h, L)
+        rest = (p - on_sinks).sum(dim=-1)  # exactly the other keys' sum: p - p or p - 0
         # m == 0: nothing to move; m == 1: no other key to hand the mass back to.
-        changed = prepared.queries[None, :] & (mass > 0) & (rest > 0)
+        changed = (mass > 0) & (rest > 0)
+        if prepared.queries is not None:
+            changed &= prepared.queries[None, :]
         hand_back = torch.where(changed, (1 - self.beta * mass) / rest, 1.0)
-        sink_factor = torch.where(changed, torch.full_like(mass, self.beta), 1.0)
-        probs[prepared.slots] = torch.where(
-            sinks[:, None, :], p * sink_factor[:, :, None], p * hand_back[:, :, None]
-        )
+        factor = torch.where(sinks[:, None, :] & changed[:, :, None], self.beta, hand_back[:, :, None])
+        if prepared.slots is None:
+            probs.mul_(factor)
+        else:
+            probs[prepared.slots] = p * factor
 
 
 @dataclass(frozen=True)
@@ -67,11 +77,12 @@ class SinkCandidates:
     """SinkCalibration's scope on a row's geometry: for each of its heads (h), where the head's
     probabilities sit, and its keys that may be sinks."""
 
-    #: (h,) the heads' indices in the materialised probabilities.
-    slots: torch.Tensor
-    #: (1 or h, n) how many query rows see each key, at least 1.
-    seen_by: torch.Tensor
+    #: (h,) the heads' indices in the materialised probabilities; None when they are all of
+    #: them, in order (edited in place).
+    slots: torch.Tensor | None
+    #: (1 or h, n) how many query rows see each key, at least 1; None with one query row.
+    seen_by: torch.Tensor | None
     #: (h, n) keys that may be sinks.
     eligible: torch.Tensor
-    #: (L,) query rows whose probabilities are reweighted.
-    queries: torch.Tensor
+    #: (L,) query rows whose probabilities are reweighted; None for every row.
+    queries: torch.Tensor | None
