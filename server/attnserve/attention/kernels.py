@@ -19,13 +19,18 @@ CHUNK_ELEMENTS = 1 << 22
 def logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Materialised scale * q . k (+ bias): (h, L, n) for q (h, L, D) and k (h / g, n, D).
 
-    Each kv head serves g consecutive query heads: one matmul per kv head, no copy of K.
+    Each kv head serves g consecutive query heads: one matmul per kv head, no copy of K; a
+    per-head bias is added by the same call.
     """
     num_heads, num_queries, head_dim = q.shape
     num_kv_heads, num_keys, _ = k.shape
     group = num_heads // num_kv_heads
-    scores = q.reshape(num_kv_heads, group * num_queries, head_dim) @ k.transpose(-1, -2)
-    scores = scale * scores.reshape(num_heads, num_queries, num_keys)
+    grouped_q = q.reshape(num_kv_heads, group * num_queries, head_dim)
+    if bias is not None and bias.shape[:2] == (num_heads, num_queries):
+        grouped_bias = bias.reshape(num_kv_heads, group * num_queries, num_keys)
+        scores = torch.baddbmm(grouped_bias, grouped_q, k.transpose(-1, -2), alpha=scale)
+        return scores.reshape(num_heads, num_queries, num_keys)
+    scores = scale * (grouped_q @ k.transpose(-1, -2)).reshape(num_heads, num_queries, num_keys)
     return scores if bias is None else scores + bias
 
 
@@ -90,8 +95,10 @@ def _one_query_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused_attention for q (H, 1, D), whose one query sees at least one key."""
     scores = logits(q, k, bias.expand(q.shape[0], 1, -1), scale)
+    if not with_lse:
+        return weighted_values(torch.softmax(scores, dim=-1), values), None
     lse = torch.logsumexp(scores, dim=-1)
-    return weighted_values(torch.exp(scores - lse[..., None]), values), lse if with_lse else None
+    return weighted_values(torch.exp(scores - lse[..., None]), values), lse
 
 
 def weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
