@@ -133,10 +133,12 @@ class FoldedRows(RowAttention):
 
     def queries_per_key_of(self, heads: torch.Tensor) -> torch.Tensor:
         """(len(heads), n): 1 on the keys the head's query sees, 0 elsewhere."""
-        return self.geometry.queries_per_key[heads]
+        every_head = len(heads) == self.num_heads  # heads are sorted and unique
+        return self.geometry.queries_per_key if every_head else self.geometry.queries_per_key[heads]
 
     def key_positions_of(self, heads: torch.Tensor) -> torch.Tensor:
-        return self.geometry.positions[heads]
+        every_head = len(heads) == self.num_heads
+        return self.geometry.positions if every_head else self.geometry.positions[heads]
 
     def own_values(self) -> torch.Tensor:
         """(B*H, 1, D) value of each request's last key."""

@@ -78,7 +78,8 @@ class Scope:
         """(1 or h, n) bool: the keys of every head, or of the given head indices."""
         if self.keys.dim() == 1:
             return self.keys[None]
-        return self.keys if heads is None else self.keys[heads]
+        every_head = heads is None or len(heads) == self.keys.shape[0]  # sorted, unique indices
+        return self.keys if every_head else self.keys[heads]
 
     def selects_every_key(self, row: RowAttention) -> bool:
         """Whether the scope holds every key of the row, decided on a CPU copy (no device sync);

@@ -215,7 +215,7 @@ def _attend_decoding(
     k, v = read_kv(rows, seq_lens)
     tokens = torch.tensor([starts[row] for row in rows], device=query.device)
     edited = attend_decode_rows(
-        query[tokens],
+        query.index_select(0, tokens),
         k,
         v,
         key_starts=[0] * len(rows),
@@ -225,7 +225,7 @@ def _attend_decoding(
         ops=[effective_ops(plan) for _, plan in decoding],
         memo=step.step_memo,
     )
-    output[tokens] = edited.to(output.dtype)
+    output.index_copy_(0, tokens, edited.to(output.dtype))
 
 
 @functools.cache
