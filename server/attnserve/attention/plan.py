@@ -194,6 +194,8 @@ class RequestPlan:
     def for_call(self, layer: int, step: int, sample_statistics: bool = False) -> RowPlan | None:
         """The RowPlan of one attention call, or None when the row is left untouched."""
         ops = self.ops_for(layer, step)
+        if not self.readouts and not sample_statistics:
+            return RowPlan(ops=ops) if ops else None
         needs = ReadoutNeeds(statistics=True, image_keys=self.image_keys) if sample_statistics else NO_NEEDS
         for readout in self.readouts:
             needs = needs | readout.needs(layer, step)
