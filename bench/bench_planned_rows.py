@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from attnserve.engines.vllm.paged_kv import read_cpu_vec
-from attnserve.engines.vllm.planned_rows import _kv_slots, apply_row_plans
+from attnserve.engines.vllm.planned_rows import apply_row_plans, step_kv_slots
 from attnserve.engines.vllm.worker import PlannedRow, StepContext
 from bench_vllm import heavy_plan, preset_plan
 
@@ -54,7 +54,7 @@ class DecodeStep:
         )
 
     def read_kv(self, step: StepContext, rows: list[int], seq_lens: list[int]):
-        slots = _kv_slots(step, 0, self.block_table, rows, seq_lens, BLOCK_SIZE)
+        slots = step_kv_slots(step, 0, self.block_table, rows, seq_lens, BLOCK_SIZE)
         return read_cpu_vec(self.kv_cache, slots)
 
     def run(self) -> None:

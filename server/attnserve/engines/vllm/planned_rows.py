@@ -93,7 +93,9 @@ class PlannedRowsMixin:
         metadata_id = id(attn_metadata)
 
         def read_kv(rows: list[int], seq_lens: list[int]):
-            slots = _kv_slots(step, metadata_id, attn_metadata.block_table, rows, seq_lens, kv_cache.shape[2])
+            slots = step_kv_slots(
+                step, metadata_id, attn_metadata.block_table, rows, seq_lens, kv_cache.shape[2]
+            )
             return read(kv_cache, slots)
 
         apply_row_plans(
@@ -109,7 +111,7 @@ class PlannedRowsMixin:
         )
 
 
-def _kv_slots(
+def step_kv_slots(
     step: StepContext,
     metadata_id: int,
     block_table: torch.Tensor,
