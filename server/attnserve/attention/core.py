@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import attend_folded, fold_decode_rows
+from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, fold_rows
 from attnserve.attention.interventions import (
     AppliedOp,
     LogitEdits,
@@ -209,6 +209,39 @@ def attend_decode_rows(
     to request b. A caller that runs the same rows through several layers passes one memo to all
     of them (folded_rows.py)."""
     rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale, key_ends, memo)
+    return attend_folded(rows, ops, memo)[:, :, 0]
+
+
+def attend_folded_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_starts: Sequence[int],
+    key_ends: Sequence[int],
+    query_counts: Sequence[int],
+    prompt_lengths: Sequence[int],
+    scale: float,
+    ops: Sequence[tuple[ScopedOp, ...]],
+    memo: StepMemo | None = None,
+) -> torch.Tensor:
+    """Causal rows of several requests in one pass, each with its own number of queries (a
+    prefill's prompt, a decode step's one token): q (B, H, L, D) request b's queries, its last
+    query_counts[b] tokens, in slots 0..query_counts[b]-1; k, v (B, Hkv, n, D) padded, request
+    b's keys at key_starts[b]..key_ends[b]-1. Returns (B, H, L, D) in float32 (or float64), ops[b]
+    applied to request b; padding slots hold no meaningful numbers. Rows of several queries take
+    only operations that act on every query row (folded_rows.folds_queries)."""
+    rows = fold_rows(
+        q,
+        k,
+        v,
+        key_starts=key_starts,
+        key_ends=key_ends,
+        query_counts=query_counts,
+        prompt_lengths=prompt_lengths,
+        scale=scale,
+        memo=memo,
+    )
     return attend_folded(rows, ops, memo)
 
 

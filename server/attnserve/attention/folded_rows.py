@@ -1,14 +1,17 @@
-"""Several requests' decode rows folded into one row, so that attention.core runs once for all.
+"""Several requests' rows folded into one row, so that attention.core runs once for all.
 
-In a decode step each request has one query, the newest token, which sees all of its keys
-(positions 0..n_b-1; causal and block-causal layouts alike). Request b's head h becomes head
-b*H + h of one RowAttention whose keys are every request's, padded to the longest as the batch
-holds them (left-padded in attend_rows' batches, right-padded as read from vLLM's paged cache;
-padding unseen). Each stage of the core then runs once for the batch: an operation's scope
-spans the heads of every request holding that operation at the same place in its plan, each
-with its own keys (docs/attention-math.md#folded-rows). The math is the core's own
-(interventions.py and the operations); only the scaffolding around it is shared, which is most
-of a row's cost.
+Request b's head h becomes head b*H + h of one RowAttention whose keys are every request's,
+padded to the longest as the batch holds them (left-padded in attend_rows' batches,
+right-padded as read from vLLM's paged cache; padding unseen), and whose L query slots hold each
+request's queries, the last L_b tokens of its sequence, from slot 0 on (causal: query i sees its
+request's keys up to its own). In a decode step L_b is 1 and the query sees every key; a
+prefill's L_b is its prompt. A request's query slots past L_b are padding: each sees only its
+request's token 0, which no operation edits there and no sink can be, and its output is
+dropped. Each stage of the core then runs once for the batch: an operation's scope spans the
+heads of every request holding that operation at the same place in its plan, each with its own
+keys (docs/attention-math.md#folded-rows). With more than one query, only operations acting on
+every query row fold (folds_queries). The math is the core's own (interventions.py and the
+operations); only the scaffolding around it is shared, which is most of a row's cost.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from attnserve.attention.interventions import AppliedOp, application_order, application_rank
 from attnserve.attention.operations.base import Scope
-from attnserve.attention.plan import NO_NEEDS, ScopedOp
+from attnserve.attention.plan import ALL_QUERY_ROWS, NO_NEEDS, ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
 from attnserve.attention.step_memo import StepMemo
@@ -34,9 +37,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FoldedGeometry:
-    """Where each request's keys sit among the folded rows' n keys: all that the rows' masks and
-    scopes depend on. Equal geometries (the layers of an engine step) share one instance through
-    a StepMemo (step_memo.py), so its tensors are built once."""
+    """Where each request's keys and queries sit among the folded rows' n keys and L query slots:
+    all that the rows' masks and scopes depend on. Equal geometries (the layers of an engine
+    step) share one instance through a StepMemo (step_memo.py), so its tensors are built once."""
 
     #: Index of each request's token 0.
     key_starts: tuple[int, ...]
@@ -44,9 +47,15 @@ class FoldedGeometry:
     key_ends: tuple[int, ...]
     #: Prompt length of each request (positions from it on are generated tokens).
     prompt_lengths: tuple[int, ...]
+    #: Each request's number of queries, its last tokens, in query slots 0..count-1.
+    query_counts: tuple[int, ...]
     heads_per_request: int
     num_keys: int
     device: torch.device
+
+    @property
+    def num_queries(self) -> int:
+        return max(self.query_counts)
 
     def per_head(self, per_request: tuple[int, ...]) -> torch.Tensor:
         """(B*H, 1) the request's number for each head."""
@@ -63,31 +72,50 @@ class FoldedGeometry:
         return self.key_positions[None, :] - self.per_head(self.key_starts)
 
     @cached_property
+    def real_queries(self) -> torch.Tensor:
+        """(B*H, L): the query slots that hold one of the request's queries."""
+        slots = torch.arange(self.num_queries, device=self.device)
+        return slots[None, :] < self.per_head(self.query_counts)
+
+    @cached_property
+    def query_positions(self) -> torch.Tensor:
+        """(B*H, L): each query slot's token position in its request (0 on padding slots)."""
+        slots = torch.arange(self.num_queries, device=self.device)
+        lengths = self.per_head(self.key_ends) - self.per_head(self.key_starts)
+        first = lengths - self.per_head(self.query_counts)
+        return torch.where(self.real_queries, first + slots[None, :], 0)
+
+    @cached_property
     def visible(self) -> torch.Tensor:
-        """(B*H, 1, n): each head sees its request's keys."""
-        ends = self.per_head(self.key_ends)
-        return ((self.positions >= 0) & (self.key_positions[None, :] < ends))[:, None, :]
+        """(B*H, L, n): each query sees its request's keys up to its own; a padding slot its
+        request's token 0."""
+        positions = self.positions[:, None, :]
+        ends = self.per_head(self.key_ends)[:, :, None]
+        in_request = (positions >= 0) & (self.key_positions[None, None, :] < ends)
+        causal = in_request & (positions <= self.query_positions[:, :, None])
+        return torch.where(self.real_queries[:, :, None], causal, positions == 0)
 
     @cached_property
     def queries_per_key(self) -> torch.Tensor:
-        """(B*H, n): 1 on the keys the head's query sees, 0 elsewhere."""
-        return self.visible[:, 0].long()
+        """(B*H, n): how many of the head's queries see each key (padding slots not counted)."""
+        return (self.visible & self.real_queries[:, :, None]).sum(dim=1)
 
     @cached_property
     def own_key(self) -> torch.Tensor:
-        """(B*H, 1, n): each request's last key."""
-        return (self.key_positions[None, :] == self.per_head(self.key_ends) - 1)[:, None, :]
+        """(B*H, L, n): each query's own key (token 0 for padding slots)."""
+        return self.positions[:, None, :] == self.query_positions[:, :, None]
 
     @cached_property
     def own_key_index(self) -> torch.Tensor:
-        """(B,) index of each request's last key."""
-        return torch.tensor(self.key_ends, device=self.device) - 1
+        """(B, L) index among the n keys of each query slot's own key."""
+        starts = torch.tensor(self.key_starts, device=self.device)[:, None]
+        return starts + self.query_positions[:: self.heads_per_request]
 
 
 @dataclass
 class FoldedRows(RowAttention):
-    """q (B*H, 1, D); k, v (B*Hkv, n, D) padded as geometry says, each request's last key its own
-    (its query's token). layout is unused: every request's query sees all of its keys."""
+    """q (B*H, L, D); k, v (B*Hkv, n, D) padded as geometry says, which also says what each
+    query sees (layout is unused)."""
 
     geometry: FoldedGeometry
 
@@ -141,11 +169,51 @@ class FoldedRows(RowAttention):
         return self.geometry.positions if every_head else self.geometry.positions[heads]
 
     def own_values(self) -> torch.Tensor:
-        """(B*H, 1, D) value of each request's last key."""
+        """(B*H, L, D) value of each query's own key."""
         kv_heads_per_request = self.k.shape[0] // self.num_requests
-        last = self.geometry.own_key_index.repeat_interleave(kv_heads_per_request)
-        own = self.v[torch.arange(self.k.shape[0], device=self.device), last]
-        return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)[:, None]
+        own_index = self.geometry.own_key_index.repeat_interleave(kv_heads_per_request, dim=0)
+        own = self.v.gather(1, own_index[:, :, None].expand(-1, -1, self.v.shape[-1]))
+        return own.repeat_interleave(self.num_heads // self.k.shape[0], dim=0)
+
+
+def fold_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_starts: Sequence[int],
+    key_ends: Sequence[int],
+    query_counts: Sequence[int],
+    prompt_lengths: Sequence[int],
+    scale: float,
+    memo: StepMemo | None = None,
+) -> FoldedRows:
+    """q (B, H, L, D): request b's queries (its last query_counts[b] tokens) in slots
+    0..query_counts[b]-1; k, v (B, Hkv, n, D) padded, request b's keys at
+    key_starts[b]..key_ends[b]-1. Computed in float32 (or float64), as RowAttention."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    if num_queries != max(query_counts):
+        raise ValueError(f"{num_queries} query slots for at most {max(query_counts)} queries")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    geometry = FoldedGeometry(
+        key_starts=tuple(key_starts),
+        key_ends=tuple(key_ends),
+        prompt_lengths=tuple(prompt_lengths),
+        query_counts=tuple(query_counts),
+        heads_per_request=num_heads,
+        num_keys=k.shape[2],
+        device=q.device,
+    )
+    if memo is not None:
+        geometry = memo.geometries.setdefault(geometry, geometry)
+    return FoldedRows(
+        q=q.reshape(batch * num_heads, num_queries, head_dim).to(dtype),
+        k=k.flatten(0, 1).to(dtype),
+        v=v.flatten(0, 1).to(dtype),
+        scale=scale,
+        layout=None,
+        geometry=geometry,
+    )
 
 
 def fold_decode_rows(
@@ -158,29 +226,25 @@ def fold_decode_rows(
     key_ends: Sequence[int] | None = None,
     memo: StepMemo | None = None,
 ) -> FoldedRows:
-    """q (B, H, D): each request's one query; k, v (B, Hkv, n, D) padded, request b's keys at
-    key_starts[b]..key_ends[b]-1 (key_ends default: n, left-padded). Computed in float32 (or
-    float64), as RowAttention."""
-    batch, num_heads, head_dim = q.shape
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    geometry = FoldedGeometry(
-        key_starts=tuple(key_starts),
-        key_ends=tuple(key_ends) if key_ends is not None else (k.shape[2],) * batch,
-        prompt_lengths=tuple(prompt_lengths),
-        heads_per_request=num_heads,
-        num_keys=k.shape[2],
-        device=q.device,
-    )
-    if memo is not None:
-        geometry = memo.geometries.setdefault(geometry, geometry)
-    return FoldedRows(
-        q=q.reshape(batch * num_heads, 1, head_dim).to(dtype),
-        k=k.flatten(0, 1).to(dtype),
-        v=v.flatten(0, 1).to(dtype),
+    """fold_rows for decode rows: q (B, H, D) each request's one query; key_ends default: n
+    (left-padded)."""
+    return fold_rows(
+        q[:, :, None],
+        k,
+        v,
+        key_starts=key_starts,
+        key_ends=key_ends if key_ends is not None else (k.shape[2],) * q.shape[0],
+        query_counts=(1,) * q.shape[0],
+        prompt_lengths=prompt_lengths,
         scale=scale,
-        layout=None,
-        geometry=geometry,
+        memo=memo,
     )
+
+
+def folds_queries(ops: Sequence[ScopedOp]) -> bool:
+    """Whether these operations fold on rows of several queries: each acts on every query row
+    (the folded scopes hold one query selection for every request)."""
+    return all(scoped.query_rows == ALL_QUERY_ROWS and not scoped.last_query_only for scoped in ops)
 
 
 def folded_applied_ops(rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]]) -> list[AppliedOp]:
@@ -213,6 +277,8 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
     num_heads, cpu = rows.heads_per_request, torch.device("cpu")
     heads = torch.zeros(rows.num_heads, dtype=torch.bool)
     keys = torch.zeros(rows.num_heads, rows.num_keys, dtype=torch.bool)
+    if rows.num_queries > 1 and not folds_queries([scoped for _, scoped in members]):
+        raise ValueError("operations on some query rows only do not fold on rows of several queries")
     for request, scoped in members:
         if not query_selection(scoped.query_rows, scoped.last_query_only, 1, cpu)[0]:
             continue  # the op does not act on this request's one query row
@@ -222,7 +288,7 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
         keys[span, start:end] = key_selection(scoped.keys, end - start, rows.prompt_lengths[request], cpu)
     return Scope(
         heads=heads.to(rows.device),
-        queries=torch.ones(1, dtype=torch.bool, device=rows.device),
+        queries=torch.ones(rows.num_queries, dtype=torch.bool, device=rows.device),
         keys=keys.to(rows.device),
         key_set=None,
     )
@@ -245,8 +311,9 @@ def prepare_folded(
 def attend_folded(
     rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: StepMemo | None = None
 ) -> torch.Tensor:
-    """(B, H, D): each request's attention output with its operations applied (no readouts)."""
+    """(B, H, L, D): each request's attention output with its operations applied (no readouts);
+    padding slots hold no meaningful numbers."""
     from attnserve.attention.core import attend
 
     out, _ = attend(rows, prepare_folded(rows, ops_per_request, memo), NO_NEEDS)
-    return out.reshape(rows.num_requests, rows.heads_per_request, -1)
+    return out.reshape(rows.num_requests, rows.heads_per_request, rows.num_queries, -1)

@@ -1,0 +1,110 @@
+"""Rows of several queries folded into one pass (core.attend_folded_rows): prefills and
+multi-token steps of requests with different lengths and different plans, against the per-row
+path (itself checked against the eager reference in test_core.py), with their keys padded on
+either side and garbage in the padding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from attnserve.attention.core import attend, attend_folded_rows, prepare
+from attnserve.attention.folded_rows import folds_queries
+from attnserve.attention.interventions import applied_ops
+from attnserve.attention.layout import RowLayout
+from attnserve.attention.plan import NO_NEEDS, ScopedOp
+from attnserve.attention.row_attention import RowAttention
+from attnserve.attention.step_memo import StepMemo
+from harness import COMBINATION, SINGLE_OPS, make_batch
+
+#: The operations that fold on rows of several queries: those acting on every query row.
+FOLDING_OPS = [scoped for scoped in (*SINGLE_OPS.values(), *COMBINATION) if folds_queries([scoped])]
+
+
+def test_every_operation_kind_has_a_case_that_folds():
+    assert {type(scoped.op) for scoped in FOLDING_OPS} == {
+        type(scoped.op) for scoped in (*SINGLE_OPS.values(), *COMBINATION)
+    }
+
+
+def per_row(q, k, v, layout: RowLayout, ops: tuple[ScopedOp, ...], scale: float) -> torch.Tensor:
+    """(H, L, D): one request's row through the per-row path."""
+    row = RowAttention(q=q, k=k, v=v, scale=scale, layout=layout)
+    out, _ = attend(row, prepare(row, applied_ops(row, ops), NO_NEEDS), NO_NEEDS)
+    return out
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_of_several_queries_equal_the_per_row_path(seed, padding):
+    rng = random.Random(seed)
+    num_requests, num_keys, num_queries = 5, 14, 10
+    key_starts = tuple(rng.randint(0, 6) for _ in range(num_requests))
+    batch = make_batch(
+        num_queries=num_queries, num_keys=num_keys, key_starts=key_starts, generated=2, seed=seed
+    )
+    lengths = [num_keys - start for start in key_starts]
+    # A prefill's queries are all its tokens; a multi-token step's its last few.
+    query_counts = [rng.choice([length, min(length, num_queries), 1, 3]) for length in lengths]
+    query_counts = [min(count, num_queries) for count in query_counts]
+    ops = [tuple(rng.sample(FOLDING_OPS, rng.randint(1, 4))) for _ in range(num_requests)]
+
+    expected = [
+        per_row(
+            batch.q[b, :, num_queries - count :],
+            batch.k[b, :, start:],
+            batch.v[b, :, start:],
+            RowLayout(key_start=0, num_prompt_tokens=batch.layouts[b].num_prompt_tokens),
+            ops[b],
+            batch.scale,
+        )
+        for b, (start, count) in enumerate(zip(key_starts, query_counts))
+    ]
+
+    garbage = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(batch.q.shape, generator=garbage) * 100
+    k = torch.randn(batch.k.shape, generator=garbage) * 100
+    v = torch.randn(batch.v.shape, generator=garbage) * 100
+    for b, (start, count) in enumerate(zip(key_starts, query_counts)):
+        q[b, :, :count] = batch.q[b, :, num_queries - count :]
+        first = 0 if padding == "right" else start
+        k[b, :, first : first + lengths[b]] = batch.k[b, :, start:]
+        v[b, :, first : first + lengths[b]] = batch.v[b, :, start:]
+    q = q[:, :, : max(query_counts)]
+    starts = [0] * num_requests if padding == "right" else list(key_starts)
+    ends = lengths if padding == "right" else [num_keys] * num_requests
+
+    memo = StepMemo()
+    for _ in range(2):  # a step's second layer reuses what the first prepared
+        folded = attend_folded_rows(
+            q,
+            k,
+            v,
+            key_starts=starts,
+            key_ends=ends,
+            query_counts=query_counts,
+            prompt_lengths=[layout.num_prompt_tokens for layout in batch.layouts],
+            scale=batch.scale,
+            ops=ops,
+            memo=memo,
+        )
+        for b, count in enumerate(query_counts):
+            torch.testing.assert_close(folded[b, :, :count], expected[b], atol=1e-6, rtol=0)
+    assert len(memo.prepared) == 1
+
+
+def test_an_operation_on_some_query_rows_does_not_fold_on_several_queries():
+    batch = make_batch(num_queries=4, num_keys=8, key_starts=(0, 0))
+    with pytest.raises(ValueError, match="some query rows"):
+        attend_folded_rows(
+            batch.q,
+            batch.k,
+            batch.v,
+            key_starts=[0, 0],
+            key_ends=[8, 8],
+            query_counts=[4, 4],
+            prompt_lengths=[8, 8],
+            scale=batch.scale,
+            ops=[(SINGLE_OPS["rescale_last_query"],), (SINGLE_OPS["act"],)],
+        )
