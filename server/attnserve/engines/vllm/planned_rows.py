@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from ...attention.core import attend_decode_rows, attend_rows, effective_ops, folds
+from ...attention.core import attend_folded_rows, attend_rows, effective_ops, folds
+from ...attention.folded_rows import folds_queries
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...readouts import CallSite
@@ -153,6 +155,7 @@ def apply_row_plans(
         bounds = step.bounds[metadata_id] = (query_start_loc.tolist(), seq_lens.tolist())
     starts, lengths = bounds
     decoding: list[tuple[PlannedRow, RowPlan]] = []
+    prefilling: list[tuple[PlannedRow, RowPlan]] = []
     one_by_one: list[tuple[PlannedRow, RowPlan]] = []
     for planned in step.rows:
         row = planned.row
@@ -160,12 +163,19 @@ def apply_row_plans(
         plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
         if plan is None:
             continue
-        if starts[row + 1] - starts[row] == 1 and folds(plan):
+        single_query = starts[row + 1] - starts[row] == 1
+        if not folds(plan):
+            one_by_one.append((planned, plan))
+        elif single_query:
             decoding.append((planned, plan))
+        elif folds_queries(effective_ops(plan)):
+            prefilling.append((planned, plan))
         else:
             one_by_one.append((planned, plan))
-    if decoding:
-        _attend_decoding(decoding, query, output, scale, starts, read_kv, step)
+    # Decode rows apart from prefills: folded together, each would take a prefill's query slots.
+    for folded in (decoding, prefilling):
+        if folded:
+            _attend_folded(folded, query, output, scale, starts, read_kv, step)
     if one_by_one:
         _attend_one_by_one(one_by_one, layer_index, query, output, scale, starts, read_kv, step)
 
@@ -180,8 +190,9 @@ def _attend_one_by_one(
     read_kv: KVReader,
     step: StepContext,
 ) -> None:
-    """Planned rows that do not fold (prefill chunks, rows with readouts): their keys and values
-    in one gather, then attention.core one row at a time."""
+    """Planned rows that do not fold (rows with readouts, rows of several queries with an
+    operation on some query rows only): their keys and values in one gather, then attention.core
+    one row at a time."""
     k, v = read_kv([planned.row for planned, _ in rows], [planned.seq_len for planned, _ in rows])
     for i, (planned, plan) in enumerate(rows):
         first, last = starts[planned.row], starts[planned.row + 1]
@@ -201,8 +212,8 @@ def _attend_one_by_one(
             planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
 
 
-def _attend_decoding(
-    decoding: list[tuple[PlannedRow, RowPlan]],
+def _attend_folded(
+    rows: list[tuple[PlannedRow, RowPlan]],
     query: torch.Tensor,
     output: torch.Tensor,
     scale: float,
@@ -210,24 +221,54 @@ def _attend_decoding(
     read_kv: KVReader,
     step: StepContext,
 ) -> None:
-    """The step's planned decode rows that read nothing out: one pass for all (folded_rows.py),
-    their keys and values gathered into one right-padded batch."""
-    rows = [planned.row for planned, _ in decoding]
-    seq_lens = [planned.seq_len for planned, _ in decoding]
-    k, v = read_kv(rows, seq_lens)
-    tokens = torch.tensor([starts[row] for row in rows], device=query.device)
-    edited = attend_decode_rows(
-        query.index_select(0, tokens),
+    """Planned rows that read nothing out, of one query each (decode) or of several (prefill):
+    one pass for all (folded_rows.py), their keys and values gathered into one right-padded batch,
+    their queries into query slots from 0."""
+    batch_rows = [planned.row for planned, _ in rows]
+    seq_lens = [planned.seq_len for planned, _ in rows]
+    k, v = read_kv(batch_rows, seq_lens)
+    slots = _query_slots(starts, batch_rows, query.device)
+    batch, num_slots = slots.tokens.shape
+    queries = query.index_select(0, slots.tokens.flatten()).view(batch, num_slots, *query.shape[1:])
+    edited = attend_folded_rows(
+        queries.transpose(1, 2),
         k,
         v,
-        key_starts=[0] * len(rows),
+        key_starts=[0] * batch,
         key_ends=seq_lens,
-        prompt_lengths=[planned.layout_prompt_tokens for planned, _ in decoding],
+        query_counts=slots.counts,
+        prompt_lengths=[planned.layout_prompt_tokens for planned, _ in rows],
         scale=scale,
-        ops=[effective_ops(plan) for _, plan in decoding],
+        ops=[effective_ops(plan) for _, plan in rows],
         memo=step.step_memo,
     )
-    output.index_copy_(0, tokens, edited.to(output.dtype))
+    real = edited.transpose(1, 2)[slots.real] if slots.real is not None else edited[:, :, 0]
+    output.index_copy_(0, slots.real_tokens, real.to(output.dtype))
+
+
+@dataclass(frozen=True)
+class QuerySlots:
+    """Where the folded rows' query slots come from in the batch's tokens."""
+
+    #: (B, L) each slot's token; a padding slot repeats its row's last token.
+    tokens: torch.Tensor
+    counts: tuple[int, ...]
+    #: (B, L) the slots holding a query; None when every row has one query.
+    real: torch.Tensor | None
+    #: The tokens of the real slots, in order.
+    real_tokens: torch.Tensor
+
+
+def _query_slots(starts: list[int], rows: list[int], device: torch.device) -> QuerySlots:
+    counts = tuple(starts[row + 1] - starts[row] for row in rows)
+    first = torch.tensor([starts[row] for row in rows], device=device)[:, None]
+    if max(counts) == 1:
+        return QuerySlots(tokens=first, counts=counts, real=None, real_tokens=first[:, 0])
+    counts_t = torch.tensor(counts, device=device)[:, None]
+    offsets = torch.arange(max(counts), device=device)[None, :]
+    real = offsets < counts_t
+    tokens = first + torch.minimum(offsets, counts_t - 1)
+    return QuerySlots(tokens=tokens, counts=counts, real=real, real_tokens=tokens[real])
 
 
 @functools.cache
