@@ -32,7 +32,8 @@ def test_layers_sharing_a_memo_equal_layers_without(scenario):
             if theirs is not None:
                 assert ours.statistics == theirs.statistics
                 assert torch.equal(ours.last_query_rows, theirs.last_query_rows)
-    # One entry per row (decode rows without readouts: one for the folded pass), built once.
-    folded = scenario == "decode"
-    assert len(memo.prepared) == (2 if folded else 3)
-    assert len(memo.geometries) == (1 if folded else 0)
+    # Built once each: the folded pass (rows without readouts: on a decode step the first and the
+    # third, with more queries only the third, whose operation acts on every query row), and one
+    # entry per row one at a time.
+    assert len(memo.geometries) == 1
+    assert len(memo.prepared) == (2 if scenario == "decode" else 3)

@@ -8,9 +8,10 @@ leave a query no key; the sink statistics are None on full-mask rows
 (docs/attention-math.md#layouts).
 
 Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
-the padded batch, so their output is bit-identical to the unedited path. Edited decode rows
-(one query each) that read nothing out go through the steps below together, folded into one row
-of many heads (folded_rows.py); other edited rows and rows with readouts one at a time, with
+the padded batch, so their output is bit-identical to the unedited path. Edited rows that read
+nothing out go through the steps below together, folded into one row of many heads
+(folded_rows.py): decode rows (one query each), and causal rows of several queries whose
+operations act on every query row; other edited rows and rows with readouts one at a time, with
 their padding cut off. In float32:
 - pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
   logits are materialised only for heads whose bias depends on them (LogitRescale,
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, fold_rows
+from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, fold_rows, folds_queries
 from attnserve.attention.interventions import (
     AppliedOp,
     LogitEdits,
@@ -160,9 +161,9 @@ def attend_rows(
             sub_layouts = [layouts[b] for b in plain_rows]
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
-    folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b])]
+    folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b], row_ops[b])]
     if folded:
-        output[folded, :, 0] = _attend_folded(q, k, v, scale, layouts, row_ops, folded, memo).to(q.dtype)
+        _attend_folded(q, k, v, scale, layouts, row_ops, folded, memo, output)
 
     readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
@@ -182,13 +183,12 @@ def folds(plan: RowPlan) -> bool:
     return bool(effective_ops(plan)) and plan.needs.is_empty
 
 
-def _foldable(q: torch.Tensor, layout: RowLayout, plan: RowPlan) -> bool:
-    return (
-        q.shape[2] == 1
-        and folds(plan)
-        and not layout.cross_attention
-        and layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
-    )
+def _foldable(q: torch.Tensor, layout: RowLayout, plan: RowPlan, ops: tuple[ScopedOp, ...]) -> bool:
+    if not folds(plan) or layout.cross_attention:
+        return False
+    if q.shape[2] == 1:  # one query sees every key, block-causal or causal
+        return layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
+    return layout.mask is MaskKind.CAUSAL and folds_queries(ops)
 
 
 def attend_decode_rows(
@@ -254,21 +254,37 @@ def _attend_folded(
     ops: Sequence[tuple[ScopedOp, ...]],
     rows: Sequence[int],
     memo: StepMemo | None,
-) -> torch.Tensor:
-    """(len(rows), H, D): the outputs of the given decode rows of a left-padded batch."""
+    output: torch.Tensor,
+) -> None:
+    """The given edited rows of a left-padded batch, folded into one pass, written into output
+    (B, H, Lq, D)."""
+    num_queries, num_keys = q.shape[2], k.shape[2]
     if len(rows) < q.shape[0]:
         index = torch.tensor(list(rows), device=q.device)
         q, k, v = q[index], k[index], v[index]
-    return attend_decode_rows(
-        q[:, :, 0],
+    counts = [layouts[b].num_queries(num_queries, num_keys) for b in rows]
+    slots = max(counts)
+    # Row b's valid queries are the batch's last counts[b]; they go to slots 0..counts[b]-1.
+    first = torch.tensor([num_queries - count for count in counts], device=q.device)
+    taken = (first[:, None] + torch.arange(slots, device=q.device)[None, :]).clamp(max=num_queries - 1)
+    queries = q.gather(2, taken[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    edited = attend_folded_rows(
+        queries,
         k,
         v,
         key_starts=[layouts[b].key_start for b in rows],
+        key_ends=[num_keys] * len(rows),
+        query_counts=counts,
         prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],
         scale=scale,
         ops=[ops[b] for b in rows],
         memo=memo,
-    )
+    ).to(output.dtype)
+    if slots == 1:
+        output[list(rows), :, num_queries - 1] = edited[:, :, 0]
+        return
+    for j, (b, count) in enumerate(zip(rows, counts)):
+        output[b, :, num_queries - count :] = edited[j, :, :count]
 
 
 def _attend_row(
