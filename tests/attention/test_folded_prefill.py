@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from attnserve.attention.core import attend, attend_folded_rows, prepare
-from attnserve.attention.folded_rows import folds_queries
+from attnserve.attention.folded_rows import fold_groups, folds_queries
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import RowLayout
 from attnserve.attention.plan import NO_NEEDS, ScopedOp
@@ -108,3 +108,12 @@ def test_an_operation_on_some_query_rows_does_not_fold_on_several_queries():
             scale=batch.scale,
             ops=[(SINGLE_OPS["rescale_last_query"],), (SINGLE_OPS["act"],)],
         )
+
+
+def test_rows_of_very_different_sizes_fold_apart():
+    sizes = [50, 4000, 60, 45, 3000, 55]
+    groups = fold_groups(sizes)
+    assert groups == [[1, 4, 2], [5, 0, 3]]
+    for group in groups:  # padded to its largest row, a group at most doubles its work
+        assert len(group) * sizes[group[0]] <= 2 * sum(sizes[i] for i in group)
+    assert fold_groups([7] * 16) == [list(range(16))]

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.attention import kernels
-from attnserve.attention.folded_rows import attend_folded, fold_decode_rows, fold_rows, folds_queries
+from attnserve.attention.folded_rows import (
+    attend_folded,
+    fold_decode_rows,
+    fold_groups,
+    fold_rows,
+    folds_queries,
+)
 from attnserve.attention.interventions import (
     AppliedOp,
     LogitEdits,
@@ -162,8 +168,10 @@ def attend_rows(
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
     folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b], row_ops[b])]
-    if folded:
-        _attend_folded(q, k, v, scale, layouts, row_ops, folded, memo, output)
+    num_keys = k.shape[2]
+    sizes = [layouts[b].num_queries(q.shape[2], num_keys) * (num_keys - layouts[b].key_start) for b in folded]
+    for group in fold_groups(sizes):
+        _attend_folded(q, k, v, scale, layouts, row_ops, [folded[i] for i in group], memo, output)
 
     readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
@@ -258,11 +266,15 @@ def _attend_folded(
 ) -> None:
     """The given edited rows of a left-padded batch, folded into one pass, written into output
     (B, H, Lq, D)."""
-    num_queries, num_keys = q.shape[2], k.shape[2]
-    if len(rows) < q.shape[0]:
+    num_queries = q.shape[2]
+    counts = [layouts[b].num_queries(num_queries, k.shape[2]) for b in rows]
+    # The rows' keys only: the padding all of them have is cut off.
+    cut = min(layouts[b].key_start for b in rows)
+    k, v = k[:, :, cut:], v[:, :, cut:]
+    num_keys = k.shape[2]
+    if list(rows) != list(range(q.shape[0])):
         index = torch.tensor(list(rows), device=q.device)
         q, k, v = q[index], k[index], v[index]
-    counts = [layouts[b].num_queries(num_queries, num_keys) for b in rows]
     slots = max(counts)
     # Row b's valid queries are the batch's last counts[b]; they go to slots 0..counts[b]-1.
     first = torch.tensor([num_queries - count for count in counts], device=q.device)
@@ -272,7 +284,7 @@ def _attend_folded(
         queries,
         k,
         v,
-        key_starts=[layouts[b].key_start for b in rows],
+        key_starts=[layouts[b].key_start - cut for b in rows],
         key_ends=[num_keys] * len(rows),
         query_counts=counts,
         prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],

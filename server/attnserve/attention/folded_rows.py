@@ -241,6 +241,29 @@ def fold_decode_rows(
     )
 
 
+#: Folding computes every request at the largest one's size: rows are folded together only while
+#: that at most doubles their work (a long prompt or context beside short ones would cost the
+#: short ones far more than their own rows one at a time).
+MAX_PADDING_FACTOR = 2.0
+
+
+def fold_groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Which rows to fold together, given each row's size (queries x keys): indices, by
+    decreasing size, each group as large as it can be while padding it to its first (largest)
+    row at most doubles its work."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    groups: list[list[int]] = []
+    work = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * sizes[groups[-1][0]] <= MAX_PADDING_FACTOR * (work + sizes[i]):
+            groups[-1].append(i)
+            work += sizes[i]
+        else:
+            groups.append([i])
+            work = sizes[i]
+    return groups
+
+
 def folds_queries(ops: Sequence[ScopedOp]) -> bool:
     """Whether these operations fold on rows of several queries: each acts on every query row
     (the folded scopes hold one query selection for every request)."""

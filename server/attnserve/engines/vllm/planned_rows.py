@@ -18,7 +18,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from ...attention.core import attend_folded_rows, attend_rows, effective_ops, folds
-from ...attention.folded_rows import folds_queries
+from ...attention.folded_rows import fold_groups, folds_queries
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...readouts import CallSite
@@ -172,10 +172,12 @@ def apply_row_plans(
             prefilling.append((planned, plan))
         else:
             one_by_one.append((planned, plan))
-    # Decode rows apart from prefills: folded together, each would take a prefill's query slots.
+    # Decode rows apart from prefills (folded together, each would take a prefill's query slots),
+    # and rows of very different sizes apart (folded_rows.fold_groups).
     for folded in (decoding, prefilling):
-        if folded:
-            _attend_folded(folded, query, output, scale, starts, read_kv, step)
+        sizes = [(starts[p.row + 1] - starts[p.row]) * p.seq_len for p, _ in folded]
+        for group in fold_groups(sizes):
+            _attend_folded([folded[i] for i in group], query, output, scale, starts, read_kv, step)
     if one_by_one:
         _attend_one_by_one(one_by_one, layer_index, query, output, scale, starts, read_kv, step)
 
