@@ -1,8 +1,9 @@
-"""The vLLM engine's planned-rows pass alone: one decode step of every layer, as the attention
-backends run it after vLLM's kernel (engines/vllm/planned_rows.py), on a paged cache laid out as
-vLLM's CPU "vec" kernel keeps it. No vLLM engine: the pass's own cost per step, split into the
+"""The vLLM engine's planned-rows pass alone: one step of every layer, as the attention backends
+run it after vLLM's kernel (engines/vllm/planned_rows.py), on a paged cache laid out as vLLM's
+CPU "vec" kernel keeps it. No vLLM engine: the pass's own cost per step, split into the
 paged-cache gathers and the rest (the folded pass and its Python), which bench_vllm.py measures
-only as a share of a whole engine step.
+only as a share of a whole engine step. Two steps: a decode step (one query per row) and the
+rows' prefill (every prompt token a query).
 
     PYTHONPATH=server:bench .venv/bin/python bench/bench_planned_rows.py [--rows 16] [--keys 95] \
         [--threads 2] [--repeats 40] [--out bench/results/planned-rows-cpu.json]
@@ -32,23 +33,34 @@ NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 9, 3, 64, 128
 NEW_TOKENS = 30
 
 
-class DecodeStep:
-    """One decode step of `rows` planned requests, each in its own cache block."""
+class PlannedStep:
+    """One step of `rows` planned requests, each in its own cache block: a decode step, or the
+    requests' prefill (every prompt token a query)."""
 
-    def __init__(self, rows: int, keys: int, plan):
+    def __init__(self, rows: int, keys: int, plan, prefill: bool):
         generator = torch.Generator().manual_seed(0)
         self.plan = plan
+        self.prefill = prefill
         self.kv_cache = torch.randn(2 * rows, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, generator=generator)
         self.seq_lens = [keys - 2 * row for row in range(rows)]
         self.block_table = torch.randperm(2 * rows, generator=generator)[:rows, None].int()
-        self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32)
-        self.query = torch.randn(rows, NUM_HEADS, HEAD_DIM, generator=generator)
-        self.output = torch.zeros(rows, NUM_HEADS, HEAD_DIM)
+        queries = self.seq_lens if prefill else [1] * rows
+        self.query_start_loc = torch.tensor([0, *queries], dtype=torch.int32).cumsum(0).int()
+        self.query = torch.randn(sum(queries), NUM_HEADS, HEAD_DIM, generator=generator)
+        self.output = torch.zeros(sum(queries), NUM_HEADS, HEAD_DIM)
 
     def context(self) -> StepContext:
         return StepContext(
             [
-                PlannedRow(row, str(row), self.plan, seq_len - NEW_TOKENS, None, False, False)
+                PlannedRow(
+                    row,
+                    str(row),
+                    self.plan,
+                    seq_len - (0 if self.prefill else NEW_TOKENS),
+                    None,
+                    False,
+                    False,
+                )
                 for row, seq_len in enumerate(self.seq_lens)
             ]
         )
@@ -107,21 +119,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     results = {}
-    for name, plan in (("preset", preset_plan()), ("heavy", heavy_plan(NUM_LAYERS))):
-        step = DecodeStep(args.rows, args.keys, plan)
-        total = median_ms(step.run, args.repeats)
-        gathers = median_ms(step.gathers, args.repeats)
-        results[name] = {
-            "planned_layers": len(plan.layer_ops),
-            "step_ms": total,
-            "gathers_ms": gathers,
-            "rest_ms": total - gathers,
-            "per_planned_layer_ms": total / len(plan.layer_ops),
-        }
-        print(
-            f"{name}: {total:.2f} ms per step over {len(plan.layer_ops)} planned layers "
-            f"(gathers {gathers:.2f} ms, folded pass and its Python {total - gathers:.2f} ms)"
-        )
+    for kind in ("decode", "prefill"):
+        for name, plan in (("preset", preset_plan()), ("heavy", heavy_plan(NUM_LAYERS))):
+            step = PlannedStep(args.rows, args.keys, plan, prefill=kind == "prefill")
+            total = median_ms(step.run, args.repeats)
+            gathers = median_ms(step.gathers, args.repeats)
+            results[f"{kind}_{name}"] = {
+                "planned_layers": len(plan.layer_ops),
+                "step_ms": total,
+                "gathers_ms": gathers,
+                "rest_ms": total - gathers,
+                "per_planned_layer_ms": total / len(plan.layer_ops),
+            }
+            print(
+                f"{kind}, {name}: {total:.2f} ms per step over {len(plan.layer_ops)} planned layers "
+                f"(gathers {gathers:.2f} ms, the rest {total - gathers:.2f} ms)"
+            )
     report = {
         "settings": {
             key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
