@@ -175,7 +175,7 @@ def apply_row_plans(
     # Decode rows apart from prefills (folded together, each would take a prefill's query slots),
     # and rows of very different sizes apart (folded_rows.fold_groups).
     for folded in (decoding, prefilling):
-        sizes = [(starts[p.row + 1] - starts[p.row]) * p.seq_len for p, _ in folded]
+        sizes = [(starts[planned.row + 1] - starts[planned.row]) * planned.seq_len for planned, _ in folded]
         for group in fold_groups(sizes):
             _attend_folded([folded[i] for i in group], query, output, scale, starts, read_kv, step)
     if one_by_one:
