@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from attnserve.engines.vllm.paged_kv import read_cpu_vec
 from attnserve.engines.vllm.planned_rows import apply_row_plans, step_kv_slots
 from attnserve.engines.vllm.worker import PlannedRow, StepContext
+from bench_core import median_ms
 from bench_vllm import heavy_plan, preset_plan
 
 NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 9, 3, 64, 128
@@ -91,17 +90,6 @@ class PlannedStep:
         rows = list(range(len(self.seq_lens)))
         for _ in self.plan.layer_ops:
             self.read_kv(step, rows, self.seq_lens)
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(max(3, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
