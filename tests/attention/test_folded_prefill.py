@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from attnserve.attention.core import attend, attend_folded_rows, prepare
-from attnserve.attention.folded_rows import fold_groups, folds_queries
+from attnserve.attention.folded_rows import MAX_FOLDED_LOGITS, fold_groups, folds_queries, folds_size
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import RowLayout
 from attnserve.attention.plan import NO_NEEDS, ScopedOp
@@ -112,8 +112,17 @@ def test_an_operation_on_some_query_rows_does_not_fold_on_several_queries():
 
 def test_rows_of_very_different_sizes_fold_apart():
     sizes = [50, 4000, 60, 45, 3000, 55]
-    groups = fold_groups(sizes)
+    groups = fold_groups(sizes, num_heads=9)
     assert groups == [[1, 4, 2], [5, 0, 3]]
     for group in groups:  # padded to its largest row, a group at most doubles its work
         assert len(group) * sizes[group[0]] <= 2 * sum(sizes[i] for i in group)
-    assert fold_groups([7] * 16) == [list(range(16))]
+    assert fold_groups([7] * 16, num_heads=9) == [list(range(16))]
+
+
+def test_folded_passes_stay_within_their_logits_budget():
+    prompt = 2000 * 2000  # a 2000-token prefill: queries x keys
+    assert folds_size(2000, 2000, num_heads=4) and not folds_size(2000, 2000, num_heads=9)
+    groups = fold_groups([prompt] * 8, num_heads=4)
+    assert [len(group) for group in groups] == [1] * 8
+    assert all(len(g) * prompt * 4 <= MAX_FOLDED_LOGITS for g in groups)
+    assert len(fold_groups([100 * 100] * 16, num_heads=9)) == 1

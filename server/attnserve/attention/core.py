@@ -43,6 +43,7 @@ from attnserve.attention.folded_rows import (
     fold_groups,
     fold_rows,
     folds_queries,
+    folds_size,
 )
 from attnserve.attention.interventions import (
     AppliedOp,
@@ -167,10 +168,10 @@ def attend_rows(
             sub_layouts = [layouts[b] for b in plain_rows]
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
-    folded = [b for b in range(len(plans)) if _foldable(q, layouts[b], plans[b], row_ops[b])]
+    folded = [b for b in range(len(plans)) if _foldable(q, k, layouts[b], plans[b], row_ops[b])]
     num_keys = k.shape[2]
     sizes = [layouts[b].num_queries(q.shape[2], num_keys) * (num_keys - layouts[b].key_start) for b in folded]
-    for group in fold_groups(sizes):
+    for group in fold_groups(sizes, q.shape[1]):
         _attend_folded(q, k, v, scale, layouts, row_ops, [folded[i] for i in group], memo, output)
 
     readouts: list[RowReadout | None] = [None] * len(plans)
@@ -191,10 +192,15 @@ def folds(plan: RowPlan) -> bool:
     return bool(effective_ops(plan)) and plan.needs.is_empty
 
 
-def _foldable(q: torch.Tensor, layout: RowLayout, plan: RowPlan, ops: tuple[ScopedOp, ...]) -> bool:
+def _foldable(
+    q: torch.Tensor, k: torch.Tensor, layout: RowLayout, plan: RowPlan, ops: tuple[ScopedOp, ...]
+) -> bool:
     if not folds(plan) or layout.cross_attention:
         return False
-    if q.shape[2] == 1:  # one query sees every key, block-causal or causal
+    num_queries, num_keys = layout.num_queries(q.shape[2], k.shape[2]), k.shape[2] - layout.key_start
+    if not folds_size(num_queries, num_keys, q.shape[1]):
+        return False
+    if num_queries == 1:  # one query sees every key, block-causal or causal
         return layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
     return layout.mask is MaskKind.CAUSAL and folds_queries(ops)
 

@@ -245,23 +245,37 @@ def fold_decode_rows(
 #: that at most doubles their work (a long prompt or context beside short ones would cost the
 #: short ones far more than their own rows one at a time).
 MAX_PADDING_FACTOR = 2.0
+#: The most logits (heads x query slots x keys) one folded pass holds: its masks and bias are per
+#: head, where a row one at a time shares them across its heads (64 MB of float32 logits).
+MAX_FOLDED_LOGITS = 1 << 24
 
 
-def fold_groups(sizes: Sequence[int]) -> list[list[int]]:
+def fold_groups(sizes: Sequence[int], num_heads: int) -> list[list[int]]:
     """Which rows to fold together, given each row's size (queries x keys): indices, by
     decreasing size, each group as large as it can be while padding it to its first (largest)
-    row at most doubles its work."""
+    row at most doubles its work and its logits stay within MAX_FOLDED_LOGITS (a row larger than
+    that alone is for the caller to keep out: folds_size)."""
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     groups: list[list[int]] = []
     work = 0
     for i in order:
-        if groups and (len(groups[-1]) + 1) * sizes[groups[-1][0]] <= MAX_PADDING_FACTOR * (work + sizes[i]):
+        padded = (len(groups[-1]) + 1) * sizes[groups[-1][0]] if groups else 0
+        if (
+            groups
+            and padded <= MAX_PADDING_FACTOR * (work + sizes[i])
+            and padded * num_heads <= MAX_FOLDED_LOGITS
+        ):
             groups[-1].append(i)
             work += sizes[i]
         else:
             groups.append([i])
             work = sizes[i]
     return groups
+
+
+def folds_size(num_queries: int, num_keys: int, num_heads: int) -> bool:
+    """Whether a row of this size folds: its logits alone fit in one folded pass."""
+    return num_queries * num_keys * num_heads <= MAX_FOLDED_LOGITS
 
 
 def folds_queries(ops: Sequence[ScopedOp]) -> bool:

@@ -18,7 +18,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from ...attention.core import attend_folded_rows, attend_rows, effective_ops, folds
-from ...attention.folded_rows import fold_groups, folds_queries
+from ...attention.folded_rows import fold_groups, folds_queries, folds_size
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
 from ...readouts import CallSite
@@ -163,10 +163,10 @@ def apply_row_plans(
         plan = planned.plan.for_call(layer_index, planned.step, planned.sampled)
         if plan is None:
             continue
-        single_query = starts[row + 1] - starts[row] == 1
-        if not folds(plan):
+        num_queries = starts[row + 1] - starts[row]
+        if not folds(plan) or not folds_size(num_queries, planned.seq_len, query.shape[1]):
             one_by_one.append((planned, plan))
-        elif single_query:
+        elif num_queries == 1:
             decoding.append((planned, plan))
         elif folds_queries(effective_ops(plan)):
             prefilling.append((planned, plan))
@@ -176,7 +176,7 @@ def apply_row_plans(
     # and rows of very different sizes apart (folded_rows.fold_groups).
     for folded in (decoding, prefilling):
         sizes = [(starts[planned.row + 1] - starts[planned.row]) * planned.seq_len for planned, _ in folded]
-        for group in fold_groups(sizes):
+        for group in fold_groups(sizes, query.shape[1]):
             _attend_folded([folded[i] for i in group], query, output, scale, starts, read_kv, step)
     if one_by_one:
         _attend_one_by_one(one_by_one, layer_index, query, output, scale, starts, read_kv, step)
