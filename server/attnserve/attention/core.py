@@ -30,6 +30,7 @@ Pure torch; works on CPU and CUDA tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -169,8 +170,7 @@ def attend_rows(
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
     folded = [b for b in range(len(plans)) if _foldable(q, k, layouts[b], plans[b], row_ops[b])]
-    num_keys = k.shape[2]
-    sizes = [layouts[b].num_queries(q.shape[2], num_keys) * (num_keys - layouts[b].key_start) for b in folded]
+    sizes = [math.prod(_row_shape(q, k, layouts[b])) for b in folded]
     for group in fold_groups(sizes, q.shape[1]):
         _attend_folded(q, k, v, scale, layouts, row_ops, [folded[i] for i in group], memo, output)
 
@@ -197,12 +197,17 @@ def _foldable(
 ) -> bool:
     if not folds(plan) or layout.cross_attention:
         return False
-    num_queries, num_keys = layout.num_queries(q.shape[2], k.shape[2]), k.shape[2] - layout.key_start
+    num_queries, num_keys = _row_shape(q, k, layout)
     if not folds_size(num_queries, num_keys, q.shape[1]):
         return False
     if num_queries == 1:  # one query sees every key, block-causal or causal
         return layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
     return layout.mask is MaskKind.CAUSAL and folds_queries(ops)
+
+
+def _row_shape(q: torch.Tensor, k: torch.Tensor, layout: RowLayout) -> tuple[int, int]:
+    """(valid queries, keys) of a row of the padded batch, its padding cut off."""
+    return layout.num_queries(q.shape[2], k.shape[2]), k.shape[2] - layout.key_start
 
 
 def attend_decode_rows(
@@ -273,7 +278,7 @@ def _attend_folded(
     """The given edited rows of a left-padded batch, folded into one pass, written into output
     (B, H, Lq, D)."""
     num_queries = q.shape[2]
-    counts = [layouts[b].num_queries(num_queries, k.shape[2]) for b in rows]
+    counts = [_row_shape(q, k, layouts[b])[0] for b in rows]
     # The rows' keys only: the padding all of them have is cut off.
     cut = min(layouts[b].key_start for b in rows)
     k, v = k[:, :, cut:], v[:, :, cut:]
