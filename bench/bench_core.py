@@ -6,10 +6,11 @@ first layer, which prepares the rows' operations (core.prepare); its later layer
 through the step's StepMemo ("later layers").
 
     PYTHONPATH=server .venv/bin/python bench/bench_core.py [--rows 16] [--keys 160] [--repeats 200] \
-        [--threads 1] [--out bench/results/core-decode-cpu.json]
+        [--threads 1] [--device cpu] [--out bench/results/core-decode-cpu.json]
 
 Shapes default to SmolLM2-135M's layers (9 query heads, 3 KV heads, head size 64), fp32, each
-row with its own length (keys - row .. keys). Medians of the repeats, in milliseconds per layer.
+row with its own length (keys - row .. keys). Medians of the repeats, in milliseconds per layer
+(on CUDA each timed call ends with a synchronize, so the figures include the kernels' time).
 """
 
 from __future__ import annotations
@@ -61,7 +62,20 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
+def synchronized(fn, device: str):
+    """fn, then waiting for the device's queued kernels, so a timer sees their time too."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return call
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -72,17 +86,22 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    return parser.parse_args(argv)
 
-    rows, keys = args.rows, args.keys
-    q = torch.randn(rows, args.heads, 1, args.head_dim)
-    k = torch.randn(rows, args.kv_heads, keys, args.head_dim)
-    v = torch.randn(rows, args.kv_heads, keys, args.head_dim)
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    rows, keys, device = args.rows, args.keys, args.device
+    q = torch.randn(rows, args.heads, 1, args.head_dim, device=device)
+    k = torch.randn(rows, args.kv_heads, keys, args.head_dim, device=device)
+    v = torch.randn(rows, args.kv_heads, keys, args.head_dim, device=device)
     scale = args.head_dim**-0.5
     layouts = [RowLayout(key_start=row, num_prompt_tokens=keys - row - 8) for row in range(rows)]
+
+    def timed(fn) -> float:
+        return median_ms(synchronized(fn, device), args.repeats)
 
     def one_at_a_time(plans):
         for b, plan in enumerate(plans):
@@ -90,24 +109,19 @@ def main() -> None:
             attend(row, prepare(row, applied_ops(row, effective_ops(plan)), NO_NEEDS), NO_NEEDS)
 
     results = {
-        "plain SDPA of the batch": median_ms(
-            lambda: plain_attention(q, k, v, scale=scale, layouts=layouts), args.repeats
-        )
+        "plain SDPA of the batch": timed(lambda: plain_attention(q, k, v, scale=scale, layouts=layouts))
     }
-    print(f"plain SDPA of the batch: {results['plain SDPA of the batch']:.3f} ms")
+    print(f"{device}: plain SDPA of the batch: {results['plain SDPA of the batch']:.3f} ms", flush=True)
     for name, ops in PLANS.items():
         plans = [RowPlan(ops=ops)] * rows
-        folded = median_ms(
-            lambda plans=plans: attend_rows(q, k, v, scale=scale, layouts=layouts, plans=plans), args.repeats
-        )
+        folded = timed(lambda plans=plans: attend_rows(q, k, v, scale=scale, layouts=layouts, plans=plans))
         memo = StepMemo()
-        later_layers = median_ms(
+        later_layers = timed(
             lambda plans=plans, memo=memo: attend_rows(
                 q, k, v, scale=scale, layouts=layouts, plans=plans, memo=memo
-            ),
-            args.repeats,
+            )
         )
-        alone = median_ms(lambda plans=plans: one_at_a_time(plans), args.repeats)
+        alone = timed(lambda plans=plans: one_at_a_time(plans))
         results[name] = {
             "folded_ms": folded,
             "folded_later_layers_ms": later_layers,
@@ -115,14 +129,24 @@ def main() -> None:
             "speedup": alone / folded,
         }
         print(
-            f"{name}: folded {folded:.3f} ms (a step's later layers {later_layers:.3f} ms), "
-            f"one at a time {alone:.3f} ms ({alone / folded:.1f}x)"
+            f"{device}: {name}: folded {folded:.3f} ms (a step's later layers {later_layers:.3f} ms), "
+            f"one at a time {alone:.3f} ms ({alone / folded:.1f}x)",
+            flush=True,
         )
-    report = {
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+    machine = {"cpus": torch.get_num_threads(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return {
+        "machine": machine,
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "milliseconds_per_layer": results,
     }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    report = run(args)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -3,7 +3,7 @@
 (attention/flex_rows.py), beside the plain SDPA call of the whole batch, side by side in one run.
 
     PYTHONPATH=server .venv/bin/python bench/bench_flex.py [--rows 16] [--keys 160 512 2048] \
-        [--repeats 100] [--threads 1] [--out bench/results/flex-decode-cpu.json]
+        [--repeats 100] [--threads 1] [--device cpu] [--out bench/results/flex-decode-cpu.json]
 
 Columns, in milliseconds per layer (medians of the repeats, the columns taking turns in each
 repeat): plain SDPA; the folded recompute;
@@ -13,7 +13,7 @@ could be once per step for every layer of the same plans); the eager flex path (
 unfused); and the aten ops (not views) of one call of each, about the kernels a GPU would launch. The compile time is the first call's (dynamic shapes: once per process, then a
 short retrace for the first new key length; the inductor cache in /tmp shortens later runs).
 Shapes default to SmolLM2-135M's layers (9 query heads, 3 KV heads, head size 64), fp32, row b
-with keys b..n-1.
+with keys b..n-1. On CUDA each timed call ends with a synchronize.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from attnserve.attention.operations import (
     Temperature,
 )
 from attnserve.attention.plan import KeySet, RowPlan, ScopedOp
+from bench_core import synchronized
 
 #: bench_core's plans without sink calibration (not covered), and temperature with a key mask.
 PLANS = {
@@ -64,9 +65,12 @@ PLANS = {
 }
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
     """Median milliseconds of each call, the calls taking turns in every repeat (so the
     machine's noise hits them alike)."""
+    calls = {name: synchronized(call, device) for name, call in calls.items()}
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -131,10 +135,10 @@ def aten_op_count(call: Callable[[], object]) -> int:
 
 
 def measure_keys(args: argparse.Namespace, keys: int) -> dict:
-    rows = args.rows
-    q = torch.randn(rows, args.heads, args.head_dim)
-    k = torch.randn(rows, args.kv_heads, keys, args.head_dim)
-    v = torch.randn(rows, args.kv_heads, keys, args.head_dim)
+    rows, device = args.rows, args.device
+    q = torch.randn(rows, args.heads, args.head_dim, device=device)
+    k = torch.randn(rows, args.kv_heads, keys, args.head_dim, device=device)
+    v = torch.randn(rows, args.kv_heads, keys, args.head_dim, device=device)
     scale = args.head_dim**-0.5
     layouts = [RowLayout(key_start=row, num_prompt_tokens=keys - row - 8) for row in range(rows)]
     decode = {
@@ -143,12 +147,12 @@ def measure_keys(args: argparse.Namespace, keys: int) -> dict:
         "scale": scale,
     }
     folded_rows = fold_decode_rows(q, k, v, decode["key_starts"], decode["prompt_lengths"], scale)
-    block_mask = padding_block_mask(torch.tensor(folded_rows.key_starts), keys)
+    block_mask = padding_block_mask(torch.tensor(folded_rows.key_starts, device=device), keys)
     result = {}
     for name, plan_ops in PLANS.items():
         ops = [effective_ops(RowPlan(ops=plan_ops))] * rows
         started = time.perf_counter()
-        attend_decode_rows_flex(q, k, v, ops=ops, **decode)
+        synchronized(lambda ops=ops: attend_decode_rows_flex(q, k, v, ops=ops, **decode), device)()
         first_call = time.perf_counter() - started
         edits = score_mod_parameters(folded_rows, folded_applied_ops(folded_rows, ops))
         calls = {
@@ -157,10 +161,11 @@ def measure_keys(args: argparse.Namespace, keys: int) -> dict:
             "flex": lambda ops=ops: attend_decode_rows_flex(q, k, v, ops=ops, **decode),
             "kernel": lambda edits=edits: flex_decode(folded_rows, edits, block_mask),
         }
-        ms = interleaved_medians(calls, args.repeats)
+        ms = interleaved_medians(calls, args.repeats, device)
         eager = interleaved_medians(
             {"eager": lambda ops=ops: attend_decode_rows_flex(q, k, v, ops=ops, compiled=False, **decode)},
             max(3, args.repeats // 10),
+            device,
         )["eager"]
         result[name] = {
             "plain_sdpa_ms": ms["plain"],
@@ -177,14 +182,15 @@ def measure_keys(args: argparse.Namespace, keys: int) -> dict:
             "folded_over_plain": ms["folded"] / ms["plain"],
         }
         print(
-            f"keys {keys}, {name}: plain {ms['plain']:.3f} ms, folded {ms['folded']:.3f} ms, "
+            f"{device}, keys {keys}, {name}: plain {ms['plain']:.3f} ms, folded {ms['folded']:.3f} ms, "
             f"flex {ms['flex']:.3f} ms (kernel {ms['kernel']:.3f}, eager {eager:.3f}); "
-            f"folded/flex {ms['folded'] / ms['flex']:.2f}; first flex call {first_call:.1f} s"
+            f"folded/flex {ms['folded'] / ms['flex']:.2f}; first flex call {first_call:.1f} s",
+            flush=True,
         )
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -195,20 +201,28 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     results = {str(keys): measure_keys(args, keys) for keys in args.keys}
-    report = {
-        "machine": {
-            "cpus": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
+    machine = {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(args.device)
+    return {
+        "machine": machine,
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "milliseconds_per_layer_by_keys": results,
     }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    report = run(args)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -3,11 +3,18 @@
 1. attention.core on CUDA: every operation, readouts, GQA and padding, compared with the same
    call on the CPU (which tests/attention checks against the eager paper references); identity
    plans bit-identical to plain attention on CUDA; timings of attend_rows on both.
-2. The transformers engine on CUDA beside the CPU path: bench_engine's measurements on a
-   randomly initialised model of SmolLM2-135M's exact shape (no weights can travel here), with
-   SmolLM2's tokenizer.
+2. One layer's decode step for 16 planned rows (bench_core.py): the folded pass against the rows
+   one at a time and plain SDPA, on CUDA and on the CPU (one thread).
+3. The transformers engine on CUDA: bench_engine's measurements on a randomly initialised model
+   of SmolLM2-135M's exact shape (no weights can travel here), with SmolLM2's tokenizer.
+4. FlexAttention with the logit-level operations in its score_mod against the folded recompute
+   on CUDA (bench_flex.py), the choice the README argues for GPUs.
+5. The same engine measurements on the machine's CPU.
 
-    PYTHONPATH=server python bench/gpu_check.py --tokenizer DIR --out DIR
+Each part's results are written as soon as it ends, and a part that fails records its error and
+lets the next one run, so a short device lease keeps whatever finished.
+
+    PYTHONPATH=server:clients/python:bench python bench/gpu_check.py --tokenizer DIR --out DIR
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import shutil
 import statistics
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
+import bench_core
+import bench_flex
 import torch
 from attnserve.attention import plan as P
 from attnserve.attention.core import attend_rows, plain_attention
@@ -136,22 +147,48 @@ def smollm2_shaped_model(tokenizer_dir: Path, into: Path) -> Path:
     return into
 
 
+def core_decode(device: str, repeats: int) -> dict:
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as bench/results/core-decode-cpu*.json were measured
+    try:
+        return bench_core.run(bench_core.parse_args(["--device", device, "--repeats", str(repeats)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cuda-repeats", type=int, default=3)
     parser.add_argument("--cpu-repeats", type=int, default=1)
     args = parser.parse_args()
     from bench_engine import run_all
 
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "core": core_checks()}
-    print(json.dumps(report, indent=2), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "errors": {}}
+
+    def part(name: str, measure: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        try:
+            report[name] = measure()
+        except Exception:  # noqa: BLE001 - recorded in the report; the next part still runs
+            report["errors"][name] = traceback.format_exc()
+            print(report["errors"][name], flush=True)
+        report.setdefault("seconds", {})[name] = time.perf_counter() - started
+        (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"== {name} done in {report['seconds'][name]:.0f} s", flush=True)
+
+    part("core", core_checks)
+    part("core_decode_cuda", lambda: core_decode("cuda", 100))
+    part("core_decode_cpu", lambda: core_decode("cpu", 50))
     with tempfile.TemporaryDirectory() as tmp:
         model = smollm2_shaped_model(args.tokenizer, Path(tmp))
-        report["engine_cuda_fp32"] = run_all(model, "cuda", tokens=32, repeats=3)
-        report["engine_cpu_fp32"] = run_all(model, "cpu", tokens=32, repeats=args.cpu_repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
+        part("engine_cuda_fp32", lambda: run_all(model, "cuda", tokens=32, repeats=args.cuda_repeats))
+        flex_args = ["--device", "cuda", "--keys", "160", "512", "2048", "--repeats", "50"]
+        part("flex_decode_cuda", lambda: bench_flex.run(bench_flex.parse_args(flex_args)))
+        part("engine_cpu_fp32", lambda: run_all(model, "cpu", tokens=32, repeats=args.cpu_repeats))
 
 
 if __name__ == "__main__":
