@@ -147,20 +147,38 @@ def smollm2_shaped_model(tokenizer_dir: Path, into: Path) -> Path:
     return into
 
 
-def core_decode(device: str, repeats: int) -> dict:
+def core_decode(device: str, repeats: int, keys: list[int]) -> dict:
+    """bench_core.py's figures for each key count."""
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)  # as bench/results/core-decode-cpu*.json were measured
     try:
-        return bench_core.run(bench_core.parse_args(["--device", device, "--repeats", str(repeats)]))
+        return {
+            str(n): bench_core.run(
+                bench_core.parse_args(["--device", device, "--repeats", str(repeats), "--keys", str(n)])
+            )
+            for n in keys
+        }
     finally:
         torch.set_num_threads(threads)
+
+
+PARTS = (
+    "core",
+    "core_decode_cuda",
+    "core_decode_cpu",
+    "engine_cuda_fp32",
+    "flex_decode_cuda",
+    "engine_cpu_fp32",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--core-keys", type=int, nargs="+", default=[160, 2048])
     parser.add_argument("--cuda-repeats", type=int, default=3)
     parser.add_argument("--cpu-repeats", type=int, default=1)
     args = parser.parse_args()
@@ -170,6 +188,8 @@ def main() -> None:
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "errors": {}}
 
     def part(name: str, measure: Callable[[], object]) -> None:
+        if name not in args.parts:
+            return
         started = time.perf_counter()
         try:
             report[name] = measure()
@@ -181,8 +201,8 @@ def main() -> None:
         print(f"== {name} done in {report['seconds'][name]:.0f} s", flush=True)
 
     part("core", core_checks)
-    part("core_decode_cuda", lambda: core_decode("cuda", 100))
-    part("core_decode_cpu", lambda: core_decode("cpu", 50))
+    part("core_decode_cuda", lambda: core_decode("cuda", 100, args.core_keys))
+    part("core_decode_cpu", lambda: core_decode("cpu", 50, args.core_keys))
     with tempfile.TemporaryDirectory() as tmp:
         model = smollm2_shaped_model(args.tokenizer, Path(tmp))
         part("engine_cuda_fp32", lambda: run_all(model, "cuda", tokens=32, repeats=args.cuda_repeats))
