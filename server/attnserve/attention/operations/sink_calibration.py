@@ -55,7 +55,9 @@ class SinkCalibration(Operation):
         p = probs if prepared.slots is None else probs[prepared.slots]
         means = p.sum(dim=1) if prepared.seen_by is None else p.sum(dim=1) / prepared.seen_by
         sinks = (means > self.tau) & prepared.eligible  # (h, n)
-        if not bool(sinks.any()):
+        # Without sinks the factor below is 1 everywhere. Skipping that work is worth the check on
+        # the CPU; on a GPU the check would wait for every queued kernel.
+        if probs.device.type == "cpu" and not bool(sinks.any()):
             return
         on_sinks = p * sinks[:, None, :]
         mass = on_sinks.sum(dim=-1)  # (h, L)

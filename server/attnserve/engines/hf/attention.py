@@ -42,6 +42,7 @@ class BatchAttention:
         self.on_readouts = on_readouts
         #: What the planned rows' attention calls share across the step's layers.
         self.step_memo = StepMemo()
+        self._row_indexes: dict[tuple[int, ...], torch.Tensor] = {}
 
     def planned_rows(self, layer: int) -> tuple[list[int], list[RowPlan]]:
         rows, plans = [], []
@@ -51,6 +52,16 @@ class BatchAttention:
                 rows.append(row)
                 plans.append(plan)
         return rows, plans
+
+    def row_index(self, rows: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        """The rows as an index tensor on the device, made once per step for each set of rows
+        (usually one: the planned requests); None when they are every row of the batch."""
+        key = tuple(rows)
+        if len(key) == len(self.layouts):
+            return None
+        if key not in self._row_indexes:
+            self._row_indexes[key] = torch.tensor(key, dtype=torch.long, device=device)
+        return self._row_indexes[key]
 
 
 def attnserve_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -64,20 +75,33 @@ def attnserve_attention(module, query, key, value, attention_mask, scaling=None,
     rows, plans = batch.planned_rows(module.layer_idx)
     if not rows:
         return output, weights
-    index = torch.tensor(rows, dtype=torch.long, device=query.device)
+    index = batch.row_index(rows, query.device)
+    if index is not None:
+        query, key, value = (
+            query.index_select(0, index),
+            key.index_select(0, index),
+            value.index_select(0, index),
+        )
     edited, readouts = attend_rows(
-        query.index_select(0, index),
-        key.index_select(0, index),
-        value.index_select(0, index),
+        query,
+        key,
+        value,
         scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         layouts=[batch.layouts[r] for r in rows],
         plans=plans,
         memo=batch.step_memo,
         plain_outputs=False,
     )
-    for j, (row, plan) in enumerate(zip(rows, plans)):
-        if effective_ops(plan):  # rows with readouts only keep the engine's own output
-            output[row] = edited[j].transpose(0, 1).to(output.dtype)  # output is (B, Lq, H, D)
+    # Rows with readouts only keep the engine's own output; the edited ones are written at once.
+    edited_rows = [j for j, plan in enumerate(plans) if effective_ops(plan)]
+    if edited_rows:
+        edited = edited.transpose(1, 2).to(output.dtype)  # output is (B, Lq, H, D)
+        if len(edited_rows) == len(rows) and index is None:
+            output.copy_(edited)
+        else:
+            targets = torch.tensor([rows[j] for j in edited_rows], device=output.device)
+            sources = torch.tensor(edited_rows, device=output.device)
+            output.index_copy_(0, targets, edited.index_select(0, sources))
     batch.on_readouts(module.layer_idx, rows, readouts)
     return output, weights
 
