@@ -3,7 +3,8 @@ pass (attention/folded_rows.py) against the same rows one at a time (the per-row
 the plain SDPA call of the whole batch. No engine: this is the arithmetic plus the core's own
 Python, per layer, which the engines pay once per planned layer and step. "folded" is a step's
 first layer, which prepares the rows' operations (core.prepare); its later layers reuse them
-through the step's StepMemo ("later layers").
+through the step's StepMemo ("later layers"). The last two plans read out (statistics and the
+last query rows, as a readout or a sampled statistics row asks).
 
     PYTHONPATH=server .venv/bin/python bench/bench_core.py [--rows 16] [--keys 160] [--repeats 200] \
         [--threads 1] [--device cpu] [--out bench/results/core-decode-cpu.json]
@@ -33,20 +34,32 @@ from attnserve.attention.operations import (
     LogitRescale,
     SinkCalibration,
 )
-from attnserve.attention.plan import NO_NEEDS, KeySet, RowPlan, ScopedOp
+from attnserve.attention.plan import KeySet, ReadoutNeeds, RowPlan, ScopedOp
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.step_memo import StepMemo
 
+#: Statistics as a sampled row reads them, with the last query rows as readouts add.
+READOUTS = ReadoutNeeds(statistics=True, mass_ranges=((0, 24),), last_query_rows=True)
 PLANS = {
-    "sink_calibration (ACT)": (ScopedOp(SinkCalibration(tau=0.1, beta=0.4)),),
-    "key_emphasis (PASTA)": (ScopedOp(KeyEmphasis(0.01), keys=KeySet(ranges=((0, 24),), invert=True)),),
-    "logit_rescale x2 (PAINT)": (
-        ScopedOp(LogitRescale(0.7), keys=KeySet(ranges=((5, 69),)), last_query_only=True),
-        ScopedOp(LogitRescale(0.3), keys=KeySet(ranges=((20, 30),)), last_query_only=True),
+    "sink_calibration (ACT)": RowPlan(ops=(ScopedOp(SinkCalibration(tau=0.1, beta=0.4)),)),
+    "key_emphasis (PASTA)": RowPlan(
+        ops=(ScopedOp(KeyEmphasis(0.01), keys=KeySet(ranges=((0, 24),), invert=True)),)
     ),
-    "identity_blend + head_output_scale": (
-        ScopedOp(IdentityBlend(0.5), heads=(0, 3)),
-        ScopedOp(HeadOutputScale(0.0), heads=(5,)),
+    "logit_rescale x2 (PAINT)": RowPlan(
+        ops=(
+            ScopedOp(LogitRescale(0.7), keys=KeySet(ranges=((5, 69),)), last_query_only=True),
+            ScopedOp(LogitRescale(0.3), keys=KeySet(ranges=((20, 30),)), last_query_only=True),
+        )
+    ),
+    "identity_blend + head_output_scale": RowPlan(
+        ops=(
+            ScopedOp(IdentityBlend(0.5), heads=(0, 3)),
+            ScopedOp(HeadOutputScale(0.0), heads=(5,)),
+        )
+    ),
+    "readouts only (statistics, last query rows)": RowPlan(needs=READOUTS),
+    "key_emphasis + readouts": RowPlan(
+        ops=(ScopedOp(KeyEmphasis(0.01), keys=KeySet(ranges=((0, 24),), invert=True)),), needs=READOUTS
     ),
 }
 
@@ -106,14 +119,14 @@ def run(args: argparse.Namespace) -> dict:
     def one_at_a_time(plans):
         for b, plan in enumerate(plans):
             row = RowAttention.from_batch(q, k, v, b, layouts[b], scale)
-            attend(row, prepare(row, applied_ops(row, effective_ops(plan)), NO_NEEDS), NO_NEEDS)
+            attend(row, prepare(row, applied_ops(row, effective_ops(plan)), plan.needs), plan.needs)
 
     results = {
         "plain SDPA of the batch": timed(lambda: plain_attention(q, k, v, scale=scale, layouts=layouts))
     }
     print(f"{device}: plain SDPA of the batch: {results['plain SDPA of the batch']:.3f} ms", flush=True)
-    for name, ops in PLANS.items():
-        plans = [RowPlan(ops=ops)] * rows
+    for name, plan in PLANS.items():
+        plans = [plan] * rows
         folded = timed(lambda plans=plans: attend_rows(q, k, v, scale=scale, layouts=layouts, plans=plans))
         memo = StepMemo()
         later_layers = timed(

@@ -1,7 +1,7 @@
 """Rows of several queries folded into one pass (core.attend_folded_rows): prefills and
-multi-token steps of requests with different lengths and different plans, against the per-row
-path (itself checked against the eager reference in test_core.py), with their keys padded on
-either side and garbage in the padding."""
+multi-token steps of requests with different lengths, different plans and different readouts,
+against the per-row path (itself checked against the eager reference in test_core.py), with
+their keys padded on either side and garbage in the padding."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from attnserve.attention.core import attend, attend_folded_rows, prepare
 from attnserve.attention.folded_rows import MAX_FOLDED_LOGITS, fold_groups, folds_queries, folds_size
 from attnserve.attention.interventions import applied_ops
 from attnserve.attention.layout import RowLayout
-from attnserve.attention.plan import NO_NEEDS, ScopedOp
+from attnserve.attention.plan import NO_NEEDS, ReadoutNeeds, ScopedOp
+from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.step_memo import StepMemo
-from harness import COMBINATION, SINGLE_OPS, make_batch
+from harness import COMBINATION, FULL_NEEDS, SINGLE_OPS, assert_readout_matches, make_batch
 
 #: The operations that fold on rows of several queries: those acting on every query row.
 FOLDING_OPS = [scoped for scoped in (*SINGLE_OPS.values(), *COMBINATION) if folds_queries([scoped])]
@@ -28,11 +29,24 @@ def test_every_operation_kind_has_a_case_that_folds():
     }
 
 
-def per_row(q, k, v, layout: RowLayout, ops: tuple[ScopedOp, ...], scale: float) -> torch.Tensor:
-    """(H, L, D): one request's row through the per-row path."""
+#: What a request of a folded batch may read out.
+READOUT_CHOICES = [
+    NO_NEEDS,
+    FULL_NEEDS,
+    ReadoutNeeds(statistics=True),
+    ReadoutNeeds(last_query_rows=True),
+]
+
+
+def per_row(
+    q, k, v, layout: RowLayout, ops: tuple[ScopedOp, ...], needs: ReadoutNeeds, scale: float
+) -> tuple[torch.Tensor | None, RowReadout | None]:
+    """(H, L, D) and the readout of one request's row through the per-row path."""
     row = RowAttention(q=q, k=k, v=v, scale=scale, layout=layout)
-    out, _ = attend(row, prepare(row, applied_ops(row, ops), NO_NEEDS), NO_NEEDS)
-    return out
+    out, readout = attend(row, prepare(row, applied_ops(row, ops), needs), needs)
+    if readout is not None and readout.last_query_rows is not None:
+        readout.last_query_rows = readout.last_query_rows.double()  # as the harness compares
+    return out, readout
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -48,7 +62,10 @@ def test_rows_of_several_queries_equal_the_per_row_path(seed, padding):
     # A prefill's queries are all its tokens; a multi-token step's its last few.
     query_counts = [rng.choice([length, min(length, num_queries), 1, 3]) for length in lengths]
     query_counts = [min(count, num_queries) for count in query_counts]
-    ops = [tuple(rng.sample(FOLDING_OPS, rng.randint(1, 4))) for _ in range(num_requests)]
+    # Some requests only read out; the others edit, and may read out too.
+    ops = [tuple(rng.sample(FOLDING_OPS, rng.randint(0, 4))) for _ in range(num_requests)]
+    needs = [rng.choice(READOUT_CHOICES) for _ in range(num_requests)]
+    needs[0] = FULL_NEEDS
 
     expected = [
         per_row(
@@ -57,6 +74,7 @@ def test_rows_of_several_queries_equal_the_per_row_path(seed, padding):
             batch.v[b, :, start:],
             RowLayout(key_start=0, num_prompt_tokens=batch.layouts[b].num_prompt_tokens),
             ops[b],
+            needs[b],
             batch.scale,
         )
         for b, (start, count) in enumerate(zip(key_starts, query_counts))
@@ -77,7 +95,7 @@ def test_rows_of_several_queries_equal_the_per_row_path(seed, padding):
 
     memo = StepMemo()
     for _ in range(2):  # a step's second layer reuses what the first prepared
-        folded = attend_folded_rows(
+        folded, readouts = attend_folded_rows(
             q,
             k,
             v,
@@ -87,10 +105,14 @@ def test_rows_of_several_queries_equal_the_per_row_path(seed, padding):
             prompt_lengths=[layout.num_prompt_tokens for layout in batch.layouts],
             scale=batch.scale,
             ops=ops,
+            needs=needs,
             memo=memo,
         )
         for b, count in enumerate(query_counts):
-            torch.testing.assert_close(folded[b, :, :count], expected[b], atol=1e-6, rtol=0)
+            out, readout = expected[b]
+            if ops[b]:
+                torch.testing.assert_close(folded[b, :, :count], out, atol=1e-6, rtol=0)
+            assert_readout_matches(readouts[b], readout, 1e-6)
     assert len(memo.prepared) == 1
 
 

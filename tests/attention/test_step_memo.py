@@ -32,8 +32,8 @@ def test_layers_sharing_a_memo_equal_layers_without(scenario):
             if theirs is not None:
                 assert ours.statistics == theirs.statistics
                 assert torch.equal(ours.last_query_rows, theirs.last_query_rows)
-    # Built once each: the folded pass (rows without readouts: on a decode step the first and the
-    # third, with more queries only the third, whose operation acts on every query row), and one
-    # entry per row one at a time.
+    # Built once each: the folded pass (on a decode step every row, the one with readouts too;
+    # with more queries only the third, whose operation acts on every query row), and one entry
+    # per row one at a time.
     assert len(memo.geometries) == 1
-    assert len(memo.prepared) == (2 if scenario == "decode" else 3)
+    assert len(memo.prepared) == (1 if scenario == "decode" else 3)

@@ -8,11 +8,12 @@ leave a query no key; the sink statistics are None on full-mask rows
 (docs/attention-math.md#layouts).
 
 Rows whose plan edits nothing (no ops, or only identity ops) go through one plain SDPA call on
-the padded batch, so their output is bit-identical to the unedited path. Edited rows that read
-nothing out go through the steps below together, folded into one row of many heads
-(folded_rows.py): decode rows (one query each), and causal rows of several queries whose
-operations act on every query row; other edited rows and rows with readouts one at a time, with
-their padding cut off. In float32:
+the padded batch, so their output is bit-identical to the unedited path. Causal rows that edit
+or read out go through the steps below together, folded into one row of many heads
+(folded_rows.py): decode rows (one query each), and rows of several queries whose operations act
+on every query row; a row with readouts folds when it is small enough that alone it would
+materialise every head's probabilities (its readouts are then read from its heads of the folded
+pass). Other rows go one at a time, with their padding cut off. In float32:
 - pre-softmax ops become a query gain and one additive bias for a single fused SDPA call;
   logits are materialised only for heads whose bias depends on them (LogitRescale,
   temperature on part of the keys);
@@ -59,11 +60,13 @@ from attnserve.attention.interventions import (
     refuse_removing_every_key,
 )
 from attnserve.attention.layout import MaskKind, RowLayout
+from attnserve.attention.operations.base import EditedLogits
 from attnserve.attention.plan import ReadoutNeeds, RowPlan, ScopedOp
 from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
     HeadPieces,
+    MassColumns,
     fused_pieces,
     last_query_rows,
     layer_statistics,
@@ -169,12 +172,12 @@ def attend_rows(
             sub_layouts = [layouts[b] for b in plain_rows]
             output[index] = plain_attention(q[index], k[index], v[index], scale=scale, layouts=sub_layouts)
 
-    folded = [b for b in range(len(plans)) if _foldable(q, k, layouts[b], plans[b], row_ops[b])]
+    readouts: list[RowReadout | None] = [None] * len(plans)
+    folded = [b for b in range(len(plans)) if _foldable(q, k, layouts[b], plans[b])]
     sizes = [math.prod(_row_shape(q, k, layouts[b])) for b in folded]
     for group in fold_groups(sizes, q.shape[1]):
-        _attend_folded(q, k, v, scale, layouts, row_ops, [folded[i] for i in group], memo, output)
+        _attend_folded(q, k, v, scale, layouts, plans, [folded[i] for i in group], memo, output, readouts)
 
-    readouts: list[RowReadout | None] = [None] * len(plans)
     for b, (plan, ops) in enumerate(zip(plans, row_ops)):
         if (not ops and plan.needs.is_empty) or b in folded:
             continue
@@ -185,24 +188,28 @@ def attend_rows(
     return output, readouts
 
 
-def folds(plan: RowPlan) -> bool:
-    """Whether a decode row (one query, its sequence's last token, seeing every key) with this
-    plan goes through attention.core together with the others like it (folded_rows.py): it
-    edits and reads nothing out."""
-    return bool(effective_ops(plan)) and plan.needs.is_empty
+def folds(plan: RowPlan, num_queries: int, num_keys: int, num_heads: int) -> bool:
+    """Whether a causal row of this size (its padding cut off) with this plan goes through
+    attention.core folded with others like it (folded_rows.py): it edits or reads out; its
+    logits fit in a folded pass; with several queries its operations act on every query row;
+    with readouts it is small enough that a row alone would materialise every head too."""
+    ops = effective_ops(plan)
+    if not ops and plan.needs.is_empty:
+        return False
+    if not folds_size(num_queries, num_keys, num_heads):
+        return False
+    if not plan.needs.is_empty and num_heads * num_queries * num_keys > MATERIALISED_STATISTICS_ELEMENTS:
+        return False
+    return num_queries == 1 or folds_queries(ops)
 
 
-def _foldable(
-    q: torch.Tensor, k: torch.Tensor, layout: RowLayout, plan: RowPlan, ops: tuple[ScopedOp, ...]
-) -> bool:
-    if not folds(plan) or layout.cross_attention:
+def _foldable(q: torch.Tensor, k: torch.Tensor, layout: RowLayout, plan: RowPlan) -> bool:
+    if layout.cross_attention:
         return False
     num_queries, num_keys = _row_shape(q, k, layout)
-    if not folds_size(num_queries, num_keys, q.shape[1]):
-        return False
-    if num_queries == 1:  # one query sees every key, block-causal or causal
-        return layout.mask in (MaskKind.CAUSAL, MaskKind.BLOCK)
-    return layout.mask is MaskKind.CAUSAL and folds_queries(ops)
+    # One query sees every key, block-causal or causal.
+    causal = layout.mask is MaskKind.CAUSAL or (num_queries == 1 and layout.mask is MaskKind.BLOCK)
+    return causal and folds(plan, num_queries, num_keys, q.shape[1])
 
 
 def _row_shape(q: torch.Tensor, k: torch.Tensor, layout: RowLayout) -> tuple[int, int]:
@@ -228,7 +235,8 @@ def attend_decode_rows(
     to request b. A caller that runs the same rows through several layers passes one memo to all
     of them (folded_rows.py)."""
     rows = fold_decode_rows(q, k, v, key_starts, prompt_lengths, scale, key_ends, memo)
-    return attend_folded(rows, ops, memo)[:, :, 0]
+    out, _ = attend_folded(rows, ops, memo)
+    return out[:, :, 0]
 
 
 def attend_folded_rows(
@@ -242,14 +250,16 @@ def attend_folded_rows(
     prompt_lengths: Sequence[int],
     scale: float,
     ops: Sequence[tuple[ScopedOp, ...]],
+    needs: Sequence[ReadoutNeeds] | None = None,
     memo: StepMemo | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[RowReadout | None]]:
     """Causal rows of several requests in one pass, each with its own number of queries (a
     prefill's prompt, a decode step's one token): q (B, H, L, D) request b's queries, its last
     query_counts[b] tokens, in slots 0..query_counts[b]-1; k, v (B, Hkv, n, D) padded, request
     b's keys at key_starts[b]..key_ends[b]-1. Returns (B, H, L, D) in float32 (or float64), ops[b]
-    applied to request b; padding slots hold no meaningful numbers. Rows of several queries take
-    only operations that act on every query row (folded_rows.folds_queries)."""
+    applied to request b, padding slots holding no meaningful numbers; and what needs[b] reads
+    of request b's final map (None when it reads nothing). Rows of several queries take only
+    operations that act on every query row (folded_rows.folds_queries)."""
     rows = fold_rows(
         q,
         k,
@@ -261,7 +271,7 @@ def attend_folded_rows(
         scale=scale,
         memo=memo,
     )
-    return attend_folded(rows, ops, memo)
+    return attend_folded(rows, ops, memo, needs)
 
 
 def _attend_folded(
@@ -270,13 +280,14 @@ def _attend_folded(
     v: torch.Tensor,
     scale: float,
     layouts: Sequence[RowLayout],
-    ops: Sequence[tuple[ScopedOp, ...]],
+    plans: Sequence[RowPlan],
     rows: Sequence[int],
     memo: StepMemo | None,
     output: torch.Tensor,
+    readouts: list[RowReadout | None],
 ) -> None:
-    """The given edited rows of a left-padded batch, folded into one pass, written into output
-    (B, H, Lq, D)."""
+    """The given rows of a left-padded batch, folded into one pass: the edited rows' outputs
+    written into output (B, H, Lq, D), the rows' readouts into readouts."""
     num_queries = q.shape[2]
     counts = [_row_shape(q, k, layouts[b])[0] for b in rows]
     # The rows' keys only: the padding all of them have is cut off.
@@ -291,7 +302,8 @@ def _attend_folded(
     first = torch.tensor([num_queries - count for count in counts], device=q.device)
     taken = (first[:, None] + torch.arange(slots, device=q.device)[None, :]).clamp(max=num_queries - 1)
     queries = q.gather(2, taken[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-    edited = attend_folded_rows(
+    ops = [effective_ops(plans[b]) for b in rows]
+    edited, row_readouts = attend_folded_rows(
         queries,
         k,
         v,
@@ -300,14 +312,22 @@ def _attend_folded(
         query_counts=counts,
         prompt_lengths=[layouts[b].num_prompt_tokens for b in rows],
         scale=scale,
-        ops=[ops[b] for b in rows],
+        ops=ops,
+        needs=[plans[b].needs for b in rows],
         memo=memo,
-    ).to(output.dtype)
-    if slots == 1:
-        output[list(rows), :, num_queries - 1] = edited[:, :, 0]
+    )
+    for j, b in enumerate(rows):
+        readouts[b] = row_readouts[j]
+    # Rows that only read out keep the output they have (plain, or left for the engine's own).
+    editing = [j for j, row_ops in enumerate(ops) if row_ops]
+    if not editing:
         return
-    for j, (b, count) in enumerate(zip(rows, counts)):
-        output[b, :, num_queries - count :] = edited[j, :, :count]
+    edited = edited.to(output.dtype)
+    if slots == 1:
+        output[[rows[j] for j in editing], :, num_queries - 1] = edited[editing, :, 0]
+        return
+    for j in editing:
+        output[rows[j], :, num_queries - counts[j] :] = edited[j, :, : counts[j]]
 
 
 def _attend_row(
@@ -341,13 +361,20 @@ class PreparedOps:
     probability_edits: list[object]
 
 
-def prepare(row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds) -> PreparedOps:
+def prepare(
+    row: RowAttention,
+    applied: Sequence[AppliedOp],
+    needs: ReadoutNeeds,
+    read_heads: torch.Tensor | None = None,
+) -> PreparedOps:
     """Probability edits (ACT: column means for sink detection) need their heads' probabilities:
     materialised for those heads only. Statistics read them too for heads whose bias depends on
     their logits, and for every head when the row is small (a decode step), where that is
-    cheapest."""
+    cheapest. read_heads (H,) are materialised too (folded rows' readouts)."""
     logit_edits = prepare_logit_edits(row, applied)
     materialise = probability_heads(row, applied)
+    if read_heads is not None:
+        materialise = materialise | read_heads
     if needs.statistics:
         small = row.num_heads * row.num_queries * row.num_keys <= MATERIALISED_STATISTICS_ELEMENTS
         materialise = materialise | logit_edits.logit_heads | small
@@ -364,16 +391,36 @@ def prepare(row: RowAttention, applied: Sequence[AppliedOp], needs: ReadoutNeeds
     )
 
 
+@dataclass
+class Attended:
+    """A row's attention output with its operations applied, and what its readouts read."""
+
+    out: torch.Tensor | None  # (H, L, D); None when no operation applies and none asks for it
+    #: (H, L) the share of the softmax map left after the identity blends.
+    kept: torch.Tensor
+    edited: EditedLogits
+    #: (h, L, n) the materialised heads' final probabilities, before the blends.
+    probs: torch.Tensor | None
+    #: The fused call's outputs (with the statistics' extra value columns) and lse.
+    fused: torch.Tensor | None
+    lse: torch.Tensor | None
+    columns: MassColumns | None
+
+
 def attend(
     row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds
 ) -> tuple[torch.Tensor, RowReadout | None]:
     """The row's attention output (H, L, D) with the operations applied, and what needs reads."""
-    applied, materialised, fused_heads, slot = (
-        prepared.applied,
-        prepared.materialised,
-        prepared.fused_heads,
-        prepared.slot,
-    )
+    attended = attend_heads(row, prepared, needs)
+    if needs.is_empty:
+        return attended.out, None
+    return attended.out, _readout(row, prepared, needs, attended)
+
+
+def attend_heads(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds) -> Attended:
+    """The row's attention with the operations applied: the output, and the maps that needs and
+    the materialised heads' readers read."""
+    applied, materialised, fused_heads = prepared.applied, prepared.materialised, prepared.fused_heads
     edited = edit_logits(row, prepared.logit_edits)
     probs = torch.softmax(edited.logits(row, materialised), dim=-1) if len(materialised) else None
     if probs is not None:
@@ -383,8 +430,9 @@ def attend(
     # sum_j p_ij k_j and the masses on the indicator columns (docs/attention-math.md#identity-h,
     # #identity-v).
     fused_statistics = needs.statistics and len(fused_heads) > 0
-    columns = mass_columns(row, needs, edited) if needs.statistics else None
-    head_dim = row.v.shape[-1]
+    columns = None
+    if needs.statistics:
+        columns = mass_columns(row, needs, [term.keys for term in edited.emphasis])
     fused, lse, out = None, None, None
     if len(fused_heads) and (applied or fused_statistics):
         keys, values = row.keys_of(fused_heads), row.values_of(fused_heads)
@@ -398,28 +446,41 @@ def attend(
         fused, lse = kernels.fused_attention(q, keys, values, bias, row.scale, fused_statistics)
     if applied:
         out = _head_outputs(row, prepared, fused, probs)
-
     out, kept = edit_output(row, applied, out)
-    if needs.is_empty:
-        return out, None
+    return Attended(out=out, kept=kept, edited=edited, probs=probs, fused=fused, lse=lse, columns=columns)
 
+
+def _readout(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds, attended: Attended) -> RowReadout:
+    materialised, fused_heads, kept = prepared.materialised, prepared.fused_heads, attended.kept
     readout = RowReadout(num_prompt_tokens=row.num_prompt_tokens)
     if needs.statistics:
+        columns, fused = attended.columns, attended.fused
         parts = []
-        if fused_statistics:
+        if len(fused_heads):  # the fused call computed their statistics' columns
+            head_dim = row.v.shape[-1]
             key_means_end = fused.shape[-1] - columns.indicators.shape[-1]
             key_means = fused[..., head_dim:key_means_end]
             masses = fused[..., key_means_end:]
             parts.append(
-                fused_pieces(row, edited, fused_heads, lse, key_means, masses, columns, kept[fused_heads])
+                fused_pieces(
+                    row,
+                    attended.edited,
+                    fused_heads,
+                    attended.lse,
+                    key_means,
+                    masses,
+                    columns,
+                    kept[fused_heads],
+                )
             )
-        if probs is not None:
-            parts.append(materialised_pieces(row, probs, columns, kept[materialised]))
+        if attended.probs is not None:
+            parts.append(materialised_pieces(row, attended.probs, columns, kept[materialised]))
         order = torch.cat([fused_heads, materialised])
         readout.statistics = layer_statistics(row, HeadPieces.concat(parts), columns, kept[order])
     if needs.last_query_rows:
-        readout.last_query_rows = last_query_rows(row, edited, probs, slot, kept).float()
-    return out, readout
+        rows = last_query_rows(row, attended.edited, attended.probs, prepared.slot, kept).float()
+        readout.last_query_rows = rows
+    return readout
 
 
 def _head_outputs(

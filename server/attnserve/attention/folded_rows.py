@@ -25,10 +25,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnserve.attention.interventions import AppliedOp, application_order, application_rank
+from attnserve.attention.layout import RowLayout
 from attnserve.attention.operations.base import Scope
-from attnserve.attention.plan import ALL_QUERY_ROWS, NO_NEEDS, ScopedOp
+from attnserve.attention.plan import ALL_QUERY_ROWS, NO_NEEDS, ReadoutNeeds, ScopedOp
+from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
+from attnserve.attention.statistics import (
+    blended_last_query_rows,
+    layer_statistics,
+    mass_columns,
+    materialised_pieces,
+)
 from attnserve.attention.step_memo import StepMemo
 
 if TYPE_CHECKING:
@@ -332,25 +340,91 @@ def _folded_scope(rows: FoldedRows, members: Sequence[tuple[int, ScopedOp]]) -> 
 
 
 def prepare_folded(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: StepMemo | None = None
+    rows: FoldedRows,
+    ops_per_request: Sequence[Sequence[ScopedOp]],
+    memo: StepMemo | None = None,
+    readers: tuple[int, ...] = (),
 ) -> PreparedOps:
-    """core.prepare for the folded rows; with a memo, equal calls share it."""
+    """core.prepare for the folded rows, every head of the readers' (requests with readouts)
+    materialised; with a memo, equal calls share it."""
     from attnserve.attention.core import prepare  # core dispatches here: imported when used
 
     def build() -> PreparedOps:
-        return prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS)
+        read_heads = None
+        if readers:
+            read_heads = torch.zeros(rows.num_requests, rows.heads_per_request, dtype=torch.bool)
+            read_heads[list(readers)] = True
+            read_heads = read_heads.flatten().to(rows.device)
+        return prepare(rows, folded_applied_ops(rows, ops_per_request), NO_NEEDS, read_heads)
 
     if memo is None:
         return build()
-    return memo.prepared_for((rows.geometry, rows.dtype, tuple(map(tuple, ops_per_request))), build)
+    key = (rows.geometry, rows.dtype, tuple(map(tuple, ops_per_request)), readers)
+    return memo.prepared_for(key, build)
 
 
 def attend_folded(
-    rows: FoldedRows, ops_per_request: Sequence[Sequence[ScopedOp]], memo: StepMemo | None = None
-) -> torch.Tensor:
-    """(B, H, L, D): each request's attention output with its operations applied (no readouts);
-    padding slots hold no meaningful numbers."""
-    from attnserve.attention.core import attend
+    rows: FoldedRows,
+    ops_per_request: Sequence[Sequence[ScopedOp]],
+    memo: StepMemo | None = None,
+    needs_per_request: Sequence[ReadoutNeeds] | None = None,
+) -> tuple[torch.Tensor, list[RowReadout | None]]:
+    """(B, H, L, D): each request's attention output with its operations applied (padding slots
+    hold no meaningful numbers; zero or absent when no request edits anything), and each
+    request's readout as needs_per_request[b] asks (None when it asks for none)."""
+    from attnserve.attention.core import attend_heads
 
-    out, _ = attend(rows, prepare_folded(rows, ops_per_request, memo), NO_NEEDS)
-    return out.reshape(rows.num_requests, rows.heads_per_request, rows.num_queries, -1)
+    needs_per_request = needs_per_request or [NO_NEEDS] * rows.num_requests
+    readers = tuple(b for b, needs in enumerate(needs_per_request) if not needs.is_empty)
+    prepared = prepare_folded(rows, ops_per_request, memo, readers)
+    attended = attend_heads(rows, prepared, NO_NEEDS)
+    out = attended.out
+    if out is None:
+        out = torch.zeros_like(rows.q)
+    readouts: list[RowReadout | None] = [None] * rows.num_requests
+    for b in readers:
+        readouts[b] = _request_readout(
+            rows, b, attended.probs, prepared.slot, attended.kept, needs_per_request[b]
+        )
+    return out.reshape(rows.num_requests, rows.heads_per_request, rows.num_queries, -1), readouts
+
+
+def request_row(rows: FoldedRows, request: int) -> RowAttention:
+    """Request b's own row of the folded rows: its heads, its queries and keys, causal."""
+    heads = slice(request * rows.heads_per_request, (request + 1) * rows.heads_per_request)
+    kv_heads_per_request = rows.k.shape[0] // rows.num_requests
+    kv_heads = slice(request * kv_heads_per_request, (request + 1) * kv_heads_per_request)
+    keys = slice(rows.key_starts[request], rows.key_ends[request])
+    return RowAttention(
+        q=rows.q[heads, : rows.geometry.query_counts[request]],
+        k=rows.k[kv_heads, keys],
+        v=rows.v[kv_heads, keys],
+        scale=rows.scale,
+        layout=RowLayout(key_start=0, num_prompt_tokens=rows.prompt_lengths[request]),
+    )
+
+
+def _request_readout(
+    rows: FoldedRows,
+    request: int,
+    probs: torch.Tensor,
+    slot: torch.Tensor,
+    kept: torch.Tensor,
+    needs: ReadoutNeeds,
+) -> RowReadout:
+    """A request's readout from its materialised heads' final probabilities, read as its own row
+    (statistics.py on materialised heads, as a row alone that small reads them)."""
+    row = request_row(rows, request)
+    heads = slice(request * rows.heads_per_request, (request + 1) * rows.heads_per_request)
+    count = row.num_queries
+    keys = slice(rows.key_starts[request], rows.key_ends[request])
+    request_probs = probs[slot[heads]][:, :count, keys]
+    request_kept = kept[heads, :count]
+    readout = RowReadout(num_prompt_tokens=row.num_prompt_tokens)
+    if needs.statistics:
+        columns = mass_columns(row, needs)
+        pieces = materialised_pieces(row, request_probs, columns, request_kept)
+        readout.statistics = layer_statistics(row, pieces, columns, request_kept)
+    if needs.last_query_rows:
+        readout.last_query_rows = blended_last_query_rows(row, request_probs[:, -1], request_kept).float()
+    return readout

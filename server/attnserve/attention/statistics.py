@@ -13,6 +13,7 @@ docs/attention-math.md#statistics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -58,7 +59,11 @@ class MassColumns:
         return self.emphasis + self.num_emphasis
 
 
-def mass_columns(row: RowAttention, needs: ReadoutNeeds, edited: EditedLogits) -> MassColumns:
+def mass_columns(
+    row: RowAttention, needs: ReadoutNeeds, emphasis: Sequence[torch.Tensor] = ()
+) -> MassColumns:
+    """emphasis: the key set (n,) of each KeyEmphasis term (the fused heads' entropies need their
+    masses; materialised heads need none)."""
     positions = row.key_positions
     prompt_end = min(row.num_prompt_tokens, row.num_keys)
 
@@ -67,7 +72,6 @@ def mass_columns(row: RowAttention, needs: ReadoutNeeds, edited: EditedLogits) -
 
     columns = [positions == 0, positions < 4]
     columns += [prompt_range(start, end) for start, end in needs.mass_ranges]
-    emphasis = [term.keys for term in edited.emphasis]
     if needs.image_keys:
         image = torch.stack([prompt_range(start, end) for start, end in needs.image_keys]).any(dim=0)
         columns += [image, *emphasis, *(keys & image for keys in emphasis)]
@@ -282,5 +286,11 @@ def last_query_rows(
     if probs is not None:
         materialised = slot >= 0
         rows[materialised] = probs[slot[materialised], -1]
+    return blended_last_query_rows(row, rows, kept)
+
+
+def blended_last_query_rows(row: RowAttention, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(H, n) the last query's final map from its softmax probabilities rows (H, n) and the
+    blends' kept (H, L)."""
     kept_last = kept[:, -1:]
     return kept_last * rows + (1 - kept_last) * row.own_key[-1].to(row.dtype)

@@ -18,9 +18,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from ...attention.core import attend_folded_rows, attend_rows, effective_ops, folds
-from ...attention.folded_rows import fold_groups, folds_queries, folds_size
+from ...attention.folded_rows import fold_groups
 from ...attention.layout import RowLayout
 from ...attention.plan import RowPlan
+from ...attention.readout import RowReadout
 from ...readouts import CallSite
 from . import worker
 from .paged_kv import KVSlots
@@ -164,20 +165,19 @@ def apply_row_plans(
         if plan is None:
             continue
         num_queries = starts[row + 1] - starts[row]
-        if not folds(plan) or not folds_size(num_queries, planned.seq_len, query.shape[1]):
+        if not folds(plan, num_queries, planned.seq_len, query.shape[1]):
             one_by_one.append((planned, plan))
         elif num_queries == 1:
             decoding.append((planned, plan))
-        elif folds_queries(effective_ops(plan)):
-            prefilling.append((planned, plan))
         else:
-            one_by_one.append((planned, plan))
+            prefilling.append((planned, plan))
     # Decode rows apart from prefills (folded together, each would take a prefill's query slots),
     # and rows of very different sizes apart (folded_rows.fold_groups).
     for folded in (decoding, prefilling):
         sizes = [(starts[planned.row + 1] - starts[planned.row]) * planned.seq_len for planned, _ in folded]
         for group in fold_groups(sizes, query.shape[1]):
-            _attend_folded([folded[i] for i in group], query, output, scale, starts, read_kv, step)
+            rows = [folded[i] for i in group]
+            _attend_folded(rows, layer_index, query, output, scale, starts, read_kv, step)
     if one_by_one:
         _attend_one_by_one(one_by_one, layer_index, query, output, scale, starts, read_kv, step)
 
@@ -192,8 +192,8 @@ def _attend_one_by_one(
     read_kv: KVReader,
     step: StepContext,
 ) -> None:
-    """Planned rows that do not fold (rows with readouts, rows of several queries with an
-    operation on some query rows only): their keys and values in one gather, then attention.core
+    """Planned rows that do not fold (rows of several queries with an operation on some query
+    rows only, rows too large to fold): their keys and values in one gather, then attention.core
     one row at a time."""
     k, v = read_kv([planned.row for planned, _ in rows], [planned.seq_len for planned, _ in rows])
     for i, (planned, plan) in enumerate(rows):
@@ -210,12 +210,12 @@ def _attend_one_by_one(
         )
         if effective_ops(plan):
             output[first:last] = edited[0].transpose(0, 1).to(output.dtype)
-        if readout is not None:  # recorded after the forward (worker.StepPlanner.publish)
-            planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
+        _record(planned, layer_index, readout)
 
 
 def _attend_folded(
     rows: list[tuple[PlannedRow, RowPlan]],
+    layer_index: int,
     query: torch.Tensor,
     output: torch.Tensor,
     scale: float,
@@ -223,16 +223,17 @@ def _attend_folded(
     read_kv: KVReader,
     step: StepContext,
 ) -> None:
-    """Planned rows that read nothing out, of one query each (decode) or of several (prefill):
-    one pass for all (folded_rows.py), their keys and values gathered into one right-padded batch,
-    their queries into query slots from 0."""
+    """Planned rows of one query each (decode) or of several (prefill): one pass for all
+    (folded_rows.py), their keys and values gathered into one right-padded batch, their queries
+    into query slots from 0. Rows that only read out keep the kernel's output."""
     batch_rows = [planned.row for planned, _ in rows]
     seq_lens = [planned.seq_len for planned, _ in rows]
     k, v = read_kv(batch_rows, seq_lens)
     slots = _query_slots(starts, batch_rows, query.device)
     batch, num_slots = slots.tokens.shape
     queries = query.index_select(0, slots.tokens.flatten()).view(batch, num_slots, *query.shape[1:])
-    edited = attend_folded_rows(
+    ops = [effective_ops(plan) for _, plan in rows]
+    edited, readouts = attend_folded_rows(
         queries.transpose(1, 2),
         k,
         v,
@@ -241,11 +242,25 @@ def _attend_folded(
         query_counts=slots.counts,
         prompt_lengths=[planned.layout_prompt_tokens for planned, _ in rows],
         scale=scale,
-        ops=[effective_ops(plan) for _, plan in rows],
+        ops=ops,
+        needs=[plan.needs for _, plan in rows],
         memo=step.step_memo,
     )
-    real = edited.transpose(1, 2)[slots.real] if slots.real is not None else edited[:, :, 0]
-    output.index_copy_(0, slots.real_tokens, real.to(output.dtype))
+    for (planned, _), readout in zip(rows, readouts):
+        _record(planned, layer_index, readout)
+    if all(ops):
+        real = edited.transpose(1, 2)[slots.real] if slots.real is not None else edited[:, :, 0]
+        output.index_copy_(0, slots.real_tokens, real.to(output.dtype))
+        return
+    for j, (planned, _) in enumerate(rows):
+        if ops[j]:
+            first, last = starts[planned.row], starts[planned.row + 1]
+            output[first:last] = edited[j, :, : last - first].transpose(0, 1).to(output.dtype)
+
+
+def _record(planned: PlannedRow, layer_index: int, readout: RowReadout | None) -> None:
+    if readout is not None:  # recorded after the forward (worker.StepPlanner.publish)
+        planned.calls.append((CallSite(layer_index, planned.step, planned.seq_len - 1), readout))
 
 
 @dataclass(frozen=True)
