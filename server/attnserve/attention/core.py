@@ -67,6 +67,7 @@ from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.statistics import (
     HeadPieces,
     MassColumns,
+    StatisticsGeometry,
     fused_pieces,
     last_query_rows,
     layer_statistics,
@@ -404,6 +405,8 @@ class Attended:
     #: The fused call's outputs (with the statistics' extra value columns) and lse.
     fused: torch.Tensor | None
     lse: torch.Tensor | None
+    #: With statistics: the row's geometry as they read it, and their mass columns.
+    geometry: StatisticsGeometry | None
     columns: MassColumns | None
 
 
@@ -430,14 +433,15 @@ def attend_heads(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds) 
     # sum_j p_ij k_j and the masses on the indicator columns (docs/attention-math.md#identity-h,
     # #identity-v).
     fused_statistics = needs.statistics and len(fused_heads) > 0
-    columns = None
+    geometry, columns = None, None
     if needs.statistics:
-        columns = mass_columns(row, needs, [term.keys for term in edited.emphasis])
+        geometry = StatisticsGeometry.of_row(row)
+        columns = mass_columns(geometry, needs, [term.keys for term in edited.emphasis])
     fused, lse, out = None, None, None
     if len(fused_heads) and (applied or fused_statistics):
         keys, values = row.keys_of(fused_heads), row.values_of(fused_heads)
         if fused_statistics:
-            indicators = columns.indicators[None].expand(keys.shape[0], -1, -1)
+            indicators = columns.indicators.expand(keys.shape[0], -1, -1)  # (1, n, C): one row
             key_sums = [keys, keys * indicators[..., columns.image, None]] if columns.has_image else [keys]
             values = torch.cat([values, *key_sums, indicators], dim=-1)
         every_head = len(fused_heads) == row.num_heads
@@ -447,7 +451,16 @@ def attend_heads(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds) 
     if applied:
         out = _head_outputs(row, prepared, fused, probs)
     out, kept = edit_output(row, applied, out)
-    return Attended(out=out, kept=kept, edited=edited, probs=probs, fused=fused, lse=lse, columns=columns)
+    return Attended(
+        out=out,
+        kept=kept,
+        edited=edited,
+        probs=probs,
+        fused=fused,
+        lse=lse,
+        geometry=geometry,
+        columns=columns,
+    )
 
 
 def _readout(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds, attended: Attended) -> RowReadout:
@@ -473,10 +486,15 @@ def _readout(row: RowAttention, prepared: PreparedOps, needs: ReadoutNeeds, atte
                     kept[fused_heads],
                 )
             )
+        geometry = attended.geometry
         if attended.probs is not None:
-            parts.append(materialised_pieces(row, attended.probs, columns, kept[materialised]))
+            parts.append(
+                materialised_pieces(geometry, attended.probs[None], columns, kept[materialised][None])
+            )
         order = torch.cat([fused_heads, materialised])
-        readout.statistics = layer_statistics(row, HeadPieces.concat(parts), columns, kept[order])
+        (readout.statistics,) = layer_statistics(
+            geometry, HeadPieces.concat(parts), columns, kept[order][None]
+        )
     if needs.last_query_rows:
         rows = last_query_rows(row, attended.edited, attended.probs, prepared.slot, kept).float()
         readout.last_query_rows = rows

@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnserve.attention.interventions import AppliedOp, application_order, application_rank
-from attnserve.attention.layout import RowLayout
 from attnserve.attention.operations.base import Scope
 from attnserve.attention.plan import ALL_QUERY_ROWS, NO_NEEDS, ReadoutNeeds, ScopedOp
 from attnserve.attention.readout import RowReadout
 from attnserve.attention.row_attention import RowAttention
 from attnserve.attention.selection import head_selection, key_selection, query_selection
 from attnserve.attention.statistics import (
-    blended_last_query_rows,
+    StatisticsGeometry,
+    blend_own_key,
     layer_statistics,
     mass_columns,
     materialised_pieces,
@@ -112,6 +112,43 @@ class FoldedGeometry:
     def own_key(self) -> torch.Tensor:
         """(B*H, L, n): each query's own key (token 0 for padding slots)."""
         return self.positions[:, None, :] == self.query_positions[:, :, None]
+
+    def statistics_geometry(
+        self, requests: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, StatisticsGeometry]:
+        """The folded heads of these requests, request by request, and their queries and keys as
+        their statistics read them (made once per set of requests)."""
+        key = (requests, dtype)
+        if key not in self._statistics_geometries:
+            h = self.heads_per_request
+            heads = torch.tensor([b * h + i for b in requests for i in range(h)], device=self.device)
+            first = heads[::h]  # every head of a request sees the same keys
+            positions = self.positions[first]
+            lengths = torch.tensor(
+                [self.key_ends[b] - self.key_starts[b] for b in requests], device=self.device
+            )
+            prompts = torch.tensor([self.prompt_lengths[b] for b in requests], device=self.device)
+            self._statistics_geometries[key] = (
+                heads,
+                StatisticsGeometry(
+                    key_positions=positions,
+                    keys_in_request=(positions >= 0) & (positions < lengths[:, None]),
+                    prompt_ends=torch.minimum(prompts, lengths)[:, None],
+                    real_queries=self.real_queries[first],
+                    query_counts=tuple(self.query_counts[b] for b in requests),
+                    visible=self.visible[first],
+                    own_key=self.own_key[first],
+                    queries_per_key=self.queries_per_key[first],
+                    has_own_key=True,
+                    has_sink_statistics=True,
+                    dtype=dtype,
+                ),
+            )
+        return self._statistics_geometries[key]
+
+    @cached_property
+    def _statistics_geometries(self) -> dict:
+        return {}
 
     @cached_property
     def own_key_index(self) -> torch.Tensor:
@@ -381,50 +418,50 @@ def attend_folded(
     out = attended.out
     if out is None:
         out = torch.zeros_like(rows.q)
-    readouts: list[RowReadout | None] = [None] * rows.num_requests
-    for b in readers:
-        readouts[b] = _request_readout(
-            rows, b, attended.probs, prepared.slot, attended.kept, needs_per_request[b]
-        )
+    readouts = _folded_readouts(rows, attended.probs, prepared.slot, attended.kept, needs_per_request)
     return out.reshape(rows.num_requests, rows.heads_per_request, rows.num_queries, -1), readouts
 
 
-def request_row(rows: FoldedRows, request: int) -> RowAttention:
-    """Request b's own row of the folded rows: its heads, its queries and keys, causal."""
-    heads = slice(request * rows.heads_per_request, (request + 1) * rows.heads_per_request)
-    kv_heads_per_request = rows.k.shape[0] // rows.num_requests
-    kv_heads = slice(request * kv_heads_per_request, (request + 1) * kv_heads_per_request)
-    keys = slice(rows.key_starts[request], rows.key_ends[request])
-    return RowAttention(
-        q=rows.q[heads, : rows.geometry.query_counts[request]],
-        k=rows.k[kv_heads, keys],
-        v=rows.v[kv_heads, keys],
-        scale=rows.scale,
-        layout=RowLayout(key_start=0, num_prompt_tokens=rows.prompt_lengths[request]),
-    )
-
-
-def _request_readout(
+def _folded_readouts(
     rows: FoldedRows,
-    request: int,
-    probs: torch.Tensor,
+    probs: torch.Tensor | None,
     slot: torch.Tensor,
     kept: torch.Tensor,
-    needs: ReadoutNeeds,
-) -> RowReadout:
-    """A request's readout from its materialised heads' final probabilities, read as its own row
-    (statistics.py on materialised heads, as a row alone that small reads them)."""
-    row = request_row(rows, request)
-    heads = slice(request * rows.heads_per_request, (request + 1) * rows.heads_per_request)
-    count = row.num_queries
-    keys = slice(rows.key_starts[request], rows.key_ends[request])
-    request_probs = probs[slot[heads]][:, :count, keys]
-    request_kept = kept[heads, :count]
-    readout = RowReadout(num_prompt_tokens=row.num_prompt_tokens)
-    if needs.statistics:
-        columns = mass_columns(row, needs)
-        pieces = materialised_pieces(row, request_probs, columns, request_kept)
-        readout.statistics = layer_statistics(row, pieces, columns, request_kept)
-    if needs.last_query_rows:
-        readout.last_query_rows = blended_last_query_rows(row, request_probs[:, -1], request_kept).float()
-    return readout
+    needs_per_request: Sequence[ReadoutNeeds],
+) -> list[RowReadout | None]:
+    """Each request's readout from its materialised heads' final probabilities, read as a row
+    alone that small reads them (statistics.py on materialised heads); requests that ask alike
+    are reduced together."""
+    readouts: list[RowReadout | None] = [None] * rows.num_requests
+    alike: dict[ReadoutNeeds, list[int]] = {}
+    for request, needs in enumerate(needs_per_request):
+        if not needs.is_empty:
+            alike.setdefault(needs, []).append(request)
+    num_heads = rows.heads_per_request
+    for needs, requests in alike.items():
+        heads, geometry = rows.geometry.statistics_geometry(tuple(requests), rows.dtype)
+        request_probs = probs[slot[heads]].view(len(requests), num_heads, rows.num_queries, rows.num_keys)
+        request_kept = kept[heads].view(len(requests), num_heads, rows.num_queries)
+        statistics = [None] * len(requests)
+        if needs.statistics:
+            columns = mass_columns(geometry, needs)
+            pieces = materialised_pieces(geometry, request_probs, columns, request_kept)
+            statistics = layer_statistics(geometry, pieces, columns, request_kept)
+        last_rows = None
+        if needs.last_query_rows:
+            # Each request's last query, in slot count - 1.
+            batch = torch.arange(len(requests), device=rows.device)
+            last = torch.tensor(
+                [geometry.query_counts[g] - 1 for g in range(len(requests))], device=rows.device
+            )
+            last_rows = blend_own_key(
+                request_probs[batch, :, last],
+                request_kept[batch, :, last, None],
+                geometry.own_key[batch, last][:, None],
+            ).float()
+        for g, request in enumerate(requests):
+            readout = RowReadout(num_prompt_tokens=rows.prompt_lengths[request], statistics=statistics[g])
+            if last_rows is not None:
+                readout.last_query_rows = last_rows[g, :, rows.key_starts[request] : rows.key_ends[request]]
+            readouts[request] = readout
+    return readouts

@@ -1,4 +1,5 @@
-"""Readouts of one row on its final (post-intervention) attention probabilities.
+"""Readouts on final (post-intervention) attention probabilities: of one row, or of several
+requests at once (folded rows: one reduction for all, StatisticsGeometry's G requests).
 
 Heads whose probabilities were materialised (ACT, logit-dependent biases) are read directly.
 The others use the identities of docs/attention-math.md: the lse of the fused call, entropy by
@@ -32,9 +33,54 @@ SINK_COLUMNS = 2
 
 
 @dataclass(frozen=True)
+class StatisticsGeometry:
+    """Where the queries and keys of G requests sit, as their statistics read them: G = 1 for a
+    row alone, one per reading request for folded rows (query slots past a request's queries and
+    keys outside it are padding, counted by nothing)."""
+
+    #: (G, n) each key's token position in its request; keys_in_request (G, n) the real ones.
+    key_positions: torch.Tensor
+    keys_in_request: torch.Tensor
+    #: (G, 1) where each request's prompt ends among its keys.
+    prompt_ends: torch.Tensor
+    #: (G, L) the query slots holding a query; query_counts how many each request has.
+    real_queries: torch.Tensor
+    query_counts: tuple[int, ...]
+    #: (G, L, n) which keys each query sees, and its own key (none for cross-attention).
+    visible: torch.Tensor
+    own_key: torch.Tensor
+    #: (G, n) how many of the request's queries see each key.
+    queries_per_key: torch.Tensor
+    has_own_key: bool
+    has_sink_statistics: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def of_row(cls, row: RowAttention) -> StatisticsGeometry:
+        return cls(
+            key_positions=row.key_positions[None],
+            keys_in_request=torch.ones(1, row.num_keys, dtype=torch.bool, device=row.device),
+            prompt_ends=torch.tensor([[min(row.num_prompt_tokens, row.num_keys)]], device=row.device),
+            real_queries=torch.ones(1, row.num_queries, dtype=torch.bool, device=row.device),
+            query_counts=(row.num_queries,),
+            visible=row.visible[None],
+            own_key=row.own_key[None],
+            queries_per_key=row.queries_per_key[None],
+            has_own_key=row.has_own_key,
+            has_sink_statistics=row.layout.has_sink_statistics,
+            dtype=row.dtype,
+        )
+
+    @property
+    def visible_keys(self) -> torch.Tensor:
+        """(G, L) number of keys each query sees."""
+        return self.visible.sum(dim=-1)
+
+
+@dataclass(frozen=True)
 class MassColumns:
-    """The (n, C) indicator columns whose masses a row's statistics read, in groups: token 0,
-    tokens 0..3; each mass range (prompt positions); the image keys (when the request has
+    """The (G, n, C) indicator columns whose masses the requests' statistics read, in groups:
+    token 0, tokens 0..3; each mass range (prompt positions); the image keys (when the request has
     images); the key set of each KeyEmphasis term; each term's key set within the image keys
     (these two for the entropies' bias corrections)."""
 
@@ -60,25 +106,25 @@ class MassColumns:
 
 
 def mass_columns(
-    row: RowAttention, needs: ReadoutNeeds, emphasis: Sequence[torch.Tensor] = ()
+    geometry: StatisticsGeometry, needs: ReadoutNeeds, emphasis: Sequence[torch.Tensor] = ()
 ) -> MassColumns:
-    """emphasis: the key set (n,) of each KeyEmphasis term (the fused heads' entropies need their
-    masses; materialised heads need none)."""
-    positions = row.key_positions
-    prompt_end = min(row.num_prompt_tokens, row.num_keys)
+    """emphasis: the key set (n,) of each KeyEmphasis term of a row alone (the fused heads'
+    entropies need their masses; materialised heads need none)."""
+    positions, inside = geometry.key_positions, geometry.keys_in_request
 
     def prompt_range(start: int, end: int) -> torch.Tensor:
-        return (positions >= start) & (positions < min(end, prompt_end))
+        return inside & (positions >= start) & (positions < geometry.prompt_ends.clamp(max=end))
 
-    columns = [positions == 0, positions < 4]
+    columns = [inside & (positions == 0), inside & (positions < 4)]
     columns += [prompt_range(start, end) for start, end in needs.mass_ranges]
+    emphasis = [keys.expand_as(positions) for keys in emphasis]
     if needs.image_keys:
         image = torch.stack([prompt_range(start, end) for start, end in needs.image_keys]).any(dim=0)
         columns += [image, *emphasis, *(keys & image for keys in emphasis)]
     else:
         columns += emphasis
     return MassColumns(
-        torch.stack(columns, dim=1).to(row.dtype),
+        torch.stack(columns, dim=-1).to(geometry.dtype),
         len(needs.mass_ranges),
         bool(needs.image_keys),
         len(emphasis),
@@ -87,11 +133,12 @@ def mass_columns(
 
 @dataclass
 class HeadPieces:
-    """Per-head quantities of a group of heads, before the identity blends.
+    """Per-head quantities of a group of heads of G requests, before the identity blends.
 
-    entropy, own_prob (h, L); masses (h, L, C) over MassColumns; column_sum (h, n) is
-    sum_i kept_i * p_ij; image_plogp (h, L) is sum over image keys j of p_ij log p_ij (0
-    without image keys).
+    entropy, own_prob (G, h, L); masses (G, h, L, C) over MassColumns; column_sum (G, h, n) is
+    sum_i kept_i * p_ij (a padding query slot adds only to its request's token 0, whose column no
+    statistic reads); image_plogp (G, h, L) is sum over image keys j of p_ij log p_ij (0 without
+    image keys).
     """
 
     entropy: torch.Tensor
@@ -102,22 +149,25 @@ class HeadPieces:
 
     @classmethod
     def concat(cls, parts: list[HeadPieces]) -> HeadPieces:
-        return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+        """The parts' heads side by side."""
+        return cls(*(torch.cat([getattr(part, f.name) for part in parts], dim=1) for f in fields(cls)))
 
 
 def materialised_pieces(
-    row: RowAttention, probs: torch.Tensor, columns: MassColumns, kept: torch.Tensor
+    geometry: StatisticsGeometry, probs: torch.Tensor, columns: MassColumns, kept: torch.Tensor
 ) -> HeadPieces:
-    """From explicit probabilities (h, L, n); kept (h, L)."""
+    """From explicit probabilities (G, h, L, n); kept (G, h, L)."""
+    batch, heads, queries, _ = probs.shape
     plogp = torch.special.xlogy(probs, probs)
-    image_plogp = (
-        plogp @ columns.indicators[:, columns.image] if columns.has_image else torch.zeros_like(plogp[..., 0])
-    )
+    image_plogp = torch.zeros_like(plogp[..., 0])
+    if columns.has_image:
+        image = columns.indicators[..., columns.image, None]
+        image_plogp = (plogp.flatten(1, 2) @ image).view(batch, heads, queries)
     return HeadPieces(
         entropy=-plogp.sum(dim=-1),
-        own_prob=(probs * row.own_key).sum(dim=-1),
-        masses=probs @ columns.indicators,
-        column_sum=(probs * kept[:, :, None]).sum(dim=1),
+        own_prob=(probs * geometry.own_key[:, None]).sum(dim=-1),
+        masses=(probs.flatten(1, 2) @ columns.indicators).view(batch, heads, queries, -1),
+        column_sum=(probs * kept[..., None]).sum(dim=2),
         image_plogp=image_plogp,
     )
 
@@ -132,9 +182,9 @@ def fused_pieces(
     columns: MassColumns,
     kept: torch.Tensor,
 ) -> HeadPieces:
-    """For heads without materialised probabilities. lse (h, L); key_means (h, L, D or 2D): sum_j
-    p_ij k_j, then with image keys the same sum over them; masses (h, L, C) from the fused call;
-    kept (h, L)."""
+    """For heads of a row alone without materialised probabilities (G = 1). lse (h, L); key_means
+    (h, L, D or 2D): sum_j p_ij k_j, then with image keys the same sum over them; masses (h, L, C)
+    from the fused call; kept (h, L)."""
     q = edited.q[heads]
     bias = edited.bias if edited.bias.shape[0] == 1 else edited.bias[heads]
     head_dim = q.shape[-1]
@@ -171,16 +221,21 @@ def fused_pieces(
     for rows, chunk in kernels.logit_chunks(q, keys, bias, row.scale):
         column_sum += (torch.exp(chunk - lse[:, rows, None]) * kept[:, rows, None]).sum(dim=1)
     return HeadPieces(
-        entropy=entropy, own_prob=own_prob, masses=masses, column_sum=column_sum, image_plogp=image_plogp
+        entropy=entropy[None],
+        own_prob=own_prob[None],
+        masses=masses[None],
+        column_sum=column_sum[None],
+        image_plogp=image_plogp[None],
     )
 
 
 def layer_statistics(
-    row: RowAttention, pieces: HeadPieces, columns: MassColumns, kept: torch.Tensor
-) -> LayerStatistics:
-    """Blends applied, reduced to sums over query rows of head means. kept (H, L) in pieces' head order."""
-    if row.has_own_key:
-        entropy, masses, column_sum, image_plogp = _blended(row, pieces, columns, kept)
+    geometry: StatisticsGeometry, pieces: HeadPieces, columns: MassColumns, kept: torch.Tensor
+) -> list[LayerStatistics]:
+    """Each request's statistics: blends applied, reduced to sums over its query rows of head
+    means. kept (G, H, L) in pieces' head order. All of them come off the device at once."""
+    if geometry.has_own_key:
+        entropy, masses, column_sum, image_plogp = _blended(geometry, pieces, columns, kept)
     else:  # no own key, so no blends (refused): the map is the softmax's
         entropy, masses, column_sum, image_plogp = (
             pieces.entropy,
@@ -188,26 +243,56 @@ def layer_statistics(
             pieces.column_sum,
             pieces.image_plogp,
         )
+    real = geometry.real_queries.to(entropy.dtype)  # (G, L)
 
-    normalized = _normalized(entropy, row.visible_keys)
-    head_mean_mass = masses.mean(dim=0).sum(dim=0)  # (C,)
-    sink_mass = sink_mass_first4 = hidden_sinks = None
-    if row.layout.has_sink_statistics:
-        column_mean = column_sum / row.queries_per_key.clamp(min=1)
-        hidden = (column_mean > HIDDEN_SINK_THRESHOLD) & (row.key_positions >= 1) & (row.queries_per_key > 0)
-        sink_mass, sink_mass_first4 = float(head_mean_mass[0]), float(head_mean_mass[1])
-        hidden_sinks = int(hidden.sum()) / hidden.shape[0] * row.num_queries
+    def query_sum(per_head: torch.Tensor) -> torch.Tensor:
+        """(G, H, L) -> (G,): the head mean summed over the real query rows."""
+        return (per_head.mean(dim=1) * real).sum(dim=1)
+
+    # Each (G,): every request's sums, brought off the device together.
+    sums = {
+        "entropy": query_sum(entropy),
+        "normalized_entropy": query_sum(_normalized(entropy, geometry.visible_keys[:, None, :])),
+    }
+    for column in range(SINK_COLUMNS + columns.num_ranges):
+        sums[f"mass{column}"] = query_sum(masses[..., column])
+    if geometry.has_sink_statistics:
+        per_key = geometry.queries_per_key[:, None, :]
+        column_mean = column_sum / per_key.clamp(min=1)
+        hidden = (
+            (column_mean > HIDDEN_SINK_THRESHOLD) & (geometry.key_positions[:, None, :] >= 1) & (per_key > 0)
+        )
+        sums["hidden_sinks"] = hidden.sum(dim=(1, 2)).to(entropy.dtype) / hidden.shape[1]
+    if columns.has_image:
+        sums.update(_image_statistics(geometry, masses[..., columns.image], image_plogp, columns))
+    rows = torch.stack(list(sums.values()), dim=1).tolist()
+    return [
+        _layer_statistics(dict(zip(sums, row)), count, geometry, columns)
+        for row, count in zip(rows, geometry.query_counts)
+    ]
+
+
+def _layer_statistics(
+    sums: dict[str, float], count: int, geometry: StatisticsGeometry, columns: MassColumns
+) -> LayerStatistics:
+    sink = geometry.has_sink_statistics
     image = {}
     if columns.has_image:
-        image = _image_statistics(row, masses[..., columns.image], image_plogp, columns)
+        image = {
+            "image_query_count": int(sums["image_query_count"]),
+            "image_mass": sums["image_mass"],
+            "image_entropy": sums["image_entropy"],
+        }
     return LayerStatistics(
-        query_count=row.num_queries,
-        entropy=float(entropy.mean(dim=0).sum()),
-        normalized_entropy=float(normalized.mean(dim=0).sum()),
-        sink_mass=sink_mass,
-        sink_mass_first4=sink_mass_first4,
-        hidden_sinks=hidden_sinks,
-        range_mass=[float(m) for m in head_mean_mass[SINK_COLUMNS : SINK_COLUMNS + columns.num_ranges]],
+        query_count=count,
+        entropy=sums["entropy"],
+        normalized_entropy=sums["normalized_entropy"],
+        sink_mass=sums["mass0"] if sink else None,
+        sink_mass_first4=sums["mass1"] if sink else None,
+        hidden_sinks=sums["hidden_sinks"] * count if sink else None,
+        range_mass=[
+            sums[f"mass{column}"] for column in range(SINK_COLUMNS, SINK_COLUMNS + columns.num_ranges)
+        ],
         **image,
     )
 
@@ -219,29 +304,34 @@ def _normalized(entropy: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 
 def _image_statistics(
-    row: RowAttention, image_mass: torch.Tensor, image_plogp: torch.Tensor, columns: MassColumns
-) -> dict:
+    geometry: StatisticsGeometry, image_mass: torch.Tensor, image_plogp: torch.Tensor, columns: MassColumns
+) -> dict[str, torch.Tensor]:
     """Image share and renormalised image entropy (docs/attention-math.md#statistics) summed
-    over the query rows that see an image key, with their count. image_mass, image_plogp (H, L)."""
-    image_keys = columns.indicators[:, columns.image].bool()
-    visible_image = (row.visible & image_keys).sum(dim=1)  # (L,)
-    seeing = visible_image > 0
+    over the query rows that see an image key, with their count, each (G,). image_mass,
+    image_plogp (G, H, L)."""
+    image_keys = columns.indicators[..., columns.image].bool()  # (G, n)
+    visible_image = (geometry.visible & image_keys[:, None, :]).sum(dim=-1)  # (G, L)
+    seeing = (visible_image > 0) & geometry.real_queries
     # H over the image keys renormalised: log m - (1/m) sum_{j in I} p_j log p_j.
     safe_mass = image_mass.clamp(min=torch.finfo(image_mass.dtype).tiny)
     entropy = torch.where(image_mass > 0, safe_mass.log() - image_plogp / safe_mass, 0.0)
-    normalized = _normalized(entropy, visible_image)
+    normalized = _normalized(entropy, visible_image[:, None, :])
+
+    def seeing_sum(per_head: torch.Tensor) -> torch.Tensor:
+        return torch.where(seeing, per_head.mean(dim=1), 0.0).sum(dim=1)
+
     return {
-        "image_query_count": int(seeing.sum()),
-        "image_mass": float(image_mass.mean(dim=0)[seeing].sum()),
-        "image_entropy": float(normalized.mean(dim=0)[seeing].sum()),
+        "image_query_count": seeing.sum(dim=1).to(image_mass.dtype),
+        "image_mass": seeing_sum(image_mass),
+        "image_entropy": seeing_sum(normalized),
     }
 
 
 def _blended(
-    row: RowAttention, pieces: HeadPieces, columns: MassColumns, kept: torch.Tensor
+    geometry: StatisticsGeometry, pieces: HeadPieces, columns: MassColumns, kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy (H, L), masses (H, L, C), column sums (H, n) and image p log p (H, L) of the
-    blended map kept * P + (1 - kept) * onehot(own key) (docs/attention-math.md#identity-u)."""
+    """Entropy (G, H, L), masses (G, H, L, C), column sums (G, H, n) and image p log p (G, H, L)
+    of the blended map kept * P + (1 - kept) * onehot(own key) (docs/attention-math.md#identity-u)."""
     blended = kept < 1
     own_share = 1 - kept
     own_prob = kept * pieces.own_prob + own_share
@@ -253,17 +343,18 @@ def _blended(
         - xlogy(own_prob, own_prob)
     )
     entropy = torch.where(blended, entropy_blended, pieces.entropy)
-    own_columns = columns.indicators[row.query_positions]  # (L, C): the own key's indicator row
+    own_key = geometry.own_key.to(kept.dtype)  # (G, L, n)
+    own_columns = (own_key @ columns.indicators)[:, None]  # (G, 1, L, C): the own key's indicator row
     masses = torch.where(
-        blended[:, :, None],
-        kept[:, :, None] * pieces.masses + own_share[:, :, None] * own_columns,
+        blended[..., None],
+        kept[..., None] * pieces.masses + own_share[..., None] * own_columns,
         pieces.masses,
     )
-    column_sum = pieces.column_sum + own_share @ row.own_key.to(row.dtype)
+    column_sum = pieces.column_sum + own_share @ own_key
     image_plogp = pieces.image_plogp
     if columns.has_image:
         # The image keys other than the own key are scaled by kept: sum kappa p log(kappa p).
-        own_is_image = own_columns[:, columns.image]  # (L,)
+        own_is_image = own_columns[..., columns.image]  # (G, 1, L)
         others_plogp = pieces.image_plogp - own_is_image * xlogy(pieces.own_prob, pieces.own_prob)
         others_mass = pieces.masses[..., columns.image] - own_is_image * pieces.own_prob
         image_blended = (
@@ -286,11 +377,10 @@ def last_query_rows(
     if probs is not None:
         materialised = slot >= 0
         rows[materialised] = probs[slot[materialised], -1]
-    return blended_last_query_rows(row, rows, kept)
+    return blend_own_key(rows, kept[:, -1:], row.own_key[-1])
 
 
-def blended_last_query_rows(row: RowAttention, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """(H, n) the last query's final map from its softmax probabilities rows (H, n) and the
-    blends' kept (H, L)."""
-    kept_last = kept[:, -1:]
-    return kept_last * rows + (1 - kept_last) * row.own_key[-1].to(row.dtype)
+def blend_own_key(probabilities: torch.Tensor, kept: torch.Tensor, own_key: torch.Tensor) -> torch.Tensor:
+    """The final map kept * P + (1 - kept) * onehot(own key) of query rows' probabilities;
+    kept broadcasts over the keys, own_key (n,) over the heads."""
+    return kept * probabilities + (1 - kept) * own_key.to(probabilities.dtype)
