@@ -60,7 +60,7 @@ class StatisticsGeometry:
         return cls(
             key_positions=row.key_positions[None],
             keys_in_request=torch.ones(1, row.num_keys, dtype=torch.bool, device=row.device),
-            prompt_ends=torch.tensor([[min(row.num_prompt_tokens, row.num_keys)]], device=row.device),
+            prompt_ends=torch.full((1, 1), min(row.num_prompt_tokens, row.num_keys), device=row.device),
             real_queries=torch.ones(1, row.num_queries, dtype=torch.bool, device=row.device),
             query_counts=(row.num_queries,),
             visible=row.visible[None],
