@@ -9,7 +9,9 @@ and time to first token at 1 and 16 concurrent streams for:
   a calibrated preset, and a heavy case (sink calibration on layers 2-29 + key emphasis on all);
 - a mixed batch: 8 plain + 8 intervened (preset) streams; the plain streams are compared, per
   stream, with raw vLLM serving 16 plain streams;
-- attention statistics sampled on 5% of steps (a second attnserve engine; plain requests).
+- attention statistics sampled on 5% of steps (a second attnserve engine; plain requests);
+- every stream reading out its layer statistics on every layer and step (the layer_statistics
+  readout), 16 streams.
 Each configuration runs `--repeats` times; medians are reported, with ratios to raw vLLM.
 
     python bench/bench_vllm.py --model DIR [--tokens 32] [--repeats 3] [--compiled] [--out FILE]
@@ -31,6 +33,7 @@ from attnserve.attention import plan as P
 from attnserve.engines.base import EngineRequest, SamplingConfig
 from attnserve.engines.vllm.engine import VllmEngine, set_cpu_environment
 from attnserve.models.config import VllmSettings
+from attnserve.readouts.layer_statistics import LayerStatisticsSettings
 from bench_engine import PROMPTS, emphasis_plan
 
 KV_CACHE_GIB = 2
@@ -182,6 +185,8 @@ async def run_all(model: Path, tokens: int, repeats: int, compiled: bool) -> dic
         configurations[f"statistics_5pct_plain_{n}"] = (streams(sampled, n, P.EMPTY_PLAN), None)
     configurations["attnserve_heavy_16"] = (streams(ours, 16, heavy), None)
     configurations["attnserve_mixed_plain_rows_16"] = (mixed, 8)
+    readouts = P.RequestPlan(readouts=(LayerStatisticsSettings(),))
+    configurations["attnserve_layer_statistics_16"] = (streams(ours, 16, readouts), None)
     try:
         for warm_up in (raw_streams(1), streams(ours, 1, preset), streams(sampled, 1, P.EMPTY_PLAN)):
             await run_once(warm_up)
