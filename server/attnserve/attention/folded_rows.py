@@ -10,8 +10,11 @@ request's token 0, which no operation edits there and no sink can be, and its ou
 dropped. Each stage of the core then runs once for the batch: an operation's scope spans the
 heads of every request holding that operation at the same place in its plan, each with its own
 keys (docs/attention-math.md#folded-rows). With more than one query, only operations acting on
-every query row fold (folds_queries). The math is the core's own (interventions.py and the
-operations); only the scaffolding around it is shared, which is most of a row's cost.
+every query row fold (folds_queries). A request with readouts has all its heads materialised;
+its readouts are read from its own heads, queries and keys, reduced together with those of the
+requests asking alike (statistics.py). The math is the core's own (interventions.py, the
+operations, statistics.py); only the scaffolding around it is shared, which is most of a row's
+cost.
 """
 
 from __future__ import annotations
@@ -407,8 +410,8 @@ def attend_folded(
     needs_per_request: Sequence[ReadoutNeeds] | None = None,
 ) -> tuple[torch.Tensor, list[RowReadout | None]]:
     """(B, H, L, D): each request's attention output with its operations applied (padding slots
-    hold no meaningful numbers; zero or absent when no request edits anything), and each
-    request's readout as needs_per_request[b] asks (None when it asks for none)."""
+    hold no meaningful numbers; all zero when no request edits anything), and each request's
+    readout as needs_per_request[b] asks (None when it asks for none)."""
     from attnserve.attention.core import attend_heads
 
     needs_per_request = needs_per_request or [NO_NEEDS] * rows.num_requests
